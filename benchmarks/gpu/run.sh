@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (H100/H200 via the device tool), in well under 8 minutes:
+#   1. install the project without network (wheels of missing baselines travel in .whl/, see README),
+#   2. run the whole test suite on CUDA (the interpreter off; compiled Triton and the CUDA extension if built),
+#   3. time every op against its baselines with triton.testing.do_bench, with the ceilings measured in the same run,
+#   4. write everything under OUT_DIR (JSON + logs) for benchmarks/results/.
+# Usage: benchmarks/gpu/run.sh OUT_DIR      (RLVR_FAST_COMMIT=<sha> names the commit when .git did not travel)
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu/run.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! python3 -m pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1; then
+  echo "install failed:"; tail -n 40 "$out/install.log"; exit 1
+fi
+python3 -c "import rlvr_fast, torch, triton; print('rlvr_fast', rlvr_fast.__version__, 'cuda ext', rlvr_fast.HAS_CUDA_EXT, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
+tests_rc=$?
+tail -n 25 "$out/tests.log"
+
+timeout 240 python3 benchmarks/gpu/run_gpu.py --out "$out" --tests-rc "$tests_rc"
+bench_rc=$?
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

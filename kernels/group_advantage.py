@@ -1,0 +1,198 @@
+"""Triton kernel: group-relative advantages and group statistics in one launch.
+
+Each program owns BLOCK_GROUPS groups laid out as a (BLOCK_GROUPS, BLOCK_G) tile (one group per row), so a group's
+reductions (mean, Bessel std, min/max for the all-equal test, solve rate) are row reductions in registers. With
+scale="batch" every program first reduces the whole batch itself (two passes, sum then squared deviations): the batch
+holds at most a few hundred thousand rewards, so the redundant reads cost microseconds and save a second launch.
+
+The codes below are the ``code`` fields of ``rlvr_fast.ops.group_advantage.ESTIMATORS`` / ``SCALES`` /
+``SAMPLE_MODE_CODES`` (a test checks they agree); kernels import nothing from the package above them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# estimator codes
+GRPO, DR_GRPO, RLOO, PSR, NSR, W_REINFORCE = range(6)
+# scale codes
+SCALE_GROUP, SCALE_BATCH, SCALE_NONE = range(3)
+# sample mode codes
+SAMPLE_ALL, SAMPLE_POSITIVE, SAMPLE_NEGATIVE = range(3)
+
+_TILE_ELEMENTS = 4096  # elements per program's tile: enough rows to amortise a program, small enough for registers
+_BATCH_BLOCK = 1024  # chunk of the batch-wide reduction for scale="batch"
+
+
+@triton.jit
+def _group_advantage_fwd_kernel(
+    rewards_ptr,  # (n_groups * group_size,) any float dtype
+    correct_ptr,  # (n_groups * group_size,) float32 0/1, or a dummy when HAS_CORRECT is False
+    adv_ptr,  # (n_groups * group_size,) float32 out
+    mean_ptr,  # (n_groups,) float32 out
+    std_ptr,  # (n_groups,) float32 out
+    solve_ptr,  # (n_groups,) float32 out
+    all_equal_ptr,  # (n_groups,) int8 out
+    all_correct_ptr,  # (n_groups,) int8 out
+    all_wrong_ptr,  # (n_groups,) int8 out
+    n_groups,
+    group_size,
+    eps,
+    lam,
+    ESTIMATOR: tl.constexpr,
+    SCALE: tl.constexpr,
+    SAMPLE_MODE: tl.constexpr,
+    HAS_CORRECT: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BATCH_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    groups = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    members = tl.arange(0, BLOCK_G)
+    in_bounds = (groups[:, None] < n_groups) & (members[None, :] < group_size)
+    offsets = groups[:, None].to(tl.int64) * group_size + members[None, :]
+
+    r = tl.load(rewards_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    # Non-finite rewards reach the kernel only under invalid="mask" (the op raises on them otherwise).
+    valid = in_bounds & (tl.abs(r) < float("inf"))
+    r = tl.where(valid, r, 0.0)
+    count = tl.sum(valid.to(tl.float32), axis=1)
+    mean = tl.sum(r, axis=1) / tl.maximum(count, 1.0)
+    dev = tl.where(valid, r - mean[:, None], 0.0)
+    std = tl.sqrt(tl.sum(dev * dev, axis=1) / tl.maximum(count - 1.0, 1.0))
+    r_max = tl.max(tl.where(valid, r, -float("inf")), axis=1)
+    r_min = tl.min(tl.where(valid, r, float("inf")), axis=1)
+    all_equal = (r_max == r_min) | (count < 2.0)
+
+    if HAS_CORRECT:
+        c = tl.load(correct_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        c = tl.where(valid, c, 0.0)
+        n_correct = tl.sum(c, axis=1)
+    else:
+        c = tl.zeros([BLOCK_GROUPS, BLOCK_G], dtype=tl.float32)
+        n_correct = tl.zeros([BLOCK_GROUPS], dtype=tl.float32)
+
+    if ESTIMATOR == 0:  # grpo
+        if SCALE == 0:
+            adv = dev / (std[:, None] + eps)
+        elif SCALE == 1:
+            total = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
+            n_total = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
+            n_all = n_groups * group_size
+            for start in range(0, n_all, BATCH_BLOCK):
+                idx = start + tl.arange(0, BATCH_BLOCK)
+                x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(tl.float32)
+                ok = (idx < n_all) & (tl.abs(x) < float("inf"))
+                total += tl.where(ok, x, 0.0)
+                n_total += ok.to(tl.float32)
+            n_batch = tl.sum(n_total, axis=0)
+            batch_mean = tl.sum(total, axis=0) / tl.maximum(n_batch, 1.0)
+            sq = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
+            for start in range(0, n_all, BATCH_BLOCK):
+                idx = start + tl.arange(0, BATCH_BLOCK)
+                x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(tl.float32)
+                ok = (idx < n_all) & (tl.abs(x) < float("inf"))
+                d = tl.where(ok, x - batch_mean, 0.0)
+                sq += d * d
+            batch_std = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n_batch - 1.0, 1.0))
+            adv = dev / (batch_std + eps)
+        else:
+            adv = dev
+    elif ESTIMATOR == 1:  # dr_grpo
+        adv = dev
+    elif ESTIMATOR == 2:  # rloo: r_i - mean_{j != i} = n/(n-1) (r_i - mean)
+        adv = dev * (count / tl.maximum(count - 1.0, 1.0))[:, None]
+    elif ESTIMATOR == 3:  # psr
+        adv = c
+    elif ESTIMATOR == 4:  # nsr
+        adv = c - 1.0
+    else:  # w_reinforce
+        adv = tl.where(c > 0.5, lam, -1.0)
+
+    if ESTIMATOR <= 2:  # centred estimators: a group with nothing to compare gets exactly 0
+        adv = tl.where(all_equal[:, None], 0.0, adv)
+    if SAMPLE_MODE == 1:
+        adv = tl.maximum(adv, 0.0)
+    elif SAMPLE_MODE == 2:
+        adv = tl.minimum(adv, 0.0)
+    adv = tl.where(valid, adv, 0.0)
+
+    tl.store(adv_ptr + offsets, adv, mask=in_bounds)
+    row_ok = groups < n_groups
+    tl.store(mean_ptr + groups, mean, mask=row_ok)
+    tl.store(std_ptr + groups, std, mask=row_ok)
+    tl.store(all_equal_ptr + groups, all_equal.to(tl.int8), mask=row_ok)
+    if HAS_CORRECT:
+        tl.store(solve_ptr + groups, n_correct / tl.maximum(count, 1.0), mask=row_ok)
+        tl.store(all_correct_ptr + groups, ((n_correct == count) & (count > 0.0)).to(tl.int8), mask=row_ok)
+        tl.store(all_wrong_ptr + groups, ((n_correct == 0.0) & (count > 0.0)).to(tl.int8), mask=row_ok)
+
+
+class GroupAdvantageOutputs(NamedTuple):
+    advantages: torch.Tensor  # (N,) float32
+    mean: torch.Tensor  # (groups,) float32
+    std: torch.Tensor  # (groups,) float32
+    solve_rate: torch.Tensor  # (groups,) float32 (left unwritten when correct is None)
+    flags: torch.Tensor  # (3, groups) int8: all_equal, all_correct, all_wrong (the last two 0 when correct is None)
+
+
+def empty_outputs(n_groups: int, group_size: int, device: torch.device) -> GroupAdvantageOutputs:
+    return GroupAdvantageOutputs(
+        advantages=torch.empty(n_groups * group_size, dtype=torch.float32, device=device),
+        mean=torch.empty(n_groups, dtype=torch.float32, device=device),
+        std=torch.empty(n_groups, dtype=torch.float32, device=device),
+        solve_rate=torch.empty(n_groups, dtype=torch.float32, device=device),
+        flags=torch.zeros(3, n_groups, dtype=torch.int8, device=device),
+    )
+
+
+def group_advantage_fwd(
+    rewards: torch.Tensor,
+    correct: torch.Tensor | None,
+    *,
+    n_groups: int,
+    group_size: int,
+    estimator: int,
+    scale: int,
+    sample_mode: int,
+    eps: float,
+    lam: float,
+    out: GroupAdvantageOutputs | None = None,
+) -> GroupAdvantageOutputs:
+    """Launch the kernel. ``rewards`` (N,) contiguous; ``correct`` (N,) float32 contiguous or None; n_groups >= 1.
+
+    ``out`` may supply the output buffers (contiguous, shapes as in ``empty_outputs``), e.g. poisoned ones in tests.
+    """
+    out = out if out is not None else empty_outputs(n_groups, group_size, rewards.device)
+    block_g = triton.next_power_of_2(group_size)
+    block_groups = max(1, min(_TILE_ELEMENTS // block_g, triton.next_power_of_2(n_groups)))
+    grid = (triton.cdiv(n_groups, block_groups),)
+    _group_advantage_fwd_kernel[grid](
+        rewards,
+        correct if correct is not None else out.advantages,
+        out.advantages,
+        out.mean,
+        out.std,
+        out.solve_rate,
+        out.flags[0],
+        out.flags[1],
+        out.flags[2],
+        n_groups,
+        group_size,
+        eps,
+        lam,
+        ESTIMATOR=estimator,
+        SCALE=scale,
+        SAMPLE_MODE=sample_mode,
+        HAS_CORRECT=correct is not None,
+        BLOCK_GROUPS=block_groups,
+        BLOCK_G=block_g,
+        BATCH_BLOCK=_BATCH_BLOCK,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,5 @@
+import sys
+
+from rlvr_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""The machine's measured ceilings, taken in the same run as the op timings: a large device-to-device copy (GB/s,
+counting the read and the write) and a large matmul (TFLOP/s) in the dtype the ops run in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlvr_fast.benchmark.timing import time_fn
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    copy_gbps: float
+    matmul_tflops: float
+    matmul_dtype: str
+
+
+def measure_ceilings(device: torch.device, *, copy_bytes: int | None = None, matmul_n: int | None = None) -> Ceilings:
+    cuda = device.type == "cuda"
+    copy_bytes = copy_bytes or (2 << 30 if cuda else 256 << 20)
+    matmul_n = matmul_n or (8192 if cuda else 1024)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), device)
+    a = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
+    b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
+    t_mm = time_fn(lambda: a @ b, device)
+    del src, dst, a, b
+    return Ceilings(
+        copy_gbps=2 * copy_bytes / (t_copy.median_ms * 1e-3) / 1e9,
+        matmul_tflops=2 * matmul_n**3 / (t_mm.median_ms * 1e-3) / 1e12,
+        matmul_dtype=str(dtype).removeprefix("torch."),
+    )

@@ -1,0 +1,482 @@
+"""Group-relative advantages: one scalar per completion, from the rewards of the G completions of each prompt.
+
+Formulas: ../shared/design/ALGORITHMS.md section 1.
+
+| estimator    | A_i                                               | paper                                     |
+|--------------|---------------------------------------------------|-------------------------------------------|
+| grpo         | (r_i - mean_g) / (std_g + eps), std Bessel        | DeepSeekMath, Shao et al. 2024 (2402.03300) |
+| grpo, batch  | (r_i - mean_g) / (std over the batch + eps)       | TRL ``scale_rewards="batch"``              |
+| grpo, none   | r_i - mean_g  (identical to dr_grpo)              |                                           |
+| dr_grpo      | r_i - mean_g                                      | Dr. GRPO, Liu et al. 2025 (2503.20783)    |
+| rloo         | r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean_g)  | Ahmadian et al. 2024 (2402.14740)         |
+| psr          | c_i                                               | Zhu et al. 2025 (2506.01347)              |
+| nsr          | c_i - 1                                           | Zhu et al. 2025                           |
+| w_reinforce  | lam if c_i else -1                                | Zhu et al. 2025                           |
+
+Centred estimators (grpo, dr_grpo, rloo) give exactly 0 to a group of size 1 and to a group whose rewards are all
+equal, never NaN. psr / nsr / w_reinforce are uncentred REINFORCE objectives on the verifier's verdict ``correct``: as in
+Zhu et al., an all-wrong group under nsr still pushes every sample down (-1) and an all-correct group under psr still
+pushes every sample up (+1); their advantages do not depend on ``rewards`` at all.
+Sample modes apply on top of any estimator: positive_only A' = max(A, 0), negative_only A' = min(A, 0).
+
+Four pieces, as in every op: ``group_advantages_reference`` (the specification, a literal per-group loop in float64),
+the Triton kernel ``rlvr_fast.kernels.group_advantage`` (one launch), the vectorised torch path, and the public
+``group_advantages``. No autograd: advantages are constants of the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from rlvr_fast.backends import select_backend
+
+OP = "group_advantages"
+
+# Largest group the Triton kernel holds in one tile (Triton caps a block at 2**20 elements; one group is one row).
+TRITON_MAX_GROUP_SIZE = 65536
+
+
+class AdvantageStats(NamedTuple):
+    """Per-group quantities an estimator's formula may use; every tensor is (groups, G) or (groups, 1)."""
+
+    rewards: torch.Tensor  # (groups, G) rewards, 0 where invalid
+    dev: torch.Tensor  # (groups, G) r_i - mean_g, 0 where invalid
+    std: torch.Tensor  # (groups, 1) Bessel std over the group's valid rewards
+    denominator: torch.Tensor | float  # grpo's divisor chosen by ``scale``: std + eps, batch std + eps, or 1
+    count: torch.Tensor  # (groups, 1) number of valid rewards
+    correct: torch.Tensor | None  # (groups, G) 0/1 verdicts
+    eps: float
+    lam: float
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One row of the estimator table.
+
+    ``code`` is the ``tl.constexpr`` id the Triton kernel switches on; ``formula`` is the vectorised torch form used by
+    the torch path (the reference spells every formula out separately, per group).
+    """
+
+    name: str
+    code: int
+    centred: bool  # subtracts the group mean: groups of size 1 or with all-equal rewards get exactly 0
+    needs_correct: bool
+    scales: tuple[str, ...]  # accepted ``scale`` values; the first is the default
+    formula: Callable[[AdvantageStats], torch.Tensor]
+    paper: str
+
+
+def _rloo_formula(s: AdvantageStats) -> torch.Tensor:
+    # r_i - mean_{j != i} r_j == n/(n-1) * (r_i - mean); n < 2 is zeroed by the centred rule.
+    return s.dev * (s.count / (s.count - 1.0).clamp_min(1.0))
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in (
+        Estimator("grpo", 0, True, False, ("group", "batch", "none"), lambda s: s.dev / s.denominator, "Shao et al. 2024, arXiv:2402.03300"),
+        Estimator("dr_grpo", 1, True, False, ("none",), lambda s: s.dev, "Liu et al. 2025, arXiv:2503.20783"),
+        Estimator("rloo", 2, True, False, ("none",), _rloo_formula, "Ahmadian et al. 2024, arXiv:2402.14740"),
+        Estimator("psr", 3, False, True, ("none",), lambda s: s.correct, "Zhu et al. 2025, arXiv:2506.01347"),
+        Estimator("nsr", 4, False, True, ("none",), lambda s: s.correct - 1.0, "Zhu et al. 2025, arXiv:2506.01347"),
+        Estimator(
+            "w_reinforce",
+            5,
+            False,
+            True,
+            ("none",),
+            lambda s: torch.where(s.correct > 0.5, s.lam, -1.0),
+            "Zhu et al. 2025, arXiv:2506.01347",
+        ),
+    )
+}
+
+SCALES: dict[str, int] = {"group": 0, "batch": 1, "none": 2}
+
+SAMPLE_MODES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "all": lambda a: a,
+    "positive_only": lambda a: a.clamp_min(0.0),
+    "negative_only": lambda a: a.clamp_max(0.0),
+}
+SAMPLE_MODE_CODES: dict[str, int] = {"all": 0, "positive_only": 1, "negative_only": 2}
+
+INVALID_POLICIES = ("raise", "mask")
+
+
+@dataclass
+class GroupAdvantages:
+    """What ``group_advantages`` returns.
+
+    advantages: float32, the shape of ``rewards`` ((N,) or (groups, G)).
+    mean, std: (groups,) float32 statistics of each group's valid rewards (std Bessel-corrected; 0 below 2 rewards).
+    all_equal: (groups,) bool, the group's valid rewards are all equal (or fewer than 2).
+    solve_rate, all_correct, all_wrong: (groups,) statistics of ``correct``; None when ``correct`` was not given.
+    valid: (N,) bool, False where a non-finite reward was masked out (``invalid="mask"``); all True otherwise.
+    backend: the backend that computed it.
+    """
+
+    advantages: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    all_equal: torch.Tensor
+    solve_rate: torch.Tensor | None
+    all_correct: torch.Tensor | None
+    all_wrong: torch.Tensor | None
+    valid: torch.Tensor
+    backend: str
+
+    @property
+    def num_invalid(self) -> int:
+        return int((~self.valid).sum())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input checks (shared by the reference and the fused paths, so both reject the same inputs)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Checked:
+    rewards: torch.Tensor  # (N,) float, contiguous
+    correct: torch.Tensor | None  # (N,) float32 0/1, contiguous
+    group_size: int
+    n_groups: int
+    estimator: Estimator
+    scale: str
+    sample_mode: str
+    out_shape: torch.Size
+    masking: bool  # invalid="mask": non-finite rewards may be present and are masked out
+
+
+def _check_inputs(
+    rewards,
+    group_size,
+    estimator: str,
+    scale: str | None,
+    eps: float,
+    lam: float,
+    sample_mode: str,
+    correct,
+    invalid: str,
+) -> _Checked:
+    if not isinstance(rewards, torch.Tensor):
+        try:
+            rewards = torch.as_tensor(rewards, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{OP}: rewards must be a tensor or a sequence of numbers, got {type(rewards).__name__}") from exc
+    if rewards.is_complex() or not (rewards.is_floating_point() or rewards.dtype in _INTEGRAL_DTYPES):
+        raise TypeError(f"{OP}: rewards must be a real floating, integer or bool tensor, got dtype {rewards.dtype}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{OP}: group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 1:
+        raise ValueError(f"{OP}: group_size must be >= 1, got {group_size}")
+    if rewards.dim() == 2:
+        if rewards.shape[1] != group_size:
+            raise ValueError(
+                f"{OP}: 2-D rewards must have shape (groups, group_size={group_size}), got {tuple(rewards.shape)}"
+            )
+    elif rewards.dim() != 1:
+        raise ValueError(f"{OP}: rewards must be 1-D (N,) or 2-D (groups, G), got shape {tuple(rewards.shape)}")
+    n = rewards.numel()
+    if n % group_size:
+        raise ValueError(
+            f"{OP}: the number of rewards ({n}) must be divisible by group_size ({group_size}); "
+            f"{n % group_size} rewards are left over"
+        )
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{OP}: unknown estimator {estimator!r}; valid estimators: {sorted(ESTIMATORS)}")
+    est = ESTIMATORS[estimator]
+    scale = est.scales[0] if scale is None else scale
+    if scale not in SCALES:
+        raise ValueError(f"{OP}: unknown scale {scale!r}; valid scales: {sorted(SCALES)}")
+    if scale not in est.scales:
+        raise ValueError(
+            f"{OP}: scale={scale!r} does not apply to estimator={estimator!r} (it accepts {list(est.scales)}); "
+            f"scale selects grpo's denominator, and estimator='dr_grpo' is grpo with scale='none'"
+        )
+    if sample_mode not in SAMPLE_MODES:
+        raise ValueError(f"{OP}: unknown sample_mode {sample_mode!r}; valid sample modes: {sorted(SAMPLE_MODES)}")
+    if invalid not in INVALID_POLICIES:
+        raise ValueError(f"{OP}: invalid must be one of {INVALID_POLICIES}, got {invalid!r}")
+    for name, value in (("eps", eps), ("lam", lam)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{OP}: {name} must be a finite number, got {value!r}")
+    if eps < 0:
+        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+
+    flat = rewards.reshape(-1)
+    if not flat.is_floating_point():
+        flat = flat.to(torch.float32)
+    flat = flat.contiguous()
+    if invalid == "raise" and n:
+        bad = ~torch.isfinite(flat)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{OP}: rewards must be finite; rewards[{first}] (flat index) = {flat[first].item()} "
+                f"({int(bad.sum())} non-finite in all). Pass invalid='mask' to mask such completions out instead"
+            )
+
+    if correct is None:
+        if est.needs_correct:
+            raise ValueError(
+                f"{OP}: estimator={estimator!r} needs correct= (the verifier's 0/1 verdict per completion), got None"
+            )
+        c = None
+    else:
+        c = correct if isinstance(correct, torch.Tensor) else torch.as_tensor(correct, device=rewards.device)
+        if c.device != rewards.device:
+            raise ValueError(f"{OP}: correct is on {c.device} but rewards are on {rewards.device}")
+        if c.numel() != n:
+            raise ValueError(
+                f"{OP}: correct must have one entry per reward ({n}), got shape {tuple(c.shape)} ({c.numel()} entries)"
+            )
+        c = c.reshape(-1).to(torch.float32).contiguous()
+        if n and not bool(((c == 0) | (c == 1)).all()):
+            first = int(((c != 0) & (c != 1)).nonzero()[0, 0])
+            raise ValueError(f"{OP}: correct must hold 0/1 (or bool) verdicts; correct[{first}] = {c[first].item()}")
+    return _Checked(flat, c, group_size, n // group_size, est, scale, sample_mode, rewards.shape, invalid == "mask")
+
+
+_INTEGRAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. The reference: the specification, a literal per-group loop in float64
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def group_advantages_reference(
+    rewards,
+    group_size: int,
+    estimator: str = "grpo",
+    scale: str | None = None,
+    eps: float = 1e-6,
+    lam: float = 0.1,
+    sample_mode: str = "all",
+    correct=None,
+    invalid: str = "raise",
+) -> GroupAdvantages:
+    """ALGORITHMS.md section 1 written out per group in float64. Slow on purpose: read it, test against it."""
+    chk = _check_inputs(rewards, group_size, estimator, scale, eps, lam, sample_mode, correct, invalid)
+    r = chk.rewards.double().cpu()
+    c = None if chk.correct is None else chk.correct.double().cpu()
+    valid = torch.isfinite(r)
+    n_groups, G = chk.n_groups, chk.group_size
+
+    batch_vals = [float(v) for v in r[valid]]
+    batch_mean = sum(batch_vals) / max(len(batch_vals), 1)
+    batch_std = (
+        math.sqrt(sum((v - batch_mean) ** 2 for v in batch_vals) / (len(batch_vals) - 1)) if len(batch_vals) > 1 else 0.0
+    )
+
+    adv = torch.zeros(n_groups * G, dtype=torch.float64)
+    mean = torch.zeros(n_groups, dtype=torch.float64)
+    std = torch.zeros(n_groups, dtype=torch.float64)
+    all_equal = torch.zeros(n_groups, dtype=torch.bool)
+    solve = torch.zeros(n_groups, dtype=torch.float64)
+    all_correct = torch.zeros(n_groups, dtype=torch.bool)
+    all_wrong = torch.zeros(n_groups, dtype=torch.bool)
+    for g in range(n_groups):
+        members = [g * G + j for j in range(G) if valid[g * G + j]]
+        vals = [float(r[i]) for i in members]
+        n = len(vals)
+        m = sum(vals) / n if n else 0.0
+        s = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+        equal = n < 2 or max(vals) == min(vals)
+        mean[g], std[g], all_equal[g] = m, s, equal
+        if c is not None:
+            verdicts = [float(c[i]) for i in members]
+            solve[g] = sum(verdicts) / n if n else 0.0
+            all_correct[g] = n > 0 and all(v == 1 for v in verdicts)
+            all_wrong[g] = n > 0 and all(v == 0 for v in verdicts)
+        for i in members:
+            ri = float(r[i])
+            if chk.estimator.name == "grpo":
+                denom = {"group": s + eps, "batch": batch_std + eps, "none": 1.0}[chk.scale]
+                a = (ri - m) / denom
+            elif chk.estimator.name == "dr_grpo":
+                a = ri - m
+            elif chk.estimator.name == "rloo":
+                a = ri - (sum(vals) - ri) / (n - 1) if n > 1 else 0.0
+            elif chk.estimator.name == "psr":
+                a = float(c[i])
+            elif chk.estimator.name == "nsr":
+                a = float(c[i]) - 1.0
+            else:  # w_reinforce
+                a = lam if float(c[i]) == 1.0 else -1.0
+            if chk.estimator.centred and equal:
+                a = 0.0
+            if sample_mode == "positive_only":
+                a = max(a, 0.0)
+            elif sample_mode == "negative_only":
+                a = min(a, 0.0)
+            adv[i] = a
+    has_c = c is not None
+    return GroupAdvantages(
+        advantages=adv.reshape(chk.out_shape),
+        mean=mean,
+        std=std,
+        all_equal=all_equal,
+        solve_rate=solve if has_c else None,
+        all_correct=all_correct if has_c else None,
+        all_wrong=all_wrong if has_c else None,
+        valid=valid,
+        backend="reference",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. The torch path: vectorised over groups, O(N) memory
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvantages:
+    G = chk.group_size
+    r = chk.rewards.to(torch.float32).view(chk.n_groups, G)
+    if chk.masking:  # invalid="mask": statistics over each group's finite rewards only
+        valid = torch.isfinite(r)
+        r = torch.where(valid, r, 0.0)
+        vf = valid.to(torch.float32)
+        count = vf.sum(dim=1, keepdim=True)
+        mean = r.sum(dim=1, keepdim=True) / count.clamp_min(1.0)
+        dev = (r - mean) * vf
+        r_min = torch.where(valid, r, math.inf).amin(dim=1, keepdim=True)
+        r_max = torch.where(valid, r, -math.inf).amax(dim=1, keepdim=True)
+    else:  # every reward is finite (checked): the plain, faster path
+        valid = vf = None
+        count = torch.full((chk.n_groups, 1), float(G), device=r.device)
+        mean = r.mean(dim=1, keepdim=True)
+        dev = r - mean
+        r_min, r_max = torch.aminmax(r, dim=1, keepdim=True)
+    std = ((dev * dev).sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)).sqrt()
+    all_equal = (r_max == r_min) | (count < 2)
+
+    if chk.scale == "batch":
+        finite = r if vf is None else r[valid]
+        batch_std = finite.std() if finite.numel() > 1 else torch.zeros((), device=r.device)
+        denominator = batch_std + eps
+    else:
+        denominator = {"group": std + eps, "none": 1.0}[chk.scale]
+
+    c = None if chk.correct is None else chk.correct.view(chk.n_groups, G)
+    adv = chk.estimator.formula(AdvantageStats(r, dev, std, denominator, count, c, eps, lam))
+    if chk.estimator.centred:
+        adv = torch.where(all_equal, 0.0, adv)
+    adv = SAMPLE_MODES[chk.sample_mode](adv)
+    if valid is not None:
+        adv = torch.where(valid, adv, 0.0)
+
+    if c is None:
+        solve = all_correct = all_wrong = None
+    else:
+        n_correct = (c if vf is None else c * vf).sum(dim=1)
+        n = count.squeeze(1)
+        solve = n_correct / n.clamp_min(1.0)
+        all_correct = (n_correct == n) & (n > 0)
+        all_wrong = (n_correct == 0) & (n > 0)
+    return GroupAdvantages(
+        advantages=adv.reshape(chk.out_shape),
+        mean=mean.squeeze(1),
+        std=std.squeeze(1),
+        all_equal=all_equal.squeeze(1),
+        solve_rate=solve,
+        all_correct=all_correct,
+        all_wrong=all_wrong,
+        valid=torch.ones(r.numel(), dtype=torch.bool, device=r.device) if valid is None else valid.reshape(-1),
+        backend="torch",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. The Triton path: one launch (rlvr_fast.kernels.group_advantage)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _group_advantages_triton(chk: _Checked, eps: float, lam: float) -> GroupAdvantages:
+    from rlvr_fast.kernels.group_advantage import group_advantage_fwd  # imported late: TRITON_INTERPRET must be set
+
+    out = group_advantage_fwd(
+        chk.rewards,
+        chk.correct,
+        n_groups=chk.n_groups,
+        group_size=chk.group_size,
+        estimator=chk.estimator.code,
+        scale=SCALES[chk.scale],
+        sample_mode=SAMPLE_MODE_CODES[chk.sample_mode],
+        eps=eps,
+        lam=lam,
+    )
+    has_c = chk.correct is not None
+    flags = out.flags.bool()
+    return GroupAdvantages(
+        advantages=out.advantages.reshape(chk.out_shape),
+        mean=out.mean,
+        std=out.std,
+        all_equal=flags[0],
+        solve_rate=out.solve_rate if has_c else None,
+        all_correct=flags[1] if has_c else None,
+        all_wrong=flags[2] if has_c else None,
+        valid=torch.isfinite(chk.rewards),
+        backend="triton",
+    )
+
+
+_PATHS = {"torch": _group_advantages_torch, "triton": _group_advantages_triton}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. The public op
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def group_advantages(
+    rewards: torch.Tensor | Sequence[float],
+    group_size: int,
+    estimator: str = "grpo",
+    scale: str | None = None,
+    eps: float = 1e-6,
+    lam: float = 0.1,
+    sample_mode: str = "all",
+    correct: torch.Tensor | Sequence[bool] | None = None,
+    backend: str = "auto",
+    invalid: str = "raise",
+) -> GroupAdvantages:
+    """Group-relative advantages of B prompts x G completions, with group statistics, in one kernel launch.
+
+    Args:
+        rewards: (N,) with N = groups * group_size, completions of a prompt contiguous, or (groups, G). Any real
+            dtype; computed in float32.
+        group_size: G >= 1.
+        estimator: one of ``ESTIMATORS``: grpo, dr_grpo, rloo, psr, nsr, w_reinforce (formulas in the module doc).
+        scale: grpo's denominator: "group" (default; Bessel std of the group), "batch" (Bessel std of the whole
+            batch, TRL's scale_rewards="batch") or "none" (= dr_grpo). Other estimators have a fixed normalisation and
+            accept only None / "none".
+        eps: added to the std (verl uses 1e-6, TRL 1e-4).
+        lam: w_reinforce's weight on correct samples (Zhu et al. use 0.1).
+        sample_mode: "all", "positive_only" (A' = max(A, 0)) or "negative_only" (A' = min(A, 0)).
+        correct: (N,) or the rewards' shape, 0/1 or bool verifier verdicts. Needed by psr / nsr / w_reinforce;
+            optional otherwise (gives solve_rate, all_correct, all_wrong).
+        backend: "auto" | "triton" | "cuda" | "torch" (see rlvr_fast.backends); an unavailable one raises.
+        invalid: "raise" (default): a NaN/inf reward raises, naming its index. "mask": such completions get
+            advantage 0, are left out of their group's statistics and are flagged False in ``valid``.
+
+    Returns:
+        GroupAdvantages (advantages float32 in the rewards' shape, per-group mean / std / all_equal, solve_rate /
+        all_correct / all_wrong when ``correct`` is given, the valid mask and the backend used).
+    """
+    chk = _check_inputs(rewards, group_size, estimator, scale, eps, lam, sample_mode, correct, invalid)
+    chosen = select_backend(
+        backend,
+        chk.rewards.device,
+        op=OP,
+        triton_ok=chk.group_size <= TRITON_MAX_GROUP_SIZE,
+        triton_limit=f"group_size {chk.group_size} exceeds the kernel's {TRITON_MAX_GROUP_SIZE}",
+    )
+    if chk.n_groups == 0:  # nothing to launch; the torch path returns correctly shaped empty tensors
+        return _group_advantages_torch(chk, eps, lam)
+    return _PATHS[chosen](chk, float(eps), float(lam))

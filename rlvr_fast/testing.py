@@ -1,0 +1,84 @@
+"""Assertion helpers shared by the tests and the benchmarks (one place, imported everywhere).
+
+Conventions (ARCHITECTURE.md, Testing): compare against the reference by relative RMS error and report it; check NaN
+parity; poison outputs before a kernel writes them and check every element was written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected||_2 / max(||expected||_2, tiny), computed in float64 over the finite entries of ``expected``.
+
+    Entries where ``expected`` is NaN are left to ``assert_nan_parity``.
+    """
+    a = actual.detach().to(torch.float64).cpu().reshape(-1)
+    e = expected.detach().to(torch.float64).cpu().reshape(-1)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch: actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}")
+    keep = torch.isfinite(e)
+    a, e = a[keep], e[keep]
+    if e.numel() == 0:
+        return 0.0
+    num = torch.linalg.vector_norm(a - e)
+    den = torch.linalg.vector_norm(e).clamp_min(torch.finfo(torch.float64).tiny)
+    if not torch.isfinite(num):
+        return float("inf")
+    return float(num / den)
+
+
+def assert_nan_parity(actual: torch.Tensor, expected: torch.Tensor, name: str = "output") -> None:
+    """NaN exactly where the reference has NaN, nowhere else."""
+    a_nan = torch.isnan(actual.detach().cpu())
+    e_nan = torch.isnan(expected.detach().cpu())
+    if not torch.equal(a_nan, e_nan):
+        extra = (a_nan & ~e_nan).nonzero().tolist()[:5]
+        missing = (~a_nan & e_nan).nonzero().tolist()[:5]
+        raise AssertionError(f"{name}: NaN pattern differs; NaN only in actual at {extra}, only in expected at {missing}")
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    name: str = "output",
+) -> None:
+    """Same shape, same NaN pattern, and relative RMS error <= rtol (or max abs error <= atol where rtol fails).
+
+    The message always reports the relative RMS error and the worst element.
+    """
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    assert_nan_parity(actual, expected, name)
+    err = rel_rms_error(actual, expected)
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(e)
+    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    if err <= rtol or max_abs <= atol:
+        return
+    worst = int(diff.reshape(-1).argmax()) if diff.numel() else 0
+    raise AssertionError(
+        f"{name}: relative RMS error {err:.3e} > rtol {rtol:.1e} (max abs error {max_abs:.3e} > atol {atol:.1e}); "
+        f"worst flat index {worst}: actual {a.reshape(-1)[worst].item()!r} vs expected {e.reshape(-1)[worst].item()!r}"
+    )
+
+
+def poisoned(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """A tensor full of NaN (or the dtype's max for integers): anything a kernel fails to write stays visible."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
+
+
+def assert_all_written(t: torch.Tensor, name: str = "output") -> None:
+    """No element of a poisoned output is still NaN."""
+    bad = torch.isnan(t.detach().cpu()) if t.is_floating_point() else t.detach().cpu() == torch.iinfo(t.dtype).max
+    if bool(bad.any()):
+        raise AssertionError(f"{name}: {int(bad.sum())} elements were never written, first at {bad.nonzero()[0].tolist()}")

@@ -1,0 +1,278 @@
+"""group_advantages: the Triton kernel (interpreted on CPU) and the torch path against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+import rlvr_fast
+from rlvr_fast import BackendUnavailableError, group_advantages, group_advantages_reference
+from rlvr_fast.backends import triton_interpreter_enabled
+from rlvr_fast.ops.group_advantage import ESTIMATORS, SAMPLE_MODE_CODES, SCALES, TRITON_MAX_GROUP_SIZE
+from rlvr_fast.testing import assert_all_written, assert_close, poisoned
+
+ESTIMATOR_SCALES = [(name, scale) for name, est in ESTIMATORS.items() for scale in est.scales]
+FUSED_BACKENDS = ["triton", "torch"]
+
+
+def draw_rewards(n_groups: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Rewards as RLVR produces them: per group, binary 0/1 (so ties and all-equal groups), continuous, or constant."""
+    kind = torch.randint(0, 3, (n_groups, 1), generator=gen)
+    binary = torch.randint(0, 2, (n_groups, group_size), generator=gen).float()
+    continuous = torch.randn(n_groups, group_size, generator=gen) * 3.0 + 0.5
+    constant = torch.randn(n_groups, 1, generator=gen).expand(n_groups, group_size)
+    r = torch.where(kind == 0, binary, torch.where(kind == 1, continuous, constant))
+    return r.reshape(-1).contiguous()
+
+
+def assert_matches_reference(out, ref, name=""):
+    assert_close(out.advantages, ref.advantages, rtol=1e-5, atol=1e-6, name=f"{name} advantages")
+    assert_close(out.mean, ref.mean, rtol=1e-6, atol=1e-6, name=f"{name} mean")
+    assert_close(out.std, ref.std, rtol=1e-5, atol=1e-6, name=f"{name} std")
+    assert torch.equal(out.all_equal.cpu(), ref.all_equal), f"{name} all_equal"
+    assert torch.equal(out.valid.cpu(), ref.valid), f"{name} valid"
+    if ref.solve_rate is None:
+        assert out.solve_rate is None and out.all_correct is None and out.all_wrong is None
+    else:
+        assert_close(out.solve_rate, ref.solve_rate, rtol=1e-6, name=f"{name} solve_rate")
+        assert torch.equal(out.all_correct.cpu(), ref.all_correct), f"{name} all_correct"
+        assert torch.equal(out.all_wrong.cpu(), ref.all_wrong), f"{name} all_wrong"
+    # Groups with nothing to compare get exactly 0 from the centred estimators, never NaN.
+    assert torch.isfinite(out.advantages).all()
+
+
+@pytest.mark.parametrize("n_groups", [1, 3, 257])
+@pytest.mark.parametrize("group_size", [1, 2, 8, 16])
+@pytest.mark.parametrize("sample_mode", sorted(SAMPLE_MODE_CODES))
+@pytest.mark.parametrize("estimator,scale", ESTIMATOR_SCALES)
+def test_matches_reference(estimator, scale, sample_mode, group_size, n_groups, device, generator):
+    rewards = draw_rewards(n_groups, group_size, generator).to(device)
+    correct = torch.rand(rewards.shape, generator=generator).to(device) < 0.4
+    kwargs = dict(estimator=estimator, scale=scale, sample_mode=sample_mode, correct=correct, eps=1e-6, lam=0.3)
+    ref = group_advantages_reference(rewards, group_size, **kwargs)
+    for backend in FUSED_BACKENDS:
+        out = group_advantages(rewards, group_size, backend=backend, **kwargs)
+        assert out.backend == backend
+        assert out.advantages.dtype == torch.float32 and out.advantages.device == rewards.device
+        assert_matches_reference(out, ref, name=backend)
+        if ESTIMATORS[estimator].centred:
+            zero_groups = ref.all_equal.repeat_interleave(group_size)
+            assert (out.advantages.cpu()[zero_groups] == 0).all()
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_without_correct_and_2d_rewards(backend, generator, device):
+    rewards = draw_rewards(5, 6, generator).reshape(5, 6).to(device)
+    out = group_advantages(rewards, 6, backend=backend)
+    ref = group_advantages_reference(rewards, 6)
+    assert out.advantages.shape == (5, 6)
+    assert_matches_reference(out, ref, backend)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hand_computed_grpo_uses_bessel_std_and_eps(backend, device):
+    # Group [1, 0, 0, 0]: mean 0.25; Bessel std = sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5 (the population std is 0.433).
+    # With eps = 0.5 the lone success gets 0.75 / (0.5 + 0.5) = 0.75 exactly.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0], device=device)
+    out = group_advantages(rewards, 4, eps=0.5, backend=backend)
+    torch.testing.assert_close(out.advantages.cpu(), torch.tensor([0.75, -0.25, -0.25, -0.25]), rtol=0, atol=1e-7)
+    torch.testing.assert_close(out.std.cpu(), torch.tensor([0.5]), rtol=0, atol=1e-7)
+    # Default eps is tiny: the lone-success advantage is (G-1)/sqrt(G) (ALGORITHMS.md section 1).
+    for G, expected in [(8, 2.4748737), (16, 3.75), (32, 5.4800546)]:
+        r = torch.zeros(G, device=device)
+        r[3] = 1.0
+        a = group_advantages(r, G, backend=backend).advantages
+        assert a[3].item() == pytest.approx(expected, rel=1e-5)
+        a = group_advantages(r, G, estimator="dr_grpo", backend=backend).advantages
+        assert a[3].item() == pytest.approx(1 - 1 / G, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hand_computed_batch_scale_and_rloo(backend, device):
+    rewards = torch.tensor([1.0, 0.0, 2.0, 2.0, 3.0, 5.0], device=device)
+    mean = 13 / 6
+    batch_std = math.sqrt(sum((v - mean) ** 2 for v in [1.0, 0.0, 2.0, 2.0, 3.0, 5.0]) / 5)  # Bessel, whole batch
+    out = group_advantages(rewards, 2, scale="batch", eps=0.0, backend=backend)
+    expected = torch.tensor([0.5, -0.5, 0.0, 0.0, -1.0, 1.0]) / batch_std
+    torch.testing.assert_close(out.advantages.cpu(), expected, rtol=1e-6, atol=1e-7)
+    # RLOO: r_i minus the mean of the others.
+    r = torch.tensor([1.0, 0.0, 0.0, 4.0], device=device)
+    out = group_advantages(r, 4, estimator="rloo", backend=backend)
+    torch.testing.assert_close(out.advantages.cpu(), torch.tensor([1 - 4 / 3, -5 / 3, -5 / 3, 4 - 1 / 3]))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_psr_nsr_w_reinforce_use_the_verdict(backend, device):
+    rewards = torch.tensor([0.3, 0.3, 0.9, 0.1], device=device)  # ignored by these estimators
+    correct = torch.tensor([True, False, True, False], device=device)
+    psr = group_advantages(rewards, 2, estimator="psr", correct=correct, backend=backend).advantages
+    nsr = group_advantages(rewards, 2, estimator="nsr", correct=correct, backend=backend).advantages
+    wr = group_advantages(rewards, 2, estimator="w_reinforce", correct=correct, lam=0.1, backend=backend).advantages
+    torch.testing.assert_close(psr.cpu(), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(nsr.cpu(), torch.tensor([0.0, -1.0, 0.0, -1.0]))
+    torch.testing.assert_close(wr.cpu(), torch.tensor([0.1, -1.0, 0.1, -1.0]))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("estimator,scale", ESTIMATOR_SCALES)
+def test_invalid_mask_policy(backend, estimator, scale, generator, device):
+    rewards = draw_rewards(7, 5, generator)
+    rewards[[0, 6, 7, 8, 9, 33]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan"), 1.0, 2.0])
+    rewards = rewards.to(device)
+    correct = (torch.rand(35, generator=generator) < 0.5).to(device)
+    kw = dict(estimator=estimator, scale=scale, correct=correct, invalid="mask")
+    out = group_advantages(rewards, 5, backend=backend, **kw)
+    ref = group_advantages_reference(rewards, 5, **kw)
+    assert_matches_reference(out, ref, backend)
+    assert out.num_invalid == 4
+    assert (out.advantages[~out.valid] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_reward_dtypes(dtype, backend, generator, device):
+    rewards = (torch.randn(24, generator=generator) * 4).to(dtype).to(device)
+    out = group_advantages(rewards, 8, backend=backend)
+    ref = group_advantages_reference(rewards, 8)
+    assert out.advantages.dtype == torch.float32
+    assert_matches_reference(out, ref, backend)
+
+
+def test_kernel_writes_every_output(generator, device):
+    from rlvr_fast.kernels.group_advantage import GroupAdvantageOutputs, group_advantage_fwd
+
+    n_groups, G = 37, 7
+    rewards = draw_rewards(n_groups, G, generator).to(device)
+    correct = (torch.rand(n_groups * G, generator=generator) < 0.5).float().to(device)
+    out = GroupAdvantageOutputs(
+        poisoned(n_groups * G, device=device),
+        poisoned(n_groups, device=device),
+        poisoned(n_groups, device=device),
+        poisoned(n_groups, device=device),
+        torch.full((3, n_groups), 7, dtype=torch.int8, device=device),
+    )
+    group_advantage_fwd(
+        rewards, correct, n_groups=n_groups, group_size=G, estimator=0, scale=0, sample_mode=0, eps=1e-6, lam=0.1, out=out
+    )
+    for name in ("advantages", "mean", "std", "solve_rate"):
+        assert_all_written(getattr(out, name), name)
+    assert set(out.flags.unique().tolist()) <= {0, 1}
+
+
+def test_kernel_codes_agree_with_registries():
+    from rlvr_fast.kernels import group_advantage as k
+
+    assert {n: e.code for n, e in ESTIMATORS.items()} == {
+        "grpo": k.GRPO,
+        "dr_grpo": k.DR_GRPO,
+        "rloo": k.RLOO,
+        "psr": k.PSR,
+        "nsr": k.NSR,
+        "w_reinforce": k.W_REINFORCE,
+    }
+    assert SCALES == {"group": k.SCALE_GROUP, "batch": k.SCALE_BATCH, "none": k.SCALE_NONE}
+    assert SAMPLE_MODE_CODES == {"all": k.SAMPLE_ALL, "positive_only": k.SAMPLE_POSITIVE, "negative_only": k.SAMPLE_NEGATIVE}
+
+
+@pytest.mark.parametrize("backend", ["auto", *FUSED_BACKENDS])
+def test_empty_batch(backend, device):
+    empty = torch.empty(0, device=device)
+    out = group_advantages(empty, 4, backend=backend, correct=empty.bool())
+    assert out.advantages.shape == (0,) and out.mean.shape == (0,) and out.solve_rate.shape == (0,)
+
+
+def test_large_and_odd_group_sizes(generator, device):
+    rewards = draw_rewards(3, 1000, generator).to(device)
+    ref = group_advantages_reference(rewards, 1000)
+    assert_matches_reference(group_advantages(rewards, 1000, backend="triton"), ref, "triton")
+    # Beyond the kernel's tile the auto backend takes the torch path; asking for Triton explicitly raises.
+    big = torch.rand(TRITON_MAX_GROUP_SIZE + 1, generator=generator).to(device)
+    assert group_advantages(big, big.numel()).backend == "torch"
+    with pytest.raises(BackendUnavailableError, match="group_size 65537 exceeds"):
+        group_advantages(big, big.numel(), backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backend dispatch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_backend_choice_on_cpu(monkeypatch):
+    if not triton_interpreter_enabled():
+        pytest.skip("the CPU choice is tested where the interpreter is on (CPU machines)")
+    rewards = torch.rand(8)
+    assert group_advantages(rewards, 4).backend == "triton"  # the interpreter is on in tests
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert group_advantages(rewards, 4).backend == "torch"
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        group_advantages(rewards, 4, backend="triton")
+
+
+def test_unavailable_cuda_backend_raises():
+    if rlvr_fast.HAS_CUDA_EXT:
+        pytest.skip("the CUDA extension is built here")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' is unavailable"):
+        group_advantages(torch.rand(8), 4, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        group_advantages(torch.rand(8), 4, backend="cutlass")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: every error names the argument, what was expected and what came
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(rewards=torch.rand(2, 3, 4)), ValueError, r"rewards must be 1-D \(N,\) or 2-D \(groups, G\), got shape \(2, 3, 4\)"),
+        (dict(rewards=torch.rand(3, 5), group_size=4), ValueError, r"shape \(groups, group_size=4\), got \(3, 5\)"),
+        (dict(rewards=torch.rand(10), group_size=4), ValueError, r"number of rewards \(10\) must be divisible by group_size \(4\)"),
+        (dict(group_size=0), ValueError, r"group_size must be >= 1, got 0"),
+        (dict(group_size=2.0), TypeError, r"group_size must be an int, got float"),
+        (dict(rewards=torch.rand(8, dtype=torch.complex64)), TypeError, r"real floating, integer or bool tensor, got dtype torch.complex64"),
+        (dict(rewards="abc"), TypeError, r"rewards must be a tensor or a sequence of numbers, got str"),
+        (dict(estimator="ppo"), ValueError, r"unknown estimator 'ppo'; valid estimators: \['dr_grpo', 'grpo', 'nsr', 'psr', 'rloo', 'w_reinforce'\]"),
+        (dict(scale="token"), ValueError, r"unknown scale 'token'; valid scales"),
+        (dict(estimator="rloo", scale="group"), ValueError, r"scale='group' does not apply to estimator='rloo'"),
+        (dict(sample_mode="negative"), ValueError, r"unknown sample_mode 'negative'; valid sample modes: \['all', 'negative_only', 'positive_only'\]"),
+        (dict(estimator="nsr"), ValueError, r"estimator='nsr' needs correct="),
+        (dict(estimator="psr"), ValueError, r"estimator='psr' needs correct="),
+        (dict(estimator="w_reinforce"), ValueError, r"estimator='w_reinforce' needs correct="),
+        (dict(correct=torch.ones(7, dtype=torch.bool)), ValueError, r"correct must have one entry per reward \(8\), got shape \(7,\)"),
+        (dict(correct=torch.tensor([0, 1, 2, 0, 1, 0, 1, 1.0])), ValueError, r"correct must hold 0/1 \(or bool\) verdicts; correct\[2\] = 2.0"),
+        (dict(eps=-1.0), ValueError, r"eps must be >= 0, got -1.0"),
+        (dict(eps=float("nan")), ValueError, r"eps must be a finite number, got nan"),
+        (dict(lam=float("inf")), ValueError, r"lam must be a finite number, got inf"),
+        (dict(invalid="drop"), ValueError, r"invalid must be one of \('raise', 'mask'\), got 'drop'"),
+    ],
+)
+@pytest.mark.parametrize("fn", [group_advantages, group_advantages_reference])
+def test_bad_input(fn, kwargs, error, match, device):
+    args = dict(rewards=torch.rand(8, device=device), group_size=4)
+    args.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    with pytest.raises(error, match=match):
+        fn(**args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_reward_names_first_index(bad, device):
+    rewards = torch.rand(12, device=device)
+    rewards[5] = bad
+    rewards[9] = float("nan")
+    with pytest.raises(ValueError, match=rf"rewards\[5\] \(flat index\) = {bad} \(2 non-finite in all\)"):
+        group_advantages(rewards, 4)
+
+
+def test_correct_on_another_device_is_rejected():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to put correct elsewhere")
+    with pytest.raises(ValueError, match="correct is on cuda"):
+        group_advantages(torch.rand(8), 4, correct=torch.ones(8, device="cuda"))
+
+
+def test_estimator_table_is_documented():
+    doc = rlvr_fast.ops.group_advantage.__doc__
+    for name, est in ESTIMATORS.items():
+        assert name in doc and "arXiv" in est.paper
+    assert not math.isnan(group_advantages(torch.ones(1), 1).advantages.item())
