@@ -1,0 +1,55 @@
+"""The benchmark case registry.
+
+A case builder takes a device and returns ``Case`` objects whose ``impls`` are zero-argument callables over inputs
+built once (so timing measures the op, not the input generation). The first implementation is ours; ratios are
+reported against ``baseline``. Each op's builder lives in its own module of ``rlvr_fast.benchmark.cases`` and
+registers itself with ``@register("<op>")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Floor:
+    """What the op must at least do: FLOPs and bytes moved (reads + writes) in the ideal kernel."""
+
+    flops: float
+    bytes: float
+
+
+@dataclass
+class Case:
+    op: str
+    label: str
+    impls: dict[str, Callable[[], object]]
+    floor: Floor
+    baseline: str
+    params: dict = field(default_factory=dict)
+
+
+CaseBuilder = Callable[[torch.device], list[Case]]
+CASES: dict[str, CaseBuilder] = {}
+
+
+def register(op: str) -> Callable[[CaseBuilder], CaseBuilder]:
+    def wrap(fn: CaseBuilder) -> CaseBuilder:
+        CASES[op] = fn
+        return fn
+
+    return wrap
+
+
+def build_cases(device: torch.device | str, ops: list[str] | None = None) -> list[Case]:
+    import rlvr_fast.benchmark.cases  # noqa: F401  (imports every op's module, which registers its builder)
+
+    device = torch.device(device)
+    names = ops if ops is not None else list(CASES)
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise ValueError(f"unknown benchmark ops {unknown}; known: {sorted(CASES)}")
+    return [case for name in names for case in CASES[name](device)]
