@@ -1,0 +1,33 @@
+"""Clean synthetic tasks (ALGORITHMS.md section 8): a seeded arithmetic generator in the style of RandomCalculation,
+prompt templates, train/eval splits that share no expression, and JSONL loading with line-numbered errors."""
+
+from rlvr_fast.tasks.arithmetic import (
+    OPERATIONS,
+    PRESETS,
+    ArithmeticConfig,
+    Expression,
+    format_answer,
+    get_preset,
+    sample_expression,
+)
+from rlvr_fast.tasks.jsonl import JSONLFormatError, load_jsonl, parse_jsonl_lines, save_jsonl
+from rlvr_fast.tasks.prompts import PROMPT_TEMPLATES, render_prompt
+from rlvr_fast.tasks.splits import generate_problems, make_splits
+
+__all__ = [
+    "OPERATIONS",
+    "PRESETS",
+    "ArithmeticConfig",
+    "Expression",
+    "format_answer",
+    "get_preset",
+    "sample_expression",
+    "JSONLFormatError",
+    "load_jsonl",
+    "parse_jsonl_lines",
+    "save_jsonl",
+    "PROMPT_TEMPLATES",
+    "render_prompt",
+    "generate_problems",
+    "make_splits",
+]
