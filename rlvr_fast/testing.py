@@ -82,3 +82,86 @@ def assert_all_written(t: torch.Tensor, name: str = "output") -> None:
     bad = torch.isnan(t.detach().cpu()) if t.is_floating_point() else t.detach().cpu() == torch.iinfo(t.dtype).max
     if bool(bad.any()):
         raise AssertionError(f"{name}: {int(bad.sum())} elements were never written, first at {bad.nonzero()[0].tolist()}")
+
+
+def assert_low_precision_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    plain: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float = 0.0,
+    name: str = "output",
+) -> None:
+    """The low-precision rule (ARCHITECTURE.md, Testing): ``actual``'s relative RMS error against the fp32 reference
+    ``expected`` is at most ``factor`` times that of ``plain`` (plain PyTorch run in the same low precision) plus
+    ``atol``; NaN patterns must agree."""
+    assert_nan_parity(actual, expected, name)
+    err, base = rel_rms_error(actual, expected), rel_rms_error(plain, expected)
+    if err > factor * base + atol:
+        raise AssertionError(
+            f"{name}: relative RMS error {err:.3e} > {factor} x plain low-precision PyTorch's {base:.3e} + {atol:.1e}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A tiny causal LM and a character tokenizer, built offline, for trainer and integration tests
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def char_tokenizer():
+    """A character-level transformers tokenizer over printable ASCII (+ <pad>=0, <eos>=1, <unk>=2), no download."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    hf.padding_side = "left"
+    return hf
+
+
+def tiny_causal_lm(tokenizer, *, arch: str = "llama", hidden: int = 32, layers: int = 2, seed: int = 0,
+                   token_bias: dict[str, float] | None = None):
+    """A randomly initialised Llama or Qwen2 built from a config (no download), float32, in eval mode.
+
+    ``token_bias`` adds a bias to the LM head's logits of the named tokens (e.g. make digits likely so that a reward
+    that checks a numeric answer fires sometimes); the head is then untied from the embeddings and has a bias.
+    """
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[arch]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=token_bias is None,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = model_cls(config)
+        if token_bias:
+            head = torch.nn.Linear(hidden, len(tokenizer), bias=True)
+            with torch.no_grad():
+                head.weight.copy_(model.get_input_embeddings().weight)
+                head.bias.zero_()
+                for token, value in token_bias.items():
+                    head.bias[tokenizer.convert_tokens_to_ids(token)] = value
+            model.set_output_embeddings(head)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()

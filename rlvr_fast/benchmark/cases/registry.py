@@ -30,6 +30,9 @@ class Case:
     floor: Floor
     baseline: str
     params: dict = field(default_factory=dict)
+    # Also measure each implementation's peak memory growth (one extra call each; rlvr_fast.benchmark.memory), for
+    # ops whose point is memory (the fused log-prob gather). Off by default: the extra call costs time.
+    memory: bool = False
 
 
 CaseBuilder = Callable[[torch.device], list[Case]]
