@@ -1,0 +1,596 @@
+"""GRPO-family policy loss on per-token log-probs: clipped surrogate, optional dual clip, KL to a reference, and the
+grpo / bnpo / dr_grpo / dapo aggregations, with token or sequence (GSPO) importance ratios.
+
+Formulas: ../shared/design/ALGORITHMS.md section 2; the registries (loss types with their normalisers, KL estimators,
+importance-sampling levels) and their sources: ``rlvr_fast.ops.loss_types``.
+
+    rho_bt = exp(logp_bt - old_bt)                      (token level)
+    s_b    = exp(sum_t m_bt (logp_bt - old_bt) / max(sum_t m_bt, 1))   (sequence level, GSPO: every token uses s_b)
+    pg_bt  = -min(r A_b, clip(r, 1 - eps_low, 1 + eps_high) A_b),   r = rho_bt or s_b      (PPO, Schulman 2017)
+             min(pg_bt, -c A_b) where A_b < 0 and dual_clip = c is set                      (Ye et al. 2020)
+    l_bt   = pg_bt + beta * KL(d_bt),  d_bt = ref_bt - logp_bt  (k1 | k2 | k3 | low_var_kl)
+    loss   = aggregation of m_bt l_bt by ``loss_type`` (table in rlvr_fast.ops.loss_types)
+
+Gradients flow into ``logp`` only: old_logp, ref_logp, advantages, mask and entropy are constants (as in TRL).
+
+NaN policy: values at masked-out positions (mask == 0) are never read into the result, so padding may hold anything
+(NaN, -inf, garbage). A NaN or inf at an active position of logp / old_logp / ref_logp, or in the advantage of a
+completion with active tokens, propagates to the loss and to the gradients it touches, exactly as in the reference:
+nothing is silently repaired. Checking values would cost a device sync per call, so they are not checked.
+
+Four pieces, as in every op: ``grpo_loss_reference`` (the specification: float64, autograd), the Triton kernels
+``rlvr_fast.kernels.grpo_loss`` (one elementwise + reduction pass writing the loss, the metrics and d loss / d logp;
+plus a light per-completion pre-pass for grpo's per-sequence mean and for GSPO), the torch path (the same closed-form
+gradient, vectorised), and the public ``grpo_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from rlvr_fast.backends import select_backend
+from rlvr_fast.ops.loss_types import (
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    AggregationContext,
+    KLEstimator,
+    LossType,
+)
+
+OP = "grpo_loss"
+
+# Columns of the summed statistics (identical to rlvr_fast.kernels.grpo_loss.STAT_*; a test checks it).
+(
+    STAT_LOSS,
+    STAT_KL,
+    STAT_RATIO,
+    STAT_ENTROPY,
+    STAT_CLIP_LOW,
+    STAT_CLIP_HIGH,
+    STAT_DUAL_CLIP,
+    STAT_TOKENS,
+    STAT_SKIPPED,
+) = range(9)
+N_STATS = 9
+
+
+@dataclass
+class GrpoLossMetrics:
+    """Diagnostics of one ``grpo_loss`` call: 0-d tensors on the inputs' device (no host sync), never differentiable.
+
+    Fractions and means are over the active tokens of this call, weighted by the mask (0 when there are none).
+    At sequence level every token of a completion carries the completion's ratio and clip state (Liger's convention;
+    TRL averages its sequence-level clip metrics per completion instead).
+
+    clip_low_frac: A < 0 and ratio < 1 - eps_low (the low clip removes the gradient; TRL clip_ratio/low_mean).
+    clip_high_frac: A > 0 and ratio > 1 + eps_high (TRL clip_ratio/high_mean).
+    dual_clip_frac: A < 0 and the dual-clip bound -c A is active (0 without dual_clip).
+    mean_ratio: the importance ratio (token rho or sequence s_b).
+    mean_kl: the chosen KL estimator; None when ref_logp was not given (computed whenever it is, even at beta = 0).
+    mean_entropy: of the ``entropy`` passed in; None when it was not.
+    tokens: tokens counted (the sum of the mask weights).
+    tokens_skipped: active tokens whose gradient is zero by construction: completions with A == 0 when beta == 0
+        (the fused-linear path skips their LM-head work; this elementwise op just counts them).
+    backend: the backend that computed it.
+    """
+
+    clip_low_frac: torch.Tensor
+    clip_high_frac: torch.Tensor
+    dual_clip_frac: torch.Tensor
+    mean_ratio: torch.Tensor
+    mean_kl: torch.Tensor | None
+    mean_entropy: torch.Tensor | None
+    tokens: torch.Tensor
+    tokens_skipped: torch.Tensor
+    backend: str
+
+    def as_dict(self) -> dict[str, float]:
+        """Python floats for logging (one device sync)."""
+        names = (
+            "clip_low_frac",
+            "clip_high_frac",
+            "dual_clip_frac",
+            "mean_ratio",
+            "mean_kl",
+            "mean_entropy",
+            "tokens",
+            "tokens_skipped",
+        )
+        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input checks (shared by the reference and the fused paths, so both reject the same inputs)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Checked:
+    logp: torch.Tensor  # (B, T) floating
+    old_logp: torch.Tensor | None  # (B, T) floating, None = on-policy
+    ref_logp: torch.Tensor | None  # (B, T) floating
+    advantages: torch.Tensor  # (B,)
+    mask: torch.Tensor  # (B, T) bool / integer / floating
+    entropy: torch.Tensor | None  # (B, T) floating
+    beta: float
+    kl: KLEstimator
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None
+    loss_type: LossType
+    sequence: bool
+    max_completion_length: int | None
+    num_items: float | None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _finite_number(name: str, value, *, low: float | None = None, high: float | None = None, low_open=False) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise ValueError(f"{OP}: {name} must be a finite real number, got {value!r}")
+    value = float(value)
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{OP}: {name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{OP}: {name} must be <= {high}, got {value}")
+    return value
+
+
+def _tensor(name: str, x, *, floating: bool) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{OP}: {name} must be real, got dtype {x.dtype}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{OP}: {name} must be a floating tensor (fp16, bf16, fp32 or fp64), got dtype {x.dtype}")
+    return x
+
+
+def _check_inputs(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    beta,
+    kl,
+    eps_low,
+    eps_high,
+    dual_clip,
+    loss_type,
+    importance_sampling,
+    max_completion_length,
+    num_items,
+    entropy,
+) -> _Checked:
+    logp = _tensor("logp", logp, floating=True)
+    if logp.dim() != 2:
+        raise ValueError(f"{OP}: logp must be 2-D (B, T) per-token log-probs, got shape {tuple(logp.shape)}")
+    B, T = logp.shape
+    per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "entropy": entropy}
+    for name, x in per_token.items():
+        if x is None:
+            if name == "mask":
+                raise TypeError(f"{OP}: mask must be a (B, T) tensor (1 on completion tokens that count), got None")
+            continue
+        _tensor(name, x, floating=name != "mask")
+        if tuple(x.shape) != (B, T):
+            raise ValueError(
+                f"{OP}: {name} must have logp's shape (B, T) = {(B, T)}, got {name} shape {tuple(x.shape)}"
+            )
+    advantages = _tensor("advantages", advantages, floating=False)
+    if tuple(advantages.shape) != (B,):
+        raise ValueError(
+            f"{OP}: advantages must be (B,) = ({B},), one per completion (row of logp), "
+            f"got shape {tuple(advantages.shape)}"
+        )
+    for name, x in (*per_token.items(), ("advantages", advantages)):
+        if x is not None and x.device != logp.device:
+            raise ValueError(f"{OP}: {name} is on {x.device} but logp is on {logp.device}")
+
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"{OP}: unknown kl {kl!r}; valid KL estimators: {sorted(KL_ESTIMATORS)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"{OP}: unknown loss_type {loss_type!r}; valid loss types: {sorted(LOSS_TYPES)}")
+    if importance_sampling not in IS_LEVELS:
+        raise ValueError(
+            f"{OP}: unknown importance_sampling {importance_sampling!r}; valid levels: {sorted(IS_LEVELS)}"
+        )
+    beta = _finite_number("beta", beta, low=0.0)
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError(
+            f"{OP}: beta={beta} > 0 needs ref_logp (the reference model's per-token log-probs, (B, T)), got None"
+        )
+    eps_low = _finite_number("eps_low", eps_low, low=0.0, high=1.0)
+    eps_high = eps_low if eps_high is None else _finite_number("eps_high", eps_high, low=0.0)
+    if dual_clip is not None:
+        # The dual bound -c A must sit above the clipped loss |A| (1 - eps_low) for it to cap anything (verl: c > 1).
+        dual_clip = _finite_number("dual_clip", dual_clip, low=1.0, low_open=True)
+
+    lt = LOSS_TYPES[loss_type]
+    given = {"max_completion_length": max_completion_length, "num_items": num_items}
+    for name, value in given.items():
+        if value is not None and name not in lt.uses:
+            users = sorted(n for n, t in LOSS_TYPES.items() if name in t.uses)
+            raise ValueError(
+                f"{OP}: {name}={value!r} is used only by loss types {users}; loss_type={loss_type!r} does not read it"
+            )
+        if value is None and name in lt.requires:
+            raise ValueError(f"{OP}: loss_type={loss_type!r} needs {name}, got None")
+    if max_completion_length is not None:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int):
+            raise TypeError(f"{OP}: max_completion_length must be an int, got {max_completion_length!r}")
+        if max_completion_length < max(T, 1):
+            raise ValueError(
+                f"{OP}: max_completion_length ({max_completion_length}) must be >= 1 and >= the completion length "
+                f"T = {T} of logp: dr_grpo's constant normaliser B * max_completion_length counts every position"
+            )
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1 or num_items.is_complex():
+                raise ValueError(f"{OP}: num_items must be a number or a one-element tensor, got shape "
+                                 f"{tuple(num_items.shape)}")
+            num_items = num_items.item()
+        if not _is_number(num_items) or not math.isfinite(num_items) or num_items <= 0:
+            raise ValueError(
+                f"{OP}: num_items must be > 0 (the active-token count of the whole accumulated batch), "
+                f"got {num_items!r}"
+            )
+        num_items = float(num_items)
+
+    return _Checked(
+        logp=logp,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        advantages=advantages,
+        mask=mask,
+        entropy=entropy,
+        beta=beta,
+        kl=KL_ESTIMATORS[kl],
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        loss_type=lt,
+        sequence=IS_LEVELS[importance_sampling].name == "sequence",
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+    )
+
+
+def _denominator(chk: _Checked, token_count: torch.Tensor) -> torch.Tensor | float:
+    """The loss type's D: a Python float when it is known on the host (no host-to-device copy), else a 0-d tensor."""
+    ctx = AggregationContext(
+        n_rows=chk.logp.shape[0],
+        token_count=token_count,
+        max_completion_length=chk.max_completion_length,
+        num_items=chk.num_items,
+    )
+    return chk.loss_type.denominator(ctx)
+
+
+def _metrics(stats: torch.Tensor, chk: _Checked, backend: str) -> GrpoLossMetrics:
+    stats = stats.detach()
+    tokens = stats[STAT_TOKENS]
+    per_token = torch.where(tokens > 0, stats / tokens.clamp(min=torch.finfo(stats.dtype).tiny), 0.0)
+    return GrpoLossMetrics(
+        clip_low_frac=per_token[STAT_CLIP_LOW],
+        clip_high_frac=per_token[STAT_CLIP_HIGH],
+        dual_clip_frac=per_token[STAT_DUAL_CLIP],
+        mean_ratio=per_token[STAT_RATIO],
+        mean_kl=per_token[STAT_KL] if chk.ref_logp is not None else None,
+        mean_entropy=per_token[STAT_ENTROPY] if chk.entropy is not None else None,
+        tokens=tokens,
+        tokens_skipped=stats[STAT_SKIPPED],
+        backend=backend,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. The reference: the specification, float64, gradients by autograd
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def grpo_loss_reference(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.0,
+    kl: str = "k3",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    loss_type: str = "dapo",
+    importance_sampling: str = "token",
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, GrpoLossMetrics]:
+    """ALGORITHMS.md section 2 in float64 with autograd: differentiate the returned loss to get the reference gradient.
+
+    Same arguments and checks as ``grpo_loss``; returns a float64 loss (differentiable in ``logp``) and the metrics.
+    """
+    chk = _check_inputs(
+        logp, old_logp, ref_logp, advantages, mask, beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high,
+        dual_clip=dual_clip, loss_type=loss_type, importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length, num_items=num_items, entropy=entropy,
+    )  # fmt: skip
+    f64 = torch.float64
+    w = chk.mask.to(f64)
+    active = w != 0
+    zero = torch.zeros((), dtype=f64, device=w.device)
+
+    def masked(x: torch.Tensor) -> torch.Tensor:  # padding never reaches the result, whatever it holds
+        return torch.where(active, x.to(f64), zero)
+
+    lp = masked(chk.logp)
+    old = lp.detach() if chk.old_logp is None else masked(chk.old_logp.detach())
+    A = chk.advantages.detach().to(f64).unsqueeze(1)  # (B, 1)
+    n_row = w.sum(dim=1, keepdim=True)  # (B, 1)
+
+    log_ratio = lp - old
+    if chk.sequence:  # GSPO: one ratio per completion, the length-normalised sequence likelihood ratio
+        log_ratio = (log_ratio * w).sum(dim=1, keepdim=True) / n_row.clamp(min=1.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * A
+    clipped = ratio.clamp(1.0 - chk.eps_low, 1.0 + chk.eps_high) * A
+    pg = -torch.minimum(unclipped, clipped)
+    if chk.dual_clip is not None:
+        capped = torch.minimum(pg, -chk.dual_clip * A)
+        dual = (A < 0) & (pg > -chk.dual_clip * A)
+        pg = torch.where(A < 0, capped, pg)
+    else:
+        dual = torch.zeros_like(pg, dtype=torch.bool)
+    token_loss = pg.expand_as(lp)
+    kl_tok = None
+    if chk.ref_logp is not None:
+        kl_tok = chk.kl.value(masked(chk.ref_logp.detach()) - lp)
+        if chk.beta != 0.0:
+            token_loss = token_loss + chk.beta * kl_tok
+
+    rows = torch.where(active, token_loss * w, zero).sum(dim=1)
+    if chk.loss_type.per_sequence:
+        rows = rows / n_row.squeeze(1).clamp(min=1.0)
+    tokens = w.sum()
+    loss = rows.sum() / _denominator(chk, tokens.detach())
+
+    with torch.no_grad():
+        low = (ratio < 1.0 - chk.eps_low) & (A < 0)
+        high = (ratio > 1.0 + chk.eps_high) & (A > 0)
+
+        def wsum(x):
+            return torch.where(active, w * x.to(f64).expand_as(w), zero).sum()
+
+        skipped = zero if chk.beta != 0.0 else torch.where((A == 0) & active, w, zero).sum()
+        stats = torch.stack(
+            [
+                loss.detach() * 0.0,  # the loss column is not a metric
+                wsum(kl_tok) if kl_tok is not None else zero,
+                wsum(ratio),
+                wsum(masked(chk.entropy)) if chk.entropy is not None else zero,
+                wsum(low),
+                wsum(high),
+                wsum(dual),
+                tokens,
+                skipped,
+            ]
+        )
+    return loss, _metrics(stats, chk, "reference")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. The torch path: the kernel's closed-form gradient, vectorised (O(B T) memory, no vocabulary dimension here)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _policy_term_torch(log_ratio, adv, eps_low, eps_high, dual_clip):
+    """Torch twin of kernels.grpo_loss.grpo_policy_term (same tie and NaN rules)."""
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    take_clipped = clipped < unclipped
+    pg = -torch.where(take_clipped, clipped, unclipped)
+    dpg = torch.where(take_clipped, 0.0, -unclipped)
+    low = take_clipped & (adv < 0)
+    high = take_clipped & (adv > 0)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        dual = (adv < 0) & (pg > cap)
+        pg = torch.where(dual, cap, pg)
+        dpg = torch.where(dual, 0.0, dpg)
+    else:
+        dual = torch.zeros_like(take_clipped)
+    return pg, dpg, ratio, low, high, dual
+
+
+def _grpo_loss_torch(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    acc = torch.float64 if chk.logp.dtype == torch.float64 else torch.float32
+    w = chk.mask.to(acc)
+    active = w != 0
+
+    def masked(x):  # padding is replaced by 0 before any arithmetic, so every derived value there is finite
+        return torch.where(active, x.detach().to(acc), 0.0)
+
+    lp = masked(chk.logp)
+    old = lp if chk.old_logp is None else masked(chk.old_logp)
+    adv = chk.advantages.detach().to(acc).unsqueeze(1)
+    n_row = w.sum(dim=1, keepdim=True)
+    n_row_c = n_row.clamp(min=1.0)
+    if chk.sequence:
+        log_ratio = (w * (lp - old)).sum(dim=1, keepdim=True) / n_row_c  # (B, 1), broadcast over tokens
+        pg_grad_scale = n_row / n_row_c
+    else:
+        log_ratio = lp - old
+        pg_grad_scale = 1.0
+    pg, dpg, ratio, low, high, dual = _policy_term_torch(log_ratio, adv, chk.eps_low, chk.eps_high, chk.dual_clip)
+    token_loss, dlogp = pg, dpg * pg_grad_scale
+    kl_tok = None
+    if chk.ref_logp is not None:
+        kl_tok, dkl = chk.kl.value_and_grad(masked(chk.ref_logp) - lp)
+        if chk.beta != 0.0:
+            token_loss = token_loss + chk.beta * kl_tok
+            dlogp = dlogp + chk.beta * dkl
+    coef = w / n_row_c if chk.loss_type.per_sequence else w
+
+    # Padding has w = 0 and finite ratio / KL / entropy (its inputs were zeroed), so w * x needs no mask there; the
+    # loss and the gradient involve the advantage, which may be non-finite on a fully masked row: those keep the mask.
+    zero = torch.zeros((), dtype=acc, device=w.device)
+
+    def flag_sum(flag):
+        return torch.where(flag, w, zero).sum()
+
+    tokens = w.sum()
+    skipped = zero if chk.beta != 0.0 else flag_sum((adv == 0) & active)
+    stats = torch.stack(
+        [
+            torch.where(active, coef * token_loss, zero).sum(),
+            (w * kl_tok).sum() if kl_tok is not None else zero,
+            (w * ratio).sum(),
+            (w * masked(chk.entropy)).sum() if chk.entropy is not None else zero,
+            flag_sum(low),
+            flag_sum(high),
+            flag_sum(dual),
+            tokens,
+            skipped,
+        ]
+    )
+    grad = torch.where(active, coef * dlogp, zero) if write_grad else None
+    return stats, grad
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. The Triton path (rlvr_fast.kernels.grpo_loss)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _grpo_loss_triton(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from rlvr_fast.kernels.grpo_loss import grpo_loss_fwd  # imported late: TRITON_INTERPRET must be set first
+
+    def detached(x):
+        return None if x is None else x.detach()
+
+    out = grpo_loss_fwd(
+        chk.logp.detach(),
+        detached(chk.old_logp),
+        detached(chk.ref_logp),
+        chk.mask,
+        chk.advantages.detach(),
+        detached(chk.entropy),
+        beta=chk.beta,
+        eps_low=chk.eps_low,
+        eps_high=chk.eps_high,
+        dual_clip=chk.dual_clip,
+        kl=chk.kl.code,
+        sequence=chk.sequence,
+        row_norm=chk.loss_type.per_sequence,
+        write_grad=write_grad,
+    )
+    return out.partials.sum(dim=0), out.dlogp
+
+
+_PATHS: dict[str, Callable[[_Checked, bool], tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "torch": _grpo_loss_torch,
+    "triton": _grpo_loss_triton,
+}
+
+
+class GrpoLossFunction(torch.autograd.Function):
+    """Loss and d loss / d logp in one forward pass; backward scales the stored gradient by grad_output."""
+
+    @staticmethod
+    def forward(ctx, logp, chk: _Checked, path: str):
+        stats, dlogp = _PATHS[path](chk, ctx.needs_input_grad[0])
+        denom = _denominator(chk, stats[STAT_TOKENS])
+        loss = stats[STAT_LOSS] / denom
+        ctx.mark_non_differentiable(stats)
+        if isinstance(denom, torch.Tensor):
+            ctx.save_for_backward(dlogp, denom)
+        else:
+            ctx.save_for_backward(dlogp)
+        ctx.denom = denom if not isinstance(denom, torch.Tensor) else None
+        ctx.logp_dtype = logp.dtype
+        return loss, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        dlogp, *denom = ctx.saved_tensors
+        scale = grad_loss / (denom[0] if denom else ctx.denom)
+        return (dlogp * scale).to(ctx.logp_dtype), None, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. The public op
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.0,
+    kl: str = "k3",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    loss_type: str = "dapo",
+    importance_sampling: str = "token",
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, GrpoLossMetrics]:
+    """GRPO-family policy loss of B completions from their per-token log-probs, in one fused pass.
+
+    Args:
+        logp: (B, T) log-probs of the sampled tokens under the policy being trained (fp16 / bf16 / fp32 / fp64);
+            the only input that receives a gradient (same dtype as logp).
+        old_logp: (B, T) log-probs under the behaviour policy that sampled them, or None for on-policy training with
+            one update per rollout (old = logp.detach(): ratio 1, gradient A * grad logp).
+        ref_logp: (B, T) reference-model log-probs; needed when beta > 0, optional otherwise (then only the mean_kl
+            metric uses it).
+        advantages: (B,) one scalar per completion (rlvr_fast.group_advantages).
+        mask: (B, T) bool / integer / float; 1 on completion tokens that count, 0 on padding (float values act as
+            per-token weights).
+        beta: KL coefficient, >= 0 (0: no reference model needed).
+        kl: KL estimator of d = ref - logp: "k1" (-d), "k2" (d^2 / 2), "k3" (exp(d) - d - 1, unclamped, as in TRL and
+            Liger), or "low_var_kl" (verl's k3, clamped: d to [-20, 20], the estimate to [-10, 10]).
+        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] of the ratio; eps_low in [0, 1], eps_high >= 0,
+            defaults to eps_low (DAPO's clip-higher uses eps_high = 0.28).
+        dual_clip: c > 1 caps the loss of negative-advantage tokens at -c A (dual-clip PPO), or None.
+        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" (normalisers in rlvr_fast.ops.loss_types.LOSS_TYPES).
+        importance_sampling: "token" (PPO ratio per token) or "sequence" (GSPO's length-normalised sequence ratio).
+        max_completion_length: dr_grpo's fixed length L (>= T): loss = sum m l / (B * L). Required by dr_grpo only.
+        num_items: dapo's denominator: the active-token count of the whole accumulated batch (all micro-batches;
+            divided by the data-parallel world size under DDP). Default: this call's token count (= bnpo). A tensor
+            is read once on the host (one device sync) to check that it is > 0.
+        entropy: (B, T) per-token entropies, for the mean_entropy metric only (no gradient).
+        backend: "auto" | "triton" | "cuda" | "torch" (see rlvr_fast.backends); an unavailable one raises.
+
+    Returns:
+        (loss, metrics): loss is a 0-d fp32 tensor (fp64 for fp64 logp), differentiable in logp; metrics is a
+        ``GrpoLossMetrics`` of 0-d tensors.
+    """
+    chk = _check_inputs(
+        logp, old_logp, ref_logp, advantages, mask, beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high,
+        dual_clip=dual_clip, loss_type=loss_type, importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length, num_items=num_items, entropy=entropy,
+    )  # fmt: skip
+    chosen = select_backend(backend, logp.device, op=OP)
+    path = chosen if logp.numel() else "torch"  # nothing to launch: the torch path returns zeros of the right shapes
+    loss, stats = GrpoLossFunction.apply(logp, chk, path)
+    return loss, _metrics(stats, chk, chosen)
