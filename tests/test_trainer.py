@@ -1,0 +1,242 @@
+"""The lean trainer on a tiny random Llama / Qwen2 built from a config (no download): every estimator x sample mode,
+the loss options, SparseAdamW, exact resume, and bad input failing before any model work."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from rlvr_fast.ops.group_advantage import ESTIMATORS, SAMPLE_MODES
+from rlvr_fast.optim import random_masks
+from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
+from rlvr_fast.trainer.config import RLVRConfig, add_config_arguments, config_from_args
+from rlvr_fast.trainer.loop import Trainer
+from rlvr_fast.trainer.model import LoadedModel
+
+# Digits likely and '5' likelier: the verifier's verdict (answer 5) is then right for a good share of completions, so
+# groups are mixed and every estimator has something to learn from; EOS likely enough that completions end.
+TOKEN_BIAS = {**{str(d): 3.0 for d in range(10)}, "5": 4.5, "<eos>": 1.5}
+TIMING_KEYS = {"seconds", "generation_seconds", "tokens_per_s", "peak_memory_bytes"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+def write_task(path, n: int, split: str) -> str:
+    with open(path, "w") as f:
+        for i in range(n):
+            a = i % 6
+            f.write(json.dumps({"prompt": f"{split} {i}: {a} + {5 - a} =", "answer": "5", "incorrect_answer": "4"}) + "\n")
+    return str(path)
+
+
+def tiny_config(tmp_path, **overrides) -> RLVRConfig:
+    values = dict(
+        task=write_task(tmp_path / "train.jsonl", 12, "train"),
+        eval_file=write_task(tmp_path / "eval.jsonl", 4, "eval"),
+        train_size=12,
+        eval_size=4,
+        group_size=8,
+        prompts_per_step=2,
+        max_prompt_length=32,
+        max_completion_length=6,
+        steps=2,
+        eval_samples=2,
+        lr=1e-2,
+        grad_clip=None,
+        checkpoint_every=0,
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    values.update(overrides)
+    return RLVRConfig(**values)
+
+
+def run(tmp_path, tokenizer, arch="llama", **overrides):
+    cfg = tiny_config(tmp_path, **overrides)
+    model = tiny_causal_lm(tokenizer, arch=arch, token_bias=TOKEN_BIAS)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+    result = trainer.train()
+    return trainer, result, before
+
+
+def changed(model, before) -> bool:
+    return any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+ESTIMATOR_REWARD = {  # a reward mode each; centred estimators learn from rewards, the others from the verdict
+    "grpo": "correct",
+    "dr_grpo": "numeric_continuous",
+    "rloo": "random",
+    "psr": "correct",
+    "nsr": "inverse",
+    "w_reinforce": "format",
+}
+
+
+@pytest.mark.parametrize("sample_mode", sorted(SAMPLE_MODES))
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_every_estimator_and_sample_mode_trains(tmp_path, tokenizer, estimator, sample_mode):
+    arch = "qwen2" if estimator in ("rloo", "nsr") else "llama"
+    trainer, result, before = run(
+        tmp_path, tokenizer, arch=arch, estimator=estimator, sample_mode=sample_mode, rewards={ESTIMATOR_REWARD[estimator]: 1.0}
+    )
+    steps = [m for m in result.metrics if "reward_mean" in m]
+    assert [m["step"] for m in steps] == [0, 1]
+    updated = sum(m["completions_updated"] for m in steps)
+    # nsr's advantages are <= 0 and psr's >= 0: clipped to the other sign nothing is left to learn, by construction.
+    degenerate = (estimator, sample_mode) in {("nsr", "positive_only"), ("psr", "negative_only")}
+    if degenerate:
+        assert updated == 0 and not changed(trainer.model, before)
+    else:
+        assert updated > 0, f"no completion had a non-zero advantage: {steps}"
+        assert changed(trainer.model, before)
+    for m in steps:
+        assert m["completions_updated"] + m["zero_advantage_completions_skipped"] == 16
+        assert ("loss" in m) == (m["completions_updated"] > 0)
+        assert "loss" not in m or torch.isfinite(torch.tensor(m["loss"]))
+    assert set(result.before["pass_at_k"]) == {1, 2}
+    out = tmp_path / "run"
+    for name in ("metrics.jsonl", "report.md", "reward_curve.png", "pass_at_k.png", "eval_before.json", "eval_after.json"):
+        assert (out / name).exists(), name
+    assert "| k | pass@k before" in result.table
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="grpo", importance_sampling="sequence", num_iterations=2, grad_accumulation=2),
+        dict(loss_type="dr_grpo", beta=0.1, kl="k3", num_iterations=2, eps_high=0.28, dual_clip=3.0),
+        dict(loss_type="bnpo", beta=0.05, kl="k2", grad_accumulation=4, mask_truncated_completions=True),
+        dict(loss_type="dapo", filter_all_equal=True, min_solve_rate=0.1, lr_schedule="cosine", warmup_steps=1),
+    ],
+    ids=["grpo-seq-iter2", "drgrpo-kl-dualclip", "bnpo-k2-accum", "dapo-filters"],
+)
+def test_loss_options_train(tmp_path, tokenizer, overrides):
+    trainer, result, before = run(tmp_path, tokenizer, rewards={"correct": 1.0}, **overrides)
+    steps = [m for m in result.metrics if "reward_mean" in m]
+    assert changed(trainer.model, before) == any(m["completions_updated"] for m in steps)
+    if overrides.get("beta"):
+        assert all("mean_kl" in m for m in steps if m["completions_updated"])
+        # with a KL term every kept completion runs, zero advantage or not
+        assert all(m["zero_advantage_completions_skipped"] == 0 for m in steps)
+
+
+def test_sparse_adamw_leaves_unmasked_entries_unchanged(tmp_path, tokenizer):
+    trainer, result, before = run(
+        tmp_path, tokenizer, optimizer="sparse_adamw", mask_source="random:0.2", rewards={"random": 1.0}
+    )
+    # The trainer's mask, rebuilt independently from the same seed and density.
+    masks = random_masks(dict(trainer.model.named_parameters()), 0.2, seed=trainer.cfg.seed)
+    n_changed_inside = n_changed_outside = 0
+    for name, p in trainer.model.named_parameters():
+        diff = ~torch.eq(p.detach(), before[name])
+        n_changed_inside += int((diff & masks[name]).sum())
+        n_changed_outside += int((diff & ~masks[name]).sum())
+    assert n_changed_inside > 0
+    assert n_changed_outside == 0
+
+
+def _strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    common = dict(steps=4, checkpoint_every=2, rewards={"correct": 1.0, "random": 0.5})
+    full, full_result, _ = run(tmp_path, tokenizer, output_dir=str(full_dir), **common)
+
+    # The interrupted run: stop after step 2 (its checkpoint), then a fresh process resumes from it.
+    cfg = tiny_config(tmp_path, output_dir=str(part_dir), **{**common, "steps": 4})
+    model = tiny_causal_lm(tokenizer, token_bias=TOKEN_BIAS)
+    interrupted = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+    interrupted.cfg.steps = 2  # same schedule (built for 4 steps), but the process dies after step 2
+    interrupted.train()
+    assert sorted(os.listdir(part_dir / "checkpoints")) == ["latest", "step-000002"]
+
+    cfg_resume = tiny_config(tmp_path, output_dir=str(part_dir), resume=True, **common)
+    model2 = tiny_causal_lm(tokenizer, token_bias=TOKEN_BIAS, seed=123)  # different init: the checkpoint must win
+    resumed = Trainer(cfg_resume, loaded=LoadedModel(model2, tokenizer, torch.device("cpu"), torch.float32))
+    resumed_result = resumed.train()
+
+    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
+    assert _strip_timing(full_result.metrics) == _strip_timing(resumed_result.metrics)
+    assert full_result.after == resumed_result.after
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration and bad input: fail before the model loads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_option_with_its_default():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = parser.format_help()
+    for name in RLVRConfig.field_names():
+        assert f"--{name}" in text, name
+    assert "(default: 8)" in text and "(default: 'dapo')" in text
+
+
+def test_flags_override_yaml(tmp_path):
+    import argparse
+
+    path = tmp_path / "run.yaml"
+    path.write_text("group_size: 4\nlr: 0.001\nrewards: {correct: 1.0, format: 0.2}\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--config", str(path), "--lr", "3e-5", "--eps_high", "none"]))
+    assert cfg.group_size == 4 and cfg.lr == 3e-5 and cfg.eps_high is None
+    assert cfg.rewards == {"correct": 1.0, "format": 0.2}
+    path.write_text("group_sise: 4\n")
+    with pytest.raises(ValueError, match=r"unknown config keys \['group_sise'\]"):
+        config_from_args(parser.parse_args(["--config", str(path)]))
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(group_size=0), r"RLVRConfig.group_size must be >= 1, got 0"),
+        (dict(temperature=0.0), r"RLVRConfig.temperature must be > 0, got 0.0"),
+        (dict(estimator="ppo"), r"RLVRConfig.estimator must be one of .*got 'ppo'"),
+        (dict(estimator="rloo", scale="batch"), r"scale='batch' does not apply to estimator='rloo'"),
+        (dict(loss_type="cispo"), r"RLVRConfig.loss_type must be one of .*got 'cispo'"),
+        (dict(optimizer="sparse_adamw"), r"mask_source is required"),
+        (dict(rewards={}), r"rewards must name at least one reward mode"),
+        (dict(rewards={"correct": "high"}), r"rewards\['correct'\] must be a finite number"),
+        (dict(grad_accumulation=3), r"grad_accumulation \(3\) must divide the batch"),
+        (dict(min_solve_rate=0.8, max_solve_rate=0.2), r"min_solve_rate \(0.8\) must be <= max_solve_rate \(0.2\)"),
+    ],
+)
+def test_bad_config_fails_with_the_field_name(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        RLVRConfig(**overrides).validate()
+
+
+def test_bad_reward_and_data_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import rlvr_fast.trainer.loop as loop
+
+    def no_model(cfg):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("the model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(loop, "load_model", no_model)
+    with pytest.raises(ValueError, match=r"unknown reward modes \['corect'\]"):
+        Trainer(tiny_config(tmp_path, rewards={"corect": 1.0}))
+    with pytest.raises(ValueError, match=r"eval_file is required with a JSONL task"):
+        Trainer(tiny_config(tmp_path, eval_file=None))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1 + 1", "answer": "2"}\n{"prompt": "2 + 2"}\n')
+    with pytest.raises(ValueError, match=r"line 2"):
+        Trainer(tiny_config(tmp_path, task=str(bad)))
+
+
+def test_prompt_longer_than_max_prompt_length_is_rejected(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"more than max_prompt_length=4"):
+        run(tmp_path, tokenizer, max_prompt_length=4)
