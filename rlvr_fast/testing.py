@@ -165,3 +165,28 @@ def tiny_causal_lm(tokenizer, *, arch: str = "llama", hidden: int = 32, layers: 
     finally:
         torch.random.set_rng_state(state)
     return model.eval()
+
+
+def cuda_backend_skip_reason() -> str | None:
+    """Why tests cannot run ``backend="cuda"`` here (None when they can): the extension rlvr_fast._C must be built and
+    a CUDA device present (the tests' ``device`` fixture is then CUDA). Use it as a skip mark's reason, so the cuda
+    cases show up as skipped, with the reason, wherever they cannot run."""
+    from rlvr_fast.backends import has_cuda_extension
+
+    if not has_cuda_extension():
+        return "backend='cuda' needs the extension rlvr_fast._C (built only where torch has CUDA and nvcc is found)"
+    if not torch.cuda.is_available():
+        return "backend='cuda' needs a CUDA device"
+    return None
+
+
+def backend_params(*backends: str) -> list:
+    """pytest parameters for ``backends``, "cuda" marked to skip with ``cuda_backend_skip_reason()`` when it cannot
+    run; the others run everywhere."""
+    import pytest
+
+    reason = cuda_backend_skip_reason()
+    return [
+        pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=reason or "")) if b == "cuda" else b
+        for b in backends
+    ]

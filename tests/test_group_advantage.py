@@ -1,6 +1,8 @@
-"""group_advantages: the Triton kernel (interpreted on CPU) and the torch path against the float64 reference."""
+"""group_advantages: the Triton kernel (interpreted on CPU), the torch path and the CUDA C++ kernel (where the extension
+rlvr_fast._C is built and a GPU is present; skipped with the reason elsewhere) against the float64 reference."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,10 +11,11 @@ import rlvr_fast
 from rlvr_fast import BackendUnavailableError, group_advantages, group_advantages_reference
 from rlvr_fast.backends import triton_interpreter_enabled
 from rlvr_fast.ops.group_advantage import ESTIMATORS, SAMPLE_MODE_CODES, SCALES, TRITON_MAX_GROUP_SIZE
-from rlvr_fast.testing import assert_all_written, assert_close, poisoned
+from rlvr_fast.testing import assert_all_written, assert_close, backend_params, cuda_backend_skip_reason, poisoned
 
 ESTIMATOR_SCALES = [(name, scale) for name, est in ESTIMATORS.items() for scale in est.scales]
-FUSED_BACKENDS = ["triton", "torch"]
+FUSED_BACKENDS = backend_params("triton", "torch", "cuda")
+needs_cuda_backend = pytest.mark.skipif(cuda_backend_skip_reason() is not None, reason=cuda_backend_skip_reason() or "")
 
 
 def draw_rewards(n_groups: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -67,25 +70,25 @@ def assert_matches_reference(out, ref, name="", *, rewards, group_size, estimato
     assert torch.isfinite(out.advantages).all()
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("n_groups", [1, 3, 257])
 @pytest.mark.parametrize("group_size", [1, 2, 8, 16])
 @pytest.mark.parametrize("sample_mode", sorted(SAMPLE_MODE_CODES))
 @pytest.mark.parametrize("estimator,scale", ESTIMATOR_SCALES)
-def test_matches_reference(estimator, scale, sample_mode, group_size, n_groups, device, generator):
+def test_matches_reference(estimator, scale, sample_mode, group_size, n_groups, backend, device, generator):
     rewards = draw_rewards(n_groups, group_size, generator).to(device)
     correct = torch.rand(rewards.shape, generator=generator).to(device) < 0.4
     kwargs = dict(estimator=estimator, scale=scale, sample_mode=sample_mode, correct=correct, eps=1e-6, lam=0.3)
     ref = group_advantages_reference(rewards, group_size, **kwargs)
-    for backend in FUSED_BACKENDS:
-        out = group_advantages(rewards, group_size, backend=backend, **kwargs)
-        assert out.backend == backend
-        assert out.advantages.dtype == torch.float32 and out.advantages.device == rewards.device
-        assert_matches_reference(
-            out, ref, name=backend, rewards=rewards, group_size=group_size, estimator=estimator, scale=scale
-        )
-        if ESTIMATORS[estimator].centred:
-            zero_groups = ref.all_equal.repeat_interleave(group_size)
-            assert (out.advantages.cpu()[zero_groups] == 0).all()
+    out = group_advantages(rewards, group_size, backend=backend, **kwargs)
+    assert out.backend == backend
+    assert out.advantages.dtype == torch.float32 and out.advantages.device == rewards.device
+    assert_matches_reference(
+        out, ref, name=backend, rewards=rewards, group_size=group_size, estimator=estimator, scale=scale
+    )
+    if ESTIMATORS[estimator].centred:
+        zero_groups = ref.all_equal.repeat_interleave(group_size)
+        assert (out.advantages.cpu()[zero_groups] == 0).all()
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -187,6 +190,29 @@ def test_kernel_writes_every_output(generator, device):
     assert set(out.flags.unique().tolist()) <= {0, 1}
 
 
+@needs_cuda_backend
+@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("with_correct", [True, False])
+def test_cuda_op_writes_every_output(scale, with_correct, generator, device):
+    """The CUDA op fills every output, poisoned first: the statistics of every group (also without ``correct``: solve
+    rate and the correctness flags are then 0), and every advantage (also on the batch scale's cooperative path)."""
+    n_groups, G = 300, 7  # several blocks of 32 groups (teams of 8 lanes), a partial last one
+    rewards = draw_rewards(n_groups, G, generator).to(device)
+    correct = (torch.rand(n_groups * G, generator=generator) < 0.5).float().to(device) if with_correct else None
+    outs = [poisoned(n_groups * G, device=device)] + [poisoned(n_groups, device=device) for _ in range(3)]
+    flags = torch.full((3, n_groups), 7, dtype=torch.int8, device=device)
+    torch.ops.rlvr_fast.group_advantage_fwd(
+        rewards, correct, G, ESTIMATORS["grpo"].code, SCALES[scale], SAMPLE_MODE_CODES["all"], 1e-6, 0.1, *outs, flags
+    )
+    for name, t in zip(("advantages", "mean", "std", "solve_rate"), outs):
+        assert_all_written(t, name)
+    assert set(flags.unique().tolist()) <= {0, 1}
+    if not with_correct:
+        assert bool((outs[3] == 0).all()) and bool((flags[1:] == 0).all())
+    ref = group_advantages_reference(rewards, G, scale=scale)
+    assert_advantages_conditioned(SimpleNamespace(advantages=outs[0]), ref, rewards, G, "grpo", scale, 1e-6, "cuda op")
+
+
 def test_kernel_codes_agree_with_registries():
     from rlvr_fast.kernels import group_advantage as k
 
@@ -209,15 +235,31 @@ def test_empty_batch(backend, device):
     assert out.advantages.shape == (0,) and out.mean.shape == (0,) and out.solve_rate.shape == (0,)
 
 
+@needs_cuda_backend
+@pytest.mark.parametrize("group_size,n_groups", [(33, 5), (1000, 3), (2049, 2), (TRITON_MAX_GROUP_SIZE + 1, 1)])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_cuda_large_groups(group_size, n_groups, scale, generator, device):
+    """The CUDA kernel has no group-size limit: a warp per group up to 2048, a block per group beyond."""
+    rewards = draw_rewards(n_groups, group_size, generator).to(device)
+    rewards[1] = float("nan")
+    kw = dict(scale=scale, invalid="mask")
+    out = group_advantages(rewards, group_size, backend="cuda", **kw)
+    ref = group_advantages_reference(rewards, group_size, **kw)
+    assert_matches_reference(out, ref, "cuda", rewards=rewards, group_size=group_size, scale=scale)
+    assert group_advantages(rewards, group_size, **kw).backend == "cuda"  # auto prefers the extension
+
+
 def test_large_and_odd_group_sizes(generator, device):
     rewards = draw_rewards(3, 1000, generator).to(device)
     ref = group_advantages_reference(rewards, 1000)
     assert_matches_reference(
         group_advantages(rewards, 1000, backend="triton"), ref, "triton", rewards=rewards, group_size=1000
     )
-    # Beyond the kernel's tile the auto backend takes the torch path; asking for Triton explicitly raises.
+    # Beyond the Triton kernel's tile the auto backend takes the CUDA kernel where it runs (no group-size limit), else
+    # the torch path; asking for Triton explicitly raises.
     big = torch.rand(TRITON_MAX_GROUP_SIZE + 1, generator=generator).to(device)
-    assert group_advantages(big, big.numel()).backend == "torch"
+    expected = "cuda" if cuda_backend_skip_reason() is None else "torch"
+    assert group_advantages(big, big.numel()).backend == expected
     with pytest.raises(BackendUnavailableError, match="group_size 65537 exceeds"):
         group_advantages(big, big.numel(), backend="triton")
 
@@ -239,9 +281,10 @@ def test_auto_backend_choice_on_cpu(monkeypatch):
 
 
 def test_unavailable_cuda_backend_raises():
-    if rlvr_fast.HAS_CUDA_EXT:
-        pytest.skip("the CUDA extension is built here")
-    with pytest.raises(BackendUnavailableError, match="backend='cuda' is unavailable"):
+    """CPU rewards: backend='cuda' raises, with the reason (the extension is absent, or the tensors are on the CPU)."""
+    built = rlvr_fast.HAS_CUDA_EXT
+    reason = "the CUDA kernel needs CUDA tensors" if built else r"the extension rlvr_fast\._C is not built"
+    with pytest.raises(BackendUnavailableError, match=f"backend='cuda' is unavailable: {reason}"):
         group_advantages(torch.rand(8), 4, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         group_advantages(torch.rand(8), 4, backend="cutlass")

@@ -21,7 +21,8 @@ Sample modes apply on top of any estimator: positive_only A' = max(A, 0), negati
 
 Four pieces, as in every op: ``group_advantages_reference`` (the specification, a literal per-group loop in float64),
 the Triton kernel ``rlvr_fast.kernels.group_advantage`` (one launch), the vectorised torch path, and the public
-``group_advantages``. No autograd: advantages are constants of the loss.
+``group_advantages``. No autograd: advantages are constants of the loss. Where the optional extension ``rlvr_fast._C``
+is built, a CUDA C++ kernel (``csrc/group_advantage.cu``, one launch, any group size) is a fifth: ``backend="cuda"``.
 """
 
 from __future__ import annotations
@@ -411,22 +412,57 @@ def _group_advantages_triton(chk: _Checked, eps: float, lam: float) -> GroupAdva
         eps=eps,
         lam=lam,
     )
+    return _from_kernel_outputs(chk, out.advantages, out.mean, out.std, out.solve_rate, out.flags, "triton")
+
+
+def _from_kernel_outputs(chk: _Checked, advantages, mean, std, solve_rate, flags, backend: str) -> GroupAdvantages:
+    """The fused kernels' outputs (flags: (3, groups) int8 all_equal / all_correct / all_wrong) as GroupAdvantages."""
     has_c = chk.correct is not None
-    flags = out.flags.bool()
+    flags = flags.bool()
     return GroupAdvantages(
-        advantages=out.advantages.reshape(chk.out_shape),
-        mean=out.mean,
-        std=out.std,
+        advantages=advantages.reshape(chk.out_shape),
+        mean=mean,
+        std=std,
         all_equal=flags[0],
-        solve_rate=out.solve_rate if has_c else None,
+        solve_rate=solve_rate if has_c else None,
         all_correct=flags[1] if has_c else None,
         all_wrong=flags[2] if has_c else None,
         valid=torch.isfinite(chk.rewards),
-        backend="triton",
+        backend=backend,
     )
 
 
-_PATHS = {"torch": _group_advantages_torch, "triton": _group_advantages_triton}
+# --------------------------------------------------------------------------------------------------------------------
+# 3b. The CUDA C++ path: one launch (csrc/group_advantage.cu through torch.ops.rlvr_fast, the extension rlvr_fast._C)
+# --------------------------------------------------------------------------------------------------------------------
+
+CUDA_OP = "group_advantage_fwd"  # torch.ops.rlvr_fast.<CUDA_OP>; no group-size limit (large groups take a block)
+
+
+def _group_advantages_cuda(chk: _Checked, eps: float, lam: float) -> GroupAdvantages:
+    n, n_groups, device = chk.rewards.numel(), chk.n_groups, chk.rewards.device
+    advantages = torch.empty(n, dtype=torch.float32, device=device)
+    mean, std, solve_rate = (torch.empty(n_groups, dtype=torch.float32, device=device) for _ in range(3))
+    flags = torch.empty(3, n_groups, dtype=torch.int8, device=device)
+    getattr(torch.ops.rlvr_fast, CUDA_OP)(
+        chk.rewards,  # float32 / float64 / float16 / bfloat16, read as is and computed in float32
+        chk.correct,
+        chk.group_size,
+        chk.estimator.code,
+        SCALES[chk.scale],
+        SAMPLE_MODE_CODES[chk.sample_mode],
+        eps,
+        lam,
+        advantages,
+        mean,
+        std,
+        solve_rate,
+        flags,
+    )
+    return _from_kernel_outputs(chk, advantages, mean, std, solve_rate, flags, "cuda")
+
+
+_PATHS = {"torch": _group_advantages_torch, "triton": _group_advantages_triton, "cuda": _group_advantages_cuda}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -474,6 +510,7 @@ def group_advantages(
         backend,
         chk.rewards.device,
         op=OP,
+        cuda_op=CUDA_OP,
         triton_ok=chk.group_size <= TRITON_MAX_GROUP_SIZE,
         triton_limit=f"group_size {chk.group_size} exceeds the kernel's {TRITON_MAX_GROUP_SIZE}",
     )

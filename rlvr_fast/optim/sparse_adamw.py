@@ -28,7 +28,9 @@ capturable.
 
 Four pieces, as every op: ``sparse_adamw_reference`` (one step on one tensor, written densely: the specification),
 the vectorised torch path (index_select / foreach over the compact state; the CPU path), the Triton kernel
-``rlvr_fast.kernels.sparse_adamw`` (one launch per step per device and dtype), and the public ``SparseAdamW``.
+``rlvr_fast.kernels.sparse_adamw`` (one launch per step per device and dtype), and the public ``SparseAdamW``. Where the
+optional extension ``rlvr_fast._C`` is built, the CUDA C++ kernel ``csrc/sparse_adamw.cu`` is a fifth
+(``backend="cuda"``): the same table and arithmetic, 16-byte vector loads of the compact streams.
 """
 
 from __future__ import annotations
@@ -313,10 +315,36 @@ def _step_triton(
     )
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# 3b. The CUDA C++ path: one launch per bucket (csrc/sparse_adamw.cu through torch.ops.rlvr_fast, rlvr_fast._C)
+# --------------------------------------------------------------------------------------------------------------------
+
+CUDA_OP = "sparse_adamw_step"  # torch.ops.rlvr_fast.<CUDA_OP>
+
+
+def _step_cuda(
+    bucket: _Bucket, sel, segments: list[_Segment], grads: list[torch.Tensor], hyper: torch.Tensor
+) -> None:
+    """The same segments, layout and coefficients as the Triton path; the op checks them, builds the launch table
+    (addresses + coefficients, one pinned host-to-device copy) and steps every segment in one launch."""
+    getattr(torch.ops.rlvr_fast, CUDA_OP)(
+        [s.param for s in segments],
+        [g if g.is_contiguous() else g.contiguous() for g in grads],  # the kernel indexes the row-major layout
+        bucket.indices,
+        bucket.exp_avg,
+        bucket.exp_avg_sq,
+        bucket.entry_start[sel],
+        bucket.count[sel],
+        bucket.dense[sel],
+        hyper.contiguous(),  # (len(HYPER_FIELDS), n) float32, the order of RfAdamwSegment's float fields
+    )
+
+
 # (bucket, selection of the stepping segments, those segments, their grads, (len(HYPER_FIELDS), n) coefficients)
 _PATHS: dict[str, Callable[[_Bucket, Any, list, list, torch.Tensor], None]] = {
     "torch": _step_torch,
     "triton": _step_triton,
+    "cuda": _step_cuda,
 }
 
 
@@ -337,8 +365,9 @@ class SparseAdamW(torch.optim.Optimizer):
             absent from the dict are dense; a name the optimizer does not hold raises). An all-True mask is stored as
             dense; an all-False mask freezes the parameter (no state, never written). None: every parameter dense.
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay). Defaults suit RL fine-tuning.
-        backend: "auto" | "triton" | "torch" (rlvr_fast.backends): "auto" takes the Triton kernel for CUDA parameters
-            (or CPU ones with TRITON_INTERPRET=1) and the torch path otherwise; an unavailable backend raises.
+        backend: "auto" | "cuda" | "triton" | "torch" (rlvr_fast.backends): "auto" takes the CUDA C++ kernel for CUDA
+            parameters when the extension rlvr_fast._C is built, else the Triton kernel (also for CPU parameters with
+            TRITON_INTERPRET=1), else the torch path; an unavailable backend raises.
 
     The module docstring gives the semantics and the state layout. Memory: 12 bytes per masked entry (float32 moments +
     int32 index) plus at most 12 * ENTRY_ALIGN bytes of padding and a 4-byte step per parameter; dense parameters take
@@ -453,7 +482,7 @@ class SparseAdamW(torch.optim.Optimizer):
             bucket = _Bucket(
                 device=device,
                 dtype=dtype,
-                backend=select_backend(self._backend, device, op=OP),
+                backend=select_backend(self._backend, device, op=OP, cuda_op=CUDA_OP),
                 segments=segments,
                 exp_avg=exp_avg,
                 exp_avg_sq=exp_avg_sq,

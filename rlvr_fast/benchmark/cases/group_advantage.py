@@ -1,9 +1,14 @@
-"""Benchmark cases of group_advantages: ours vs the formula TRL's GRPOTrainer computes inline."""
+"""Benchmark cases of group_advantages: ours vs the formula TRL's GRPOTrainer computes inline.
+
+"rlvr_fast" is the Triton kernel on CUDA (the automatic choice elsewhere); where the extension rlvr_fast._C is built,
+"rlvr_fast_cuda" times the CUDA C++ kernel on the same inputs.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from rlvr_fast.backends import cuda_unavailable_reason
 from rlvr_fast.benchmark.cases.registry import Case, Floor, register
 from rlvr_fast.ops.group_advantage import group_advantages
 
@@ -21,6 +26,8 @@ GROUP_ADVANTAGE_SHAPES = [(64, 8), (512, 16), (65536, 16)]  # (prompts, G)
 
 @register("group_advantages")
 def group_advantage_cases(device: torch.device) -> list[Case]:
+    backend = "triton" if device.type == "cuda" else "auto"
+    with_cuda = cuda_unavailable_reason(device, "group_advantage_fwd") is None
     cases = []
     for n_groups, G in GROUP_ADVANTAGE_SHAPES:
         rewards = torch.randint(0, 2, (n_groups * G,), device=device).float()
@@ -33,7 +40,13 @@ def group_advantage_cases(device: torch.device) -> list[Case]:
                 op="group_advantages",
                 label=f"groups={n_groups} G={G}",
                 impls={
-                    "rlvr_fast": lambda r=rewards, c=correct, G=G: group_advantages(r, G, correct=c),
+                    "rlvr_fast": lambda r=rewards, c=correct, G=G: group_advantages(r, G, correct=c, backend=backend),
+                    **(
+                        {"rlvr_fast_cuda": lambda r=rewards, c=correct, G=G: group_advantages(
+                            r, G, correct=c, backend="cuda")}
+                        if with_cuda
+                        else {}
+                    ),
                     "naive_torch": lambda r=rewards, G=G: naive_grpo_advantages(r, G),
                 },
                 floor=floor,

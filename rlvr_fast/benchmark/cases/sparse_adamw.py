@@ -15,12 +15,16 @@ The floor, counted for this layout (bytes per parameter at density d, fp32 param
 So against fused AdamW (28 B) a random mask at d = 0.1 can win at most 28 / 8.8 = 3.2x (less if the memory system
 fetches 64-byte pieces). Structured masks touch fewer sectors: the "rows" case keeps whole rows of each matrix (each
 row with probability d; 1-D tensors per entry), so every touched sector is fully used and the floor is 32 d.
+
+Implementations: "rlvr_fast" is the Triton kernel on CUDA (the torch path on the CPU); where the extension rlvr_fast._C
+is built, "rlvr_fast_cuda" times the CUDA C++ kernel on the same parameters and masks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlvr_fast.backends import cuda_unavailable_reason
 from rlvr_fast.benchmark.cases.registry import Case, Floor, register
 
 DENSITIES = (0.05, 0.1, 0.3, 1.0)
@@ -110,6 +114,7 @@ def sparse_adamw_cases(device: torch.device) -> list[Case]:
     work = _Workload(device)
     backend = "triton" if device.type == "cuda" else "torch"
     baseline = "torch_adamw_fused" if device.type == "cuda" else "torch_adamw_foreach"
+    with_cuda = cuda_unavailable_reason(device, "sparse_adamw_step") is None
     cases = []
     variants = [(d, "random") for d in DENSITIES] + [(d, "rows") for d in ROW_DENSITIES]
     for density, structure in variants:
@@ -119,7 +124,11 @@ def sparse_adamw_cases(device: torch.device) -> list[Case]:
             Case(
                 op="sparse_adamw",
                 label=f"d={density} {'rows ' if structure == 'rows' else ''}{n / 1e6:.0f}M fp32",
-                impls={"rlvr_fast": _sparse_step(work, density, structure, backend), baseline: work.baseline_step},
+                impls={
+                    "rlvr_fast": _sparse_step(work, density, structure, backend),
+                    **({"rlvr_fast_cuda": _sparse_step(work, density, structure, "cuda")} if with_cuda else {}),
+                    baseline: work.baseline_step,
+                },
                 floor=Floor(flops=16.0 * density * n, bytes=floor * n),
                 baseline=baseline,
                 params={
