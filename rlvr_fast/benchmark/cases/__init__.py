@@ -1,5 +1,6 @@
 """Benchmark cases, one module per op; importing this package registers them all in ``registry.CASES``."""
 
+from rlvr_fast.benchmark.cases import fused_linear_grpo_loss  # noqa: F401
 from rlvr_fast.benchmark.cases import group_advantage  # noqa: F401
 from rlvr_fast.benchmark.cases import grpo_loss  # noqa: F401
 from rlvr_fast.benchmark.cases import logprobs  # noqa: F401
