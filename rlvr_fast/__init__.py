@@ -22,7 +22,11 @@ from rlvr_fast.eval import (
     pass_at_k_delta,
     pass_at_k_summary,
 )
-from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss_reference
+from rlvr_fast.ops.fused_linear_grpo_loss import (
+    FusedLinearGrpoConfig,
+    fused_linear_grpo_loss,
+    fused_linear_grpo_loss_reference,
+)
 from rlvr_fast.ops.group_advantage import (
     ESTIMATORS,
     SAMPLE_MODES,
@@ -75,6 +79,8 @@ __all__ = [
     "GrpoLossMetrics",
     "grpo_loss",
     "grpo_loss_reference",
+    "FusedLinearGrpoConfig",
+    "fused_linear_grpo_loss",
     "fused_linear_grpo_loss_reference",
     # sparse update
     "SparseAdamW",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr_fast.ops.grpo_loss import grpo_loss
+from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from rlvr_fast.ops.logprobs import token_logprobs
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.generation import Rollout
@@ -72,15 +72,16 @@ def policy_step(model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig) -> 
     for part in micro_batches(len(batch.advantages), cfg.grad_accumulation):
         ro = batch.rollout.select(torch.arange(part.start, part.stop))
         h = completion_hidden(model, ro)
-        logp, entropy = token_logprobs(
-            h, weight, ro.completion_ids, bias=bias, temperature=cfg.temperature, return_entropy=True
-        )
-        loss, metrics = grpo_loss(
-            logp,
-            None if batch.old_logp is None else batch.old_logp[part],
-            None if batch.ref_logp is None else batch.ref_logp[part],
-            batch.advantages[part],
+        loss, metrics = fused_linear_grpo_loss(
+            h,
+            weight,
+            ro.completion_ids,
             batch.loss_mask[part],
+            batch.advantages[part],
+            old_logp=None if batch.old_logp is None else batch.old_logp[part],
+            ref_logp=None if batch.ref_logp is None else batch.ref_logp[part],
+            bias=bias,
+            temperature=cfg.temperature,
             beta=cfg.beta,
             kl=cfg.kl,
             eps_low=cfg.eps_low,
@@ -90,7 +91,7 @@ def policy_step(model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig) -> 
             importance_sampling=cfg.importance_sampling,
             max_completion_length=cfg.max_completion_length if cfg.loss_type == "dr_grpo" else None,
             num_items=batch.step_tokens if mode == "num_items" else None,
-            entropy=entropy.detach(),
+            return_entropy=True,
         )
         if mode == "rows":
             loss = loss * ((part.stop - part.start) / batch.step_rows)
