@@ -105,11 +105,11 @@ class RLVRConfig:
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)")
     grad_clip: float | None = _f(1.0, "clip the global grad norm to this (None: no clipping)")
     grad_accumulation: int = _f(1, "micro-batches per optimizer step (the batch is split into this many)")
-    steps: int = _f(20, "optimizer steps of training")
+    steps: int = _f(12, "optimizer steps of training")
 
     # ---- evaluation (ALGORITHMS.md section 7) -------------------------------------------------------------------
     eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)")
-    eval_samples: int = _f(8, "n: completions per held-out problem for pass@k (Chen et al. 2021)")
+    eval_samples: int = _f(4, "n: completions per held-out problem for pass@k (Chen et al. 2021)")
     eval_temperature: float = _f(1.0, "sampling temperature of the evaluation")
     format_classes: dict = _f({}, "format classes to track, name -> regex, e.g. {boxed: '\\\\boxed'}")
 
