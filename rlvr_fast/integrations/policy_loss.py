@@ -1,0 +1,156 @@
+"""The one place where an integration turns last hidden states into the GRPO-family policy loss.
+
+Every adapter (``rlvr_fast.integrations.trl`` today) calls ``hidden_state_policy_loss`` and nothing else for its loss,
+so the implementation behind it is chosen here, once:
+
+- ``"composed"``: ``token_logprobs`` (LM head + log-softmax + gather + entropy, chunked, no (N, V) logits) followed by
+  ``grpo_loss`` (clipped surrogate + KL + aggregation in one elementwise pass). Two ops, one (B, T) log-prob tensor
+  between them.
+- ``"fused"`` (the default): ``rlvr_fast.ops.fused_linear_grpo_loss.fused_linear_grpo_loss``, one op from hidden states
+  to the loss with its gradients formed in the same pass over the vocabulary, which also skips the LM-head work of
+  zero-advantage completions when beta == 0 (its entropy / KL metrics then average over the tokens it evaluated).
+
+Both take the same arguments (the fused op's signature), so the choice changes no caller.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlvr_fast.ops.grpo_loss import GrpoLossMetrics, grpo_loss
+from rlvr_fast.ops.logprobs import token_logprobs
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """The objective, independent of any trainer: what ``grpo_loss`` needs besides the tensors.
+
+    loss_type: grpo | bnpo | dr_grpo | dapo (rlvr_fast.ops.loss_types.LOSS_TYPES).
+    beta, kl: KL coefficient and estimator (k3 is TRL's).
+    eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high].
+    dual_clip: dual-clip bound c > 1 for negative advantages (TRL's ``delta`` maps to it), or None.
+    importance_sampling: token | sequence (GSPO).
+    temperature: the rollout's sampling temperature; the logits are divided by it.
+    max_completion_length: dr_grpo's fixed length L.
+    """
+
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    kl: str = "k3"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    importance_sampling: str = "token"
+    temperature: float = 1.0
+    max_completion_length: int | None = None
+
+
+def _composed(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, bias, temperature, beta, kl, eps_low,
+              eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items, return_entropy,
+              backend):
+    out = token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=IGNORE_INDEX,
+        return_entropy=return_entropy, backend=backend,
+    )  # fmt: skip
+    logp, entropy = out if return_entropy else (out, None)
+    return grpo_loss(
+        logp, old_logp, ref_logp, advantages, mask, beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high,
+        dual_clip=dual_clip, loss_type=loss_type, importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length, num_items=num_items,
+        entropy=None if entropy is None else entropy.detach(), backend=backend,
+    )  # fmt: skip
+
+
+def _fused_op() -> Callable | None:
+    """``fused_linear_grpo_loss`` when its module provides the fused op (only the reference exists before it lands)."""
+    module = importlib.import_module("rlvr_fast.ops.fused_linear_grpo_loss")
+    return getattr(module, "fused_linear_grpo_loss", None)
+
+
+def _fused(hidden, weight, targets, mask, advantages, *, backend, **kwargs):
+    op = _fused_op()
+    if op is None:
+        raise RuntimeError(
+            "hidden_state_policy_loss(implementation='fused'): rlvr_fast.ops.fused_linear_grpo_loss does not provide "
+            "fused_linear_grpo_loss in this installation; use implementation='composed'"
+        )
+    if "backend" in inspect.signature(op).parameters:
+        kwargs["backend"] = backend
+    elif backend != "auto":
+        raise ValueError(f"hidden_state_policy_loss: the fused op takes no backend argument, so backend={backend!r} "
+                         f"cannot be honoured; pass backend='auto'")
+    return op(hidden, weight, targets, mask, advantages, **kwargs)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, GrpoLossMetrics]]] = {
+    "composed": _composed,
+    "fused": _fused,
+}
+
+# The implementation every integration uses unless told otherwise: the one-op path (tested against its reference in
+# tests/test_fused_linear_grpo_loss.py, and against stock TRL in tests/test_trl_integration.py). Switching is this line.
+DEFAULT_IMPLEMENTATION = "fused"
+
+
+def hidden_state_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    spec: PolicyLossSpec,
+    *,
+    bias: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    num_items: float | torch.Tensor | None = None,
+    return_entropy: bool = True,
+    backend: str = "auto",
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, GrpoLossMetrics]:
+    """GRPO-family loss of B completions straight from the policy's last hidden states: no (B, T, V) logits.
+
+    Args:
+        hidden: (B, T, D) last hidden states at the positions that predict ``targets`` (differentiable).
+        weight: (V, D) LM head (or tied embedding); bias: (V,) or None.
+        targets: (B, T) sampled token ids; positions with mask 0 may hold anything (they are set to -100 here, so no
+            LM-head work is spent on them).
+        mask: (B, T) 1 on the completion tokens that count (bool / integer / float weights).
+        advantages: (B,) one scalar per completion.
+        spec: the objective (``PolicyLossSpec``).
+        old_logp, ref_logp: (B, T) behaviour-policy and reference log-probs, or None (on-policy / no KL).
+        num_items: dapo's denominator (active tokens of the whole accumulated batch, / world size), see grpo_loss.
+        return_entropy: compute the per-token entropy for the mean_entropy metric (no gradient flows through it).
+        backend: "auto" | "triton" | "cuda" | "torch", forwarded to the ops.
+        implementation: a key of ``IMPLEMENTATIONS`` (None: ``DEFAULT_IMPLEMENTATION``).
+
+    Returns:
+        (loss, metrics): 0-d fp32 loss differentiable in hidden, weight and bias; ``GrpoLossMetrics``.
+    """
+    name = DEFAULT_IMPLEMENTATION if implementation is None else implementation
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"hidden_state_policy_loss: implementation must be one of {sorted(IMPLEMENTATIONS)}, got {name!r}"
+        )
+    if not isinstance(spec, PolicyLossSpec):
+        raise TypeError(f"hidden_state_policy_loss: spec must be a PolicyLossSpec, got {type(spec).__name__}")
+    if not isinstance(targets, torch.Tensor) or not isinstance(mask, torch.Tensor) or targets.shape != mask.shape:
+        raise ValueError(
+            f"hidden_state_policy_loss: targets and mask must be tensors of the same (B, T) shape, got "
+            f"{tuple(getattr(targets, 'shape', ()))} and {tuple(getattr(mask, 'shape', ()))}"
+        )
+    targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
+    return IMPLEMENTATIONS[name](
+        hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, bias=bias,
+        temperature=spec.temperature, beta=spec.beta, kl=spec.kl, eps_low=spec.eps_low, eps_high=spec.eps_high,
+        dual_clip=spec.dual_clip, loss_type=spec.loss_type, importance_sampling=spec.importance_sampling,
+        max_completion_length=spec.max_completion_length if spec.loss_type == "dr_grpo" else None,
+        num_items=num_items if spec.loss_type == "dapo" else None, return_entropy=return_entropy, backend=backend,
+    )  # fmt: skip
