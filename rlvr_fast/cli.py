@@ -93,7 +93,79 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
-COMMANDS = [_add_train, _add_eval, _add_bench]
+def _parse_set(text: str) -> tuple[str, object]:
+    """'key=value' with a YAML value: --set lr=1e-5, --set rewards='{correct: 1.0}'."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _study(args: argparse.Namespace) -> int:
+    from rlvr_fast.study import plan_study, run_study
+
+    try:
+        plan = plan_study(
+            args.preset,
+            arms=[a for a in args.arms.split(",") if a.strip()] if args.arms else None,
+            arms_file=args.arms_file,
+            steps=args.steps,
+            seeds=args.seeds,
+            model=args.model,
+            task=args.task,
+            overrides=dict(args.set or []),
+            output_dir=args.output_dir,
+        )
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from exc
+    runs = ", ".join(r.key for r in plan.runs)
+    print(f"study {args.output_dir}: preset {plan.preset}, {len(plan.runs)} runs: {runs}")
+    if args.dry_run:
+        return 0
+    outcome = run_study(plan, keep_checkpoints=args.keep_checkpoints, retry_failed=not args.no_retry_failed,
+                        command="rlvr-fast " + " ".join(sys.argv[1:]))
+    counts = {s: list(outcome.statuses.values()).count(s) for s in sorted(set(outcome.statuses.values()))}
+    print(f"runs: {counts}; report: {outcome.report}; every number: {outcome.study_json}")
+    return 0 if all(s == "done" for s in outcome.statuses.values()) else 1
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    from rlvr_fast.study.arms import ALIASES, ARMS
+    from rlvr_fast.study.presets import PRESETS
+
+    p = sub.add_parser(
+        "study",
+        help="does reward engineering matter for this model? one short run per arm, one report with CIs",
+        description="Runs a grid of short training runs from the same base model, one per arm (reward, sample, "
+        "difficulty, optimizer), each a normal trainer run in OUTPUT_DIR/arms/<arm>/seed<i>/, and writes "
+        "OUTPUT_DIR/report.md, PNG figures and study.json. Rerun the same command to continue an interrupted study. "
+        f"Presets: {'; '.join(f'{n}: {p.doc}' for n, p in PRESETS.items())}. Arms: {', '.join(ARMS)}; aliases: "
+        f"{', '.join(f'{a}={t}' for a, t in ALIASES.items())}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="base config, arms and seeds")
+    p.add_argument("--arms", default=None, help="comma-separated arm names replacing the preset's (e.g. correct,nsr)")
+    p.add_argument("--arms-file", default=None, help="YAML mapping arm name -> RLVRConfig overrides, merged into the "
+                   "registry (or name -> {overrides: ..., doc: ..., group: ..., mask_from: ...})")
+    p.add_argument("--model", default=None,
+                   help="base model for every arm (None: the preset's, else the trainer's default)")
+    p.add_argument("--task", default=None, help="training task for every arm: 'arithmetic' or a JSONL file")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (None: the preset's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (None: the preset's per-arm counts)")
+    p.add_argument("--set", action="append", type=_parse_set, default=None, metavar="KEY=VALUE",
+                   help="base RLVRConfig override for every arm (repeatable; YAML value)")
+    p.add_argument("--output-dir", default="runs/study", help="the study folder (state, runs, report)")
+    p.add_argument("--keep-checkpoints", default="final", choices=["all", "final", "none"],
+                   help="checkpoints kept of a finished run")
+    p.add_argument("--no-retry-failed", action="store_true", help="leave failed / skipped runs as recorded on rerun")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every arm's config and list the runs, train nothing")
+    p.set_defaults(func=_study)
+
+
+COMMANDS = [_add_train, _add_eval, _add_study, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

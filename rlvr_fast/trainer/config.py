@@ -112,6 +112,9 @@ class RLVRConfig:
     eval_samples: int = _f(4, "n: completions per held-out problem for pass@k (Chen et al. 2021)")
     eval_temperature: float = _f(1.0, "sampling temperature of the evaluation")
     format_classes: dict = _f({}, "format classes to track, name -> regex, e.g. {boxed: '\\\\boxed'}")
+    eval_calibration: bool = _f(
+        False, "compute calibration (ECE, Brier, AUROC) from stated <confidence> tags even without the brier reward"
+    )
 
     # ---- run ----------------------------------------------------------------------------------------------------
     seed: int = _f(0, "seed of data order, sampling and every reward mode")

@@ -11,7 +11,7 @@ from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import load_problems
 from rlvr_fast.trainer.evaluation import evaluate
 from rlvr_fast.trainer.generation import HFGeneration
-from rlvr_fast.trainer.loop import derived_seed
+from rlvr_fast.trainer.loop import evaluation_kwargs
 from rlvr_fast.trainer.model import load_model
 
 
@@ -23,19 +23,8 @@ def run_eval(cfg: RLVRConfig, checkpoint: str | None = None) -> str:
             raise FileNotFoundError(f"--checkpoint {checkpoint}: no model.safetensors there")
         loaded.model.load_state_dict(load_file(weights), strict=False)
     _, problems = load_problems(cfg)
-    result = evaluate(
-        HFGeneration(loaded.model, loaded.tokenizer, cfg.max_prompt_length),
-        loaded.tokenizer,
-        problems,
-        n=cfg.eval_samples,
-        max_new_tokens=cfg.max_completion_length,
-        temperature=cfg.eval_temperature,
-        top_p=cfg.top_p,
-        seed=derived_seed(cfg.seed, "eval"),
-        system_prompt=cfg.system_prompt,
-        format_classes=cfg.format_classes,
-        with_calibration="brier" in cfg.rewards,
-    )
+    generator = HFGeneration(loaded.model, loaded.tokenizer, cfg.max_prompt_length)
+    result = evaluate(generator, loaded.tokenizer, problems, **evaluation_kwargs(cfg))
     lines = [f"{len(problems)} problems x n={result.n}: pass@k [95% CI]"]
     for k, s in result.pass_at_k.items():
         lines.append(f"  pass@{k}: {s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")

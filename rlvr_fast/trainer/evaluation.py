@@ -14,11 +14,21 @@ from rlvr_fast.eval import (
     format_frequency,
     pass_at_k_summary,
 )
-from rlvr_fast.rewards import parse_confidence, reward_fn
+from rlvr_fast.rewards import extract_answer, normalize_answer, parse_confidence, parse_number, reward_fn
 from rlvr_fast.trainer.data import Problem, chat_prompt
 from rlvr_fast.trainer.generation import GenerationBackend
 
 EVAL_PROMPTS_PER_CALL = 16  # problems per generate call: bounds the batch (x n samples) held in memory
+
+
+def answer_key(text: str) -> str | None:
+    """The extracted final answer in a canonical form (its exact value when numeric, else the normalised text; None
+    without an answer): equal keys mean the same answer."""
+    answer = extract_answer(text)
+    if answer is None:
+        return None
+    number = parse_number(answer)
+    return str(number.value) if number is not None else normalize_answer(answer)
 
 
 def k_values(n: int) -> list[int]:
@@ -35,6 +45,10 @@ class EvalResult:
     formats: dict[str, dict]  # format class -> {count, frequency, accuracy}
     calibration: dict | None  # {brier, ece, auroc, answered} when confidences were stated
     samples: list[dict]  # a few completions for the report
+    # With calibration: every completion's verdict (0/1), stated confidence (None when missing) and answer key
+    # (``answer_key``), problem-major (problem i's n samples at [i * n, (i + 1) * n)), so callers can bootstrap the
+    # calibration metrics over problems and measure how often the n samples of a problem agree.
+    per_completion: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,9 +95,11 @@ def evaluate(
     if format_classes:
         stats = format_frequency(texts_all, format_classes, correct=verdicts)
         formats = {name: asdict(s) for name, s in stats.items()}
-    calibration = None
+    calibration = per_completion = None
     if with_calibration and texts_all:
         conf = [parse_confidence(t) for t in texts_all]
+        per_completion = {"correct": [float(v) for v in verdicts], "confidence": conf,
+                          "answer": [answer_key(t) for t in texts_all]}
         answered = [i for i, q in enumerate(conf) if q is not None]
         q = np.asarray([conf[i] for i in answered], dtype=float)
         y = np.asarray([verdicts[i] for i in answered], dtype=float)
@@ -96,4 +112,4 @@ def evaluate(
         {"prompt": problems[i // n].prompt, "answer": problems[i // n].answer, "completion": texts_all[i], "correct": verdicts[i]}
         for i in range(0, min(len(texts_all), 4 * n), n)
     ]
-    return EvalResult(n, counts, passk, formats, calibration, samples)
+    return EvalResult(n, counts, passk, formats, calibration, samples, per_completion)

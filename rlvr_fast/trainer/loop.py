@@ -15,11 +15,12 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from rlvr_fast.eval import format_frequency
 from rlvr_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
@@ -53,6 +54,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def evaluation_kwargs(cfg: RLVRConfig) -> dict:
+    """The keyword arguments of ``evaluate`` for a run: everything besides the model and the problems that decides the
+    held-out evaluation (two runs with equal kwargs and problems evaluate a model identically)."""
+    return dict(
+        n=cfg.eval_samples,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.eval_temperature,
+        top_p=cfg.top_p,
+        seed=derived_seed(cfg.seed, "eval"),  # the same samples' randomness before and after: a paired comparison
+        system_prompt=cfg.system_prompt,
+        format_classes=cfg.format_classes,
+        with_calibration="brier" in cfg.rewards or cfg.eval_calibration,
+    )
 
 
 class Trainer:
@@ -151,26 +167,16 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
 
     def evaluate(self, tag: str) -> EvalResult:
-        cfg = self.cfg
-        return evaluate(
-            self.generator,
-            self.tokenizer,
-            self.eval_problems,
-            n=cfg.eval_samples,
-            max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.eval_temperature,
-            top_p=cfg.top_p,
-            seed=derived_seed(cfg.seed, "eval"),  # the same samples' randomness before and after: a paired comparison
-            system_prompt=cfg.system_prompt,
-            format_classes=cfg.format_classes,
-            with_calibration="brier" in cfg.rewards,
-        )
+        return evaluate(self.generator, self.tokenizer, self.eval_problems, **evaluation_kwargs(self.cfg))
 
     # ---- the loop -----------------------------------------------------------------------------------------------
 
-    def train(self) -> RunResult:
+    def train(self, before_eval: dict | None = None) -> RunResult:
+        """Train and evaluate. ``before_eval``: the base model's evaluation computed elsewhere with the same
+        ``evaluation_kwargs`` and problems (e.g. shared by the arms of a study), used instead of evaluating again;
+        ignored on resume (the checkpoint holds the run's own)."""
         cfg = self.cfg
-        start, before = 0, None
+        start, before = 0, (EvalResult.from_json(before_eval) if before_eval is not None else None)
         if cfg.resume:
             path = latest_checkpoint(cfg.output_dir)
             if path is None:
@@ -181,6 +187,7 @@ class Trainer:
         log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=start if cfg.resume else None)
         if before is None:
             before = self.evaluate("before").to_dict()
+        if not cfg.resume:
             with open(os.path.join(cfg.output_dir, "eval_before.json"), "w") as f:
                 json.dump(before, f, indent=1)
             print(f"before training: pass@1 {before['pass_at_k'][1]['mean']:.3f}")
@@ -245,6 +252,9 @@ class Trainer:
             "generation_seconds": t_gen,
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
         }
+        if cfg.format_classes:  # format frequency of this step's rollouts, and each format's accuracy
+            stats = format_frequency(rollout.texts, cfg.format_classes, correct=scores.correct.tolist())
+            record["formats"] = {name: asdict(s) for name, s in stats.items()}
         record.update(upd)
         return record
 

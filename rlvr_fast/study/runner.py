@@ -1,0 +1,215 @@
+"""Running a study: the planned runs one by one, each a normal trainer run in ``<study>/arms/<arm>/seed<i>/``.
+
+Per run:
+1. skip it when the state says done with the same config (a rerun of a finished study trains nothing);
+2. skip it, with the reason, when the run it takes its mask from did not finish;
+3. start from a fresh copy of the base model (loaded once per study, kept untouched), resuming through the trainer's
+   own checkpoint (``cfg.resume``) when the run's folder holds one, so a killed study continues where it stopped;
+4. evaluate the base model once per evaluation setting (shared by every run with the same ``eval_key``: same problems,
+   same sampling seeds as the runs' after-evaluation), and hand it to the trainer as its "before";
+5. train, then compare the final weights with the base weights (``updates.record_update``);
+6. record done, or the exception (type, message, traceback tail) as failed, and go on with the next run.
+
+A KeyboardInterrupt marks the run interrupted and stops the study (rerun to continue). The report is written at the
+end of every invocation from whatever has finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from rlvr_fast.study.plan import RunSpec, StudyPlan, config_hash
+from rlvr_fast.study.state import StudyState, write_json_atomic
+from rlvr_fast.study.updates import record_update
+from rlvr_fast.trainer.checkpoint import latest_checkpoint
+from rlvr_fast.trainer.config import RLVRConfig
+from rlvr_fast.trainer.evaluation import EvalResult
+from rlvr_fast.trainer.model import LoadedModel
+
+__all__ = ["KEEP_CHECKPOINTS", "StudyOutcome", "base_eval_path", "run_study"]
+
+KEEP_CHECKPOINTS = ("all", "final", "none")  # what stays of a finished run's checkpoints
+ModelLoader = Callable[[RLVRConfig], LoadedModel]
+
+
+@dataclass
+class StudyOutcome:
+    output_dir: str
+    statuses: dict[str, str]  # run key -> status
+    report: str | None  # path of report.md
+    study_json: str | None
+
+
+def base_eval_path(study_dir: str, key: str) -> str:
+    return os.path.join(study_dir, "base", key, "eval.json")
+
+
+class BaseModels:
+    """The base model, loaded once per (model, dtype, device, attention) and never trained: each run gets a deep copy,
+    and its parameters are the reference the update sparsity is measured against."""
+
+    def __init__(self, loader: ModelLoader):
+        self.loader = loader
+        self.key: tuple | None = None
+        self.pristine: LoadedModel | None = None
+
+    def fresh(self, cfg: RLVRConfig) -> LoadedModel:
+        key = (cfg.model, cfg.dtype, cfg.device, cfg.attn_implementation)
+        if key != self.key:
+            self.pristine, self.key = None, None
+            gc.collect()
+            self.pristine, self.key = self.loader(cfg), key
+        p = self.pristine
+        return LoadedModel(copy.deepcopy(p.model), p.tokenizer, p.device, p.dtype)
+
+    def parameters(self) -> dict:
+        return dict(self.pristine.model.named_parameters())
+
+
+def _error(exc: BaseException) -> dict:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": "".join(tb)[-3000:]}
+
+
+def _prune_checkpoints(run_dir: str, keep: str) -> None:
+    root = os.path.join(run_dir, "checkpoints")
+    if keep == "all" or not os.path.isdir(root):
+        return
+    if keep == "none":
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    latest = latest_checkpoint(run_dir)
+    for d in os.listdir(root):
+        path = os.path.join(root, d)
+        if d.startswith("step-") and os.path.isdir(path) and (latest is None or os.path.abspath(path) !=
+                                                               os.path.abspath(latest)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log) -> dict:
+    from rlvr_fast.trainer.loop import Trainer
+
+    cfg = RLVRConfig.from_dict(dict(spec.config))
+    os.makedirs(spec.run_dir, exist_ok=True)
+    cfg.resume = latest_checkpoint(spec.run_dir) is not None
+    trainer = Trainer(cfg, loaded=models.fresh(cfg))
+    path = base_eval_path(plan.output_dir, spec.eval_key)
+    if os.path.exists(path):
+        with open(path) as f:
+            base = EvalResult.from_json(json.load(f))
+    else:  # the trainer's model holds the base weights until train() loads a checkpoint
+        t0 = time.perf_counter()
+        base = trainer.evaluate("base").to_dict()
+        write_json_atomic(path, base)
+        write_json_atomic(os.path.join(os.path.dirname(path), "eval_config.json"),
+                          {"first_run": spec.key, "config": spec.config, "seconds": time.perf_counter() - t0})
+        log(f"  base model evaluated for {spec.key}'s evaluation setting {spec.eval_key}: pass@1 "
+            f"{base['pass_at_k'][1]['mean']:.3f} ({time.perf_counter() - t0:.0f} s)")
+    if cfg.resume:
+        log(f"  resuming {spec.key} from {latest_checkpoint(spec.run_dir)}")
+    result = trainer.train(before_eval=base)
+    update = record_update(models.parameters(), dict(trainer.model.named_parameters()), spec.run_dir)
+    _prune_checkpoints(spec.run_dir, keep)
+    del trainer
+    gc.collect()
+    return {"pass_at_1": result.after["pass_at_k"][1]["mean"], "base_pass_at_1": base["pass_at_k"][1]["mean"],
+            "unchanged": update["overall"]}
+
+
+def run_study(
+    plan: StudyPlan,
+    *,
+    model_loader: ModelLoader | None = None,
+    keep_checkpoints: str = "final",
+    retry_failed: bool = True,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> StudyOutcome:
+    """Run every planned run that has not finished, then write the report (markdown, PNGs, study.json).
+
+    Args:
+        plan: from ``plan_study``.
+        model_loader: RLVRConfig -> LoadedModel (default: the trainer's ``load_model``); tests pass a tiny model.
+        keep_checkpoints: of a finished run, keep all checkpoints, the final one, or none.
+        retry_failed: rerun failed and skipped runs (default); False leaves them as recorded.
+        command: the command line, for the report header.
+    """
+    if keep_checkpoints not in KEEP_CHECKPOINTS:
+        raise ValueError(f"keep_checkpoints must be one of {KEEP_CHECKPOINTS}, got {keep_checkpoints!r}")
+    from rlvr_fast.trainer.model import load_model
+
+    os.makedirs(plan.output_dir, exist_ok=True)
+    state = StudyState(plan.output_dir)
+    for spec in plan.runs:  # a finished run is reused only if it ran this very config
+        entry = state.run(spec.key)
+        if entry["status"] == "done" and entry.get("config_hash") != config_hash(spec.config):
+            raise ValueError(
+                f"run {spec.key} in {plan.output_dir} finished with a different config (hash "
+                f"{entry.get('config_hash')} vs {config_hash(spec.config)} now); use another --output-dir or delete "
+                f"{spec.run_dir}"
+            )
+    write_json_atomic(os.path.join(plan.output_dir, "plan.json"), {
+        "preset": plan.preset, "base_overrides": plan.base_overrides, "primary": plan.primary,
+        "runs": [{"key": r.key, "arm": r.arm, "seed": r.config["seed"], "run_dir": r.run_dir, "eval_key": r.eval_key,
+                  "depends_on": r.depends_on, "config": r.config} for r in plan.runs],
+    })
+    started = time.time()
+    state.add_session(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), started_epoch=started,
+                      command=command or " ".join(sys.argv), host=platform.node())
+    models = BaseModels(model_loader or load_model)
+    for spec in plan.runs:
+        status = state.status(spec.key)
+        if status == "done" or (status in ("failed", "skipped") and not retry_failed):
+            log(f"[{spec.key}] {status} earlier: not run again")
+            continue
+        if spec.depends_on is not None and state.status(spec.depends_on) != "done":
+            dep = state.run(spec.depends_on)
+            why = dep.get("error", {}).get("message") or dep.get("reason") or ""
+            reason = f"needs the mask of {spec.depends_on}, which is {dep['status']}" + (f" ({why})" if why else "")
+            state.set(spec.key, status="skipped", reason=reason, error=None)
+            log(f"[{spec.key}] skipped: {reason}")
+            continue
+        previous = state.run(spec.key).get("config_hash")
+        if previous not in (None, config_hash(spec.config)) and os.path.isdir(spec.run_dir):
+            log(f"[{spec.key}] its config changed since the last attempt: starting over in {spec.run_dir}")
+            shutil.rmtree(os.path.join(spec.run_dir, "checkpoints"), ignore_errors=True)
+        attempts = state.run(spec.key).get("attempts", 0) + 1
+        state.set(spec.key, status="running", attempts=attempts, config_hash=config_hash(spec.config),
+                  run_dir=spec.run_dir, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), error=None, reason=None)
+        log(f"[{spec.key}] running (attempt {attempts})")
+        t0 = time.perf_counter()
+        try:
+            summary = _run_one(spec, plan, models, keep_checkpoints, log)
+        except KeyboardInterrupt:
+            state.set(spec.key, status="interrupted", seconds=time.perf_counter() - t0)
+            state.update_session(interrupted_at=spec.key, seconds=time.time() - started)
+            raise
+        except Exception as exc:  # one failing arm must not lose the others
+            state.set(spec.key, status="failed", error=_error(exc), seconds=time.perf_counter() - t0)
+            log(f"[{spec.key}] failed: {type(exc).__name__}: {exc}")
+            gc.collect()
+            continue
+        seconds = time.perf_counter() - t0
+        state.set(spec.key, status="done", seconds=seconds, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  summary=summary)
+        log(f"[{spec.key}] done in {seconds:.0f} s: pass@1 {summary['base_pass_at_1']:.3f} -> "
+            f"{summary['pass_at_1']:.3f}")
+    models.pristine = None
+    state.update_session(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.time() - started)
+
+    from rlvr_fast.study.analysis import analyse
+    from rlvr_fast.study.report import write_study_report
+
+    findings = analyse(plan, state.data)
+    report, study_json = write_study_report(plan, state.data, findings)
+    return StudyOutcome(plan.output_dir, {r.key: state.status(r.key) for r in plan.runs}, report, study_json)
