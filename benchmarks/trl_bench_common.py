@@ -116,14 +116,10 @@ def smollm2_folder(cache_dir: str) -> str:
 
 
 def drop_gguf_marker(model):
-    """transformers marks a GGUF-loaded model as quantized, and then refuses to save or fine-tune it, although its
-    weights were dequantised to plain float32 tensors on load (our trainer trains them as they are). Drop the marker."""
-    model.hf_quantizer = None
-    if "is_quantized" in vars(model):  # set on the instance by the GGUF loader, shadowing the class property
-        model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model
+    """The GGUF-loaded default model made trainable by TRL (``rlvr_fast.trainer.model.plain_float_model``)."""
+    from rlvr_fast.trainer.model import plain_float_model
+
+    return plain_float_model(model)
 
 
 def write_report(report: dict[str, Any], out: str) -> str:

@@ -26,6 +26,7 @@ from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
 from rlvr_fast.trainer.evaluation import EvalResult, evaluate
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
+from rlvr_fast.trainer.memory import enable_activation_checkpointing, return_freed_host_memory
 from rlvr_fast.trainer.model import LoadedModel, load_model
 from rlvr_fast.trainer.optimizers import build_optimizer
 from rlvr_fast.trainer.policy import UpdateBatch, policy_step, sequence_logprobs
@@ -79,6 +80,10 @@ class Trainer:
         self.train_problems, self.eval_problems = load_problems(cfg)
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if self.loaded.device.type == "cpu":
+            return_freed_host_memory()
         self.generator = HFGeneration(self.model, self.tokenizer, cfg.max_prompt_length)
         self.ref_model = None
         if cfg.beta > 0:

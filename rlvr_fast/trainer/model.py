@@ -80,6 +80,21 @@ def load_model(cfg: RLVRConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, device, dtype)
 
 
+def plain_float_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop the "quantized" marker transformers puts on a GGUF-loaded model (returns the model).
+
+    The GGUF loader dequantises every tensor to plain float tensors, yet marks the model as quantized, and other
+    trainers (TRL, HF Trainer) then refuse to fine-tune or save it. Our trainer trains the float tensors as they are; this
+    lets TRL do the same with the embedded default model.
+    """
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):  # set on the instance by the GGUF loader, shadowing the class property
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def lm_head_weight(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output projection's (V, D) weight and optional (V,) bias (tied to the embeddings in many models)."""
     head = model.get_output_embeddings()

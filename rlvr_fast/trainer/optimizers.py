@@ -1,6 +1,7 @@
 """The optimizers a run can use, by name (a registry, not an if/elif chain).
 
-- adamw: torch.optim.AdamW (fused kernel on CUDA, foreach on the CPU).
+- adamw: torch.optim.AdamW with its fused kernel (CUDA and CPU): one pass per parameter, no foreach temporaries (the
+  foreach path allocates parameter-sized intermediates for every tensor at once: +1 GB of peak on a 135M model).
 - sparse_adamw: rlvr_fast.optim.SparseAdamW on a masked subnetwork (Mukherjee et al. 2025, arXiv:2505.11711). The mask
   comes from ``mask_source``: ``random:<density>`` (seeded by the run's seed), ``grad:<density>[:<warm-up rollouts>]``
   (the largest accumulated |grad| over warm-up rollouts, global top-density; default 2 rollouts) or the path of a
@@ -29,10 +30,7 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 def _adamw(cfg: RLVRConfig, model: torch.nn.Module, warmup: GradWarmup | None) -> torch.optim.Optimizer:
     params = [p for _, p in _trainable(model)]
-    on_cuda = params[0].is_cuda
-    return torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_cuda or None, foreach=None if on_cuda else True
-    )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def parse_mask_source(source: str) -> tuple[str, float | str, int]:

@@ -18,6 +18,7 @@ from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from rlvr_fast.ops.logprobs import token_logprobs
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.generation import Rollout
+from rlvr_fast.trainer.memory import checkpointed_forward
 from rlvr_fast.trainer.model import last_hidden_states, lm_head_weight
 
 # How a loss type's normaliser is reproduced when a micro-batch holds only part of the step's completions:
@@ -71,7 +72,8 @@ def policy_step(model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig) -> 
     tokens_seen = 0.0
     for part in micro_batches(len(batch.advantages), cfg.grad_accumulation):
         ro = batch.rollout.select(torch.arange(part.start, part.stop))
-        h = completion_hidden(model, ro)
+        with checkpointed_forward(model, cfg.gradient_checkpointing):
+            h = completion_hidden(model, ro)
         loss, metrics = fused_linear_grpo_loss(
             h,
             weight,
