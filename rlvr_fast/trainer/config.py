@@ -105,11 +105,12 @@ class RLVRConfig:
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)")
     grad_clip: float | None = _f(1.0, "clip the global grad norm to this (None: no clipping)")
     grad_accumulation: int = _f(
-        4, "micro-batches per optimizer step: the step's completions are split into this many forward/backward passes "
+        8, "micro-batches per optimizer step: the step's completions are split into this many forward/backward passes "
         "(uneven splits are exact: each micro-batch's loss is weighted by its share of the normaliser)"
     )
-    gradient_checkpointing: bool = _f(
-        True, "recompute each decoder layer in the backward instead of keeping its activations (~1/3 more update FLOPs)"
+    gradient_checkpointing: bool | None = _f(
+        None, "recompute each decoder layer in the backward instead of keeping its activations (~1/3 more update "
+        "FLOPs); None: on on a GPU (memory bound), off on the CPU (compute bound)"
     )
     steps: int = _f(12, "optimizer steps of training")
 

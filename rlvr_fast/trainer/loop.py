@@ -80,7 +80,8 @@ class Trainer:
         self.train_problems, self.eval_problems = load_problems(cfg)
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        if cfg.gradient_checkpointing:
+        checkpointing = cfg.gradient_checkpointing
+        if checkpointing if checkpointing is not None else self.loaded.device.type == "cuda":
             enable_activation_checkpointing(self.model)
         if self.loaded.device.type == "cpu":
             return_freed_host_memory()

@@ -4,7 +4,9 @@ handing freed tensor memory back to the operating system.
 Activation checkpointing: the policy's forward keeps only each decoder layer's input and recomputes the layer in the
 backward (one more forward: about a third more update FLOPs). On SmolLM2-135M a micro-batch of 8 completions of
 ~100 tokens saves ~0.9 GB of fp32 activations without it (30 layers x ~12k floats per token per layer), ~20 MB with it.
-TRL's GRPOConfig turns it on by default too.
+TRL's GRPOConfig turns it on by default too. Our default turns it on on a GPU only: on the CPU the step is compute
+bound and RAM is plentiful (measured on SmolLM2-135M, 32 completions of 64 tokens, 2-core CPU: the update took 27 s
+with it, 20 s without, peak RSS 2.9 GB vs 4.1 GB at 4 micro-batches).
 
 Host memory: glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB), after which
 tensors of up to that size come from the heap arenas, and freed ones stay there: every step's activations and
@@ -66,17 +68,18 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 @contextmanager
-def checkpointed_forward(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Within the block, grad-enabled forwards of ``model`` checkpoint each decoder layer.
+def checkpointed_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, grad-enabled forwards of ``model`` checkpoint each decoder layer, when
+    ``enable_activation_checkpointing`` turned it on (otherwise the block changes nothing).
 
     transformers checkpoints a layer only when the layer's own ``training`` flag is set, and our model stays in eval
     mode (the loss must see the function that sampled: no dropout). So only the layers' own flags are raised, not their
     children's: dropout modules inside stay in eval mode, and attention reads its dropout from its own (eval) flag.
     """
-    if not enabled:
+    layers = [layer for layer in _checkpoint_layers(model) if layer.gradient_checkpointing]
+    if not layers:
         yield
         return
-    layers = _checkpoint_layers(model)
     flags = [layer.training for layer in layers]
     for layer in layers:
         layer.training = True

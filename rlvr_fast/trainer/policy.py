@@ -72,7 +72,7 @@ def policy_step(model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig) -> 
     tokens_seen = 0.0
     for part in micro_batches(len(batch.advantages), cfg.grad_accumulation):
         ro = batch.rollout.select(torch.arange(part.start, part.stop))
-        with checkpointed_forward(model, cfg.gradient_checkpointing):
+        with checkpointed_forward(model):
             h = completion_hidden(model, ro)
         loss, metrics = fused_linear_grpo_loss(
             h,
