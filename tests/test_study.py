@@ -85,9 +85,9 @@ def read_metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tok):
-    """A 2-arm study (correct with two seeds, brier with one), run once for the tests below."""
+    """A study of the correct arm (two seeds) and the calibration pair brier / correct_conf, run once."""
     root = str(tmp_path_factory.mktemp("study"))
-    plan = tiny_plan(root, ["correct", "brier"])
+    plan = tiny_plan(root, ["correct", "brier", "correct_conf"])
     calls: list = []
     outcome = run_study(plan, model_loader=make_loader(tok, calls), log=lambda s: None)
     return plan, outcome, load_study(plan), calls
@@ -100,7 +100,8 @@ def finished(tmp_path_factory, tok):
 
 def test_study_json_has_every_finding(finished):
     plan, outcome, study, calls = finished
-    assert outcome.statuses == {"correct/seed0": "done", "correct/seed1": "done", "brier/seed0": "done"}
+    assert outcome.statuses == {"correct/seed0": "done", "correct/seed1": "done", "brier/seed0": "done",
+                                "correct_conf/seed0": "done"}
     assert calls == [plan.runs[0].config["model"]]  # the base model is loaded once and copied per run
     fnd = study["findings"]
     assert set(fnd) == set(FINDINGS)
@@ -109,7 +110,7 @@ def test_study_json_has_every_finding(finished):
     pk = fnd["pass_at_k"]
     assert set(pk["base"]) == {"base", "base (seed=1)",
                                "base (prompt_template=the confidence prompt, max_completion_length=24)"}
-    for key in ("correct/seed0", "correct/seed1", "brier/seed0"):
+    for key in ("correct/seed0", "correct/seed1", "brier/seed0", "correct_conf/seed0"):
         r = pk["runs"][key]
         assert sorted(r["curve"]) == ["1", "2", "3"] and sorted(r["delta"]) == ["1", "2", "3"]
         assert all(r["curve"][k]["ci_low"] <= r["curve"][k]["mean"] <= r["curve"][k]["ci_high"] for k in r["curve"])
@@ -120,18 +121,22 @@ def test_study_json_has_every_finding(finished):
     assert all(row["verdict"] in ("improved", "worsened", "no detectable change") for row in rows.values())
     assert fnd["reward"]["task"]["clean"] is False  # a JSONL task: contamination unchecked
     assert [row["k"] for row in fnd["sample"]["rows"]] == [3, 3]
-    # 4. calibration: brier against the correct arm (no correct_conf in this study), stated and agreement
+    # 4. calibration: brier against correct_conf (same prompt and evaluation: paired), stated and agreement
     (pair,) = fnd["calibration"]["pairs"]
-    assert pair["brier"] == "brier/seed0" and pair["reference"] == "correct/seed0" and pair["paired"] is False
-    for name in ("brier/seed0", "correct/seed0"):
+    assert pair["brier"] == "brier/seed0" and pair["reference"] == "correct_conf/seed0" and pair["paired"] is True
+    for name in ("brier/seed0", "correct_conf/seed0"):
         assert pair["stated"][name]["answered"]["value"] == 0.0  # a random model states no confidence
         ece = pair["agreement"][name]["ece"]
         assert 0 <= ece["value"] <= 1 and ece["ci_low"] <= ece["value"] <= ece["ci_high"]
+    agreement = pair["agreement"]
+    expected = agreement["brier/seed0"]["brier"]["value"] - agreement["correct_conf/seed0"]["brier"]["value"]
+    assert pair["difference"]["agreement"]["brier"]["value"] == pytest.approx(expected)
+    assert pair["difference"]["stated"]["ece"]["value"] is None  # undefined on both sides: null in the JSON
     # 5. sparsity of every run, seed overlap of correct's two seeds, arm overlaps
     sp = fnd["update_sparsity"]
     for key, r in sp["runs"].items():
         assert 0 <= r["unchanged"]["float32"] <= r["unchanged"]["bfloat16"] <= 1, key  # bf16-equal is a superset
-    assert sp["seed_pairs"]["bfloat16"]["pairs"] == 1 and sp["arm_pairs"]["bfloat16"]["pairs"] == 2
+    assert sp["seed_pairs"]["bfloat16"]["pairs"] == 1 and sp["arm_pairs"]["bfloat16"]["pairs"] == 5
     # 6. format frequency per step of every run; 7. groups seen / removed
     for key in ("correct/seed0", "brier/seed0"):
         f = fnd["formats"]["runs"][key]
@@ -146,6 +151,7 @@ def test_study_json_has_every_finding(finished):
         report = f.read()
     for n in range(1, 8):
         assert f"\n## {n}. " in report
+    assert "- brier/seed0 minus correct_conf/seed0 on the same problems (paired bootstrap over problems): ECE" in report
     for png in ("pass_at_k.png", "pass1_delta.png", "calibration.png", "sparsity.png", "formats.png"):
         assert os.path.getsize(os.path.join(plan.output_dir, png)) > 1000, png
 
@@ -207,7 +213,7 @@ def test_rerun_of_a_finished_study_trains_nothing(finished, tok, monkeypatch):
     again = load_study(plan)
     assert again["findings"]["pass_at_k"] == study["findings"]["pass_at_k"]
     # A finished run whose config changed is refused, not silently reused.
-    changed = tiny_plan(os.path.dirname(plan.output_dir), ["correct", "brier"], lr=5e-3)
+    changed = tiny_plan(os.path.dirname(plan.output_dir), ["correct", "brier", "correct_conf"], lr=5e-3)
     with pytest.raises(ValueError, match=r"run correct/seed0 in .* finished with a different config"):
         run_study(changed, model_loader=make_loader(tok), log=lambda s: None)
 

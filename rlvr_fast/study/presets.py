@@ -1,7 +1,7 @@
 """Study presets: the base config every arm starts from, the arms, and how many seeds each arm runs.
 
 - ``quick``: every finding of the report on a 2-core CPU in under 30 minutes with the embedded default model
-  (SmolLM2-135M-Instruct) on the ``tiny`` arithmetic task: 6 steps of 4 prompts x 8 completions of at most 16 tokens
+  (SmolLM2-135M-Instruct) on the ``tiny`` arithmetic task: 5 steps of 4 prompts x 8 completions of at most 16 tokens
   per arm, 32 held-out problems x n=4, the arms that answer each finding, and two seeds of the correct arm (the seed
   overlap of the changed parameters).
 - ``default``: sized for one GPU: every built-in arm, two seeds each, 40 steps of 16 prompts x 8 completions, 200
@@ -67,7 +67,7 @@ register_preset(
             **_COMMON,
             "task": "arithmetic",
             "task_preset": "tiny",
-            "steps": 6,
+            "steps": 5,
             "prompts_per_step": 4,
             "group_size": 8,
             "max_completion_length": 16,

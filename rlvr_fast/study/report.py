@@ -68,6 +68,16 @@ def _dci(d: dict | None, key: str = "delta") -> str:
     return f"{v:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
+def _code(text: str) -> str:
+    """A markdown code span that survives backticks inside ``text``."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * (longest + 1)
+    return f"{fence} {text} {fence}" if longest else f"`{text}`"
+
+
 def _pct(x: Any) -> str:
     return "n/a" if _nan(x) else f"{100 * x:.2f}%"
 
@@ -131,23 +141,38 @@ def _plt():
 
 def _plot_pass_at_k(fnd: dict, path: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, b in fnd["base"].items():
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    all_ks: set[int] = set()
+    for i, (label, b) in enumerate(fnd["base"].items()):
         ks = sorted(b["curve"])
+        all_ks.update(ks)
         ax.errorbar(ks, [b["curve"][k]["mean"] for k in ks],
                     yerr=[[b["curve"][k]["mean"] - b["curve"][k]["ci_low"] for k in ks],
                           [b["curve"][k]["ci_high"] - b["curve"][k]["mean"] for k in ks]],
-                    color="black", linestyle="--", marker="s", capsize=3, label=label[:40], zorder=5)
-    for key, r in fnd["runs"].items():
+                    color="black", linestyle=styles[i % len(styles)], marker="s", capsize=3, label=label[:48],
+                    zorder=5)
+    colors = _colors(len(fnd["runs"]))
+    for color, (key, r) in zip(colors, fnd["runs"].items()):
         ks = sorted(r["curve"])
-        ax.plot(ks, [r["curve"][k]["mean"] for k in ks], marker="o", label=key)
+        ax.plot(ks, [r["curve"][k]["mean"] for k in ks], marker="o", color=color, label=key)
+    if all_ks:
+        ax.set_xticks(sorted(all_ks))
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (held-out)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _colors(n: int) -> list:
+    """n distinct colours (tab10, then tab20 for more runs)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
 
 
 def _plot_pass1_delta(fnd: dict, path: str) -> None:
@@ -179,7 +204,7 @@ def _plot_calibration(fnd: dict, path: str) -> bool:
             for name, rel in pair["reliability"][kind].items():
                 pts = [(q, a, n) for q, a, n in zip(rel["mean_confidence"], rel["accuracy"], rel["count"]) if n]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=f"{name[:40]} ({sum(p[2] for p in pts)} completions)")
+                        label=f"{name[:40]} ({int(sum(p[2] for p in pts))} completions)")
         ax.set_title("stated confidence" if kind == "stated" else "agreement of the n samples", fontsize=9)
         ax.set_xlabel("confidence (bin mean)")
         ax.set_ylabel("accuracy in the bin")
@@ -241,10 +266,11 @@ def _plot_formats(fnd: dict, path: str) -> bool:
     cols = min(3, len(classes))
     rows = math.ceil(len(classes) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), squeeze=False)
+    colors = _colors(len(fnd["runs"]))
     for ax, c in zip(axes.ravel(), classes):
-        for key, r in fnd["runs"].items():
+        for color, (key, r) in zip(colors, fnd["runs"].items()):
             if c in r["train"]:
-                ax.plot([s + 1 for s in r["steps"]], r["train"][c], marker=".", label=key)
+                ax.plot([s + 1 for s in r["steps"]], r["train"][c], marker=".", color=color, label=key)
         ax.set_title(c, fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
@@ -409,6 +435,17 @@ def _sample_section(fnd: dict) -> list[str]:
 _METRIC_NAMES = {"ece": "ECE", "brier": "Brier", "auroc": "AUROC"}
 
 
+def verdict_word(d: dict) -> str:
+    """Where a difference's interval lies relative to 0."""
+    if _nan(d.get("ci_low")):
+        return "no interval"
+    if d["ci_low"] > 0:
+        return "interval above 0"
+    if d["ci_high"] < 0:
+        return "interval below 0"
+    return "interval includes 0"
+
+
 def _cal_row(name: str, p1: dict | None, m: dict | None) -> str:
     if m is None:
         return f"| {name} | {_ci(p1)} | no per-completion data | | | |"
@@ -422,9 +459,12 @@ def _cal_sentence(name: str, p1: dict | None, m: dict | None, kind: str) -> str 
     if kind == "stated" and (_nan(m["answered"]["value"]) or m["answered"]["value"] == 0):
         return (f"- {name} (pass@1 {_ci(p1)}) stated no parseable confidence in any held-out completion: its ECE, "
                 f"Brier and AUROC of stated confidence are undefined.")
-    over = (f", over the {_pct(m['answered']['value'])} of completions that stated one" if kind == "stated" else "")
+    over = (f", over the {m['answered_count']} of {m['total']} completions that stated one" if kind == "stated"
+            else "")
     auroc = (f"AUROC {_ci(m['auroc'])}" if not _nan(m["auroc"]["value"])
-             else "AUROC undefined (all its answers right or all wrong)")
+             else "AUROC undefined (its answers with a confidence are all right or all wrong)")
+    if not _nan(m["auroc"]["value"]) and m["auroc"]["defined_in"] < m["resamples"]:
+        auroc += f" (its interval from the {m['auroc']['defined_in']} of {m['resamples']} resamples where it exists)"
     return f"- {name} at pass@1 {_ci(p1)}: ECE {_ci(m['ece'])}, Brier {_ci(m['brier'])}, {auroc}{over}."
 
 
@@ -540,7 +580,7 @@ def _formats_section(fnd: dict) -> list[str]:
         return lines + [fnd["note"] + "."]
     classes = list(fnd["classes"]) + ["unmatched"]
     lines += [f"![formats]({FIGURES['formats']})", "", "Classes (regex searched in each completion): "
-              + ", ".join(f"`{c}` = `{p}`" for c, p in fnd["classes"].items()) + ".", "",
+              + ", ".join(f"`{c}` = {_code(p)}" for c, p in fnd["classes"].items()) + ".", "",
               "Fraction of training rollouts at the first -> last step, and on the held-out set after training "
               "(accuracy within the class in parentheses):", "",
               "| run | " + " | ".join(f"`{c}`" for c in classes) + " |", "|---|" + "---|" * len(classes)]

@@ -114,9 +114,9 @@ def bootstrap_calibration(per_completion: dict, n: int, other: dict | None = Non
     """Calibration of one evaluation with bootstrap CIs, and with ``other`` (same problems) the paired difference
     self - other.
 
-    Returns {"answered", "ece", "brier", "auroc": {"value", "ci_low", "ci_high", "defined_in"}, and "difference":
-    {metric: {...}} when ``other`` is given}. "defined_in" counts the resamples where the metric exists (AUROC needs
-    right and wrong answers among the stated confidences).
+    Returns {"answered", "ece", "brier", "auroc": {"value", "ci_low", "ci_high", "defined_in"}, "answered_count",
+    "total", "resamples", and "difference": {metric: {...}} when ``other`` is given}. "defined_in" counts the
+    resamples where the metric exists (AUROC needs right and wrong answers among the stated confidences).
     """
     conf, corr = _arrays(per_completion, n)
     paired = other is not None
@@ -148,5 +148,6 @@ def bootstrap_calibration(per_completion: dict, n: int, other: dict | None = Non
         for k in point:
             lo, hi, defined = _ci(diffs[k])
             out["difference"][k] = {"value": point[k] - point_b[k], "ci_low": lo, "ci_high": hi, "defined_in": defined}
-    out["resamples"] = resamples
+    answered = ~np.isnan(conf)
+    out.update(resamples=resamples, answered_count=int(answered.sum()), total=int(answered.size))
     return out
