@@ -14,10 +14,9 @@ loading), and their ratios ours / TRL's.
 
 What differs by design, recorded in the JSON: our trainer skips the decoder forward/backward of completions whose
 advantage is 0 when beta = 0 (all-equal groups are common with an exact-answer reward on a 135M model), TRL runs them;
-both sides checkpoint activations by default (TRL's GRPOConfig and our RLVRConfig.gradient_checkpointing); ours
-splits the update into RLVRConfig.grad_accumulation micro-batches (default 4) where TRL runs the 32 completions at
-once, and on the CPU our trainer fixes glibc's mmap threshold so freed tensors return to the OS
-(rlvr_fast.trainer.memory). Completion lengths depend on sampling and are reported per side.
+TRL's GRPOConfig checkpoints activations by default, ours only on a GPU (on the CPU it keeps them and splits the
+update into RLVRConfig.grad_accumulation micro-batches, default 8, where TRL runs the 32 completions at once); on the
+CPU our trainer also fixes glibc's mmap threshold so freed tensors return to the OS (rlvr_fast.trainer.memory). Completion lengths depend on sampling and are reported per side.
 
     python benchmarks/bench_train_step_vs_trl.py                          # the full measurement (minutes)
     python benchmarks/bench_train_step_vs_trl.py --steps 1 --completion-len 8 --prompts 2 --group 4   # smoke run
@@ -102,7 +101,8 @@ def child_ours(args) -> dict:
             })  # fmt: skip
     return {"side": "ours", "steps": steps, "loaded_peak_rss_bytes": loaded_rss,
             "torch_threads": torch.get_num_threads(), "grad_accumulation": cfg.grad_accumulation,
-            "gradient_checkpointing": cfg.gradient_checkpointing}  # fmt: skip
+            "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True
+                                          for m in trainer.model.modules())}  # fmt: skip
 
 
 def child_trl(args) -> dict:
