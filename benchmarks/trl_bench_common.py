@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -54,19 +53,19 @@ def machine_info() -> dict[str, Any]:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (ru_maxrss; KiB on Linux)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    """The process's peak resident set size so far (the trainer's own CPU peak measure)."""
+    import torch
+
+    from rlvr_fast.trainer.run_log import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu"))
 
 
 def reset_peak_rss() -> bool:
     """Reset Linux's VmHWM so that ``current_peak_rss_bytes`` reports the peak from now on (False where impossible)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    from rlvr_fast.benchmark.memory import reset_high_water_mark
+
+    return reset_high_water_mark()
 
 
 def current_peak_rss_bytes() -> int | None:

@@ -51,7 +51,7 @@ def _libc():
     return ctypes.CDLL(name) if name else None
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -68,7 +68,7 @@ def _cpu_peak(fn: Callable[[], object]) -> PeakMemory | None:
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
     before = _status_kib("VmRSS")
-    if not _reset_high_water_mark():
+    if not reset_high_water_mark():
         return None
     result = fn()
     peak = _status_kib("VmHWM")
