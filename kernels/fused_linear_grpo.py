@@ -29,7 +29,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from rlvr_fast.kernels.grpo_loss import N_STATS, grpo_token_terms
 from rlvr_fast.kernels.logprobs import _online_fold, acc_dtype
 
@@ -129,7 +128,7 @@ def _dlogits_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     p = tl.exp(x * inv_t - lse[:, None])
-    # d logp_t / dz_v = 1[v = t] - p_v (ALGORITHMS.md section 3), times the row's upstream gradient
+    # d logp_t / dz_v = 1[v = t] - p_v (docs/design.md §3), times the row's upstream gradient
     dz = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - p * g[:, None]
     dz = tl.where(read, dz, 0.0)
     out = dz_ptr + rows[:, None] * stride_dz + cols[None, :]
@@ -192,9 +191,21 @@ def _token_terms_kernel(
         pg_grad_scale = tl.full([BLOCK], 1.0, ACC)
 
     loss, dlogp, ratio, kl, low, high, dual = grpo_token_terms(
-        logp, ref, log_ratio, adv, pg_grad_scale, beta, eps_low, eps_high, dual_clip,
-        HAS_REF, KL_IN_LOSS, KL, DUAL_CLIP, SERIES,
-    )  # fmt: skip
+        logp,
+        ref,
+        log_ratio,
+        adv,
+        pg_grad_scale,
+        beta,
+        eps_low,
+        eps_high,
+        dual_clip,
+        HAS_REF,
+        KL_IN_LOSS,
+        KL,
+        DUAL_CLIP,
+        SERIES,
+    )
     if ROW_NORM:
         coef = w * tl.load(row_coef_ptr + row, mask=active, other=0.0).to(ACC)
     else:

@@ -314,9 +314,21 @@ def _grpo_loss_fwd_kernel(
         pg_grad_scale = one
 
     loss, dlogp, ratio, kl, low, high, dual = grpo_token_terms(
-        logp, ref, log_ratio, adv, pg_grad_scale, beta, eps_low, eps_high, dual_clip,
-        HAS_REF, KL_IN_LOSS, KL, DUAL_CLIP, SERIES,
-    )  # fmt: skip
+        logp,
+        ref,
+        log_ratio,
+        adv,
+        pg_grad_scale,
+        beta,
+        eps_low,
+        eps_high,
+        dual_clip,
+        HAS_REF,
+        KL_IN_LOSS,
+        KL,
+        DUAL_CLIP,
+        SERIES,
+    )
     if ROW_NORM:
         coef = w / n_row_clamped
     else:

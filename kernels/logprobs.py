@@ -1,4 +1,4 @@
-"""Triton kernels of the fused log-prob gather (ALGORITHMS.md section 3) and their launchers.
+"""Triton kernels of the fused log-prob gather (docs/design.md §3) and their launchers.
 
 From hidden states (``token_logprobs``), z = (hidden @ weight^T + bias) * inv_t is never stored:
 
@@ -186,8 +186,24 @@ def _token_logprobs_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         z = _logit_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w, inv_t,
-            HAS_BIAS, ACC, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            D,
+            stride_h,
+            stride_w,
+            inv_t,
+            HAS_BIAS,
+            ACC,
+            UPCAST,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
         )
         # The target's column lives in exactly one tile of one split; every other tile adds 0.
         hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
@@ -242,7 +258,7 @@ def _token_logprobs_combine_kernel(
         tl.store(entropy_ptr + rows, log_s - a_all / s_all, mask=row_ok)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -405,8 +421,24 @@ def _token_logprobs_dlogits_kernel(
     col_ok = local < v_count
     cols = v_begin + local
     z = _logit_tile(
-        hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w, inv_t,
-        HAS_BIAS, ACC, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        D,
+        stride_h,
+        stride_w,
+        inv_t,
+        HAS_BIAS,
+        ACC,
+        UPCAST,
+        PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
     )
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     logp = z - lse[:, None]
@@ -428,9 +460,7 @@ def _token_logprobs_dlogits_kernel(
 
 # Keyed on D (and the dtypes) only: N changes every step and the chunk width with it, a retune each time would cost
 # more than it gains.
-_dlogits_tuned = triton.autotune(configs=_matmul_configs(), key=["D", "HAS_G_ENT"])(
-    _token_logprobs_dlogits_kernel
-)
+_dlogits_tuned = triton.autotune(configs=_matmul_configs(), key=["D", "HAS_G_ENT"])(_token_logprobs_dlogits_kernel)
 
 
 def _dz_chunk(n: int, v: int) -> int:

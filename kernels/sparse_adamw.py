@@ -168,20 +168,84 @@ def _sparse_adamw_kernel(
         # Full blocks take the unmasked path (vector loads); only a segment's last block is masked.
         if base + BLOCK <= count:
             if dense != 0:
-                _adamw_entries(p_ptr, g_ptr, local, m_ptr, v_ptr, e, ok, decay, w1, beta2, w2, step_size, bc2_sqrt,
-                               eps, PARAM_IS_BF16=PARAM_IS_BF16, MASKED=False)
+                _adamw_entries(
+                    p_ptr,
+                    g_ptr,
+                    local,
+                    m_ptr,
+                    v_ptr,
+                    e,
+                    ok,
+                    decay,
+                    w1,
+                    beta2,
+                    w2,
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                    PARAM_IS_BF16=PARAM_IS_BF16,
+                    MASKED=False,
+                )
             else:
                 pos = tl.load(idx_ptr + e)
-                _adamw_entries(p_ptr, g_ptr, pos, m_ptr, v_ptr, e, ok, decay, w1, beta2, w2, step_size, bc2_sqrt,
-                               eps, PARAM_IS_BF16=PARAM_IS_BF16, MASKED=False)
+                _adamw_entries(
+                    p_ptr,
+                    g_ptr,
+                    pos,
+                    m_ptr,
+                    v_ptr,
+                    e,
+                    ok,
+                    decay,
+                    w1,
+                    beta2,
+                    w2,
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                    PARAM_IS_BF16=PARAM_IS_BF16,
+                    MASKED=False,
+                )
         elif base < count:
             if dense != 0:
-                _adamw_entries(p_ptr, g_ptr, local, m_ptr, v_ptr, e, ok, decay, w1, beta2, w2, step_size, bc2_sqrt,
-                               eps, PARAM_IS_BF16=PARAM_IS_BF16, MASKED=True)
+                _adamw_entries(
+                    p_ptr,
+                    g_ptr,
+                    local,
+                    m_ptr,
+                    v_ptr,
+                    e,
+                    ok,
+                    decay,
+                    w1,
+                    beta2,
+                    w2,
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                    PARAM_IS_BF16=PARAM_IS_BF16,
+                    MASKED=True,
+                )
             else:
                 pos = tl.load(idx_ptr + e, mask=ok, other=0)
-                _adamw_entries(p_ptr, g_ptr, pos, m_ptr, v_ptr, e, ok, decay, w1, beta2, w2, step_size, bc2_sqrt,
-                               eps, PARAM_IS_BF16=PARAM_IS_BF16, MASKED=True)
+                _adamw_entries(
+                    p_ptr,
+                    g_ptr,
+                    pos,
+                    m_ptr,
+                    v_ptr,
+                    e,
+                    ok,
+                    decay,
+                    w1,
+                    beta2,
+                    w2,
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                    PARAM_IS_BF16=PARAM_IS_BF16,
+                    MASKED=True,
+                )
 
 
 def tiles_per_segment(count: torch.Tensor) -> torch.Tensor:
@@ -229,8 +293,9 @@ def sparse_adamw_step(
 
     # One host buffer, one copy: int64 rows, then the int32 row (padded to 8 bytes), then the float32 rows.
     n_int32 = n + (n % 2)
-    host = torch.empty(8 * INT_ROWS * n + 4 * n_int32 + 4 * HYPER_ROWS * n, dtype=torch.uint8,
-                       pin_memory=device.type == "cuda")
+    host = torch.empty(
+        8 * INT_ROWS * n + 4 * n_int32 + 4 * HYPER_ROWS * n, dtype=torch.uint8, pin_memory=device.type == "cuda"
+    )
     o1, o2 = 8 * INT_ROWS * n, 8 * INT_ROWS * n + 4 * n_int32
     host[:o1].view(torch.int64).copy_(itab.reshape(-1))
     host[o1 : o1 + 4 * n].view(torch.int32).copy_(first_tile)

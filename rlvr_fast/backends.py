@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -25,15 +25,15 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cuda_extension():
     try:
-        from rlvr_fast import _C  # noqa: F401  (registers torch.ops.rlvr_fast.*)
+        from rlvr_fast import _C
     except ImportError:
         return None
     return _C

@@ -56,8 +56,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     result = train(cfg)
     print()
-    print(f"held-out pass@k before and after training ({len(result.after['correct_counts'])} problems x "
-          f"n={result.after['n']} samples, 95% CIs):")
+    print(
+        f"held-out pass@k before and after training ({len(result.after['correct_counts'])} problems x "
+        f"n={result.after['n']} samples, 95% CIs):"
+    )
     print(result.table)
     print(f"report: {result.output_dir}/report.md")
     return 0
@@ -124,8 +126,12 @@ def _study(args: argparse.Namespace) -> int:
     print(f"study {args.output_dir}: preset {plan.preset}, {len(plan.runs)} runs: {runs}")
     if args.dry_run:
         return 0
-    outcome = run_study(plan, keep_checkpoints=args.keep_checkpoints, retry_failed=not args.no_retry_failed,
-                        command="rlvr-fast " + " ".join(sys.argv[1:]))
+    outcome = run_study(
+        plan,
+        keep_checkpoints=args.keep_checkpoints,
+        retry_failed=not args.no_retry_failed,
+        command="rlvr-fast " + " ".join(sys.argv[1:]),
+    )
     counts = {s: list(outcome.statuses.values()).count(s) for s in sorted(set(outcome.statuses.values()))}
     print(f"runs: {counts}; report: {outcome.report}; every number: {outcome.study_json}")
     return 0 if all(s == "done" for s in outcome.statuses.values()) else 1
@@ -147,21 +153,37 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="base config, arms and seeds")
     p.add_argument("--arms", default=None, help="comma-separated arm names replacing the preset's (e.g. correct,nsr)")
-    p.add_argument("--arms-file", default=None, help="YAML mapping arm name -> RLVRConfig overrides, merged into the "
-                   "registry (or name -> {overrides: ..., doc: ..., group: ..., mask_from: ...})")
-    p.add_argument("--model", default=None,
-                   help="base model for every arm (None: the preset's, else the trainer's default)")
+    p.add_argument(
+        "--arms-file",
+        default=None,
+        help="YAML mapping arm name -> RLVRConfig overrides, merged into the "
+        "registry (or name -> {overrides: ..., doc: ..., group: ..., mask_from: ...})",
+    )
+    p.add_argument(
+        "--model", default=None, help="base model for every arm (None: the preset's, else the trainer's default)"
+    )
     p.add_argument("--task", default=None, help="training task for every arm: 'arithmetic' or a JSONL file")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (None: the preset's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (None: the preset's per-arm counts)")
-    p.add_argument("--set", action="append", type=_parse_set, default=None, metavar="KEY=VALUE",
-                   help="base RLVRConfig override for every arm (repeatable; YAML value)")
+    p.add_argument(
+        "--set",
+        action="append",
+        type=_parse_set,
+        default=None,
+        metavar="KEY=VALUE",
+        help="base RLVRConfig override for every arm (repeatable; YAML value)",
+    )
     p.add_argument("--output-dir", default="runs/study", help="the study folder (state, runs, report)")
-    p.add_argument("--keep-checkpoints", default="final", choices=["all", "final", "none"],
-                   help="checkpoints kept of a finished run")
+    p.add_argument(
+        "--keep-checkpoints",
+        default="final",
+        choices=["all", "final", "none"],
+        help="checkpoints kept of a finished run",
+    )
     p.add_argument("--no-retry-failed", action="store_true", help="leave failed / skipped runs as recorded on rerun")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate every arm's config and list the runs, train nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate every arm's config and list the runs, train nothing"
+    )
     p.set_defaults(func=_study)
 
 

@@ -1,6 +1,6 @@
 """Assertion helpers shared by the tests and the benchmarks (one place, imported everywhere).
 
-Conventions (ARCHITECTURE.md, Testing): compare against the reference by relative RMS error and report it; check NaN
+Conventions (docs/design.md, "Testing"): compare against the reference by relative RMS error and report it; check NaN
 parity; poison outputs before a kernel writes them and check every element was written.
 """
 
@@ -36,7 +36,9 @@ def assert_nan_parity(actual: torch.Tensor, expected: torch.Tensor, name: str = 
     if not torch.equal(a_nan, e_nan):
         extra = (a_nan & ~e_nan).nonzero().tolist()[:5]
         missing = (~a_nan & e_nan).nonzero().tolist()[:5]
-        raise AssertionError(f"{name}: NaN pattern differs; NaN only in actual at {extra}, only in expected at {missing}")
+        raise AssertionError(
+            f"{name}: NaN pattern differs; NaN only in actual at {extra}, only in expected at {missing}"
+        )
 
 
 def assert_close(
@@ -81,7 +83,9 @@ def assert_all_written(t: torch.Tensor, name: str = "output") -> None:
     """No element of a poisoned output is still NaN."""
     bad = torch.isnan(t.detach().cpu()) if t.is_floating_point() else t.detach().cpu() == torch.iinfo(t.dtype).max
     if bool(bad.any()):
-        raise AssertionError(f"{name}: {int(bad.sum())} elements were never written, first at {bad.nonzero()[0].tolist()}")
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} elements were never written, first at {bad.nonzero()[0].tolist()}"
+        )
 
 
 def assert_low_precision_close(
@@ -93,7 +97,7 @@ def assert_low_precision_close(
     atol: float = 0.0,
     name: str = "output",
 ) -> None:
-    """The low-precision rule (ARCHITECTURE.md, Testing): ``actual``'s relative RMS error against the fp32 reference
+    """The low-precision rule (docs/design.md, "Testing"): ``actual``'s relative RMS error against the fp32 reference
     ``expected`` is at most ``factor`` times that of ``plain`` (plain PyTorch run in the same low precision) plus
     ``atol``; NaN patterns must agree."""
     assert_nan_parity(actual, expected, name)
@@ -126,8 +130,15 @@ def char_tokenizer():
     return hf
 
 
-def tiny_causal_lm(tokenizer, *, arch: str = "llama", hidden: int = 32, layers: int = 2, seed: int = 0,
-                   token_bias: dict[str, float] | None = None):
+def tiny_causal_lm(
+    tokenizer,
+    *,
+    arch: str = "llama",
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    token_bias: dict[str, float] | None = None,
+):
     """A randomly initialised Llama or Qwen2 built from a config (no download), float32, in eval mode.
 
     ``token_bias`` adds a bias to the LM head's logits of the named tokens (e.g. make digits likely so that a reward

@@ -24,7 +24,8 @@ SESSION_SEED = int(os.environ.get("RLVR_FAST_TEST_SEED", random.SystemRandom().r
 
 
 def pytest_report_header(config):
-    return f"rlvr_fast test seed: RLVR_FAST_TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
+    interpret = os.environ.get("TRITON_INTERPRET")
+    return f"rlvr_fast test seed: RLVR_FAST_TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={interpret}"
 
 
 @pytest.fixture(autouse=True)

@@ -31,17 +31,19 @@ def header_constants() -> dict[str, int]:
 def test_group_advantage_codes_match_the_c_abi():
     c = header_constants()
     assert {n: e.code for n, e in ESTIMATORS.items()} == {n: c[f"RF_GA_{n.upper()}"] for n in ESTIMATORS}
-    assert SCALES == {n: c[f"RF_GA_SCALE_{n.upper()}"] for n in SCALES}
+    assert {n: c[f"RF_GA_SCALE_{n.upper()}"] for n in SCALES} == SCALES
     short = {"all": "ALL", "positive_only": "POSITIVE", "negative_only": "NEGATIVE"}
-    assert SAMPLE_MODE_CODES == {n: c[f"RF_GA_SAMPLE_{short[n]}"] for n in SAMPLE_MODE_CODES}
+    assert {n: c[f"RF_GA_SAMPLE_{short[n]}"] for n in SAMPLE_MODE_CODES} == SAMPLE_MODE_CODES
 
 
 def test_sparse_adamw_layout_matches_the_c_abi():
     c = header_constants()
     assert c["RF_ENTRY_ALIGN"] == sa.ENTRY_ALIGN
     assert c["RF_ENTRY_ALIGN"] % c["RF_SPARSE_ADAMW_VEC"] == 0  # every segment starts on a vector boundary
-    assert c["RF_SPARSE_ADAMW_TILE"] == c["RF_SPARSE_ADAMW_THREADS"] * c["RF_SPARSE_ADAMW_VEC"] * c[
-        "RF_SPARSE_ADAMW_UNROLL"]
+    assert (
+        c["RF_SPARSE_ADAMW_TILE"]
+        == c["RF_SPARSE_ADAMW_THREADS"] * c["RF_SPARSE_ADAMW_VEC"] * c["RF_SPARSE_ADAMW_UNROLL"]
+    )
     # the per-segment coefficients: the struct's float fields in HYPER_FIELDS order, and the binding's row count
     struct = re.search(r"typedef struct RfAdamwSegment \{(.*?)\} RfAdamwSegment;", HEADER.read_text(), re.S).group(1)
     assert tuple(re.findall(r"^\s*float (\w+);", struct, re.M)) == sa.HYPER_FIELDS

@@ -1,5 +1,6 @@
-"""Evaluation metrics against exact or brute-force references (ALGORITHMS.md section 7): pass@k (math.comb), its
-standard errors, Brier / ECE / AUROC on constructed cases, format frequency, ROUGE-L / LCS and the contamination probe."""
+"""Evaluation metrics against exact or brute-force references (docs/design.md §7): pass@k (math.comb), its
+standard errors, Brier / ECE / AUROC on constructed cases, format frequency, ROUGE-L / LCS and the contamination
+probe."""
 
 from __future__ import annotations
 
@@ -247,8 +248,8 @@ def test_lcs_matches_dynamic_programming(a, b):
 
 
 def test_rouge_l_hand_value():
-    cand = "the cat sat on the mat".split()
-    ref = "the cat lay on a mat".split()
+    cand = ["the", "cat", "sat", "on", "the", "mat"]
+    ref = ["the", "cat", "lay", "on", "a", "mat"]
     # LCS = the cat on mat = 4; P = 4/6, R = 4/6
     r = rouge_l(cand, ref)
     assert (r.precision, r.recall, r.f1) == pytest.approx((4 / 6, 4 / 6, 4 / 6))
@@ -269,7 +270,7 @@ def test_contamination_probe_memorised_vs_fresh():
         out = []
         for p in prefixes:
             full = next(q for q in PROMPTS if q.startswith(p))
-            out.append(full[len(p):] + " The answer is " + ANSWERS[PROMPTS.index(full)] + ".")
+            out.append(full[len(p) :] + " The answer is " + ANSWERS[PROMPTS.index(full)] + ".")
         return out
 
     rep = contamination_probe(PROMPTS, memorised, ANSWERS)
@@ -277,7 +278,7 @@ def test_contamination_probe_memorised_vs_fresh():
     assert set(rep.summary) == {0.4, 0.6, 0.8}
     for s in rep.summary.values():
         assert (s.prompts, s.rouge_l, s.exact_match, s.answer_contained) == (2, 1.0, 1.0, 1.0)
-    first = [r for r in rep.samples if r.index == 0 and r.fraction == 0.4][0]
+    first = next(r for r in rep.samples if r.index == 0 and r.fraction == 0.4)
     words = PROMPTS[0].split()
     assert first.prefix.split() == words[: round(0.4 * len(words))]
     assert first.prefix + " " + first.remainder == PROMPTS[0]

@@ -31,8 +31,16 @@ CLIPS = {  # name -> (eps_low, eps_high, dual_clip)
     "clip_higher": (0.2, 0.28, None),
     "dual_clip": (0.2, 0.28, 3.0),
 }
-METRICS = ("clip_low_frac", "clip_high_frac", "dual_clip_frac", "mean_ratio", "mean_kl", "mean_entropy", "tokens",
-           "tokens_skipped")  # fmt: skip
+METRICS = (
+    "clip_low_frac",
+    "clip_high_frac",
+    "dual_clip_frac",
+    "mean_ratio",
+    "mean_kl",
+    "mean_entropy",
+    "tokens",
+    "tokens_skipped",
+)
 TEMPERATURE = 0.7
 # Small chunks so that chunk and buffer boundaries are crossed: 8 tokens of logits at a time, dz of two chunks per
 # dweight GEMM (Triton path), 16 columns per kernel step (V = 37 is not a multiple); GSPO completions with more than
@@ -91,9 +99,17 @@ def run(fn, batch, *, with_old=True, with_ref=True, **kwargs):
     """(loss, (d/d hidden, d/d weight, d/d bias), metrics) of ``fn`` (ours or the reference) on ``batch``."""
     params = [None if batch[k] is None else batch[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
     kwargs.setdefault("temperature", TEMPERATURE)
-    loss, metrics = fn(params[0], params[1], batch["targets"], batch["mask"], batch["adv"], bias=params[2],
-                       old_logp=batch["old"] if with_old else None, ref_logp=batch["ref"] if with_ref else None,
-                       **kwargs)  # fmt: skip
+    loss, metrics = fn(
+        params[0],
+        params[1],
+        batch["targets"],
+        batch["mask"],
+        batch["adv"],
+        bias=params[2],
+        old_logp=batch["old"] if with_old else None,
+        ref_logp=batch["ref"] if with_ref else None,
+        **kwargs,
+    )
     present = [p for p in params if p is not None]
     grads = iter(torch.autograd.grad(loss, present))
     return loss.detach(), tuple(None if p is None else next(grads) for p in params), metrics
@@ -134,8 +150,17 @@ def test_matches_reference(loss_type, importance_sampling, kl, clip, device, gen
     B, T, D, V = 6, 13, 16, 37
     batch = draw(B, T, D, V, generator, device)
     eps_low, eps_high, dual = CLIPS[clip]
-    kw = dict(beta=0.04, kl=kl, eps_low=eps_low, eps_high=eps_high, dual_clip=dual, loss_type=loss_type,
-              importance_sampling=importance_sampling, return_entropy=True, **loss_kwargs(loss_type, T))  # fmt: skip
+    kw = dict(
+        beta=0.04,
+        kl=kl,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        return_entropy=True,
+        **loss_kwargs(loss_type, T),
+    )
     expected = run(fused_linear_grpo_loss_reference, batch, **kw)
     for backend in BACKENDS:
         out = run(fused_linear_grpo_loss, batch, backend=backend, config=CONFIGS[backend], **kw)
@@ -165,8 +190,13 @@ def test_multi_chunk_paths(loss_type, importance_sampling, backend, device, gene
     Triton path writing dz over the logits in place (chunks of uneven sizes under GSPO)."""
     B, T = 5, 11
     batch = draw(B, T, 12, 29, generator, device)
-    kw = dict(beta=0.1, loss_type=loss_type, importance_sampling=importance_sampling, return_entropy=True,
-              **loss_kwargs(loss_type, T))  # fmt: skip
+    kw = dict(
+        beta=0.1,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        return_entropy=True,
+        **loss_kwargs(loss_type, T),
+    )
     expected = run(fused_linear_grpo_loss_reference, batch, **kw)
     config = IN_PLACE if backend == "triton" else SMALL
     assert_matches(run(fused_linear_grpo_loss, batch, backend=backend, config=config, **kw), expected, backend)
@@ -186,8 +216,13 @@ def test_zero_advantage_skipping(loss_type, importance_sampling, backend, device
     normalisers still count them."""
     B, T = 6, 12
     batch = draw(B, T, 12, 29, generator, device, zero_adv_rows=(3, 5))
-    kw = dict(loss_type=loss_type, importance_sampling=importance_sampling, return_entropy=True, eps_high=0.28,
-              **loss_kwargs(loss_type, T))  # fmt: skip
+    kw = dict(
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        return_entropy=True,
+        eps_high=0.28,
+        **loss_kwargs(loss_type, T),
+    )
     expected = run(fused_linear_grpo_loss_reference, batch, **kw)
     no_skip = dataclasses.replace(SMALL, skip_zero_advantage=False)
     full = run(fused_linear_grpo_loss, batch, backend=backend, config=no_skip, **kw)
@@ -245,9 +280,17 @@ def test_all_masked_gives_zero_loss_and_gradients(loss_type, backend, device, ge
     batch["mask"] = torch.zeros_like(batch["mask"])
     batch["hidden"] = torch.full_like(batch["hidden"], float("nan"))
     for level in IS_LEVELS:
-        loss, (dh, dw, db), m = run(fused_linear_grpo_loss, batch, beta=0.1, importance_sampling=level,
-                                    loss_type=loss_type, backend=backend, config=SMALL, return_entropy=True,
-                                    **loss_kwargs(loss_type, 7))  # fmt: skip
+        loss, (dh, dw, db), m = run(
+            fused_linear_grpo_loss,
+            batch,
+            beta=0.1,
+            importance_sampling=level,
+            loss_type=loss_type,
+            backend=backend,
+            config=SMALL,
+            return_entropy=True,
+            **loss_kwargs(loss_type, 7),
+        )
         assert float(loss) == 0.0 and (dh == 0).all() and (dw == 0).all() and (db == 0).all()
         assert float(m.tokens) == 0 and float(m.mean_ratio) == 0 and float(m.mean_kl) == 0
         assert float(m.mean_entropy) == 0
@@ -262,12 +305,26 @@ def test_untargeted_tokens_that_count(backend, device, generator):
     batch["mask"][0, 1] = True
     batch["targets"] = batch["targets"].clone()
     batch["targets"][0, 1] = batch["targets"][2, 0] = IGNORE_INDEX
-    expected = run(fused_linear_grpo_loss_reference, batch, beta=0.1, return_entropy=True, loss_type="grpo",
-                   importance_sampling="sequence")  # fmt: skip
+    expected = run(
+        fused_linear_grpo_loss_reference,
+        batch,
+        beta=0.1,
+        return_entropy=True,
+        loss_type="grpo",
+        importance_sampling="sequence",
+    )
     batch["hidden"] = batch["hidden"].clone()
     batch["hidden"][0, 1] = batch["hidden"][2, 0] = float("nan")
-    out = run(fused_linear_grpo_loss, batch, beta=0.1, return_entropy=True, loss_type="grpo",
-              importance_sampling="sequence", backend=backend, config=SMALL)  # fmt: skip
+    out = run(
+        fused_linear_grpo_loss,
+        batch,
+        beta=0.1,
+        return_entropy=True,
+        loss_type="grpo",
+        importance_sampling="sequence",
+        backend=backend,
+        config=SMALL,
+    )
     assert_matches(out, expected, backend)
 
 
@@ -326,12 +383,29 @@ def test_fp64_gradcheck(backend, device, generator):
     batch = draw(3, 5, 3, 7, generator, device, dtype=torch.float64, nan_padding=False)
     config = FusedLinearGrpoConfig(chunk_tokens=3, grad_tokens=6, block_v=4)
     for level in IS_LEVELS:
-        kw = dict(beta=0.3, eps_high=0.28, dual_clip=2.0, loss_type="grpo", importance_sampling=level,
-                  temperature=0.8, backend=backend, config=config)  # fmt: skip
+        kw = dict(
+            beta=0.3,
+            eps_high=0.28,
+            dual_clip=2.0,
+            loss_type="grpo",
+            importance_sampling=level,
+            temperature=0.8,
+            backend=backend,
+            config=config,
+        )
 
-        def f(h, w, b):
-            return fused_linear_grpo_loss(h, w, batch["targets"], batch["mask"], batch["adv"].double(), bias=b,
-                                          old_logp=batch["old"], ref_logp=batch["ref"], **kw)[0]  # fmt: skip
+        def f(h, w, b, kw=kw):
+            return fused_linear_grpo_loss(
+                h,
+                w,
+                batch["targets"],
+                batch["mask"],
+                batch["adv"].double(),
+                bias=b,
+                old_logp=batch["old"],
+                ref_logp=batch["ref"],
+                **kw,
+            )[0]
 
         params = tuple(batch[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
         assert f(*params).dtype == torch.float64
@@ -348,8 +422,15 @@ def test_partial_gradients_and_grad_output(backend, device, generator):
     """A frozen head (only hidden needs a gradient), a frozen trunk (only weight), no gradient at all, and a
     grad_output != 1 (the loss scaled before backward)."""
     batch = draw(4, 8, 8, 19, generator, device)
-    kw = dict(beta=0.05, old_logp=batch["old"], ref_logp=batch["ref"], bias=batch["bias"], backend=backend,
-              config=SMALL, temperature=TEMPERATURE)  # fmt: skip
+    kw = dict(
+        beta=0.05,
+        old_logp=batch["old"],
+        ref_logp=batch["ref"],
+        bias=batch["bias"],
+        backend=backend,
+        config=SMALL,
+        temperature=TEMPERATURE,
+    )
     args = (batch["targets"], batch["mask"], batch["adv"])
     full = run(fused_linear_grpo_loss, batch, beta=0.05, backend=backend, config=SMALL)
     h = batch["hidden"].clone().requires_grad_(True)
@@ -361,7 +442,7 @@ def test_partial_gradients_and_grad_output(backend, device, generator):
     (dw,) = torch.autograd.grad(loss, (w,))
     assert_close(dw, full[1][1], rtol=1e-6, name="d/d weight alone")
     with torch.no_grad():
-        loss, m = fused_linear_grpo_loss(batch["hidden"], batch["weight"], *args, **kw)
+        loss, _m = fused_linear_grpo_loss(batch["hidden"], batch["weight"], *args, **kw)
     assert not loss.requires_grad
     assert_close(loss, full[0], rtol=1e-6, name="no-grad loss")
 
@@ -375,9 +456,8 @@ def test_poisoned_buffers(backend, dtype, device, generator):
     for level, entropy in zip(sorted(IS_LEVELS), (True, False)):  # with and without the entropy's extra scratch
         kw = dict(beta=0.1, loss_type="grpo", importance_sampling=level, return_entropy=entropy)
         loss, grads, m = run(fused_linear_grpo_loss, batch, backend=backend, config=config, **kw)
-        ref_loss, ref_grads, _ = run(fused_linear_grpo_loss_reference, batch, **kw)
-        for name, x in (("loss", loss), ("ratio", m.mean_ratio), ("dh", grads[0]), ("dw", grads[1]),
-                        ("db", grads[2])):  # fmt: skip
+        _ref_loss, ref_grads, _ = run(fused_linear_grpo_loss_reference, batch, **kw)
+        for name, x in (("loss", loss), ("ratio", m.mean_ratio), ("dh", grads[0]), ("dw", grads[1]), ("db", grads[2])):
             assert_all_written(x, name)
         assert entropy == (m.mean_entropy is not None)
         tol = RTOL if dtype == torch.float32 else 2e-2
@@ -419,17 +499,26 @@ def test_row_kernels_one_row_per_program(device, generator):
 def _plan_with_counts(counts):
     n = sum(counts)
     empty = torch.zeros(n, dtype=torch.long)
-    return _Plan(index=empty, rows=empty, targets=empty, w=empty.float(), old=None, ref=None,
-                 row_weight=torch.zeros(len(counts)), tokens=torch.zeros(()), skipped=torch.zeros(()),
-                 counts=list(counts), any_untargeted=False)  # fmt: skip
+    return _Plan(
+        index=empty,
+        rows=empty,
+        targets=empty,
+        w=empty.float(),
+        old=None,
+        ref=None,
+        row_weight=torch.zeros(len(counts)),
+        tokens=torch.zeros(()),
+        skipped=torch.zeros(()),
+        counts=list(counts),
+        any_untargeted=False,
+    )
 
 
 def test_gspo_chunks_hold_whole_completions():
     """GSPO: completions are packed whole (finalised in their chunk); longer ones are split and pre-passed."""
     plan = _plan_with_counts([3, 0, 4, 9, 2, 2, 5, 0])
     chunks, prepass = _chunks(plan, 5, sequence=True)
-    assert chunks == [(0, 3, (0, 1)), (3, 7, (2, 3)), (7, 12, None), (12, 16, None), (16, 20, (4, 6)),
-                      (20, 25, (6, 7))]  # fmt: skip
+    assert chunks == [(0, 3, (0, 1)), (3, 7, (2, 3)), (7, 12, None), (12, 16, None), (16, 20, (4, 6)), (20, 25, (6, 7))]
     assert prepass == [(3, 7, 16)]
     token_chunks, none = _chunks(plan, 5, sequence=False)
     assert token_chunks == [(i, min(i + 5, 25), None) for i in range(0, 25, 5)] and none == []
@@ -453,9 +542,13 @@ def test_default_chunk_budgets():
 
 def _bad_calls(device):
     B, T, D, V = 3, 5, 4, 11
-    good = dict(hidden=torch.randn(B, T, D, device=device), weight=torch.randn(V, D, device=device),
-                targets=torch.randint(0, V, (B, T), device=device), mask=torch.ones(B, T, device=device),
-                advantages=torch.randn(B, device=device))  # fmt: skip
+    good = dict(
+        hidden=torch.randn(B, T, D, device=device),
+        weight=torch.randn(V, D, device=device),
+        targets=torch.randint(0, V, (B, T), device=device),
+        mask=torch.ones(B, T, device=device),
+        advantages=torch.randn(B, device=device),
+    )
 
     def call(**change):
         args = {**good, **change}
@@ -464,34 +557,61 @@ def _bad_calls(device):
         return lambda: fused_linear_grpo_loss(*positional, **args)
 
     return [
-        ("old shape", call(old_logp=torch.zeros(B, T + 1, device=device)), ValueError,
-         r"old_logp must be \(B, T\) = \(3, 5\) like hidden, got torch.Size\(\[3, 6\]\)"),
+        (
+            "old shape",
+            call(old_logp=torch.zeros(B, T + 1, device=device)),
+            ValueError,
+            r"old_logp must be \(B, T\) = \(3, 5\) like hidden, got torch.Size\(\[3, 6\]\)",
+        ),
         ("ref shape", call(ref_logp=torch.zeros(B + 1, T, device=device)), ValueError, r"ref_logp must be \(B, T\)"),
         ("mask shape", call(mask=torch.ones(B, T - 1, device=device)), ValueError, r"mask must be \(B, T\)"),
-        ("targets shape", call(targets=torch.zeros(B, T + 2, dtype=torch.long, device=device)), ValueError,
-         r"targets must be \(B, T\) = \(3, 5\)"),
-        ("advantages shape", call(advantages=torch.zeros(B, 1, device=device)), ValueError,
-         r"advantages must be \(B,\) = \(3,\)"),
+        (
+            "targets shape",
+            call(targets=torch.zeros(B, T + 2, dtype=torch.long, device=device)),
+            ValueError,
+            r"targets must be \(B, T\) = \(3, 5\)",
+        ),
+        (
+            "advantages shape",
+            call(advantages=torch.zeros(B, 1, device=device)),
+            ValueError,
+            r"advantages must be \(B,\) = \(3,\)",
+        ),
         ("hidden 2-D", call(hidden=torch.randn(B * T, D, device=device)), ValueError, r"hidden must be \(B, T, D\)"),
         ("D mismatch", call(weight=torch.randn(V, D + 1, device=device)), ValueError, r"weight must be \(V, D\)"),
-        ("target out of range", call(targets=torch.full((B, T), V, device=device)), ValueError,
-         r"targets must be in \[0, V=11\) or -100"),
+        (
+            "target out of range",
+            call(targets=torch.full((B, T), V, device=device)),
+            ValueError,
+            r"targets must be in \[0, V=11\) or -100",
+        ),
         ("float targets", call(targets=torch.zeros(B, T, device=device)), TypeError, "integer tensor of token ids"),
         ("beta without ref", call(beta=0.04), ValueError, r"beta=0.04 > 0 needs ref_logp"),
-        ("unknown loss type", call(loss_type="ppo"), ValueError,
-         r"unknown loss_type 'ppo'; valid loss types: \['bnpo', 'dapo', 'dr_grpo', 'grpo'\]"),
+        (
+            "unknown loss type",
+            call(loss_type="ppo"),
+            ValueError,
+            r"unknown loss_type 'ppo'; valid loss types: \['bnpo', 'dapo', 'dr_grpo', 'grpo'\]",
+        ),
         ("unknown kl", call(kl="k4"), ValueError, r"unknown kl 'k4'; valid KL estimators"),
         ("unknown level", call(importance_sampling="seq"), ValueError, r"unknown importance_sampling 'seq'"),
         ("num_items 0", call(num_items=0), ValueError, r"num_items must be > 0"),
         ("dr_grpo without L", call(loss_type="dr_grpo"), ValueError, r"needs max_completion_length"),
         ("temperature", call(temperature=0.0), ValueError, "temperature must be a positive number"),
-        ("dtype mismatch", call(weight=torch.randn(V, D, device=device, dtype=torch.float64)), TypeError,
-         "hidden and weight must share a dtype"),
+        (
+            "dtype mismatch",
+            call(weight=torch.randn(V, D, device=device, dtype=torch.float64)),
+            TypeError,
+            "hidden and weight must share a dtype",
+        ),
         ("bias shape", call(bias=torch.randn(V + 1, device=device)), ValueError, r"bias must be \(V,\)"),
         ("weight device", call(weight=torch.empty(V, D, device="meta")), ValueError, "weight is on meta"),
-        ("empty vocabulary",
-         call(weight=torch.randn(0, D, device=device), targets=torch.full((B, T), -100, device=device)), ValueError,
-         "V >= 1"),
+        (
+            "empty vocabulary",
+            call(weight=torch.randn(0, D, device=device), targets=torch.full((B, T), -100, device=device)),
+            ValueError,
+            "V >= 1",
+        ),
         ("return_entropy", call(return_entropy=1), TypeError, "return_entropy must be a bool"),
         ("config type", call(config={"chunk_tokens": 4}), TypeError, "config must be a FusedLinearGrpoConfig"),
         ("backend", call(backend="tpu"), ValueError, "backend must be one of"),
@@ -532,20 +652,41 @@ def test_parity_with_liger(loss_type, importance_sampling, beta, device, generat
     targets = torch.where(batch["mask"], batch["targets"], 0)  # Liger gathers at every position
     L = T + 4
     liger = liger_grpo.LigerFusedLinearGRPOLoss(
-        beta=beta, compiled=False, use_ref_model=beta > 0, chunk_size=1, epsilon_low=0.2, epsilon_high=0.28,
-        loss_type=loss_type, max_completion_length=L if loss_type == "dr_grpo" else None,
-        importance_sampling_level=importance_sampling, temperature=TEMPERATURE,
-    )  # fmt: skip
+        beta=beta,
+        compiled=False,
+        use_ref_model=beta > 0,
+        chunk_size=1,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=L if loss_type == "dr_grpo" else None,
+        importance_sampling_level=importance_sampling,
+        temperature=TEMPERATURE,
+    )
     params = [batch[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
-    liger_loss, liger_metrics = liger(params[0], params[1], targets, batch["mask"].long(), batch["adv"],
-                                      bias=params[2], ref_per_token_logps=batch["ref"],
-                                      old_per_token_logps=batch["old"])  # fmt: skip
+    liger_loss, liger_metrics = liger(
+        params[0],
+        params[1],
+        targets,
+        batch["mask"].long(),
+        batch["adv"],
+        bias=params[2],
+        ref_per_token_logps=batch["ref"],
+        old_per_token_logps=batch["old"],
+    )
     liger_grads = torch.autograd.grad(liger_loss, params)
-    opts = dict(beta=beta, eps_high=0.28, loss_type=loss_type, importance_sampling=importance_sampling,
-                with_ref=beta > 0, **({"max_completion_length": L} if loss_type == "dr_grpo" else {}))  # fmt: skip
+    opts = dict(
+        beta=beta,
+        eps_high=0.28,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        with_ref=beta > 0,
+        **({"max_completion_length": L} if loss_type == "dr_grpo" else {}),
+    )
     for backend in BACKENDS:
-        loss, grads, m = run(fused_linear_grpo_loss, dict(batch, targets=targets), backend=backend,
-                             config=CONFIGS[backend], **opts)  # fmt: skip
+        loss, grads, m = run(
+            fused_linear_grpo_loss, dict(batch, targets=targets), backend=backend, config=CONFIGS[backend], **opts
+        )
         assert_close(loss, liger_loss, rtol=2e-5, atol=1e-6, name=f"{backend} loss vs Liger")
         for what, g, lg in zip(("hidden", "weight", "bias"), grads, liger_grads):
             assert_close(g, lg, rtol=2e-5, atol=1e-8, name=f"{backend} d/d {what} vs Liger")

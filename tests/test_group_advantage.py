@@ -108,7 +108,7 @@ def test_hand_computed_grpo_uses_bessel_std_and_eps(backend, device):
     out = group_advantages(rewards, 4, eps=0.5, backend=backend)
     torch.testing.assert_close(out.advantages.cpu(), torch.tensor([0.75, -0.25, -0.25, -0.25]), rtol=0, atol=1e-7)
     torch.testing.assert_close(out.std.cpu(), torch.tensor([0.5]), rtol=0, atol=1e-7)
-    # Default eps is tiny: the lone-success advantage is (G-1)/sqrt(G) (ALGORITHMS.md section 1).
+    # Default eps is tiny: the lone-success advantage is (G-1)/sqrt(G) (docs/design.md §1).
     for G, expected in [(8, 2.4748737), (16, 3.75), (32, 5.4800546)]:
         r = torch.zeros(G, device=device)
         r[3] = 1.0
@@ -183,7 +183,16 @@ def test_kernel_writes_every_output(generator, device):
         torch.full((3, n_groups), 7, dtype=torch.int8, device=device),
     )
     group_advantage_fwd(
-        rewards, correct, n_groups=n_groups, group_size=G, estimator=0, scale=0, sample_mode=0, eps=1e-6, lam=0.1, out=out
+        rewards,
+        correct,
+        n_groups=n_groups,
+        group_size=G,
+        estimator=0,
+        scale=0,
+        sample_mode=0,
+        eps=1e-6,
+        lam=0.1,
+        out=out,
     )
     for name in ("advantages", "mean", "std", "solve_rate"):
         assert_all_written(getattr(out, name), name)
@@ -225,7 +234,11 @@ def test_kernel_codes_agree_with_registries():
         "w_reinforce": k.W_REINFORCE,
     }
     assert SCALES == {"group": k.SCALE_GROUP, "batch": k.SCALE_BATCH, "none": k.SCALE_NONE}
-    assert SAMPLE_MODE_CODES == {"all": k.SAMPLE_ALL, "positive_only": k.SAMPLE_POSITIVE, "negative_only": k.SAMPLE_NEGATIVE}
+    assert SAMPLE_MODE_CODES == {
+        "all": k.SAMPLE_ALL,
+        "positive_only": k.SAMPLE_POSITIVE,
+        "negative_only": k.SAMPLE_NEGATIVE,
+    }
 
 
 @pytest.mark.parametrize("backend", ["auto", *FUSED_BACKENDS])
@@ -298,22 +311,50 @@ def test_unavailable_cuda_backend_raises():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(rewards=torch.rand(2, 3, 4)), ValueError, r"rewards must be 1-D \(N,\) or 2-D \(groups, G\), got shape \(2, 3, 4\)"),
+        (
+            dict(rewards=torch.rand(2, 3, 4)),
+            ValueError,
+            r"rewards must be 1-D \(N,\) or 2-D \(groups, G\), got shape \(2, 3, 4\)",
+        ),
         (dict(rewards=torch.rand(3, 5), group_size=4), ValueError, r"shape \(groups, group_size=4\), got \(3, 5\)"),
-        (dict(rewards=torch.rand(10), group_size=4), ValueError, r"number of rewards \(10\) must be divisible by group_size \(4\)"),
+        (
+            dict(rewards=torch.rand(10), group_size=4),
+            ValueError,
+            r"number of rewards \(10\) must be divisible by group_size \(4\)",
+        ),
         (dict(group_size=0), ValueError, r"group_size must be >= 1, got 0"),
         (dict(group_size=2.0), TypeError, r"group_size must be an int, got float"),
-        (dict(rewards=torch.rand(8, dtype=torch.complex64)), TypeError, r"real floating, integer or bool tensor, got dtype torch.complex64"),
+        (
+            dict(rewards=torch.rand(8, dtype=torch.complex64)),
+            TypeError,
+            r"real floating, integer or bool tensor, got dtype torch.complex64",
+        ),
         (dict(rewards="abc"), TypeError, r"rewards must be a tensor or a sequence of numbers, got str"),
-        (dict(estimator="ppo"), ValueError, r"unknown estimator 'ppo'; valid estimators: \['dr_grpo', 'grpo', 'nsr', 'psr', 'rloo', 'w_reinforce'\]"),
+        (
+            dict(estimator="ppo"),
+            ValueError,
+            r"unknown estimator 'ppo'; valid estimators: \['dr_grpo', 'grpo', 'nsr', 'psr', 'rloo', 'w_reinforce'\]",
+        ),
         (dict(scale="token"), ValueError, r"unknown scale 'token'; valid scales"),
         (dict(estimator="rloo", scale="group"), ValueError, r"scale='group' does not apply to estimator='rloo'"),
-        (dict(sample_mode="negative"), ValueError, r"unknown sample_mode 'negative'; valid sample modes: \['all', 'negative_only', 'positive_only'\]"),
+        (
+            dict(sample_mode="negative"),
+            ValueError,
+            r"unknown sample_mode 'negative'; valid sample modes: \['all', 'negative_only', 'positive_only'\]",
+        ),
         (dict(estimator="nsr"), ValueError, r"estimator='nsr' needs correct="),
         (dict(estimator="psr"), ValueError, r"estimator='psr' needs correct="),
         (dict(estimator="w_reinforce"), ValueError, r"estimator='w_reinforce' needs correct="),
-        (dict(correct=torch.ones(7, dtype=torch.bool)), ValueError, r"correct must have one entry per reward \(8\), got shape \(7,\)"),
-        (dict(correct=torch.tensor([0, 1, 2, 0, 1, 0, 1, 1.0])), ValueError, r"correct must hold 0/1 \(or bool\) verdicts; correct\[2\] = 2.0"),
+        (
+            dict(correct=torch.ones(7, dtype=torch.bool)),
+            ValueError,
+            r"correct must have one entry per reward \(8\), got shape \(7,\)",
+        ),
+        (
+            dict(correct=torch.tensor([0, 1, 2, 0, 1, 0, 1, 1.0])),
+            ValueError,
+            r"correct must hold 0/1 \(or bool\) verdicts; correct\[2\] = 2.0",
+        ),
         (dict(eps=-1.0), ValueError, r"eps must be >= 0, got -1.0"),
         (dict(eps=float("nan")), ValueError, r"eps must be a finite number, got nan"),
         (dict(lam=float("inf")), ValueError, r"lam must be a finite number, got inf"),

@@ -114,9 +114,15 @@ def test_matches_reference(loss_type, importance_sampling, kl, clip, backend, de
     batch = draw_batch(B, T, generator, device)
     eps_low, eps_high, dual = CLIPS[clip]
     kwargs = dict(
-        beta=0.04, kl=kl, eps_low=eps_low, eps_high=eps_high, dual_clip=dual, loss_type=loss_type,
-        importance_sampling=importance_sampling, **loss_kwargs(loss_type, T),
-    )  # fmt: skip
+        beta=0.04,
+        kl=kl,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        **loss_kwargs(loss_type, T),
+    )
     expected = run(grpo_loss_reference, batch, **kwargs)
     out = run(grpo_loss, batch, backend=backend, **kwargs)
     assert out[2].backend == backend
@@ -133,8 +139,9 @@ def test_draws_exercise_every_branch(device, generator):
     batch = draw_batch(6, 63, generator, device)
     eps_low, eps_high, dual = CLIPS["dual_clip"]
     for level in IS_LEVELS:
-        _, _, m = run(grpo_loss_reference, batch, eps_low=eps_low, eps_high=eps_high, dual_clip=dual,
-                      importance_sampling=level)  # fmt: skip
+        _, _, m = run(
+            grpo_loss_reference, batch, eps_low=eps_low, eps_high=eps_high, dual_clip=dual, importance_sampling=level
+        )
         assert m.clip_low_frac > 0 and m.clip_high_frac > 0 and m.dual_clip_frac > 0, (level, m)
         assert m.tokens_skipped > 0
         clipped_or_skipped = m.clip_low_frac + m.clip_high_frac + m.dual_clip_frac + m.tokens_skipped / m.tokens
@@ -189,9 +196,16 @@ def test_gradcheck_fp64(loss_type, importance_sampling, backend, device, generat
     B, T = 3, 5
     batch = draw_batch(B, T, generator, device, dtype=torch.float64, poison_padding=False)
     kw = dict(
-        beta=0.3, kl="k3", eps_low=0.2, eps_high=0.28, dual_clip=2.0, loss_type=loss_type,
-        importance_sampling=importance_sampling, backend=backend, **loss_kwargs(loss_type, T),
-    )  # fmt: skip
+        beta=0.3,
+        kl="k3",
+        eps_low=0.2,
+        eps_high=0.28,
+        dual_clip=2.0,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        backend=backend,
+        **loss_kwargs(loss_type, T),
+    )
 
     def f(x):
         return grpo_loss(x, batch["old"], batch["ref"], batch["adv"], batch["mask"], **kw)[0]
@@ -291,10 +305,23 @@ def test_kernel_multi_chunk_rows_and_poisoned_outputs(device, generator):
     for sequence, row_norm in itertools.product((False, True), repeat=2):
         dlogp = poisoned((B, T), torch.float32, device)
         out = k.grpo_loss_fwd(
-            batch["logp"], batch["old"], batch["ref"], batch["mask"], batch["adv"], batch["entropy"],
-            beta=0.1, eps_low=0.2, eps_high=0.2, dual_clip=None, kl=k.KL_K3, sequence=sequence,
-            row_norm=row_norm, write_grad=True, dlogp_out=dlogp, block_t=16,
-        )  # fmt: skip
+            batch["logp"],
+            batch["old"],
+            batch["ref"],
+            batch["mask"],
+            batch["adv"],
+            batch["entropy"],
+            beta=0.1,
+            eps_low=0.2,
+            eps_high=0.2,
+            dual_clip=None,
+            kl=k.KL_K3,
+            sequence=sequence,
+            row_norm=row_norm,
+            write_grad=True,
+            dlogp_out=dlogp,
+            block_t=16,
+        )
         assert out.partials.shape == (B * 4, N_STATS)  # 4 programs per completion
         assert_all_written(dlogp, "dlogp")
         loss_type = "grpo" if row_norm else "bnpo"
@@ -318,8 +345,15 @@ def test_all_zero_mask_gives_zero_loss_and_gradient(loss_type, backend, device, 
     batch["mask"] = torch.zeros_like(batch["mask"])
     batch["logp"] = torch.full_like(batch["logp"], float("nan"))  # all padding: never read
     for level in IS_LEVELS:
-        loss, grad, m = run(grpo_loss, batch, beta=0.1, importance_sampling=level, backend=backend,
-                            loss_type=loss_type, **loss_kwargs(loss_type, 20))  # fmt: skip
+        loss, grad, m = run(
+            grpo_loss,
+            batch,
+            beta=0.1,
+            importance_sampling=level,
+            backend=backend,
+            loss_type=loss_type,
+            **loss_kwargs(loss_type, 20),
+        )
         assert float(loss) == 0.0 and (grad == 0).all()
         assert float(m.tokens) == 0 and float(m.mean_ratio) == 0 and float(m.mean_kl) == 0
 
@@ -391,8 +425,18 @@ def test_kl_estimators_by_hand(backend, device):
     for name, (value, dvalue) in expected.items():
         for dtype in (torch.float32, torch.float64):
             x = logp.to(dtype).clone().requires_grad_(True)
-            loss, m = grpo_loss(x, None, ref.to(dtype), adv, mask, beta=1.0, kl=name, loss_type="dr_grpo",
-                                max_completion_length=1, backend=backend)  # fmt: skip
+            loss, m = grpo_loss(
+                x,
+                None,
+                ref.to(dtype),
+                adv,
+                mask,
+                beta=1.0,
+                kl=name,
+                loss_type="dr_grpo",
+                max_completion_length=1,
+                backend=backend,
+            )
             loss.backward()  # dr_grpo with B = 5, L = 1: loss = sum KL / 5
             rtol = 1e-6 if dtype == torch.float32 else 1e-12
             assert_close(x.grad.squeeze(1) * 5, dvalue, rtol=rtol, atol=1e-12, name=f"{name} dKL {dtype}")
@@ -412,10 +456,21 @@ def test_k3_is_accurate_for_tiny_d_in_fp32(backend, device, generator):
     exact = (torch.expm1((ref - logp).double()) - (ref - logp).double()).mean()
     assert abs(float(naive) / float(exact) - 1) > 1e-3  # the naive fp32 formula really is off
     args = [t.to(device) for t in (logp, ref, adv, mask)]
-    expected = run(grpo_loss_reference, dict(logp=args[0], old=None, ref=args[1], adv=args[2], mask=args[3],
-                                             entropy=None), with_old=False, with_entropy=False, beta=0.5)  # fmt: skip
-    out = run(grpo_loss, dict(logp=args[0], old=None, ref=args[1], adv=args[2], mask=args[3], entropy=None),
-              with_old=False, with_entropy=False, beta=0.5, backend=backend)  # fmt: skip
+    expected = run(
+        grpo_loss_reference,
+        dict(logp=args[0], old=None, ref=args[1], adv=args[2], mask=args[3], entropy=None),
+        with_old=False,
+        with_entropy=False,
+        beta=0.5,
+    )
+    out = run(
+        grpo_loss,
+        dict(logp=args[0], old=None, ref=args[1], adv=args[2], mask=args[3], entropy=None),
+        with_old=False,
+        with_entropy=False,
+        beta=0.5,
+        backend=backend,
+    )
     assert_close(out[2].mean_kl, expected[2].mean_kl, rtol=1e-5, name="mean k3")
     assert_close(out[0], expected[0], rtol=1e-5, name="loss")
     assert_close(out[1], expected[1], rtol=1e-5, name="grad")
@@ -447,12 +502,18 @@ def test_nan_at_active_positions_propagates_like_the_reference(kl, importance_sa
 
 def _bad_inputs(B=3, T=5):
     good = dict(
-        logp=-torch.rand(B, T), old_logp=-torch.rand(B, T), ref_logp=-torch.rand(B, T),
-        advantages=torch.randn(B), mask=torch.ones(B, T, dtype=torch.bool),
-    )  # fmt: skip
+        logp=-torch.rand(B, T),
+        old_logp=-torch.rand(B, T),
+        ref_logp=-torch.rand(B, T),
+        advantages=torch.randn(B),
+        mask=torch.ones(B, T, dtype=torch.bool),
+    )
     cases = [
-        ({"old_logp": torch.zeros(B, T + 1)}, ValueError,
-         r"old_logp must have logp's shape \(B, T\) = \(3, 5\), got old_logp shape \(3, 6\)"),
+        (
+            {"old_logp": torch.zeros(B, T + 1)},
+            ValueError,
+            r"old_logp must have logp's shape \(B, T\) = \(3, 5\), got old_logp shape \(3, 6\)",
+        ),
         ({"ref_logp": torch.zeros(B + 1, T)}, ValueError, r"ref_logp must have logp's shape"),
         ({"mask": torch.ones(B, T - 1)}, ValueError, r"mask must have logp's shape"),
         ({"entropy": torch.zeros(T)}, ValueError, r"entropy must have logp's shape"),
@@ -462,11 +523,17 @@ def _bad_inputs(B=3, T=5):
         ({"logp": torch.zeros(B, T, dtype=torch.long)}, TypeError, r"logp must be a floating tensor"),
         ({"old_logp": [0.0] * T}, TypeError, r"old_logp must be a torch.Tensor"),
         ({"mask": None}, TypeError, r"mask must be a \(B, T\) tensor"),
-        ({"loss_type": "ppo"}, ValueError,
-         r"unknown loss_type 'ppo'; valid loss types: \['bnpo', 'dapo', 'dr_grpo', 'grpo'\]"),
+        (
+            {"loss_type": "ppo"},
+            ValueError,
+            r"unknown loss_type 'ppo'; valid loss types: \['bnpo', 'dapo', 'dr_grpo', 'grpo'\]",
+        ),
         ({"kl": "k4"}, ValueError, r"unknown kl 'k4'; valid KL estimators: \['k1', 'k2', 'k3', 'low_var_kl'\]"),
-        ({"importance_sampling": "seq"}, ValueError,
-         r"unknown importance_sampling 'seq'; valid levels: \['sequence', 'token'\]"),
+        (
+            {"importance_sampling": "seq"},
+            ValueError,
+            r"unknown importance_sampling 'seq'; valid levels: \['sequence', 'token'\]",
+        ),
         ({"eps_low": -0.1}, ValueError, r"eps_low must be >= 0.0, got -0.1"),
         ({"eps_low": 1.5}, ValueError, r"eps_low must be <= 1.0, got 1.5"),
         ({"eps_low": float("nan")}, ValueError, r"eps_low must be a finite real number"),
@@ -483,12 +550,15 @@ def _bad_inputs(B=3, T=5):
         ({"num_items": torch.ones(2)}, ValueError, r"num_items must be a number or a one-element tensor"),
         ({"num_items": 10, "loss_type": "grpo"}, ValueError, r"num_items=10 is used only by loss types \['dapo'\]"),
         ({"loss_type": "dr_grpo"}, ValueError, r"loss_type='dr_grpo' needs max_completion_length, got None"),
-        ({"loss_type": "dr_grpo", "max_completion_length": T - 1}, ValueError,
-         r"max_completion_length \(4\) must be >= 1 and >= the completion length T = 5"),
+        (
+            {"loss_type": "dr_grpo", "max_completion_length": T - 1},
+            ValueError,
+            r"max_completion_length \(4\) must be >= 1 and >= the completion length T = 5",
+        ),
         ({"loss_type": "dr_grpo", "max_completion_length": 8.0}, TypeError, r"max_completion_length must be an int"),
         ({"max_completion_length": 8}, ValueError, r"max_completion_length=8 is used only by loss types \['dr_grpo'\]"),
         ({"backend": "cuda_graph"}, ValueError, r"backend must be one of"),
-    ]  # fmt: skip
+    ]
     return good, cases
 
 
@@ -508,12 +578,16 @@ def test_bad_input_raises_clear_errors(case):
 
 def test_kernel_codes_match_the_registries():
     from rlvr_fast.kernels import grpo_loss as k
+
     from rlvr_fast.ops import grpo_loss as ops
     from rlvr_fast.ops import loss_types
 
     assert {n: e.code for n, e in KL_ESTIMATORS.items()} == {
-        "k1": k.KL_K1, "k2": k.KL_K2, "k3": k.KL_K3, "low_var_kl": k.KL_LOW_VAR
-    }  # fmt: skip
+        "k1": k.KL_K1,
+        "k2": k.KL_K2,
+        "k3": k.KL_K3,
+        "low_var_kl": k.KL_LOW_VAR,
+    }
     assert IS_LEVELS["token"].code == k.IS_TOKEN and IS_LEVELS["sequence"].code == k.IS_SEQUENCE
     assert ops.N_STATS == k.N_STATS
     for name in ("LOSS", "KL", "RATIO", "ENTROPY", "CLIP_LOW", "CLIP_HIGH", "DUAL_CLIP", "TOKENS", "SKIPPED"):
@@ -527,8 +601,14 @@ def test_auto_backend_and_no_grad(device, generator):
     loss, m = grpo_loss(batch["logp"], batch["old"], None, batch["adv"], batch["mask"])
     expected = "triton" if (device.type == "cuda" or triton_interpreter_enabled()) else "torch"
     assert m.backend == expected and not loss.requires_grad
-    assert set(m.as_dict()) == {"clip_low_frac", "clip_high_frac", "dual_clip_frac", "mean_ratio", "tokens",
-                                "tokens_skipped"}  # fmt: skip
+    assert set(m.as_dict()) == {
+        "clip_low_frac",
+        "clip_high_frac",
+        "dual_clip_frac",
+        "mean_ratio",
+        "tokens",
+        "tokens_skipped",
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -536,8 +616,9 @@ def test_auto_backend_and_no_grad(device, generator):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def trl_compute_loss(logp, ent, batch, *, loss_type, importance_sampling, beta, eps_high, max_completion_length,
-                     num_items):  # fmt: skip
+def trl_compute_loss(
+    logp, ent, batch, *, loss_type, importance_sampling, beta, eps_high, max_completion_length, num_items
+):
     """TRL 1.16's GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py) called unbound on a stand-in trainer: one
     process, gradient-accumulation factor 1, no vLLM / entropy masking / off-policy masking. Returns (loss, metrics)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
@@ -548,20 +629,36 @@ def trl_compute_loss(logp, ent, batch, *, loss_type, importance_sampling, beta, 
         num_processes=1, gather=lambda t: t, reduce=lambda t, reduction: t, gather_for_metrics=lambda t: t
     )
     trainer = types.SimpleNamespace(
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=importance_sampling,
-        beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=eps_high, use_vllm=False,
-        vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=max_completion_length, accelerator=accelerator,
-        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=metrics,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=importance_sampling,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=0.2,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_completion_length,
+        accelerator=accelerator,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics=metrics,
         args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, ent, None),
-    )  # fmt: skip
+    )
     empty = torch.zeros(B, 0, dtype=torch.long, device=logp.device)
     inputs = dict(
-        prompt_ids=empty, prompt_mask=empty, completion_ids=torch.zeros(B, T, dtype=torch.long, device=logp.device),
-        completion_mask=batch["mask"].long(), advantages=batch["adv"], old_per_token_logps=batch["old"],
-        ref_per_token_logps=batch["ref"], num_items_in_batch=torch.tensor(float(num_items), device=logp.device),
-    )  # fmt: skip
+        prompt_ids=empty,
+        prompt_mask=empty,
+        completion_ids=torch.zeros(B, T, dtype=torch.long, device=logp.device),
+        completion_mask=batch["mask"].long(),
+        advantages=batch["adv"],
+        old_per_token_logps=batch["old"],
+        ref_per_token_logps=batch["ref"],
+        num_items_in_batch=torch.tensor(float(num_items), device=logp.device),
+    )
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     return loss, {k: v[-1] for k, v in metrics["train"].items()}
 
@@ -578,14 +675,30 @@ def test_parity_with_trl(loss_type, importance_sampling, beta, device, generator
     num_items = int(batch["mask"].sum()) + 17  # as if other micro-batches held 17 more tokens
     x = batch["logp"].clone().requires_grad_(True)
     trl_loss, trl_metrics = trl_compute_loss(
-        x, batch["entropy"], batch, loss_type=loss_type, importance_sampling=importance_sampling, beta=beta,
-        eps_high=0.28, max_completion_length=L, num_items=num_items,
-    )  # fmt: skip
+        x,
+        batch["entropy"],
+        batch,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        beta=beta,
+        eps_high=0.28,
+        max_completion_length=L,
+        num_items=num_items,
+    )
     (trl_grad,) = torch.autograd.grad(trl_loss, x)
     extra = {"dr_grpo": {"max_completion_length": L}, "dapo": {"num_items": num_items}}.get(loss_type, {})
     for backend in BACKENDS:
-        loss, grad, m = run(grpo_loss, batch, with_ref=beta > 0, backend=backend, beta=beta, eps_high=0.28,
-                            loss_type=loss_type, importance_sampling=importance_sampling, **extra)  # fmt: skip
+        loss, grad, m = run(
+            grpo_loss,
+            batch,
+            with_ref=beta > 0,
+            backend=backend,
+            beta=beta,
+            eps_high=0.28,
+            loss_type=loss_type,
+            importance_sampling=importance_sampling,
+            **extra,
+        )
         assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6, name=f"{backend} loss vs TRL")
         assert_close(grad, trl_grad, rtol=1e-5, atol=1e-9, name=f"{backend} grad vs TRL")
         assert_close(m.mean_entropy, torch.tensor(trl_metrics["entropy"]), rtol=1e-5, name="entropy vs TRL")
@@ -622,27 +735,51 @@ def test_parity_with_liger_fused_linear_grpo(loss_type, importance_sampling, bet
         ref = plain_token_logprobs(hidden, weight + 0.05 * torch.randn_like(weight), targets, bias, temperature)
     L = T + 4
     liger = liger_grpo.LigerFusedLinearGRPOLoss(
-        beta=beta, compiled=False, use_ref_model=beta > 0, chunk_size=1, epsilon_low=0.2, epsilon_high=0.28,
-        loss_type=loss_type, max_completion_length=L if loss_type == "dr_grpo" else None,
-        importance_sampling_level=importance_sampling, temperature=temperature,
-    )  # fmt: skip
+        beta=beta,
+        compiled=False,
+        use_ref_model=beta > 0,
+        chunk_size=1,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=L if loss_type == "dr_grpo" else None,
+        importance_sampling_level=importance_sampling,
+        temperature=temperature,
+    )
     params = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     liger_loss, liger_metrics = liger(
-        params[0], params[1], targets, mask, batch["adv"], bias=params[2], ref_per_token_logps=ref,
+        params[0],
+        params[1],
+        targets,
+        mask,
+        batch["adv"],
+        bias=params[2],
+        ref_per_token_logps=ref,
         old_per_token_logps=old,
-    )  # fmt: skip
+    )
     liger_grads = torch.autograd.grad(liger_loss, params)
     liger_clip = liger_metrics[-1]
 
     opts = dict(
-        beta=beta, eps_high=0.28, loss_type=loss_type, importance_sampling=importance_sampling,
+        beta=beta,
+        eps_high=0.28,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
         **({"max_completion_length": L} if loss_type == "dr_grpo" else {}),
-    )  # fmt: skip
+    )
     ours = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     ref_loss, ref_metrics = fused_linear_grpo_loss_reference(
-        ours[0], ours[1], targets, mask, batch["adv"], old_logp=old, ref_logp=ref if beta > 0 else None,
-        bias=ours[2], temperature=temperature, **opts,
-    )  # fmt: skip
+        ours[0],
+        ours[1],
+        targets,
+        mask,
+        batch["adv"],
+        old_logp=old,
+        ref_logp=ref if beta > 0 else None,
+        bias=ours[2],
+        temperature=temperature,
+        **opts,
+    )
     results = {"reference": (ref_loss, torch.autograd.grad(ref_loss, ours), ref_metrics)}
     for backend in BACKENDS:
         ps = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]

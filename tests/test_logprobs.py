@@ -63,16 +63,38 @@ def check_ranges(logp, entropy=None):
         assert (entropy >= 0).all(), f"entropy < 0 at {(entropy < 0).nonzero()[:5].tolist()}"
 
 
-def check_token_against_reference(hidden, weight, bias, targets, gen, *, backend, config, temperature=1.0,
-                                  rtol=FP32_RTOL, grad_rtol=2 * FP32_RTOL, **kw):
+def check_token_against_reference(
+    hidden,
+    weight,
+    bias,
+    targets,
+    gen,
+    *,
+    backend,
+    config,
+    temperature=1.0,
+    rtol=FP32_RTOL,
+    grad_rtol=2 * FP32_RTOL,
+    **kw,
+):
     g_logp, g_ent = upstream(targets.numel(), gen, targets.device)
     g_logp, g_ent = g_logp.reshape(targets.shape), g_ent.reshape(targets.shape)
-    logp, ent = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True,
-                               backend=backend, config=config, **kw)
+    logp, ent = token_logprobs(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=temperature,
+        return_entropy=True,
+        backend=backend,
+        config=config,
+        **kw,
+    )
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
     assert logp.shape == targets.shape and ent.shape == targets.shape
-    ref_logp, ref_ent = token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
-                                                 return_entropy=True, **kw)
+    ref_logp, ref_ent = token_logprobs_reference(
+        hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True, **kw
+    )
     assert_close(logp, ref_logp, rtol=rtol, name=f"{backend} logp")
     assert_close(ent, ref_ent, rtol=rtol, name=f"{backend} entropy")
     check_ranges(logp, ent)
@@ -109,8 +131,9 @@ TOKEN_SHAPES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_matches_reference(backend, n, v, config, device, generator):
     hidden, weight, bias, targets = make_inputs(n, 40, v, generator, device, n_ignored=n // 10)
-    check_token_against_reference(hidden, weight, bias, targets, generator, backend=backend, config=config,
-                                  temperature=0.7)
+    check_token_against_reference(
+        hidden, weight, bias, targets, generator, backend=backend, config=config, temperature=0.7
+    )
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -118,16 +141,18 @@ def test_token_logprobs_matches_reference(backend, n, v, config, device, generat
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_bias_and_temperature(backend, temperature, with_bias, device, generator):
     hidden, weight, bias, targets = make_inputs(50, 24, 300, generator, device, bias=with_bias)
-    check_token_against_reference(hidden, weight, bias, targets, generator, backend=backend, config=SMALL,
-                                  temperature=temperature)
+    check_token_against_reference(
+        hidden, weight, bias, targets, generator, backend=backend, config=SMALL, temperature=temperature
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_3d_inputs(backend, device, generator):
     hidden, weight, bias, targets = make_inputs(2 * 33, 16, 200, generator, device, n_ignored=9)
     hidden3 = hidden.detach().reshape(2, 33, 16).requires_grad_()
-    check_token_against_reference(hidden3, weight, bias, targets.reshape(2, 33), generator, backend=backend,
-                                  config=SMALL)
+    check_token_against_reference(
+        hidden3, weight, bias, targets.reshape(2, 33), generator, backend=backend, config=SMALL
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,11 +196,13 @@ def test_token_logprobs_low_precision(backend, dtype, device, generator):
     hidden, weight, bias, targets = make_inputs(70, 32, 500, generator, device, dtype=dtype, n_ignored=5)
     g_logp, g_ent = upstream(70, generator, device)
     inputs = (hidden, weight, bias)
-    logp, ent = token_logprobs(hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True,
-                               backend=backend, config=SMALL)
+    logp, ent = token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True, backend=backend, config=SMALL
+    )
     ours = grads_of((logp, ent), (g_logp, g_ent), inputs)
-    ref = token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True,
-                                   compute_dtype=torch.float32)
+    ref = token_logprobs_reference(
+        hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True, compute_dtype=torch.float32
+    )
     ref_grads = grads_of(ref, (g_logp, g_ent), inputs)
     # plain PyTorch in the low precision: the naive path every baseline starts from
     keep = targets != IGNORE
@@ -194,7 +221,7 @@ def test_token_logprobs_low_precision(backend, dtype, device, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_large_logits_do_not_overflow(backend, device, generator):
     """|z| ~ 1e4: exp would overflow without the running max; logp stays <= 0, entropy >= 0, nothing inf or NaN."""
-    hidden, weight, bias, targets = make_inputs(40, 16, 300, generator, device, bias=False, logit_scale=1e4)
+    hidden, weight, _bias, targets = make_inputs(40, 16, 300, generator, device, bias=False, logit_scale=1e4)
     logp, ent = token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend, config=SMALL)
     ref_logp, ref_ent = token_logprobs_reference(hidden, weight, targets, return_entropy=True)
     assert float(ref_logp.detach().abs().max()) > 1e3
@@ -319,8 +346,9 @@ LOGITS_SHAPES = [(1, 1, DEFAULT), (63, 1000, DEFAULT), (130, 65, SMALL), (130, 1
 
 def check_logits_against_reference(logits, targets, gen, *, backend, config, temperature=1.0, **kw):
     g_logp, g_ent = (g.reshape(targets.shape) for g in upstream(targets.numel(), gen, targets.device))
-    logp, ent = logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=True, backend=backend,
-                                     config=config, **kw)
+    logp, ent = logprobs_from_logits(
+        logits, targets, temperature=temperature, return_entropy=True, backend=backend, config=config, **kw
+    )
     ref = logprobs_from_logits_reference(logits, targets, temperature=temperature, return_entropy=True, **kw)
     assert logp.dtype == torch.float32 and logp.shape == targets.shape
     assert_close(logp, ref[0], rtol=FP32_RTOL, name=f"{backend} logp")
@@ -367,11 +395,13 @@ def test_logprobs_from_logits_low_precision(backend, dtype, device, generator):
     logits = (torch.randn(50, 400, generator=generator) * 3).to(device=device, dtype=dtype).requires_grad_()
     targets = torch.randint(0, 400, (50,), generator=generator).to(device)
     g_logp, g_ent = upstream(50, generator, device)
-    logp, ent = logprobs_from_logits(logits, targets, temperature=0.9, return_entropy=True, backend=backend,
-                                     config=SMALL)
+    logp, ent = logprobs_from_logits(
+        logits, targets, temperature=0.9, return_entropy=True, backend=backend, config=SMALL
+    )
     (dz,) = grads_of((logp, ent), (g_logp, g_ent), (logits,))
-    ref = logprobs_from_logits_reference(logits, targets, temperature=0.9, return_entropy=True,
-                                         compute_dtype=torch.float32)
+    ref = logprobs_from_logits_reference(
+        logits, targets, temperature=0.9, return_entropy=True, compute_dtype=torch.float32
+    )
     (ref_dz,) = grads_of(ref, (g_logp, g_ent), (logits,))
     log_probs = torch.log_softmax(logits / 0.9, dim=-1)
     plain = (log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(log_probs.exp() * log_probs).sum(-1))
@@ -397,8 +427,9 @@ def test_poisoned_buffers(backend, dtype, device, generator):
     tol = FP32_RTOL if dtype == torch.float32 else 2e-2
     for b in (bias, None):  # the torch path forms the logits differently with and without a bias
         inputs = (hidden, weight) if b is None else (hidden, weight, b)
-        out = token_logprobs(hidden, weight, targets, bias=b, temperature=0.8, return_entropy=True, backend=backend,
-                             config=config)
+        out = token_logprobs(
+            hidden, weight, targets, bias=b, temperature=0.8, return_entropy=True, backend=backend, config=config
+        )
         ref = token_logprobs_reference(hidden, weight, targets, bias=b, temperature=0.8, return_entropy=True)
         got = (*out, *grads_of(out, (g_logp, g_ent), inputs))
         expected = (*ref, *grads_of(ref, (g_logp, g_ent), inputs))
@@ -443,8 +474,9 @@ def test_agrees_with_trl(backend, device, generator):
     from trl.kernels import ChunkedLogProbFunction
 
     hidden, weight, bias, targets = make_inputs(64, 24, 333, generator, device)
-    logp, ent = token_logprobs(hidden, weight, targets, bias=bias, temperature=0.9, return_entropy=True,
-                               backend=backend, config=SMALL)
+    logp, ent = token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.9, return_entropy=True, backend=backend, config=SMALL
+    )
     ours = torch.autograd.grad((logp + 0.5 * ent).sum(), (hidden, weight, bias))
     # selective_log_softmax + entropy_from_logits on materialised logits
     logits = (hidden @ weight.t() + bias).detach() / 0.9
@@ -473,10 +505,18 @@ def _bad_token_calls(device):
     meta_w = torch.empty(10, 8, device="meta")
     return [
         ("hidden size mismatch", lambda: token_logprobs(h, torch.randn(10, 7, device=device), t), ValueError, "D=8"),
-        ("target = V", lambda: token_logprobs(h, w, torch.tensor([0, 1, 10, 2], device=device)), ValueError,
-         r"targets\[2\]"),
-        ("negative target", lambda: token_logprobs(h, w, torch.tensor([0, -1, 3, 2], device=device)), ValueError,
-         r"\[0, 10\)"),
+        (
+            "target = V",
+            lambda: token_logprobs(h, w, torch.tensor([0, 1, 10, 2], device=device)),
+            ValueError,
+            r"targets\[2\]",
+        ),
+        (
+            "negative target",
+            lambda: token_logprobs(h, w, torch.tensor([0, -1, 3, 2], device=device)),
+            ValueError,
+            r"\[0, 10\)",
+        ),
         ("integer hidden", lambda: token_logprobs(h.long(), w, t), TypeError, "hidden must be a floating"),
         ("different devices", lambda: token_logprobs(h, meta_w, t), ValueError, "weight is on meta"),
         ("temperature 0", lambda: token_logprobs(h, w, t, temperature=0.0), ValueError, "temperature"),
@@ -494,13 +534,25 @@ def _bad_token_calls(device):
         ("unknown backend", lambda: token_logprobs(h, w, t, backend="tpu"), ValueError, "backend"),
         ("empty vocabulary", lambda: token_logprobs(h, w[:0], t), ValueError, "V >= 1"),
         ("logits int", lambda: logprobs_from_logits(t, t), TypeError, "logits must be a floating"),
-        ("logits target out of range",
-         lambda: logprobs_from_logits(torch.randn(4, 10, device=device), t + 10), ValueError, "targets"),
+        (
+            "logits target out of range",
+            lambda: logprobs_from_logits(torch.randn(4, 10, device=device), t + 10),
+            ValueError,
+            "targets",
+        ),
         ("logits shape", lambda: logprobs_from_logits(torch.randn(3, 10, device=device), t), ValueError, "shape"),
-        ("logits temperature", lambda: logprobs_from_logits(torch.randn(4, 10, device=device), t, temperature=0),
-         ValueError, "temperature"),
-        ("logits devices", lambda: logprobs_from_logits(torch.empty(4, 10, device="meta"), t), ValueError,
-         "targets are on"),
+        (
+            "logits temperature",
+            lambda: logprobs_from_logits(torch.randn(4, 10, device=device), t, temperature=0),
+            ValueError,
+            "temperature",
+        ),
+        (
+            "logits devices",
+            lambda: logprobs_from_logits(torch.empty(4, 10, device="meta"), t),
+            ValueError,
+            "targets are on",
+        ),
     ]
 
 

@@ -47,7 +47,7 @@ def _two_checkpoints(generator, device):
 
 
 def test_update_sparsity_counts(generator, device):
-    a, b, big, small = _two_checkpoints(generator, device)
+    a, b, _big, small = _two_checkpoints(generator, device)
     n_small = int(small.sum())
     out = update_sparsity(a, b)  # bf16, atol 1e-5: only the large changes count
     assert out["w"] == pytest.approx(1 - 150 / 1000)

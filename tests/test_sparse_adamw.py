@@ -165,8 +165,9 @@ def test_reference_is_torch_adamw_when_dense(generator):
     q.grad = g.clone()
     torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1).step()
     zeros = torch.zeros_like(p)
-    new, _, _ = sparse_adamw_reference(p, g, None, zeros, zeros, 1, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                                       weight_decay=0.1)
+    new, _, _ = sparse_adamw_reference(
+        p, g, None, zeros, zeros, 1, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1
+    )
     assert_close(new, q.detach(), rtol=1e-7, name="reference vs torch AdamW")
 
 
@@ -185,8 +186,9 @@ def test_bf16_params_fp32_state(backend, device, generator):
     opt = SparseAdamW(ours, masks, backend=backend, **hyper)
     opt_bf16 = torch.optim.AdamW(torch_bf16, **hyper)
     opt_fp32 = torch.optim.AdamW(fp32, **hyper)
-    ref = [(p.clone(), torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
-           for p in ours]
+    ref = [
+        (p.clone(), torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)) for p in ours
+    ]
     for step in range(1, 5):
         grads = draw_grads(ours, generator, step, skip_step=-1)
         set_grads(ours, grads)
@@ -238,8 +240,10 @@ def test_unmasked_bit_identical_whatever_the_grad(backend, dtype, device, genera
     for step in range(3):
         grads = draw_grads(poisoned, generator, step, skip_step=-1)
         set_grads(clean, grads)
-        bad = [torch.where(m, g, specials[(step + torch.arange(g.numel(), device=device) % 4).reshape(g.shape) % 4])
-               for g, m in zip(grads, masks)]
+        bad = [
+            torch.where(m, g, specials[(step + torch.arange(g.numel(), device=device) % 4).reshape(g.shape) % 4])
+            for g, m in zip(grads, masks)
+        ]
         set_grads(poisoned, bad)
         opt_p.step()
         opt_c.step()
@@ -359,8 +363,10 @@ def test_state_memory_is_12_bytes_per_masked_entry(density, device, generator):
     dense.step()
     dense_bytes = _measured_state_bytes(dense)
     assert dense_bytes >= 8 * n
-    print(f"density {density}: {measured / n:.3f} B/param (12 * density = {12 * masked / n:.3f}); "
-          f"dense AdamW {dense_bytes / n:.3f} B/param")
+    print(
+        f"density {density}: {measured / n:.3f} B/param (12 * density = {12 * masked / n:.3f}); "
+        f"dense AdamW {dense_bytes / n:.3f} B/param"
+    )
 
 
 def test_dense_state_matches_torch_layout(device, generator):
@@ -461,8 +467,17 @@ def test_cuda_op_rejects_bad_tables(device):
     hyper = torch.ones(len(sa.HYPER_FIELDS), 1)
 
     def call(**kw):
-        args = dict(params=[p], grads=[g], indices=idx, exp_avg=state, exp_avg_sq=state.clone(),
-                    entry_start=torch.tensor([0]), count=torch.tensor([40]), dense=torch.tensor([True]), hyper=hyper)
+        args = dict(
+            params=[p],
+            grads=[g],
+            indices=idx,
+            exp_avg=state,
+            exp_avg_sq=state.clone(),
+            entry_start=torch.tensor([0]),
+            count=torch.tensor([40]),
+            dense=torch.tensor([True]),
+            hyper=hyper,
+        )
         args.update(kw)
         torch.ops.rlvr_fast.sparse_adamw_step(*args.values())
 
@@ -565,26 +580,46 @@ def _p(*shape, dtype=torch.float32):
 
 BAD_CONSTRUCTION = [
     ("mask dtype", lambda: SparseAdamW([_p(3)], [torch.ones(3)]), TypeError, r"torch\.bool, got torch\.float32"),
-    ("mask shape", lambda: SparseAdamW([_p(3, 4)], [torch.ones(4, 3, dtype=torch.bool)]), ValueError,
-     r"shape \(3, 4\), got \(4, 3\)"),
+    (
+        "mask shape",
+        lambda: SparseAdamW([_p(3, 4)], [torch.ones(4, 3, dtype=torch.bool)]),
+        ValueError,
+        r"shape \(3, 4\), got \(4, 3\)",
+    ),
     ("mask count", lambda: SparseAdamW([_p(3), _p(2)], [None]), ValueError, r"one entry per parameter \(2\), got 1"),
     ("mask not a tensor", lambda: SparseAdamW([_p(3)], [[True, False, True]]), TypeError, r"bool tensor or None"),
     ("masks a tensor", lambda: SparseAdamW([_p(3)], torch.ones(3, dtype=torch.bool)), TypeError, r"sequence"),
     ("dict without names", lambda: SparseAdamW([_p(3)], {"w": None}), TypeError, r"without names"),
-    ("unknown name", lambda: SparseAdamW([("w", _p(3))], {"v": torch.ones(3, dtype=torch.bool)}), ValueError,
-     r"does not hold: 'v'"),
+    (
+        "unknown name",
+        lambda: SparseAdamW([("w", _p(3))], {"v": torch.ones(3, dtype=torch.bool)}),
+        ValueError,
+        r"does not hold: 'v'",
+    ),
     ("lr", lambda: SparseAdamW([_p(3)], None, lr=-1.0), ValueError, r"lr must be a finite number >= 0, got -1\.0"),
     ("lr nan", lambda: SparseAdamW([_p(3)], None, lr=float("nan")), ValueError, r"lr must be"),
-    ("beta1", lambda: SparseAdamW([_p(3)], None, betas=(1.0, 0.9)), ValueError,
-     r"betas\[0\] must be a number in \[0, 1\), got 1\.0"),
+    (
+        "beta1",
+        lambda: SparseAdamW([_p(3)], None, betas=(1.0, 0.9)),
+        ValueError,
+        r"betas\[0\] must be a number in \[0, 1\), got 1\.0",
+    ),
     ("beta2", lambda: SparseAdamW([_p(3)], None, betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
     ("betas arity", lambda: SparseAdamW([_p(3)], None, betas=(0.9,)), ValueError, r"betas must be a pair"),
     ("eps", lambda: SparseAdamW([_p(3)], None, eps=-1e-8), ValueError, r"eps must be a finite number >= 0"),
     ("weight decay", lambda: SparseAdamW([_p(3)], None, weight_decay=-0.1), ValueError, r"weight_decay must be"),
-    ("group lr", lambda: SparseAdamW([{"params": [_p(3)]}, {"params": [_p(2)], "lr": -1.0}], None), ValueError,
-     r"param_groups\[1\]: lr must be"),
-    ("param dtype", lambda: SparseAdamW([_p(3, dtype=torch.float16)], None), TypeError,
-     r"float32 or bfloat16, got dtype torch\.float16"),
+    (
+        "group lr",
+        lambda: SparseAdamW([{"params": [_p(3)]}, {"params": [_p(2)], "lr": -1.0}], None),
+        ValueError,
+        r"param_groups\[1\]: lr must be",
+    ),
+    (
+        "param dtype",
+        lambda: SparseAdamW([_p(3, dtype=torch.float16)], None),
+        TypeError,
+        r"float32 or bfloat16, got dtype torch\.float16",
+    ),
     ("non-contiguous", lambda: SparseAdamW([_p(4, 3).t()], None), ValueError, r"contiguous"),
     ("backend name", lambda: SparseAdamW([_p(3)], None, backend="fast"), ValueError, r"backend must be one of"),
 ]
@@ -622,7 +657,7 @@ def test_load_state_dict_with_other_masks_raises(device, generator):
     m2[0, 0] = False
     m2[7, 7] = not bool(m1[7, 7])
     opt = SparseAdamW([p], [m1])
-    with pytest.raises(ValueError, match="differ from this optimizer's mask|must have"):
+    with pytest.raises(ValueError, match=r"differ from this optimizer's mask|must have"):
         SparseAdamW([p], [m2]).load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="masked here but dense in the state dict"):
         SparseAdamW([p], [m1]).load_state_dict(SparseAdamW([p], [None]).state_dict())

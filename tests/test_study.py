@@ -60,13 +60,31 @@ def make_loader(tok, calls=None):
 def tiny_plan(root, arms, *, steps=4, seeds=None, arms_file=None, **extra):
     os.makedirs(root, exist_ok=True)
     overrides = dict(
-        eval_file=write_task(os.path.join(root, "eval.jsonl"), 4, "eval"), train_size=12, eval_size=4, group_size=8,
-        prompts_per_step=2, max_prompt_length=32, max_completion_length=6, eval_samples=3, lr=1e-2, grad_clip=None,
-        checkpoint_every=2, progress=False, format_classes={"digits_only": r"^\d+$", "has_five": "5"},
+        eval_file=write_task(os.path.join(root, "eval.jsonl"), 4, "eval"),
+        train_size=12,
+        eval_size=4,
+        group_size=8,
+        prompts_per_step=2,
+        max_prompt_length=32,
+        max_completion_length=6,
+        eval_samples=3,
+        lr=1e-2,
+        grad_clip=None,
+        checkpoint_every=2,
+        progress=False,
+        format_classes={"digits_only": r"^\d+$", "has_five": "5"},
     )
     overrides.update(extra)
-    return plan_study("quick", arms=arms, arms_file=arms_file, task=write_task(os.path.join(root, "train.jsonl"), 12,
-                      "train"), steps=steps, seeds=seeds, overrides=overrides, output_dir=os.path.join(root, "study"))
+    return plan_study(
+        "quick",
+        arms=arms,
+        arms_file=arms_file,
+        task=write_task(os.path.join(root, "train.jsonl"), 12, "train"),
+        steps=steps,
+        seeds=seeds,
+        overrides=overrides,
+        output_dir=os.path.join(root, "study"),
+    )
 
 
 def load_study(plan) -> dict:
@@ -100,16 +118,23 @@ def finished(tmp_path_factory, tok):
 
 def test_study_json_has_every_finding(finished):
     plan, outcome, study, calls = finished
-    assert outcome.statuses == {"correct/seed0": "done", "correct/seed1": "done", "brier/seed0": "done",
-                                "correct_conf/seed0": "done"}
+    assert outcome.statuses == {
+        "correct/seed0": "done",
+        "correct/seed1": "done",
+        "brier/seed0": "done",
+        "correct_conf/seed0": "done",
+    }
     assert calls == [plan.runs[0].config["model"]]  # the base model is loaded once and copied per run
     fnd = study["findings"]
     assert set(fnd) == set(FINDINGS)
 
     # 1. pass@k curves for k = 1..n of every base setting and run, with paired differences and crossings
     pk = fnd["pass_at_k"]
-    assert set(pk["base"]) == {"base", "base (seed=1)",
-                               "base (prompt_template=the confidence prompt, max_completion_length=24)"}
+    assert set(pk["base"]) == {
+        "base",
+        "base (seed=1)",
+        "base (prompt_template=the confidence prompt, max_completion_length=24)",
+    }
     for key in ("correct/seed0", "correct/seed1", "brier/seed0", "correct_conf/seed0"):
         r = pk["runs"][key]
         assert sorted(r["curve"]) == ["1", "2", "3"] and sorted(r["delta"]) == ["1", "2", "3"]
@@ -170,7 +195,8 @@ def test_numbers_match_the_runs_own_outputs(finished):
     # Update sparsity, recomputed from the final checkpoint's weights against a fresh base model.
     from safetensors.torch import load_file
 
-    latest = open(os.path.join(spec.run_dir, "checkpoints", "latest")).read().strip()
+    with open(os.path.join(spec.run_dir, "checkpoints", "latest")) as f:
+        latest = f.read().strip()
     final = load_file(os.path.join(spec.run_dir, "checkpoints", latest, "model.safetensors"))
     base = dict(tiny_causal_lm(char_tokenizer(), token_bias=TOKEN_BIAS).named_parameters())
     for dtype, label in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
@@ -302,11 +328,17 @@ def test_failing_arm_is_reported_and_the_others_kept(tmp_path, tok):
     "arms_yaml,arms,match",
     [
         (None, ["correct", "corect"], r"unknown arm 'corect'; known arms: \[.*'correct'"),
-        ("typo: {lrr: 0.1}\n", ["correct", "typo"],
-         r"arm 'typo' \(from .*arms.yaml\): unknown RLVRConfig field \['lrr'\]"),
+        (
+            "typo: {lrr: 0.1}\n",
+            ["correct", "typo"],
+            r"arm 'typo' \(from .*arms.yaml\): unknown RLVRConfig field \['lrr'\]",
+        ),
         ("zero: {group_size: 0}\n", ["correct", "zero"], r"arm 'zero' .*seed 0: RLVRConfig.group_size must be >= 1"),
-        ("bad_reward: {rewards: {corect: 1.0}}\n", ["correct", "bad_reward"],
-         r"arm 'bad_reward' .*unknown reward modes \['corect'\]"),
+        (
+            "bad_reward: {rewards: {corect: 1.0}}\n",
+            ["correct", "bad_reward"],
+            r"arm 'bad_reward' .*unknown reward modes \['corect'\]",
+        ),
         ("own_seed: {seed: 3}\n", ["correct", "own_seed"], r"arm 'own_seed' overrides \['seed'\], which the study"),
         (None, ["sparse_reuse"], r"arm 'sparse_reuse' takes its SparseAdamW mask from arm 'correct', which is"),
     ],

@@ -1,6 +1,6 @@
 """Synthetic tasks: every generated answer is re-derived from the expression *text* by an independent evaluator written
 here (a shunting-yard over Fraction, sharing no code with the generator's tree), splits share no expression, and
-JSONL loading reports malformed lines with their numbers (ALGORITHMS.md section 8)."""
+JSONL loading reports malformed lines with their numbers (docs/design.md §8)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ def evaluate_text(text: str) -> tuple[Fraction, list[Fraction], list[int]]:
                 output.append(stack.pop())
             stack.pop()
         else:  # left-associative except ^
-            while stack and stack[-1] != "(" and (
-                _PREC[stack[-1]] > _PREC[tok] or (_PREC[stack[-1]] == _PREC[tok] and tok != "^")
+            while (
+                stack
+                and stack[-1] != "("
+                and (_PREC[stack[-1]] > _PREC[tok] or (_PREC[stack[-1]] == _PREC[tok] and tok != "^"))
             ):
                 output.append(stack.pop())
             stack.append(tok)
@@ -101,7 +103,9 @@ def test_generated_answers_match_independent_evaluation(preset, seeded):
     for it in items:
         value, intermediates, literals = evaluate_text(it["expression"])  # raises on division by zero
         assert Fraction(it["answer"]) == value, it
-        assert it["answer"] == (str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}")
+        assert it["answer"] == (
+            str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+        )
         assert len(intermediates) == it["steps"] and cfg.min_steps <= it["steps"] <= cfg.max_steps
         assert all(abs(v.numerator) < 10**cfg.max_digits and v.denominator < 10**cfg.max_digits for v in intermediates)
         if cfg.nonnegative:
@@ -122,9 +126,11 @@ def test_random_calculation_covers_all_steps_and_operations(seeded):
 
 
 def test_difficulty_knobs(seeded):
-    cfg = ArithmeticConfig(min_steps=3, max_steps=3, operand_min=5, operand_max=9, ops=("*",), leaf_weights={"int": 1.0})
+    cfg = ArithmeticConfig(
+        min_steps=3, max_steps=3, operand_min=5, operand_max=9, ops=("*",), leaf_weights={"int": 1.0}
+    )
     for it in generate_problems(cfg, 50, seed=seeded):
-        value, intermediates, literals = evaluate_text(it["expression"])
+        _value, _intermediates, literals = evaluate_text(it["expression"])
         assert it["expression"].count("*") == 3 and all(5 <= x <= 9 for x in literals)
     ints = get_preset("medium", integer_values=True, leaf_weights={"int": 1.0})
     for it in generate_problems(ints, 100, seed=seeded):
@@ -206,7 +212,9 @@ def test_jsonl_round_trip(tmp_path, seeded):
 
 def test_jsonl_accepts_numbers_and_blank_lines(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text('{"prompt": "p1", "answer": 42}\n\n   \n{"prompt": "p2", "answer": "x", "level": 3}\n', encoding="utf-8")
+    path.write_text(
+        '{"prompt": "p1", "answer": 42}\n\n   \n{"prompt": "p2", "answer": "x", "level": 3}\n', encoding="utf-8"
+    )
     assert load_jsonl(path) == [{"prompt": "p1", "answer": "42"}, {"prompt": "p2", "answer": "x", "level": 3}]
 
 

@@ -30,7 +30,9 @@ def write_task(path, n: int, split: str) -> str:
     with open(path, "w") as f:
         for i in range(n):
             a = i % 6
-            f.write(json.dumps({"prompt": f"{split} {i}: {a} + {5 - a} =", "answer": "5", "incorrect_answer": "4"}) + "\n")
+            f.write(
+                json.dumps({"prompt": f"{split} {i}: {a} + {5 - a} =", "answer": "5", "incorrect_answer": "4"}) + "\n"
+            )
     return str(path)
 
 
@@ -84,7 +86,12 @@ ESTIMATOR_REWARD = {  # a reward mode each; centred estimators learn from reward
 def test_every_estimator_and_sample_mode_trains(tmp_path, tokenizer, estimator, sample_mode):
     arch = "qwen2" if estimator in ("rloo", "nsr") else "llama"
     trainer, result, before = run(
-        tmp_path, tokenizer, arch=arch, estimator=estimator, sample_mode=sample_mode, rewards={ESTIMATOR_REWARD[estimator]: 1.0}
+        tmp_path,
+        tokenizer,
+        arch=arch,
+        estimator=estimator,
+        sample_mode=sample_mode,
+        rewards={ESTIMATOR_REWARD[estimator]: 1.0},
     )
     steps = [m for m in result.metrics if "reward_mean" in m]
     assert [m["step"] for m in steps] == [0, 1]
@@ -102,7 +109,14 @@ def test_every_estimator_and_sample_mode_trains(tmp_path, tokenizer, estimator, 
         assert "loss" not in m or torch.isfinite(torch.tensor(m["loss"]))
     assert set(result.before["pass_at_k"]) == {1, 2}
     out = tmp_path / "run"
-    for name in ("metrics.jsonl", "report.md", "reward_curve.png", "pass_at_k.png", "eval_before.json", "eval_after.json"):
+    for name in (
+        "metrics.jsonl",
+        "report.md",
+        "reward_curve.png",
+        "pass_at_k.png",
+        "eval_before.json",
+        "eval_after.json",
+    ):
         assert (out / name).exists(), name
     assert "| k | pass@k before" in result.table
 
@@ -128,7 +142,7 @@ def test_loss_options_train(tmp_path, tokenizer, overrides):
 
 
 def test_sparse_adamw_leaves_unmasked_entries_unchanged(tmp_path, tokenizer):
-    trainer, result, before = run(
+    trainer, _result, before = run(
         tmp_path, tokenizer, optimizer="sparse_adamw", mask_source="random:0.2", rewards={"random": 1.0}
     )
     # The trainer's mask, rebuilt independently from the same seed and density.
@@ -150,8 +164,13 @@ def test_micro_batches_and_checkpointing_give_the_single_pass_gradient(tmp_path,
 
     grads = []
     for accumulation, checkpointing in ((1, False), (3, True)):
-        cfg = tiny_config(tmp_path, loss_type=loss_type, grad_accumulation=accumulation,
-                          gradient_checkpointing=checkpointing, rewards={"correct": 1.0, "random": 0.5})  # fmt: skip
+        cfg = tiny_config(
+            tmp_path,
+            loss_type=loss_type,
+            grad_accumulation=accumulation,
+            gradient_checkpointing=checkpointing,
+            rewards={"correct": 1.0, "random": 0.5},
+        )
         model = tiny_causal_lm(tokenizer, arch="llama", token_bias=TOKEN_BIAS)
         trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
         problems = trainer.train_problems[: cfg.prompts_per_step]

@@ -23,14 +23,14 @@ import torch
 
 pytest.importorskip("trl")
 
-import trl  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+import trl
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
-from rlvr_fast.integrations import trl as rf_trl  # noqa: E402
-from rlvr_fast.integrations.policy_loss import PolicyLossSpec, hidden_state_policy_loss  # noqa: E402
-from rlvr_fast.integrations.trl import (  # noqa: E402
+from rlvr_fast.integrations import trl as rf_trl
+from rlvr_fast.integrations.policy_loss import PolicyLossSpec, hidden_state_policy_loss
+from rlvr_fast.integrations.trl import (
     SUPPORTED_TRL,
     RLVRFastGRPOTrainer,
     UnsupportedTRLSetting,
@@ -38,11 +38,11 @@ from rlvr_fast.integrations.trl import (  # noqa: E402
     patch_grpo_trainer,
     trl_reward_func,
 )
-from rlvr_fast.integrations.trl_config import REFUSALS, TRLLossSettings, check_model, check_settings  # noqa: E402
-from rlvr_fast.ops.grpo_loss import grpo_loss  # noqa: E402
-from rlvr_fast.ops.logprobs import token_logprobs  # noqa: E402
-from rlvr_fast.rewards import reward_fn  # noqa: E402
-from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm  # noqa: E402
+from rlvr_fast.integrations.trl_config import REFUSALS, TRLLossSettings, check_model, check_settings
+from rlvr_fast.ops.grpo_loss import grpo_loss
+from rlvr_fast.ops.logprobs import token_logprobs
+from rlvr_fast.rewards import reward_fn
+from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
 
 # Tokens that end a completion besides <eos>: with ~100 near-uniform tokens, about one draw in five stops, so
 # completions have different lengths (padding, per-sequence normalisers) and some are truncated (mask_truncated).
@@ -165,8 +165,14 @@ def reward_funcs():
 
 def run_stock(model_dir, tokenizer, dataset, args, funcs=None):
     rec = Recorder()
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=funcs or reward_funcs(), args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[rec])  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=funcs or reward_funcs(),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[rec],
+    )
     rec.attach(trainer)
     rollouts = record_or_replay_generation(trainer, None)
     trainer.train()
@@ -175,8 +181,14 @@ def run_stock(model_dir, tokenizer, dataset, args, funcs=None):
 
 def run_patched(model_dir, tokenizer, dataset, args, rollouts, *, via="subclass", funcs=None, **options):
     rec = Recorder()
-    kwargs = dict(model=model_dir, reward_funcs=funcs or reward_funcs(), args=args, train_dataset=dataset,
-                  processing_class=tokenizer, callbacks=[rec])  # fmt: skip
+    kwargs = dict(
+        model=model_dir,
+        reward_funcs=funcs or reward_funcs(),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[rec],
+    )
     if via == "subclass":
         trainer = RLVRFastGRPOTrainer(**kwargs, **options)
     else:
@@ -199,17 +211,24 @@ CASES = {
     "grpo-token": dict(loss_type="grpo", **OFF_POLICY),
     "grpo-sequence-kl": dict(loss_type="grpo", importance_sampling_level="sequence", **KL, **OFF_POLICY),
     "bnpo-token-kl-accum": dict(loss_type="bnpo", **KL, **ACCUM),
-    "bnpo-sequence-truncmask": dict(loss_type="bnpo", importance_sampling_level="sequence",
-                                    mask_truncated_completions=True, max_completion_length=8, **OFF_POLICY),
+    "bnpo-sequence-truncmask": dict(
+        loss_type="bnpo",
+        importance_sampling_level="sequence",
+        mask_truncated_completions=True,
+        max_completion_length=8,
+        **OFF_POLICY,
+    ),
     "dr_grpo-token-temperature": dict(loss_type="dr_grpo", temperature=0.7, scale_rewards="none", **OFF_POLICY),
     "dr_grpo-sequence-kl-accum": dict(loss_type="dr_grpo", importance_sampling_level="sequence", **KL, **ACCUM),
     # steps_per_generation != gradient_accumulation_steps: dapo's num_items_in_batch spans the generation batch and
     # TRL rescales it to one accumulation window
-    "dapo-token-kl-accum-offpolicy": dict(loss_type="dapo", scale_rewards="batch", **KL, **ACCUM, **OFF_POLICY,
-                                          steps_per_generation=4, max_steps=3),
-    "dapo-sequence-dualclip": dict(loss_type="dapo", importance_sampling_level="sequence", epsilon=0.05,
-                                   epsilon_high=0.08, delta=1.1, **OFF_POLICY),
-}  # fmt: skip
+    "dapo-token-kl-accum-offpolicy": dict(
+        loss_type="dapo", scale_rewards="batch", **KL, **ACCUM, **OFF_POLICY, steps_per_generation=4, max_steps=3
+    ),
+    "dapo-sequence-dualclip": dict(
+        loss_type="dapo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08, delta=1.1, **OFF_POLICY
+    ),
+}
 
 # Where a case goes through patch_grpo_trainer (an already-built trainer) instead of the subclass, and where the fused
 # ops run their Triton kernels (compiled on a GPU; through the interpreter on a CPU under tests/conftest.py).
@@ -223,8 +242,9 @@ LOSS_ATOL = 2e-6
 METRIC_RTOL = 1e-4
 
 
-def compare_runs(stock: Recorder, patched: Recorder, stock_log, patched_log, *, token_level: bool,
-                 entropy: bool = True):
+def compare_runs(
+    stock: Recorder, patched: Recorder, stock_log, patched_log, *, token_level: bool, entropy: bool = True
+):
     assert len(stock.grads) == len(patched.grads) > 0
     assert len(stock.losses) == len(patched.losses) > 0
     for step, (g_stock, g_ours) in enumerate(zip(stock.grads, patched.grads)):
@@ -262,11 +282,22 @@ def test_patched_matches_stock(case, tmp_path, model_dir, tokenizer, dataset, se
     args = grpo_config(tmp_path, seeded % 10_000, **CASES[case])
     stock, rollouts, stock_log = run_stock(model_dir, tokenizer, dataset, args)
     patched, patched_log = run_patched(
-        model_dir, tokenizer, dataset, args, rollouts, via="patch" if case in VIA_PATCH else "subclass",
+        model_dir,
+        tokenizer,
+        dataset,
+        args,
+        rollouts,
+        via="patch" if case in VIA_PATCH else "subclass",
         backend="auto" if case in TRITON else "torch",
-    )  # fmt: skip
-    compare_runs(stock, patched, stock_log, patched_log, token_level=args.importance_sampling_level == "token",
-                 entropy=entropy_comparable(stock, args))  # fmt: skip
+    )
+    compare_runs(
+        stock,
+        patched,
+        stock_log,
+        patched_log,
+        token_level=args.importance_sampling_level == "token",
+        entropy=entropy_comparable(stock, args),
+    )
     if args.beta:
         assert any("kl" in row and row["kl"] > 0 for row in patched_log), "the KL term never came into play"
 
@@ -276,16 +307,26 @@ def test_composed_implementation_matches_stock(case, tmp_path, model_dir, tokeni
     """The same comparison through the two-op implementation (token_logprobs + grpo_loss), entropy included."""
     args = grpo_config(tmp_path, seeded % 10_000, **CASES[case])
     stock, rollouts, stock_log = run_stock(model_dir, tokenizer, dataset, args)
-    patched, patched_log = run_patched(model_dir, tokenizer, dataset, args, rollouts, backend="torch",
-                                       implementation="composed")  # fmt: skip
+    patched, patched_log = run_patched(
+        model_dir, tokenizer, dataset, args, rollouts, backend="torch", implementation="composed"
+    )
     compare_runs(stock, patched, stock_log, patched_log, token_level=args.importance_sampling_level == "token")
 
 
 def test_clipping_and_dual_clip_are_exercised(tmp_path, model_dir, tokenizer, dataset):
     """A fixed setup (seed, lr, small epsilon) where the second update of a rollout is clipped on both sides and the
     dual-clip bound binds, so the equality of the gradients covers those branches (TRL's delta = our dual_clip)."""
-    args = grpo_config(tmp_path, 2, loss_type="dapo", epsilon=0.02, epsilon_high=0.03, delta=1.05, learning_rate=1.0,
-                       num_iterations=2, max_steps=2)  # fmt: skip
+    args = grpo_config(
+        tmp_path,
+        2,
+        loss_type="dapo",
+        epsilon=0.02,
+        epsilon_high=0.03,
+        delta=1.05,
+        learning_rate=1.0,
+        num_iterations=2,
+        max_steps=2,
+    )
     stock, rollouts, stock_log = run_stock(model_dir, tokenizer, dataset, args)
     patched, patched_log = run_patched(model_dir, tokenizer, dataset, args, rollouts, backend="torch")
     compare_runs(stock, patched, stock_log, patched_log, token_level=True, entropy=entropy_comparable(stock, args))
@@ -313,14 +354,24 @@ def test_hidden_state_policy_loss_composes_the_two_ops(generator):
     adv = torch.randn(B, generator=generator, dtype=torch.float64)
     old = -torch.rand(B, T, generator=generator, dtype=torch.float64) * 3
     spec = PolicyLossSpec(loss_type="grpo", eps_low=0.1, eps_high=0.15, temperature=0.8)
-    loss, metrics = hidden_state_policy_loss(hidden, weight, targets.masked_fill(mask == 0, 10_000), mask, adv, spec,
-                                             old_logp=old, backend="torch", implementation="composed")  # fmt: skip
+    loss, metrics = hidden_state_policy_loss(
+        hidden,
+        weight,
+        targets.masked_fill(mask == 0, 10_000),
+        mask,
+        adv,
+        spec,
+        old_logp=old,
+        backend="torch",
+        implementation="composed",
+    )
     loss.backward()
     got = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
     logp, ent = token_logprobs(hidden, weight, targets, temperature=0.8, return_entropy=True, backend="torch")
-    ref, ref_metrics = grpo_loss(logp, old, None, adv, mask, eps_low=0.1, eps_high=0.15, loss_type="grpo",
-                                 entropy=ent.detach(), backend="torch")  # fmt: skip
+    ref, ref_metrics = grpo_loss(
+        logp, old, None, adv, mask, eps_low=0.1, eps_high=0.15, loss_type="grpo", entropy=ent.detach(), backend="torch"
+    )
     ref.backward()
     assert_close(loss, ref, rtol=1e-12, name="loss")
     assert_close(got[0], hidden.grad, rtol=1e-10, name="d hidden")
@@ -330,8 +381,9 @@ def test_hidden_state_policy_loss_composes_the_two_ops(generator):
         hidden_state_policy_loss(hidden, weight, targets, mask, adv, spec, implementation="nope")
     # The default, fused implementation computes in float64 throughout, while token_logprobs hands grpo_loss float32
     # log-probs: the two differ by float32 rounding of O(1) per-token terms, so a loss near 0 needs an absolute bound.
-    fused, _ = hidden_state_policy_loss(hidden.detach(), weight.detach(), targets, mask, adv, spec, old_logp=old,
-                                        backend="torch")  # fmt: skip
+    fused, _ = hidden_state_policy_loss(
+        hidden.detach(), weight.detach(), targets, mask, adv, spec, old_logp=old, backend="torch"
+    )
     assert_close(fused, ref, rtol=1e-6, atol=1e-6, name="fused loss")
 
 
@@ -381,26 +433,57 @@ def test_every_refusal_is_tested():
     assert set(REFUSED) | {"router_aux_loss_coef"} == {r.field for r in REFUSALS}
 
 
-@pytest.mark.parametrize("field,overrides", [(f, o) for f, cases in REFUSED.items() for o in cases],
-                         ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()))
+@pytest.mark.parametrize(
+    "field,overrides",
+    [(f, o) for f, cases in REFUSED.items() for o in cases],
+    ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()),
+)
 def test_unsupported_setting_is_refused_before_loading(field, overrides, tmp_path, tokenizer, dataset):
     args = grpo_config(tmp_path, 0, **overrides)
     # a model path that does not exist: the refusal must come before TRL loads anything
     with pytest.raises(UnsupportedTRLSetting, match=rf"GRPOConfig\.{field}"):
-        RLVRFastGRPOTrainer(model=str(tmp_path / "not-a-model"), reward_funcs=reward_funcs(), args=args,
-                            train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+        RLVRFastGRPOTrainer(
+            model=str(tmp_path / "not-a-model"),
+            reward_funcs=reward_funcs(),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_supported_neighbours_are_accepted(tmp_path):
     """The refusals are not over-broad: the settings next to them train."""
-    for overrides in (dict(delta=1.3, epsilon_high=0.28), dict(beta=0.04, use_bias_correction_kl=False),
-                      dict(use_vllm=True, vllm_importance_sampling_correction=False), dict(top_entropy_quantile=1.0)):
+    for overrides in (
+        dict(delta=1.3, epsilon_high=0.28),
+        dict(beta=0.04, use_bias_correction_kl=False),
+        dict(use_vllm=True, vllm_importance_sampling_correction=False),
+        dict(top_entropy_quantile=1.0),
+    ):
         spec = rf_trl.check_grpo_config(grpo_config(tmp_path, 0, **overrides))
         assert isinstance(spec, PolicyLossSpec)
-    spec = rf_trl.check_grpo_config(grpo_config(tmp_path, 0, loss_type="dr_grpo", epsilon=0.1, epsilon_high=0.3,
-                                                delta=1.5, importance_sampling_level="sequence", temperature=0.6))
-    assert spec == PolicyLossSpec(loss_type="dr_grpo", beta=0.0, kl="k3", eps_low=0.1, eps_high=0.3, dual_clip=1.5,
-                                  importance_sampling="sequence", temperature=0.6, max_completion_length=6)
+    spec = rf_trl.check_grpo_config(
+        grpo_config(
+            tmp_path,
+            0,
+            loss_type="dr_grpo",
+            epsilon=0.1,
+            epsilon_high=0.3,
+            delta=1.5,
+            importance_sampling_level="sequence",
+            temperature=0.6,
+        )
+    )
+    assert spec == PolicyLossSpec(
+        loss_type="dr_grpo",
+        beta=0.0,
+        kl="k3",
+        eps_low=0.1,
+        eps_high=0.3,
+        dual_clip=1.5,
+        importance_sampling="sequence",
+        temperature=0.6,
+        max_completion_length=6,
+    )
 
 
 def test_moe_aux_loss_is_refused(tmp_path):
@@ -410,8 +493,13 @@ def test_moe_aux_loss_is_refused(tmp_path):
 
 
 def test_patch_refusal_leaves_the_stock_trainer(tmp_path, model_dir, tokenizer, dataset):
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_funcs(), args=grpo_config(tmp_path, 0),
-                          train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=reward_funcs(),
+        args=grpo_config(tmp_path, 0),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     trainer.args.top_entropy_quantile = 0.5  # changed after the trainer was built
     with pytest.raises(UnsupportedTRLSetting, match="top_entropy_quantile"):
         patch_grpo_trainer(trainer)
@@ -451,9 +539,14 @@ def test_trl_version_is_pinned(monkeypatch, tmp_path, tokenizer, dataset):
             check_trl_version(bad)
     assert check_trl_version("1.16.4") == "1.16.4"
     monkeypatch.setattr(trl, "__version__", "1.17.0")
-    with pytest.raises(ImportError, match="found trl 1.17.0"):
-        RLVRFastGRPOTrainer(model="unused", reward_funcs=reward_funcs(), args=grpo_config(tmp_path, 0),
-                            train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(ImportError, match=r"found trl 1\.17\.0"):
+        RLVRFastGRPOTrainer(
+            model="unused",
+            reward_funcs=reward_funcs(),
+            args=grpo_config(tmp_path, 0),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -488,8 +581,9 @@ def test_random_mode_keys_on_prompt_index_and_step():
     texts = ["x"] * 16
     state = types.SimpleNamespace(global_step=3)
     got = f(prompts, texts, trainer_state=state)
-    expected = reward_fn("random", gamma=0.5, seed=11)(texts, [""] * 16, prompts=prompts,
-                                                         completion_index=[i % 8 for i in range(16)], step=3)
+    expected = reward_fn("random", gamma=0.5, seed=11)(
+        texts, [""] * 16, prompts=prompts, completion_index=[i % 8 for i in range(16)], step=3
+    )
     assert got == expected
     assert got != f(prompts, texts, trainer_state=types.SimpleNamespace(global_step=4))  # a new draw every step
     assert 0 < sum(got) < 16
@@ -530,11 +624,15 @@ ADVANTAGE_OPTIONS = {
     "grpo-as-trl": (dict(estimator="grpo"), lambda stock, c: stock),
     "rloo": (dict(estimator="rloo"), lambda stock, c: stock * 4 / 3),  # G / (G - 1) (r - mean)
     "psr": (dict(estimator="psr", verifier="length_parity"), lambda stock, c: c),
-    "nsr-negative_only": (dict(estimator="nsr", verifier="length_parity", sample_mode="negative_only"),
-                          lambda stock, c: c - 1),
-    "w_reinforce": (dict(estimator="w_reinforce", verifier="length_parity", lam=0.25),
-                    lambda stock, c: torch.where(c > 0, 0.25, -1.0)),
-}  # fmt: skip
+    "nsr-negative_only": (
+        dict(estimator="nsr", verifier="length_parity", sample_mode="negative_only"),
+        lambda stock, c: c - 1,
+    ),
+    "w_reinforce": (
+        dict(estimator="w_reinforce", verifier="length_parity", lam=0.25),
+        lambda stock, c: torch.where(c > 0, 0.25, -1.0),
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(ADVANTAGE_OPTIONS))
@@ -557,11 +655,13 @@ def test_advantage_options_are_checked(tmp_path, model_dir, tokenizer, dataset):
     with pytest.raises(ValueError, match="scale_rewards"):  # psr has its own normalisation: say so explicitly
         RLVRFastGRPOTrainer(args=grpo_config(tmp_path, 0), estimator="psr", verifier="char_sum_reward", **kwargs)
     with pytest.raises(ValueError, match="not one of the trainer's reward functions"):
-        RLVRFastGRPOTrainer(args=grpo_config(tmp_path, 0, scale_rewards="none"), estimator="psr", verifier="nope",
-                            **kwargs)  # fmt: skip
+        RLVRFastGRPOTrainer(
+            args=grpo_config(tmp_path, 0, scale_rewards="none"), estimator="psr", verifier="nope", **kwargs
+        )
     with pytest.raises(ValueError, match="multi_objective_aggregation"):
-        RLVRFastGRPOTrainer(args=grpo_config(tmp_path, 0, multi_objective_aggregation="normalize_then_sum"),
-                            estimator="grpo", **kwargs)  # fmt: skip
+        RLVRFastGRPOTrainer(
+            args=grpo_config(tmp_path, 0, multi_objective_aggregation="normalize_then_sum"), estimator="grpo", **kwargs
+        )
 
 
 def test_readme_example_trains(tmp_path, model_dir):
@@ -574,7 +674,8 @@ def test_readme_example_trains(tmp_path, model_dir):
     spec = importlib.util.spec_from_file_location("trl_grpo_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    out = example.main(["--model", model_dir, "--steps", "1", "--sample-mode", "negative_only",
-                        "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    out = example.main(
+        ["--model", model_dir, "--steps", "1", "--sample-mode", "negative_only", "--output-dir", str(tmp_path / "out")]
+    )
     assert isinstance(out["trainer"], RLVRFastGRPOTrainer)
     assert len(out["rewards"]) == 1 and 0.0 <= out["rewards"][0] <= 2.0

@@ -49,8 +49,14 @@ def sparse_adamw_bandwidth(report: dict) -> list[dict]:
                 "bytes_per_param": per_param,
                 "gbps": gbps,
                 "fraction_of_copy": gbps / copy,
-                "design_gbps": (p["dense_adamw_bytes_per_param"] if r["impl"] == r["baseline"]
-                                else p["design_floor_bytes_per_param"]) * p["numel"] / seconds / 1e9,
+                "design_gbps": (
+                    p["dense_adamw_bytes_per_param"]
+                    if r["impl"] == r["baseline"]
+                    else p["design_floor_bytes_per_param"]
+                )
+                * p["numel"]
+                / seconds
+                / 1e9,
             }
         )
     return rows

@@ -24,11 +24,12 @@ def measure_ceilings(device: torch.device, *, copy_bytes: int | None = None, mat
     dtype = torch.bfloat16 if cuda else torch.float32
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device)
+    t_copy = time_fn(lambda s=src, d=dst: d.copy_(s), device)
+    del src, dst
     a = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
     b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
-    t_mm = time_fn(lambda: a @ b, device)
-    del src, dst, a, b
+    t_mm = time_fn(lambda x=a, y=b: x @ y, device)
+    del a, b
     return Ceilings(
         copy_gbps=2 * copy_bytes / (t_copy.median_ms * 1e-3) / 1e9,
         matmul_tflops=2 * matmul_n**3 / (t_mm.median_ms * 1e-3) / 1e12,

@@ -20,9 +20,9 @@ import ctypes
 import ctypes.util
 import gc
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import torch
 
@@ -45,7 +45,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _libc():
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name) if name else None

@@ -45,7 +45,8 @@ def run_benchmarks(device: torch.device | str, ops: list[str] | None = None) -> 
                     "fraction_of_floor": best_floor / t.median_ms,
                     "peak_mem_mb": None if mem is None else mem.growth_mb,
                     "mem_ratio_to_baseline": (
-                        None if mem is None or not base_mem or not base_mem.growth_bytes
+                        None
+                        if mem is None or not base_mem or not base_mem.growth_bytes
                         else mem.growth_bytes / base_mem.growth_bytes
                     ),
                     "mem_method": None if mem is None else mem.method,

@@ -1,4 +1,4 @@
-"""Evaluation metrics (ALGORITHMS.md section 7): pass@k and its error bars, calibration, format frequency, the
+"""Evaluation metrics (docs/design.md §7): pass@k and its error bars, calibration, format frequency, the
 contamination probe, and update sparsity between checkpoints.
 
 ``update_sparsity`` is the optimizer's function (``rlvr_fast.optim.sparsity``), re-exported here, not a second copy;
@@ -33,26 +33,26 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_FORMAT_CLASSES",
+    "UNMATCHED",
+    "ContaminationReport",
+    "FormatStats",
+    "FractionSummary",
+    "PassAtK",
+    "PassAtKDelta",
+    "ProbeSample",
     "ReliabilityBins",
     "auroc",
     "brier_score",
-    "expected_calibration_error",
-    "reliability_bins",
-    "ContaminationReport",
-    "FractionSummary",
-    "ProbeSample",
     "contamination_probe",
-    "lcs_length",
-    "rouge_l",
-    "DEFAULT_FORMAT_CLASSES",
-    "UNMATCHED",
-    "FormatStats",
+    "expected_calibration_error",
     "format_frequency",
-    "PassAtK",
-    "PassAtKDelta",
+    "lcs_length",
     "pass_at_k",
     "pass_at_k_curve",
     "pass_at_k_delta",
     "pass_at_k_summary",
+    "reliability_bins",
+    "rouge_l",
     "update_sparsity",
 ]

@@ -1,4 +1,4 @@
-"""Calibration of stated confidences q against verdicts c (ALGORITHMS.md section 7; RLCR, Damani et al. 2025,
+"""Calibration of stated confidences q against verdicts c (docs/design.md §7; RLCR, Damani et al. 2025,
 arXiv:2507.16806).
 
 - Brier score: mean (q - c)^2.
@@ -36,7 +36,9 @@ def _pairs(conf: Any, correct: Any, fn: str) -> tuple[np.ndarray, np.ndarray]:
         bad = q[~np.isfinite(q) | (q < 0) | (q > 1)][:3]
         raise ValueError(f"{fn}: conf must lie in [0, 1], got {bad.tolist()}")
     if np.any((c != 0) & (c != 1)):
-        raise ValueError(f"{fn}: correct must hold only 0/1 (or bool), got {np.unique(c[(c != 0) & (c != 1)])[:3].tolist()}")
+        raise ValueError(
+            f"{fn}: correct must hold only 0/1 (or bool), got {np.unique(c[(c != 0) & (c != 1)])[:3].tolist()}"
+        )
     return q, c
 
 

@@ -1,4 +1,4 @@
-"""Contamination probe: can the model finish a benchmark question it was only shown part of? (ALGORITHMS.md
+"""Contamination probe: can the model finish a benchmark question it was only shown part of? (docs/design.md
 section 7; Wu et al. 2025, "Reasoning or Memorization?", arXiv:2507.10532.)
 
 For each prompt and each fraction f (default 40 / 60 / 80 %), the first round(f * L) of its L whitespace-separated words
@@ -20,8 +20,8 @@ Hyyrö (2004): one big-integer add, subtract and mask per word of the second seq
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from rlvr_fast.rewards.equivalence import is_equivalent
 from rlvr_fast.rewards.extract import extract_answer
@@ -133,7 +133,9 @@ def contamination_probe(
     if not callable(generate):
         raise TypeError(f"contamination_probe: generate must be callable, got {type(generate).__name__}")
     if answers is not None and len(answers) != len(prompts):
-        raise ValueError(f"contamination_probe: answers has {len(answers)} entries, prompts {len(prompts)} (expected equal)")
+        raise ValueError(
+            f"contamination_probe: answers has {len(answers)} entries, prompts {len(prompts)} (expected equal)"
+        )
     for f in fractions:
         if not (isinstance(f, (int, float)) and 0.0 < f < 1.0):
             raise ValueError(f"contamination_probe: each fraction must be in (0, 1), got {f!r}")
@@ -149,16 +151,22 @@ def contamination_probe(
         prefixes = [splits[i][0] for i in usable]
         outputs = list(generate(prefixes)) if prefixes else []
         if len(outputs) != len(prefixes):
-            raise ValueError(f"contamination_probe: generate returned {len(outputs)} continuations for {len(prefixes)} prefixes")
+            raise ValueError(
+                f"contamination_probe: generate returned {len(outputs)} continuations for {len(prefixes)} prefixes"
+            )
         rows = []
         for i, out in zip(usable, outputs):
             if not isinstance(out, str):
-                raise TypeError(f"contamination_probe: generate returned a {type(out).__name__} for prompt {i}, expected str")
+                raise TypeError(
+                    f"contamination_probe: generate returned a {type(out).__name__} for prompt {i}, expected str"
+                )
             prefix, remainder, n_rem = splits[i]
             truth = remainder.split()
             cut = out.split()[:n_rem]
             contained = _contains_answer(out, answers[i]) if answers is not None else None
-            rows.append(ProbeSample(i, float(f), prefix, remainder, out, rouge_l(cut, truth).f1, cut == truth, contained))
+            rows.append(
+                ProbeSample(i, float(f), prefix, remainder, out, rouge_l(cut, truth).f1, cut == truth, contained)
+            )
         report.samples.extend(rows)
         k = len(rows)
         report.summary[float(f)] = FractionSummary(
@@ -166,6 +174,8 @@ def contamination_probe(
             prompts=k,
             rouge_l=sum(r.rouge_l for r in rows) / k if k else float("nan"),
             exact_match=sum(r.exact_match for r in rows) / k if k else float("nan"),
-            answer_contained=(sum(bool(r.answer_contained) for r in rows) / k if k else float("nan")) if answers is not None else None,
+            answer_contained=(sum(bool(r.answer_contained) for r in rows) / k if k else float("nan"))
+            if answers is not None
+            else None,
         )
     return report

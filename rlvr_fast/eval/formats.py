@@ -1,5 +1,5 @@
 """Format frequency: how often completions use each user-named format, and how accurate each format is
-(ALGORITHMS.md section 7).
+(docs/design.md §7).
 
 Shao et al. 2025 (arXiv:2506.10947) track the share of "code reasoning" (the model writes Python without running it)
 as spurious rewards shift Qwen2.5-Math towards it; Zhao et al. 2025 (arXiv:2504.07912) show RL collapsing onto one
@@ -11,15 +11,16 @@ to one. ``unmatched`` counts the completions no class matched.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = ["DEFAULT_FORMAT_CLASSES", "UNMATCHED", "FormatStats", "format_frequency"]
 
 UNMATCHED = "unmatched"
 
-# Examples; pass your own mapping. Patterns are linear-time (no quantifier that can span the lines a ``^`` starts) so megabyte
-# outputs stay cheap.
+# Examples; pass your own mapping. Patterns are linear-time (no quantifier that can span the lines a ``^`` starts) so
+# megabyte outputs stay cheap.
 DEFAULT_FORMAT_CLASSES: dict[str, str] = {
     "python_code": r"```\s*(?:python|py)\b|^[ \t]*(?:def|import|from)[ \t]+\w|\bprint\(",
     "boxed": r"\\boxed\s*\{",
@@ -49,7 +50,10 @@ def _compile(classes: Mapping[str, Any]) -> dict[str, re.Pattern[str]]:
             compiled[name] = pattern
             continue
         if not isinstance(pattern, str):
-            raise TypeError(f"format_frequency: the pattern of class {name!r} must be a str or re.Pattern, got {type(pattern).__name__}")
+            raise TypeError(
+                f"format_frequency: the pattern of class {name!r} must be a str or re.Pattern, "
+                f"got {type(pattern).__name__}"
+            )
         try:
             compiled[name] = re.compile(pattern, re.MULTILINE)
         except re.error as exc:

@@ -17,9 +17,10 @@ confidence intervals mean +- z * SE.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,10 +33,9 @@ def _as_counts(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise TypeError(f"pass_at_k: {name} must hold integers, got dtype {a.dtype}")
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
-            bad = a[~np.isfinite(a) | (a != np.round(a))].ravel()[:3]
-            raise ValueError(f"pass_at_k: {name} must hold whole numbers, got {bad.tolist()}")
+    if np.issubdtype(a.dtype, np.floating) and not (np.all(np.isfinite(a)) and np.all(a == np.round(a))):
+        bad = a[~np.isfinite(a) | (a != np.round(a))].ravel()[:3]
+        raise ValueError(f"pass_at_k: {name} must hold whole numbers, got {bad.tolist()}")
     return a.astype(np.int64)
 
 
@@ -147,12 +147,16 @@ def pass_at_k_summary(n: Any, c: Any, k: int, *, confidence: float = 0.95) -> Pa
     return PassAtK(int(k), mean, se, mean - z * se, mean + z * se, values.size)
 
 
-def pass_at_k_delta(n_base: Any, c_base: Any, n_trained: Any, c_trained: Any, k: int, *, confidence: float = 0.95) -> PassAtKDelta:
+def pass_at_k_delta(
+    n_base: Any, c_base: Any, n_trained: Any, c_trained: Any, k: int, *, confidence: float = 0.95
+) -> PassAtKDelta:
     """pass@k(trained) - pass@k(base) paired over the same problems (same order), with SE(delta) and a normal CI."""
     z = _z(confidence)
     base = np.atleast_1d(pass_at_k(n_base, c_base, k))
     trained = np.atleast_1d(pass_at_k(n_trained, c_trained, k))
     if base.shape != trained.shape:
-        raise ValueError(f"pass_at_k_delta: base has {base.shape} problems, trained {trained.shape} (expected the same problems)")
+        raise ValueError(
+            f"pass_at_k_delta: base has {base.shape} problems, trained {trained.shape} (expected the same problems)"
+        )
     delta, se = _mean_se(trained - base)
     return PassAtKDelta(int(k), delta, se, delta - z * se, delta + z * se, base.size)

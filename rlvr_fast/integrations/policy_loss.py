@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -52,20 +52,58 @@ class PolicyLossSpec:
     max_completion_length: int | None = None
 
 
-def _composed(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, bias, temperature, beta, kl, eps_low,
-              eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items, return_entropy,
-              backend):
+def _composed(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    *,
+    old_logp,
+    ref_logp,
+    bias,
+    temperature,
+    beta,
+    kl,
+    eps_low,
+    eps_high,
+    dual_clip,
+    loss_type,
+    importance_sampling,
+    max_completion_length,
+    num_items,
+    return_entropy,
+    backend,
+):
     out = token_logprobs(
-        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=IGNORE_INDEX,
-        return_entropy=return_entropy, backend=backend,
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=temperature,
+        ignore_index=IGNORE_INDEX,
+        return_entropy=return_entropy,
+        backend=backend,
+    )
     logp, entropy = out if return_entropy else (out, None)
     return grpo_loss(
-        logp, old_logp, ref_logp, advantages, mask, beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high,
-        dual_clip=dual_clip, loss_type=loss_type, importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length, num_items=num_items,
-        entropy=None if entropy is None else entropy.detach(), backend=backend,
-    )  # fmt: skip
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        beta=beta,
+        kl=kl,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        entropy=None if entropy is None else entropy.detach(),
+        backend=backend,
+    )
 
 
 def _fused_op() -> Callable | None:
@@ -84,8 +122,10 @@ def _fused(hidden, weight, targets, mask, advantages, *, backend, **kwargs):
     if "backend" in inspect.signature(op).parameters:
         kwargs["backend"] = backend
     elif backend != "auto":
-        raise ValueError(f"hidden_state_policy_loss: the fused op takes no backend argument, so backend={backend!r} "
-                         f"cannot be honoured; pass backend='auto'")
+        raise ValueError(
+            f"hidden_state_policy_loss: the fused op takes no backend argument, so backend={backend!r} "
+            f"cannot be honoured; pass backend='auto'"
+        )
     return op(hidden, weight, targets, mask, advantages, **kwargs)
 
 
@@ -148,9 +188,24 @@ def hidden_state_policy_loss(
         )
     targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
     return IMPLEMENTATIONS[name](
-        hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, bias=bias,
-        temperature=spec.temperature, beta=spec.beta, kl=spec.kl, eps_low=spec.eps_low, eps_high=spec.eps_high,
-        dual_clip=spec.dual_clip, loss_type=spec.loss_type, importance_sampling=spec.importance_sampling,
+        hidden,
+        weight,
+        targets,
+        mask,
+        advantages,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        bias=bias,
+        temperature=spec.temperature,
+        beta=spec.beta,
+        kl=spec.kl,
+        eps_low=spec.eps_low,
+        eps_high=spec.eps_high,
+        dual_clip=spec.dual_clip,
+        loss_type=spec.loss_type,
+        importance_sampling=spec.importance_sampling,
         max_completion_length=spec.max_completion_length if spec.loss_type == "dr_grpo" else None,
-        num_items=num_items if spec.loss_type == "dapo" else None, return_entropy=return_entropy, backend=backend,
-    )  # fmt: skip
+        num_items=num_items if spec.loss_type == "dapo" else None,
+        return_entropy=return_entropy,
+        backend=backend,
+    )

@@ -121,8 +121,12 @@ def install_hidden_state_head(
         raise RuntimeError(f"install_hidden_state_head: {type(model).__name__} already has rlvr_fast's head")
     check_model(model)
     previous = model.forward
-    settings = {"temperature": float(temperature), "cast_fp32": bool(cast_lm_head_to_fp32),
-                "with_entropy": bool(with_entropy), "backend": backend}  # fmt: skip
+    settings = {
+        "temperature": float(temperature),
+        "cast_fp32": bool(cast_lm_head_to_fp32),
+        "with_entropy": bool(with_entropy),
+        "backend": backend,
+    }
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, rlvr_fast_hidden_last=None, labels=None, shift_labels=None, **kwargs):
@@ -151,10 +155,15 @@ def install_hidden_state_head(
             hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
         with _head_context(settings["cast_fp32"], hidden.device.type):
             out = token_logprobs(
-                hidden, weight, targets, bias=bias,
-                temperature=settings["temperature"], ignore_index=IGNORE_INDEX,
-                return_entropy=settings["with_entropy"], backend=settings["backend"],
-            )  # fmt: skip
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                temperature=settings["temperature"],
+                ignore_index=IGNORE_INDEX,
+                return_entropy=settings["with_entropy"],
+                backend=settings["backend"],
+            )
         logp, entropy = out if settings["with_entropy"] else (out, None)
         mask = targets != IGNORE_INDEX
         return FusedCausalLMOutput(
@@ -209,11 +218,13 @@ class _RLVRFastMixin:
         self._rlvr_fast_rewards = None
         cast = bool(self.args.cast_lm_head_to_fp32)
         # The policy's head returns the entropy too, as TRL's does (its _get_per_token_logps_and_entropies contract).
-        install_hidden_state_head(policy, temperature=self.temperature, cast_lm_head_to_fp32=cast, with_entropy=True,
-                                  backend=backend)  # fmt: skip
+        install_hidden_state_head(
+            policy, temperature=self.temperature, cast_lm_head_to_fp32=cast, with_entropy=True, backend=backend
+        )
         if self.ref_model is not None:
-            install_hidden_state_head(self.ref_model, temperature=self.temperature, cast_lm_head_to_fp32=cast,
-                                      backend=backend)  # fmt: skip
+            install_hidden_state_head(
+                self.ref_model, temperature=self.temperature, cast_lm_head_to_fp32=cast, backend=backend
+            )
 
     # ---- the loss ---------------------------------------------------------------------------------------------------
 
@@ -230,8 +241,9 @@ class _RLVRFastMixin:
                 f"{tuple(advantages.shape)} (per-token advantages from a subclass are not supported)"
             )
         with self.accelerator.autocast():
-            hidden = model(input_ids=input_ids, attention_mask=attention_mask,
-                           rlvr_fast_hidden_last=completion_ids.size(1))  # fmt: skip
+            hidden = model(
+                input_ids=input_ids, attention_mask=attention_mask, rlvr_fast_hidden_last=completion_ids.size(1)
+            )
         weight, bias = _head_params(self.accelerator.unwrap_model(model))
         cast = bool(self.args.cast_lm_head_to_fp32)
         mode = "train" if self.model.training else "eval"
@@ -243,13 +255,20 @@ class _RLVRFastMixin:
                 num_items = num_items * accumulation / self.args.steps_per_generation
         with self.accelerator.autocast(), _head_context(cast, hidden.device.type):
             loss, metrics = hidden_state_policy_loss(
-                hidden.float() if cast else hidden, weight.float() if cast else weight, completion_ids, mask,
-                advantages, spec, bias=None if bias is None else (bias.float() if cast else bias),
+                hidden.float() if cast else hidden,
+                weight.float() if cast else weight,
+                completion_ids,
+                mask,
+                advantages,
+                spec,
+                bias=None if bias is None else (bias.float() if cast else bias),
                 old_logp=inputs.get("old_per_token_logps"),
                 ref_logp=inputs.get("ref_per_token_logps") if spec.beta != 0.0 else None,
-                num_items=num_items, return_entropy=True, backend=self._rlvr_fast_backend,
+                num_items=num_items,
+                return_entropy=True,
+                backend=self._rlvr_fast_backend,
                 implementation=self._rlvr_fast_implementation,
-            )  # fmt: skip
+            )
         if spec.loss_type != "dapo":  # grpo / bnpo / dr_grpo: TRL divides by the accumulation steps (HF scaling is off)
             loss = loss / accumulation
         self._rlvr_fast_log(mode, spec, metrics)
@@ -263,8 +282,12 @@ class _RLVRFastMixin:
         high_max (per-completion extremes) are not logged.
         """
         names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
-        values = [metrics.mean_entropy, metrics.clip_low_frac, metrics.clip_high_frac,
-                  metrics.clip_low_frac + metrics.clip_high_frac]  # fmt: skip
+        values = [
+            metrics.mean_entropy,
+            metrics.clip_low_frac,
+            metrics.clip_high_frac,
+            metrics.clip_low_frac + metrics.clip_high_frac,
+        ]
         if spec.beta != 0.0:
             names.append("kl")
             values.append(metrics.mean_kl)
@@ -297,10 +320,16 @@ class _RLVRFastMixin:
             return output
         mode = "train" if self.model.training else "eval"
         advantages = recompute_advantages(
-            options, rewards, self.reward_weights, list(self.reward_func_names),
-            self.num_generations if mode == "train" else self.num_generations_eval, self.scale_rewards,
-            output["advantages"], self.accelerator.process_index, backend=self._rlvr_fast_backend,
-        )  # fmt: skip
+            options,
+            rewards,
+            self.reward_weights,
+            list(self.reward_func_names),
+            self.num_generations if mode == "train" else self.num_generations_eval,
+            self.scale_rewards,
+            output["advantages"],
+            self.accelerator.process_index,
+            backend=self._rlvr_fast_backend,
+        )
         output["advantages"] = advantages
         # The completions table logged TRL's advantages a moment ago: show the ones trained on instead.
         gathered = self.accelerator.gather(advantages).tolist()
@@ -331,9 +360,17 @@ class RLVRFastGRPOTrainer(_RLVRFastMixin, GRPOTrainer):
     asks for an objective the fused path cannot train exactly, and ImportError outside ``SUPPORTED_TRL``.
     """
 
-    def __init__(self, *args: Any, sample_mode: str = "all", estimator: str | None = None, lam: float = 0.1,
-                 verifier: str | None = None, backend: str = "auto", implementation: str | None = None,
-                 **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        *args: Any,
+        sample_mode: str = "all",
+        estimator: str | None = None,
+        lam: float = 0.1,
+        verifier: str | None = None,
+        backend: str = "auto",
+        implementation: str | None = None,
+        **kwargs: Any,
+    ):
         check_trl_version()
         options = _options(sample_mode, estimator, lam, verifier)
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
@@ -343,14 +380,21 @@ class RLVRFastGRPOTrainer(_RLVRFastMixin, GRPOTrainer):
         self._rlvr_fast_setup(options, backend, implementation)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _patched_class(cls: type) -> type:
     return type(f"RLVRFast{cls.__name__}", (_RLVRFastMixin, cls), {"__module__": __name__})
 
 
-def patch_grpo_trainer(trainer: GRPOTrainer, *, sample_mode: str = "all", estimator: str | None = None,
-                       lam: float = 0.1, verifier: str | None = None, backend: str = "auto",
-                       implementation: str | None = None) -> GRPOTrainer:  # fmt: skip
+def patch_grpo_trainer(
+    trainer: GRPOTrainer,
+    *,
+    sample_mode: str = "all",
+    estimator: str | None = None,
+    lam: float = 0.1,
+    verifier: str | None = None,
+    backend: str = "auto",
+    implementation: str | None = None,
+) -> GRPOTrainer:
     """Turn an already-built ``GRPOTrainer`` (or subclass) into the rlvr_fast one, in place; returns it.
 
     The options are ``RLVRFastGRPOTrainer``'s. Call it before ``trainer.train()``. Raises the same errors, and

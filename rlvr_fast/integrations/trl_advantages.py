@@ -44,7 +44,7 @@ class AdvantageOptions:
     def changes_advantages(self) -> bool:
         return self.estimator is not None or self.sample_mode != "all"
 
-    def validate(self, trainer: Any | None = None) -> "AdvantageOptions":
+    def validate(self, trainer: Any | None = None) -> AdvantageOptions:
         """Check the options, and against the trainer's reward functions and config when given."""
         if self.sample_mode not in SAMPLE_MODES:
             raise ValueError(f"sample_mode must be one of {sorted(SAMPLE_MODES)}, got {self.sample_mode!r}")

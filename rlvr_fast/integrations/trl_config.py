@@ -18,8 +18,9 @@ steps_per_generation decide when old log-probs are computed (through our head, s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 from rlvr_fast.integrations.policy_loss import PolicyLossSpec
 from rlvr_fast.ops.loss_types import IS_LEVELS, LOSS_TYPES
@@ -55,7 +56,7 @@ class TRLLossSettings:
     router_aux_loss: bool  # the MoE load-balancing loss is added (known once the model is loaded)
 
     @classmethod
-    def from_config(cls, args: Any) -> "TRLLossSettings":
+    def from_config(cls, args: Any) -> TRLLossSettings:
         return cls(
             loss_type=args.loss_type,
             beta=args.beta,
@@ -76,7 +77,7 @@ class TRLLossSettings:
         )
 
     @classmethod
-    def from_trainer(cls, trainer: Any) -> "TRLLossSettings":
+    def from_trainer(cls, trainer: Any) -> TRLLossSettings:
         args = trainer.args
         return cls(
             loss_type=trainer.loss_type,

@@ -17,7 +17,8 @@ The adapter turns that call into a reward mode's ``(completions, answers, **ctx)
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from rlvr_fast.rewards import reward_fn
 

@@ -1,7 +1,7 @@
 """GRPO-family loss from hidden states in one pass over the vocabulary: LM head, log-softmax, gather, the clipped
 surrogate / KL / aggregation of ``grpo_loss``, and the gradients w.r.t. hidden, weight and bias, without (N, V) logits.
 
-Formulas: ALGORITHMS.md sections 2 (the loss) and 3 (log-probs). Four pieces, as in every op:
+Formulas: docs/design.md §§2 (the loss) and 3 (log-probs). Four pieces, as in every op:
 
 1. ``fused_linear_grpo_loss_reference``: the specification, composing ``token_logprobs_reference`` (float64,
    materialised logits) and ``grpo_loss_reference``; gradients by autograd.
@@ -49,8 +49,8 @@ logits buffer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -68,8 +68,8 @@ from rlvr_fast.ops.grpo_loss import (
     STAT_SKIPPED,
     STAT_TOKENS,
     GrpoLossMetrics,
-    _Checked,
     _check_inputs,
+    _Checked,
     _denominator,
     _policy_term_torch,
     grpo_loss_reference,
@@ -235,8 +235,9 @@ def _budget_rows(elements: int, v: int) -> int:
     return rows if rows < 2 * _ROW_GRANULE else rows // _ROW_GRANULE * _ROW_GRANULE
 
 
-def _chunk_sizes(config: FusedLinearGrpoConfig, n_tokens: int, v: int, device: torch.device, path: str,
-                 dz_bytes: int) -> tuple[int, int]:
+def _chunk_sizes(
+    config: FusedLinearGrpoConfig, n_tokens: int, v: int, device: torch.device, path: str, dz_bytes: int
+) -> tuple[int, int]:
     """(rows of one logits chunk, rows of the dz buffer = a multiple of it) for ``n_tokens`` tokens."""
     kind = "cuda" if device.type == "cuda" else "cpu"
     rows = config.chunk_tokens or _budget_rows(_LOGITS_BYTES[kind] // 4, v)
@@ -265,18 +266,44 @@ class _Problem:
     config: FusedLinearGrpoConfig
 
 
-def _check_fused_inputs(hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, temperature, beta, kl,
-                        eps_low, eps_high, dual_clip, loss_type, importance_sampling, max_completion_length,
-                        num_items, return_entropy, config):
+def _check_fused_inputs(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    old_logp,
+    ref_logp,
+    bias,
+    temperature,
+    beta,
+    kl,
+    eps_low,
+    eps_high,
+    dual_clip,
+    loss_type,
+    importance_sampling,
+    max_completion_length,
+    num_items,
+    return_entropy,
+    config,
+):
     _check_linear_inputs(hidden, weight, targets, mask, advantages, bias, temperature)
-    B, T, D = hidden.shape
+    B, T, _D = hidden.shape
     if weight.shape[0] == 0:
         raise ValueError(f"{OP}: weight must have V >= 1 rows, got shape {tuple(weight.shape)}")
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T)):
             raise ValueError(f"{OP}: {name} must be (B, T) = {(B, T)} like hidden, got {getattr(x, 'shape', x)}")
-    named = {"weight": weight, "bias": bias, "targets": targets, "mask": mask, "advantages": advantages,
-             "old_logp": old_logp, "ref_logp": ref_logp}  # fmt: skip
+    named = {
+        "weight": weight,
+        "bias": bias,
+        "targets": targets,
+        "mask": mask,
+        "advantages": advantages,
+        "old_logp": old_logp,
+        "ref_logp": ref_logp,
+    }
     for name, x in named.items():
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{OP}: {name} is on {x.device} but hidden is on {hidden.device}")
@@ -296,14 +323,27 @@ def _check_fused_inputs(hidden, weight, targets, mask, advantages, old_logp, ref
     # grpo_loss's checks of the per-token tensors and options, against a placeholder of logp's shape (no memory)
     shape_only = torch.zeros((), dtype=_acc_dtype(hidden.dtype), device=hidden.device).expand(B, T)
     chk = _check_inputs(
-        shape_only, old_logp, ref_logp, advantages, mask, beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high,
-        dual_clip=dual_clip, loss_type=loss_type, importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length, num_items=num_items, entropy=None,
-    )  # fmt: skip
+        shape_only,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        beta=beta,
+        kl=kl,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        entropy=None,
+    )
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    problem = _Problem(targets=targets, chk=chk, inv_t=1.0 / float(temperature), return_entropy=return_entropy,
-                       config=config)  # fmt: skip
+    problem = _Problem(
+        targets=targets, chk=chk, inv_t=1.0 / float(temperature), return_entropy=return_entropy, config=config
+    )
     return hidden, weight, None if bias is None else bias.contiguous(), problem
 
 
@@ -438,17 +478,19 @@ def _terms_torch(logp, old, ref, w, rows, adv, row_coef, seq_lr, pg_scale, entro
     def flag_sum(flag):
         return torch.where(flag, w, zero).sum()
 
-    stats = torch.stack([
-        (coef * loss).sum(),
-        (w * kl_tok).sum() if kl_tok is not None else zero,
-        (w * ratio).sum(),
-        (w * entropy).sum() if entropy is not None else zero,
-        flag_sum(low),
-        flag_sum(high),
-        flag_sum(dual),
-        w.sum(),
-        zero,
-    ])  # fmt: skip
+    stats = torch.stack(
+        [
+            (coef * loss).sum(),
+            (w * kl_tok).sum() if kl_tok is not None else zero,
+            (w * ratio).sum(),
+            (w * entropy).sum() if entropy is not None else zero,
+            flag_sum(low),
+            flag_sum(high),
+            flag_sum(dual),
+            w.sum(),
+            zero,
+        ]
+    )
     return coef * dl, stats
 
 
@@ -540,21 +582,43 @@ class _TritonChunks:
         n, v = h.shape[0], self.w.shape[0]
         z = zbuf[: n * v].view(n, v)
         self._addmm(z, h, self.w.t(), beta=0.0)  # raw h W^T: the kernels add the bias and apply 1/T as they read
-        logp, lse, entropy = self.k.chunk_row_stats(z, self.b, targets, self.inv_t, with_entropy=self.with_entropy,
-                                                    block_v=self.config.block_v, rows=self.rows,
-                                                    empty=self.config.empty)
+        logp, lse, entropy = self.k.chunk_row_stats(
+            z,
+            self.b,
+            targets,
+            self.inv_t,
+            with_entropy=self.with_entropy,
+            block_v=self.config.block_v,
+            rows=self.rows,
+            empty=self.config.empty,
+        )
         return logp, entropy, (z, lse)
 
     def dlogits(self, state, g, targets, out):
         z, lse = state
-        return self.k.chunk_dlogits(z, self.b, targets, lse, g.contiguous(), self.inv_t, out,
-                                    block_v=self.config.block_v, rows=self.rows)
+        return self.k.chunk_dlogits(
+            z, self.b, targets, lse, g.contiguous(), self.inv_t, out, block_v=self.config.block_v, rows=self.rows
+        )
 
     def terms(self, logp, old, ref, w, rows, adv, row_coef, seq_lr, pg_scale, entropy, chk: _Checked):
         g, partials = self.k.token_terms(
-            logp, old, ref, w, rows, adv, row_coef, seq_lr, pg_scale, entropy, beta=chk.beta, eps_low=chk.eps_low,
-            eps_high=chk.eps_high, dual_clip=chk.dual_clip, kl=chk.kl.code, empty=self.config.empty,
-        )  # fmt: skip
+            logp,
+            old,
+            ref,
+            w,
+            rows,
+            adv,
+            row_coef,
+            seq_lr,
+            pg_scale,
+            entropy,
+            beta=chk.beta,
+            eps_low=chk.eps_low,
+            eps_high=chk.eps_high,
+            dual_clip=chk.dual_clip,
+            kl=chk.kl.code,
+            empty=self.config.empty,
+        )
         return g, partials.sum(dim=0)
 
     def mm(self, out, a, b, *, beta):
@@ -667,8 +731,15 @@ def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff
     logp = wdiff.new_zeros(pos.numel())
     if targets.numel():
         with torch.no_grad():
-            out, _, _ = _TOKEN_PATHS[path].fwd(hidden_flat.index_select(0, head_index), weight, bias, targets,
-                                               prob.inv_t, False, LogprobsConfig(tokens=rows, empty=prob.config.empty))
+            out, _, _ = _TOKEN_PATHS[path].fwd(
+                hidden_flat.index_select(0, head_index),
+                weight,
+                bias,
+                targets,
+                prob.inv_t,
+                False,
+                LogprobsConfig(tokens=rows, empty=prob.config.empty),
+            )
         logp = logp.index_copy(0, has_target, out.to(logp.dtype)) if has_target is not None else out.to(logp.dtype)
     old = logp if plan.old is None else plan.old.index_select(0, pos)
     wdiff.view(-1).index_copy_(0, index, plan.w.index_select(0, pos) * (logp - old))
@@ -730,8 +801,19 @@ def _fused_forward(hidden, weight, bias, prob: _Problem, path: str, needs: tuple
             r0, r1 = finalise
             wdiff.view(-1).index_copy_(0, index, w * (logp - (logp if old is None else old)))
             seq_lr[r0:r1] = wdiff[r0:r1].sum(dim=1) / clamped[r0:r1]
-        g, stats = ops.terms(logp, old, None if plan.ref is None else plan.ref[l0:l1], w, rws, adv, row_coef, seq_lr,
-                             pg_scale, entropy, chk)  # fmt: skip
+        g, stats = ops.terms(
+            logp,
+            old,
+            None if plan.ref is None else plan.ref[l0:l1],
+            w,
+            rws,
+            adv,
+            row_coef,
+            seq_lr,
+            pg_scale,
+            entropy,
+            chk,
+        )
         if need_grad:
             g = g * grad_scale
             if untargeted is not None:
@@ -760,8 +842,9 @@ class FusedLinearGrpoLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, problem, path):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         with torch.autocast(hidden.device.type, enabled=False):  # the paths pick their own precision
-            out = _fused_forward(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), problem,
-                                 path, needs)  # fmt: skip
+            out = _fused_forward(
+                hidden.detach(), weight.detach(), None if bias is None else bias.detach(), problem, path, needs
+            )
         ctx.save_for_backward(out.dhidden, out.dweight, out.dbias)
         ctx.mark_non_differentiable(out.stats, out.evaluated)
         return out.loss, out.stats, out.evaluated
@@ -844,7 +927,7 @@ def fused_linear_grpo_loss(
         ref_logp: (B, T) reference log-probs: needed when beta > 0, otherwise only the mean_kl metric reads it.
         temperature: > 0, the rollout's sampling temperature.
         beta, kl, eps_low, eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items:
-            the objective, exactly as in ``rlvr_fast.grpo_loss`` (ALGORITHMS.md section 2; registries in
+            the objective, exactly as in ``rlvr_fast.grpo_loss`` (docs/design.md §2; registries in
             rlvr_fast.ops.loss_types).
         return_entropy: also compute each token's policy entropy for ``metrics.mean_entropy`` (no gradient).
         backend: "auto" | "triton" | "cuda" | "torch" (rlvr_fast.backends); an unavailable one raises.
@@ -861,9 +944,27 @@ def fused_linear_grpo_loss(
     Host syncs: a few (the target range check, the token count, grad_output == 1 in backward).
     """
     hidden, weight, bias, problem = _check_fused_inputs(
-        hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, temperature, beta, kl, eps_low,
-        eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items, return_entropy, config,
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        mask,
+        advantages,
+        old_logp,
+        ref_logp,
+        bias,
+        temperature,
+        beta,
+        kl,
+        eps_low,
+        eps_high,
+        dual_clip,
+        loss_type,
+        importance_sampling,
+        max_completion_length,
+        num_items,
+        return_entropy,
+        config,
+    )
     chosen = select_backend(backend, hidden.device, op=OP)
     loss, stats, evaluated = FusedLinearGrpoLossFunction.apply(hidden, weight, bias, problem, chosen)
     return loss, _fused_metrics(stats, evaluated, problem, chosen)

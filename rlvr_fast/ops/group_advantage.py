@@ -1,6 +1,6 @@
 """Group-relative advantages: one scalar per completion, from the rewards of the G completions of each prompt.
 
-Formulas: ../shared/design/ALGORITHMS.md section 1.
+Formulas: docs/design.md §1.
 
 | estimator    | A_i                                               | paper                                     |
 |--------------|---------------------------------------------------|-------------------------------------------|
@@ -13,11 +13,11 @@ Formulas: ../shared/design/ALGORITHMS.md section 1.
 | nsr          | c_i - 1                                           | Zhu et al. 2025                           |
 | w_reinforce  | lam if c_i else -1                                | Zhu et al. 2025                           |
 
-Centred estimators (grpo, dr_grpo, rloo) give exactly 0 to a group of size 1 and to a group whose rewards are all
-equal, never NaN. psr / nsr / w_reinforce are uncentred REINFORCE objectives on the verifier's verdict ``correct``: as in
-Zhu et al., an all-wrong group under nsr still pushes every sample down (-1) and an all-correct group under psr still
-pushes every sample up (+1); their advantages do not depend on ``rewards`` at all.
-Sample modes apply on top of any estimator: positive_only A' = max(A, 0), negative_only A' = min(A, 0).
+Centred estimators (grpo, dr_grpo, rloo) give exactly 0 to a group of size 1 and to a group whose rewards are all equal,
+never NaN. psr / nsr / w_reinforce are uncentred REINFORCE objectives on the verifier's verdict ``correct``: as in Zhu
+et al., an all-wrong group under nsr still pushes every sample down (-1) and an all-correct group under psr still pushes
+every sample up (+1); their advantages do not depend on ``rewards`` at all. Sample modes apply on top of any estimator:
+positive_only A' = max(A, 0), negative_only A' = min(A, 0).
 
 Four pieces, as in every op: ``group_advantages_reference`` (the specification, a literal per-group loop in float64),
 the Triton kernel ``rlvr_fast.kernels.group_advantage`` (one launch), the vectorised torch path, and the public
@@ -28,8 +28,9 @@ is built, a CUDA C++ kernel (``csrc/group_advantage.cu``, one launch, any group 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -79,7 +80,15 @@ def _rloo_formula(s: AdvantageStats) -> torch.Tensor:
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e
     for e in (
-        Estimator("grpo", 0, True, False, ("group", "batch", "none"), lambda s: s.dev / s.denominator, "Shao et al. 2024, arXiv:2402.03300"),
+        Estimator(
+            "grpo",
+            0,
+            True,
+            False,
+            ("group", "batch", "none"),
+            lambda s: s.dev / s.denominator,
+            "Shao et al. 2024, arXiv:2402.03300",
+        ),
         Estimator("dr_grpo", 1, True, False, ("none",), lambda s: s.dev, "Liu et al. 2025, arXiv:2503.20783"),
         Estimator("rloo", 2, True, False, ("none",), _rloo_formula, "Ahmadian et al. 2024, arXiv:2402.14740"),
         Estimator("psr", 3, False, True, ("none",), lambda s: s.correct, "Zhu et al. 2025, arXiv:2506.01347"),
@@ -168,7 +177,9 @@ def _check_inputs(
         try:
             rewards = torch.as_tensor(rewards, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{OP}: rewards must be a tensor or a sequence of numbers, got {type(rewards).__name__}") from exc
+            raise TypeError(
+                f"{OP}: rewards must be a tensor or a sequence of numbers, got {type(rewards).__name__}"
+            ) from exc
     if rewards.is_complex() or not (rewards.is_floating_point() or rewards.dtype in _INTEGRAL_DTYPES):
         raise TypeError(f"{OP}: rewards must be a real floating, integer or bool tensor, got dtype {rewards.dtype}")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -262,7 +273,7 @@ def group_advantages_reference(
     correct=None,
     invalid: str = "raise",
 ) -> GroupAdvantages:
-    """ALGORITHMS.md section 1 written out per group in float64. Slow on purpose: read it, test against it."""
+    """docs/design.md §1 written out per group in float64. Slow on purpose: read it, test against it."""
     chk = _check_inputs(rewards, group_size, estimator, scale, eps, lam, sample_mode, correct, invalid)
     r = chk.rewards.double().cpu()
     c = None if chk.correct is None else chk.correct.double().cpu()
@@ -272,7 +283,9 @@ def group_advantages_reference(
     batch_vals = [float(v) for v in r[valid]]
     batch_mean = sum(batch_vals) / max(len(batch_vals), 1)
     batch_std = (
-        math.sqrt(sum((v - batch_mean) ** 2 for v in batch_vals) / (len(batch_vals) - 1)) if len(batch_vals) > 1 else 0.0
+        math.sqrt(sum((v - batch_mean) ** 2 for v in batch_vals) / (len(batch_vals) - 1))
+        if len(batch_vals) > 1
+        else 0.0
     )
 
     adv = torch.zeros(n_groups * G, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """GRPO-family policy loss on per-token log-probs: clipped surrogate, optional dual clip, KL to a reference, and the
 grpo / bnpo / dr_grpo / dapo aggregations, with token or sequence (GSPO) importance ratios.
 
-Formulas: ../shared/design/ALGORITHMS.md section 2; the registries (loss types with their normalisers, KL estimators,
+Formulas: docs/design.md §2; the registries (loss types with their normalisers, KL estimators,
 importance-sampling levels) and their sources: ``rlvr_fast.ops.loss_types``.
 
     rho_bt = exp(logp_bt - old_bt)                      (token level)
@@ -27,8 +27,8 @@ gradient, vectorised), and the public ``grpo_loss``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -237,8 +237,9 @@ def _check_inputs(
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
             if num_items.numel() != 1 or num_items.is_complex():
-                raise ValueError(f"{OP}: num_items must be a number or a one-element tensor, got shape "
-                                 f"{tuple(num_items.shape)}")
+                raise ValueError(
+                    f"{OP}: num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}"
+                )
             num_items = num_items.item()
         if not _is_number(num_items) or not math.isfinite(num_items) or num_items <= 0:
             raise ValueError(
@@ -317,15 +318,27 @@ def grpo_loss_reference(
     num_items: float | torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
-    """ALGORITHMS.md section 2 in float64 with autograd: differentiate the returned loss to get the reference gradient.
+    """docs/design.md §2 in float64 with autograd: differentiate the returned loss to get the reference gradient.
 
     Same arguments and checks as ``grpo_loss``; returns a float64 loss (differentiable in ``logp``) and the metrics.
     """
     chk = _check_inputs(
-        logp, old_logp, ref_logp, advantages, mask, beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high,
-        dual_clip=dual_clip, loss_type=loss_type, importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length, num_items=num_items, entropy=entropy,
-    )  # fmt: skip
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        beta=beta,
+        kl=kl,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        entropy=entropy,
+    )
     f64 = torch.float64
     w = chk.mask.to(f64)
     active = w != 0
@@ -586,10 +599,22 @@ def grpo_loss(
         ``GrpoLossMetrics`` of 0-d tensors.
     """
     chk = _check_inputs(
-        logp, old_logp, ref_logp, advantages, mask, beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high,
-        dual_clip=dual_clip, loss_type=loss_type, importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length, num_items=num_items, entropy=entropy,
-    )  # fmt: skip
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        beta=beta,
+        kl=kl,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        entropy=entropy,
+    )
     chosen = select_backend(backend, logp.device, op=OP)
     path = chosen if logp.numel() else "torch"  # nothing to launch: the torch path returns zeros of the right shapes
     loss, stats = GrpoLossFunction.apply(logp, chk, path)

@@ -1,6 +1,6 @@
 """Per-token log-probabilities and entropy, fused with the LM head: no (N, V) logits, forward or backward.
 
-ALGORITHMS.md section 3. With z = (hidden @ weight^T + bias) / temperature and targets t:
+docs/design.md §3. With z = (hidden @ weight^T + bias) / temperature and targets t:
 
     logp_n    = z[n, t_n] - logsumexp(z[n])                     (always <= 0)
     entropy_n = logsumexp(z[n]) - sum_v p_nv z[n, v]            (p = softmax(z[n]))
@@ -26,8 +26,8 @@ any GEMM (padding costs nothing and a NaN in a padding row's hidden state reache
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -88,9 +88,9 @@ def _check_tensor(op: str, name: str, x, *, floating: bool) -> None:
         raise TypeError(f"{op}: {name} must be a floating tensor (one of {_FLOAT_DTYPES}), got dtype {x.dtype}")
 
 
-def _check_targets(op: str, targets, lead_shape: torch.Size, vocab: int, ignore_index: int, device) -> tuple[
-    torch.Tensor, torch.Tensor | None
-]:
+def _check_targets(
+    op: str, targets, lead_shape: torch.Size, vocab: int, ignore_index: int, device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat int64 targets, and the indices of the rows to keep (None when no row is ignore_index)."""
     _check_tensor(op, "targets", targets, floating=False)
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
@@ -98,8 +98,9 @@ def _check_targets(op: str, targets, lead_shape: torch.Size, vocab: int, ignore_
     if targets.device != device:
         raise ValueError(f"{op}: targets are on {targets.device} but the inputs are on {device}")
     if targets.shape != lead_shape:
-        raise ValueError(f"{op}: targets must have shape {tuple(lead_shape)} (the inputs' leading dims), "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"{op}: targets must have shape {tuple(lead_shape)} (the inputs' leading dims), got {tuple(targets.shape)}"
+        )
     t = targets.reshape(-1).to(torch.int64).contiguous()
     if t.numel() == 0:
         return t, None
@@ -193,11 +194,11 @@ class _RowStats:
     target: torch.Tensor
 
     @classmethod
-    def allocate(cls, n: int, dtype: torch.dtype, device, empty=torch.empty) -> "_RowStats":
+    def allocate(cls, n: int, dtype: torch.dtype, device, empty=torch.empty) -> _RowStats:
         # no initial values: the first vocabulary chunk assigns m, s, a and every valid row's target lies in one chunk
         return cls(*(empty((n,), dtype=dtype, device=device) for _ in range(4)))
 
-    def rows(self, r0: int, r1: int) -> "_RowStats":
+    def rows(self, r0: int, r1: int) -> _RowStats:
         return _RowStats(self.m[r0:r1], self.s[r0:r1], self.a[r0:r1], self.target[r0:r1])
 
     def results(self, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -208,8 +209,9 @@ class _RowStats:
         return logp, (log_s - self.a / self.s) if with_entropy else None, self.m + log_s
 
 
-def _fold_chunk(z: torch.Tensor, scratch: torch.Tensor, local_t: torch.Tensor, st: _RowStats, *, first: bool,
-                with_entropy: bool) -> None:
+def _fold_chunk(
+    z: torch.Tensor, scratch: torch.Tensor, local_t: torch.Tensor, st: _RowStats, *, first: bool, with_entropy: bool
+) -> None:
     """Fold one (rows, cols) chunk of logits into ``st`` (in place). ``z`` is overwritten; ``scratch`` >= z.numel().
 
     local_t: the rows' targets minus the chunk's first column. When the chunk raises a row's max from m to m',
@@ -273,7 +275,7 @@ def _token_fwd_torch(hidden, weight, bias, targets, inv_t, with_entropy, config:
 
 
 def _dz_coefficients(lse, entropy, g_logp, g_ent, inv_t, acc):
-    """Per-row coefficients of dz = p * (c0 + c1 * logp) + onehot * gl (ALGORITHMS.md section 3 rearranged):
+    """Per-row coefficients of dz = p * (c0 + c1 * logp) + onehot * gl (docs/design.md §3 rearranged):
     with gl = g_logp / T and ge = g_ent / T, c1 = -ge and c0 = -(gl + ge * H)."""
     gl = None if g_logp is None else g_logp.to(acc) * inv_t
     ge = None if g_ent is None else g_ent.to(acc) * inv_t
@@ -311,8 +313,9 @@ def _token_bwd_torch(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
     # fp32 accumulators; for fp32 / fp64 inputs they are the outputs themselves
     dh = new((n, d), dtype=acc, device=dev) if need_h else None
     dw = new(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
-    dw_acc = None if (not need_w or weight.dtype == acc) else config.empty((min(v, config.vocab), d), dtype=acc,
-                                                                           device=dev)
+    dw_acc = (
+        None if (not need_w or weight.dtype == acc) else config.empty((min(v, config.vocab), d), dtype=acc, device=dev)
+    )
     db = new((v,), dtype=acc, device=dev) if need_b else None
     if work:
         gl, c1, c0 = _dz_coefficients(lse, entropy, g_logp, g_ent, inv_t, acc)
@@ -326,8 +329,15 @@ def _token_bwd_torch(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
             for n0, n1 in _spans(n, nc):
                 h = hidden[n0:n1].to(acc)
                 z = _logits_chunk(zbuf, h, w, b, inv_t)
-                dz = _dz_from_logits(z, ebuf, lse[n0:n1], None if gl is None else gl[n0:n1],
-                                     None if c1 is None else c1[n0:n1], c0[n0:n1], targets[n0:n1] - v0)
+                dz = _dz_from_logits(
+                    z,
+                    ebuf,
+                    lse[n0:n1],
+                    None if gl is None else gl[n0:n1],
+                    None if c1 is None else c1[n0:n1],
+                    c0[n0:n1],
+                    targets[n0:n1] - v0,
+                )
                 if dh is not None:
                     dh[n0:n1].addmm_(dz, w, beta=0.0 if v0 == 0 else 1.0)
                 if dw_c is not None:
@@ -387,8 +397,15 @@ def _logits_bwd_torch(logits, targets, lse, entropy, g_logp, g_ent, inv_t, ignor
             z.mul_(inv_t)
         out = dlogits[n0:n1]
         scratch = out.view(-1) if ebuf is None else ebuf
-        dz = _dz_from_logits(z, scratch, lse[n0:n1], None if gl is None else gl[n0:n1],
-                             None if c1 is None else c1[n0:n1], c0[n0:n1], targets[n0:n1])
+        dz = _dz_from_logits(
+            z,
+            scratch,
+            lse[n0:n1],
+            None if gl is None else gl[n0:n1],
+            None if c1 is None else c1[n0:n1],
+            c0[n0:n1],
+            targets[n0:n1],
+        )
         ignored = (targets[n0:n1] == ignore_index).nonzero().squeeze(1)
         if ignored.numel():
             dz.index_fill_(0, ignored, 0.0)  # padding rows: no gradient, whatever their logits hold
@@ -405,30 +422,47 @@ def _logits_bwd_torch(logits, targets, lse, entropy, g_logp, g_ent, inv_t, ignor
 def _token_fwd_triton(hidden, weight, bias, targets, inv_t, with_entropy, config: LogprobsConfig):
     from rlvr_fast.kernels.logprobs import token_logprobs_fwd
 
-    return token_logprobs_fwd(hidden, weight, bias, targets, inv_t, with_entropy=with_entropy, splits=config.splits,
-                              empty=config.empty)
+    return token_logprobs_fwd(
+        hidden, weight, bias, targets, inv_t, with_entropy=with_entropy, splits=config.splits, empty=config.empty
+    )
 
 
 def _token_bwd_triton(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_t, needs, config: LogprobsConfig):
     from rlvr_fast.kernels.logprobs import token_logprobs_bwd
 
     need_h, need_w, need_b = needs
-    return token_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_t, need_hidden=need_h,
-                              need_weight=need_w, need_bias=need_b, chunk=config.dz_chunk, empty=config.empty)
+    return token_logprobs_bwd(
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        g_logp,
+        g_ent,
+        inv_t,
+        need_hidden=need_h,
+        need_weight=need_w,
+        need_bias=need_b,
+        chunk=config.dz_chunk,
+        empty=config.empty,
+    )
 
 
 def _logits_fwd_triton(logits, targets, inv_t, ignore_index, with_entropy, config: LogprobsConfig):
     from rlvr_fast.kernels.logprobs import logprobs_from_logits_fwd
 
-    return logprobs_from_logits_fwd(logits, targets, inv_t, ignore_index, with_entropy=with_entropy,
-                                    block_v=config.block_v, empty=config.empty)
+    return logprobs_from_logits_fwd(
+        logits, targets, inv_t, ignore_index, with_entropy=with_entropy, block_v=config.block_v, empty=config.empty
+    )
 
 
 def _logits_bwd_triton(logits, targets, lse, entropy, g_logp, g_ent, inv_t, ignore_index, config: LogprobsConfig):
     from rlvr_fast.kernels.logprobs import logprobs_from_logits_bwd
 
-    return logprobs_from_logits_bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_t, ignore_index,
-                                    block_v=config.block_v, empty=config.empty)
+    return logprobs_from_logits_bwd(
+        logits, targets, lse, entropy, g_logp, g_ent, inv_t, ignore_index, block_v=config.block_v, empty=config.empty
+    )
 
 
 @dataclass(frozen=True)
@@ -580,8 +614,7 @@ def token_logprobs(
         h, t = h.index_select(0, chk.keep), t.index_select(0, chk.keep)
     if h.shape[0] == 0:
         chosen = "torch"  # nothing to launch; the torch path returns empty, differentiable outputs
-    outputs = TokenLogprobsFunction.apply(h, chk.weight, chk.bias, t, 1.0 / temperature, return_entropy, chosen,
-                                          config)
+    outputs = TokenLogprobsFunction.apply(h, chk.weight, chk.bias, t, 1.0 / temperature, return_entropy, chosen, config)
     return _finish(outputs, chk.keep, chk.targets.numel(), chk.out_shape, return_entropy)
 
 

@@ -1,6 +1,6 @@
 """The specification of the per-token log-prob gather: plain PyTorch, readable, computed in float64 (or float32).
 
-ALGORITHMS.md section 3. With logits z = (hidden @ weight^T + bias) / temperature, for every token n whose target t_n
+docs/design.md §3. With logits z = (hidden @ weight^T + bias) / temperature, for every token n whose target t_n
 is not ``ignore_index``:
 
     logp_n    = z[n, t_n] - logsumexp(z[n])
@@ -8,7 +8,7 @@ is not ``ignore_index``:
 
 Tokens whose target is ``ignore_index`` get logp 0 and entropy 0 and take no part in the computation at all (their
 hidden rows are never multiplied, so a NaN there reaches no gradient). Gradients come from autograd through these
-formulas; the fused paths implement the closed form of ALGORITHMS.md section 3 and are tested against this module.
+formulas; the fused paths implement the closed form of docs/design.md §3 and are tested against this module.
 
 This materialises the (N, V) logits on purpose: it is the specification, not a path anyone should run at scale.
 Input checks live with the public functions (rlvr_fast.ops.logprobs); these functions assume valid inputs.

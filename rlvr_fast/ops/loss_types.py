@@ -1,6 +1,6 @@
 """Registries of the GRPO-family policy loss: aggregations (loss types), KL estimators, importance-sampling levels.
 
-Formulas: ../shared/design/ALGORITHMS.md section 2. Every path of ``grpo_loss`` (the float64 reference, the torch path,
+Formulas: docs/design.md §2. Every path of ``grpo_loss`` (the float64 reference, the torch path,
 the Triton kernel) reads these tables; a new loss type, KL estimator or importance-sampling level is a new row here
 (plus its ``code`` in the kernel), never a new branch in the callers.
 
@@ -30,8 +30,8 @@ Liger do internally; this op never queries ``torch.distributed`` itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

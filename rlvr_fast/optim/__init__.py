@@ -1,4 +1,4 @@
-"""Sparse RL fine-tuning (Mukherjee et al. 2025, arXiv:2505.11711; ../shared/design/ALGORITHMS.md section 4):
+"""Sparse RL fine-tuning (Mukherjee et al. 2025, arXiv:2505.11711; docs/design.md §4):
 SparseAdamW (AdamW on a masked subnetwork with compact state, one fused launch), mask builders, and the
 update-sparsity analysis."""
 

@@ -3,7 +3,7 @@
 A mask set is a dict name -> bool tensor of the parameter's shape (names as in ``model.named_parameters()`` /
 ``model.state_dict()``), which ``SparseAdamW(model.named_parameters(), masks)`` takes directly.
 
-Sources (Mukherjee et al. 2025, arXiv:2505.11711; ../shared/design/ALGORITHMS.md section 4):
+Sources (Mukherjee et al. 2025, arXiv:2505.11711; docs/design.md §4):
 - ``masks_from_diff``: the entries a prior RL run changed, |theta_RL - theta_0| > atol in a comparison dtype (the
   paper's subnetwork; it overlaps across seeds).
 - ``GradSaliency`` + ``masks_from_scores``: the entries with the largest accumulated |grad| (or grad^2) over warm-up
@@ -35,7 +35,7 @@ def check_density(density, where: str) -> float:
 
 
 def _keep_count(density: float, n: int) -> int:
-    return min(n, int(math.floor(density * n + 0.5)))
+    return min(n, math.floor(density * n + 0.5))
 
 
 def mask_density(masks: Mapping[str, torch.Tensor | None]) -> float:

@@ -1,6 +1,6 @@
 """SparseAdamW: AdamW on a masked subnetwork, with optimizer state stored only for the masked entries.
 
-Why (../shared/design/ALGORITHMS.md section 4; Mukherjee et al. 2025, arXiv:2505.11711): RL fine-tuning changes only
+Why (docs/design.md §4; Mukherjee et al. 2025, arXiv:2505.11711): RL fine-tuning changes only
 5-30% of an LLM's parameters, in a subnetwork that is consistent across seeds, and training only that subnetwork
 matches full training. A masked update that keeps dense optimizer state saves nothing; this one stores 12 bytes per
 masked entry (dense AdamW: 8 per parameter) and moves bytes in proportion to the density.
@@ -137,7 +137,7 @@ def _check_param(p: torch.Tensor, label: str) -> None:
         raise TypeError(f"{OP}: {label} must be a dense tensor, got layout {p.layout}")
 
 
-def _mask_positions(mask, p: torch.Tensor, label: str) -> torch.Tensor | None | bool:
+def _mask_positions(mask, p: torch.Tensor, label: str) -> torch.Tensor | bool | None:
     """The sorted flat positions a mask keeps, on p's device: None = dense, False = frozen (all-false mask)."""
     if mask is None:
         return None
@@ -229,9 +229,7 @@ def _align(n: int) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _step_torch(
-    bucket: _Bucket, sel, segments: list[_Segment], grads: list[torch.Tensor], hyper: torch.Tensor
-) -> None:
+def _step_torch(bucket: _Bucket, sel, segments: list[_Segment], grads: list[torch.Tensor], hyper: torch.Tensor) -> None:
     """Step the entries in chunks of at most TORCH_CHUNK_ENTRIES (large segments are split): the eight foreach passes
     of a chunk then run on cache-resident data, and the temporaries stay small."""
     coeffs = list(zip(*hyper.tolist()))  # per segment: a tuple in HYPER_FIELDS order
@@ -322,9 +320,7 @@ def _step_triton(
 CUDA_OP = "sparse_adamw_step"  # torch.ops.rlvr_fast.<CUDA_OP>
 
 
-def _step_cuda(
-    bucket: _Bucket, sel, segments: list[_Segment], grads: list[torch.Tensor], hyper: torch.Tensor
-) -> None:
+def _step_cuda(bucket: _Bucket, sel, segments: list[_Segment], grads: list[torch.Tensor], hyper: torch.Tensor) -> None:
     """The same segments, layout and coefficients as the Triton path; the op checks them, builds the launch table
     (addresses + coefficients, one pinned host-to-device copy) and steps every segment in one launch."""
     getattr(torch.ops.rlvr_fast, CUDA_OP)(

@@ -1,6 +1,6 @@
 """How sparse was an update: the fraction of entries unchanged between two checkpoints, and the rank of the change.
 
-Mukherjee et al. 2025 (arXiv:2505.11711; ../shared/design/ALGORITHMS.md section 4) call an entry unchanged when
+Mukherjee et al. 2025 (arXiv:2505.11711; docs/design.md §4) call an entry unchanged when
 |theta_after - theta_before| <= 1e-5 on bf16 weights, and report that RL leaves 70-95% of entries unchanged while the
 update of each matrix stays nearly full-rank. Part of that sparsity may be bf16 rounding (an update smaller than half
 a bf16 ulp vanishes), so the comparison dtype is a parameter: ``dtype=torch.float32`` on fp32 checkpoints measures the

@@ -1,5 +1,5 @@
 """Rewards: answer extraction, equivalence checking, reward modes by name, their weighted composition, and difficulty
-filters (ALGORITHMS.md sections 5-6). Plain Python: usable without the trainer or a GPU."""
+filters (docs/design.md §§5-6). Plain Python: usable without the trainer or a GPU."""
 
 from rlvr_fast.rewards.compose import (
     ON_ERROR_POLICIES,
@@ -26,31 +26,31 @@ from rlvr_fast.rewards.modes import (
 )
 
 __all__ = [
-    "ON_ERROR_POLICIES",
-    "ComposedReward",
-    "GuardedReward",
-    "RewardError",
-    "RewardFunctionError",
-    "compose",
-    "guard",
-    "Number",
-    "is_equivalent",
-    "normalize_answer",
-    "parse_number",
-    "symbolic_available",
-    "extract_answer",
-    "extract_boxed",
-    "has_nonempty_boxed",
     "FILTER_RULES",
-    "FilterResult",
-    "filter_groups",
+    "ON_ERROR_POLICIES",
     "REWARD_MODES",
+    "ComposedReward",
+    "FilterResult",
+    "GuardedReward",
+    "Number",
+    "RewardError",
     "RewardFunction",
+    "RewardFunctionError",
     "RewardMode",
     "brier_reward",
+    "compose",
+    "extract_answer",
+    "extract_boxed",
+    "filter_groups",
+    "guard",
+    "has_nonempty_boxed",
+    "is_equivalent",
     "majority_vote",
+    "normalize_answer",
     "numeric_continuous_reward",
     "parse_confidence",
+    "parse_number",
     "register_mode",
     "reward_fn",
+    "symbolic_available",
 ]

@@ -1,4 +1,4 @@
-"""Weighted composition of reward modes, and the policy for user reward functions that fail (ALGORITHMS.md section 5).
+"""Weighted composition of reward modes, and the policy for user reward functions that fail (docs/design.md §5).
 
 ``compose({"correct": 1.0, "brier": 1.0})`` or ``compose([(1.0, "correct"), (0.2, reward_fn("format")), (0.5, my_fn)])``
 returns ``sum_j w_j * R_j``. Built-in modes (names or ``RewardFunction``) run as they are: they never raise on model
@@ -21,12 +21,21 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from rlvr_fast.rewards.modes import RewardFunction, _check_batch, reward_fn
 
-__all__ = ["ComposedReward", "GuardedReward", "ON_ERROR_POLICIES", "RewardError", "RewardFunctionError", "compose", "guard"]
+__all__ = [
+    "ON_ERROR_POLICIES",
+    "ComposedReward",
+    "GuardedReward",
+    "RewardError",
+    "RewardFunctionError",
+    "compose",
+    "guard",
+]
 
 logger = logging.getLogger("rlvr_fast.rewards")
 
@@ -51,7 +60,10 @@ class RewardError:
     error: str  # repr of the exception, or why the returned value was rejected
 
     def __str__(self) -> str:
-        return f"reward {self.reward!r} failed on sample {self.index}: {self.error}; completion={self.completion}, answer={self.answer}"
+        return (
+            f"reward {self.reward!r} failed on sample {self.index}: {self.error}; "
+            f"completion={self.completion}, answer={self.answer}"
+        )
 
 
 class RewardFunctionError(RuntimeError):
@@ -91,17 +103,21 @@ def _as_rewards(out: Any, n: int) -> list[float]:
 
 
 def _slice_ctx(ctx: Mapping[str, Any], i: int, n: int) -> dict[str, Any]:
-    return {
-        k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == n else v
-        for k, v in ctx.items()
-    }
+    return {k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == n else v for k, v in ctx.items()}
 
 
 class GuardedReward:
     """A user reward function run under the failure policy of the module docstring; ``.errors`` holds the last call's
     offending samples."""
 
-    def __init__(self, fn: Callable[..., Sequence[float]], *, name: str | None = None, on_error: str = "value", error_value: float = 0.0):
+    def __init__(
+        self,
+        fn: Callable[..., Sequence[float]],
+        *,
+        name: str | None = None,
+        on_error: str = "value",
+        error_value: float = 0.0,
+    ):
         if not callable(fn):
             raise TypeError(f"guard: fn must be callable, got {type(fn).__name__}")
         if on_error not in ON_ERROR_POLICIES:
@@ -120,13 +136,13 @@ class GuardedReward:
         self.errors = []
         try:
             return _as_rewards(self.fn(completions, answers, **ctx), n)
-        except Exception:  # noqa: BLE001 - any failure of user code: isolate the offending samples below
+        except Exception:
             pass
         rewards: list[float] = []
         for i in range(n):
             try:
                 rewards.append(_as_rewards(self.fn([completions[i]], [answers[i]], **_slice_ctx(ctx, i, n)), 1)[0])
-            except Exception as exc:  # noqa: BLE001 - reported with the sample, then handled by the policy
+            except Exception as exc:
                 err = RewardError(self.name, i, _excerpt(completions[i]), _excerpt(answers[i]), repr(exc))
                 self.errors.append(err)
                 if self.on_error == "raise":
@@ -135,12 +151,18 @@ class GuardedReward:
         if self.errors:
             logger.warning(
                 "reward function %r failed on %d of %d samples (policy %r); first: %s",
-                self.name, len(self.errors), n, self.on_error, self.errors[0],
+                self.name,
+                len(self.errors),
+                n,
+                self.on_error,
+                self.errors[0],
             )
         return rewards
 
 
-def guard(fn: Callable[..., Sequence[float]], *, name: str | None = None, on_error: str = "value", error_value: float = 0.0) -> GuardedReward:
+def guard(
+    fn: Callable[..., Sequence[float]], *, name: str | None = None, on_error: str = "value", error_value: float = 0.0
+) -> GuardedReward:
     """Wrap a user reward function ``(completions, answers, **ctx) -> list[float]`` in the failure policy."""
     return GuardedReward(fn, name=name, on_error=on_error, error_value=error_value)
 
@@ -202,7 +224,9 @@ def compose(
         elif callable(spec):
             fn = guard(spec, on_error=on_error, error_value=error_value)
         else:
-            raise TypeError(f"compose: a term must be a mode name, a RewardFunction or a callable, got {type(spec).__name__}")
+            raise TypeError(
+                f"compose: a term must be a mode name, a RewardFunction or a callable, got {type(spec).__name__}"
+            )
         name = getattr(fn, "name", "composed")
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:

@@ -1,4 +1,4 @@
-"""Is a predicted answer equivalent to the reference? (ALGORITHMS.md section 5, "correct").
+"""Is a predicted answer equivalent to the reference? (docs/design.md §5, "correct").
 
 Three stages, cheapest first:
 
@@ -206,7 +206,10 @@ def _power(base: Fraction, exponent: Fraction) -> Fraction:
     if base == -1:
         return Fraction(-1 if e % 2 else 1)
     # Size of the result is |e| * log2(max(|num|, den)) bits: refuse before computing it.
-    if abs(e) > _EXPONENT_LIMIT or abs(e) * max(abs(base.numerator).bit_length(), base.denominator.bit_length()) > MAX_BITS + 64:
+    if (
+        abs(e) > _EXPONENT_LIMIT
+        or abs(e) * max(abs(base.numerator).bit_length(), base.denominator.bit_length()) > MAX_BITS + 64
+    ):
         raise _Rejected("power too large")
     return _check(base**e)
 
@@ -331,7 +334,35 @@ def parse_number(text: str) -> Number | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 _SYMBOLIC_COMMANDS = frozenset(
-    "frac sqrt pi cdot times div ln log sin cos tan cot sec csc exp infty pm mp le ge leq geq neq lt gt cup cap".split()
+    [
+        "frac",
+        "sqrt",
+        "pi",
+        "cdot",
+        "times",
+        "div",
+        "ln",
+        "log",
+        "sin",
+        "cos",
+        "tan",
+        "cot",
+        "sec",
+        "csc",
+        "exp",
+        "infty",
+        "pm",
+        "mp",
+        "le",
+        "ge",
+        "leq",
+        "geq",
+        "neq",
+        "lt",
+        "gt",
+        "cup",
+        "cap",
+    ]
 )
 _SYMBOLIC_CHARS = re.compile(r"^[0-9A-Za-z\\{}()\[\]+\-*/^.,=<>| ]*$")
 _COMMAND = re.compile(r"\\([A-Za-z]+)")
@@ -372,7 +403,10 @@ def _alarm_timeout_usable() -> bool:
     """math-verify's timeout arms SIGALRM and then cancels any alarm: only safe when nobody else uses it."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
         return False
-    return signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None) and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    return signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None) and signal.getitimer(signal.ITIMER_REAL) == (
+        0.0,
+        0.0,
+    )
 
 
 def _symbolic_equal(pred: str, ref: str, timeout: int) -> bool:
@@ -387,7 +421,7 @@ def _symbolic_equal(pred: str, ref: str, timeout: int) -> bool:
         if not gold or not target:
             return False
         return bool(mv.verify(gold, target, timeout_seconds=seconds))
-    except Exception:  # noqa: BLE001 - third-party parser/CAS failure of any kind means "not shown equivalent"
+    except Exception:
         return False
 
 

@@ -1,4 +1,4 @@
-"""Final-answer extraction from a model completion (ALGORITHMS.md section 5, "correct").
+"""Final-answer extraction from a model completion (docs/design.md §5, "correct").
 
 Order of precedence, first hit wins:
 
@@ -12,8 +12,8 @@ Order of precedence, first hit wins:
    ``\\frac{a}{b}`` / ``\\dfrac{a}{b}`` (it holds the text's last digit, so only the ``LAST_NUMBER_WINDOW``
    characters before that digit are scanned).
 
-``<confidence>...</confidence>`` blocks are removed before steps 2-4 so that the stated confidence of the Brier format is
-never taken for the answer.
+``<confidence>...</confidence>`` blocks are removed before steps 2-4 so that the stated confidence of the Brier format
+is never taken for the answer.
 
 Model output is untrusted: every step is a linear scan (``str.find`` / ``str.rfind`` and regular expressions without
 nested quantifiers), so megabyte strings, thousands of unbalanced braces and lone surrogates are handled in bounded
@@ -147,8 +147,8 @@ def _last_number(text: str) -> str | None:
     if p < 0:
         return None
     last = None
-    for last in _LAST_NUMBER.finditer(text, max(0, p - LAST_NUMBER_WINDOW), min(len(text), p + 256)):
-        pass
+    for match in _LAST_NUMBER.finditer(text, max(0, p - LAST_NUMBER_WINDOW), min(len(text), p + 256)):
+        last = match
     if last is None:
         return None
     return re.sub(r"\s+", "", last.group())
@@ -156,8 +156,8 @@ def _last_number(text: str) -> str | None:
 
 def _answer_line(text: str) -> str | None:
     last = None
-    for last in _ANSWER_LINE.finditer(text):
-        pass
+    for match in _ANSWER_LINE.finditer(text):
+        last = match
     if last is None:
         return None
     rest = text[last.end() :]

@@ -1,4 +1,4 @@
-"""Difficulty filtering of groups (ALGORITHMS.md section 6).
+"""Difficulty filtering of groups (docs/design.md §6).
 
 Rules, applied in this order (a registry, ``FILTER_RULES``):
 
@@ -16,8 +16,9 @@ with freshly sampled prompts (DAPO) is the trainer's loop: call ``filter_groups`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -63,9 +64,14 @@ def _as_groups(x: Any, name: str, group_size: int | None) -> torch.Tensor:
     t = torch.as_tensor(x).detach().to("cpu", torch.float64)
     if t.dim() == 1:
         if group_size is None:
-            raise ValueError(f"filter_groups: {name} is flat {tuple(t.shape)}; pass group_size= or a (groups, G) tensor")
+            raise ValueError(
+                f"filter_groups: {name} is flat {tuple(t.shape)}; pass group_size= or a (groups, G) tensor"
+            )
         if group_size < 1 or t.numel() % group_size:
-            raise ValueError(f"filter_groups: {name} has {t.numel()} entries, not a whole number of groups of group_size={group_size}")
+            raise ValueError(
+                f"filter_groups: {name} has {t.numel()} entries, "
+                f"not a whole number of groups of group_size={group_size}"
+            )
         t = t.reshape(-1, group_size)
     elif t.dim() != 2:
         raise ValueError(f"filter_groups: {name} must be (groups, G) or flat (N,), got shape {tuple(t.shape)}")
@@ -106,12 +112,16 @@ def filter_groups(
     r = _as_groups(rewards, "rewards", group_size)
     if correct is None:
         if ((r != 0) & (r != 1)).any() and (p_min is not None or p_max is not None):
-            raise ValueError("filter_groups: rewards are not 0/1, so the solve rate needs correct= (the verifier's verdicts)")
+            raise ValueError(
+                "filter_groups: rewards are not 0/1, so the solve rate needs correct= (the verifier's verdicts)"
+            )
         c = r
     else:
         c = _as_groups(correct, "correct", group_size)
         if c.shape != r.shape:
-            raise ValueError(f"filter_groups: correct has shape {tuple(c.shape)}, rewards {tuple(r.shape)} (expected equal)")
+            raise ValueError(
+                f"filter_groups: correct has shape {tuple(c.shape)}, rewards {tuple(r.shape)} (expected equal)"
+            )
         if ((c != 0) & (c != 1)).any():
             raise ValueError("filter_groups: correct must hold only 0 and 1")
     groups = _Groups(r, c.mean(1))

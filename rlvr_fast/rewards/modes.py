@@ -1,4 +1,4 @@
-"""Reward modes by name (ALGORITHMS.md section 5): the rewards whose effect the project measures.
+"""Reward modes by name (docs/design.md §5): the rewards whose effect the project measures.
 
 | mode               | reward per completion                                         | paper                                  |
 |--------------------|---------------------------------------------------------------|----------------------------------------|
@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 from rlvr_fast.rewards.equivalence import is_equivalent, parse_number
 from rlvr_fast.rewards.extract import extract_answer, has_nonempty_boxed, last_tag_content
@@ -102,10 +103,14 @@ def _per_sample(ctx: Mapping[str, Any], key: str, n: int, mode: str, required: b
     value = ctx.get(key)
     if value is None:
         if required:
-            raise ValueError(f"reward mode {mode!r}: context keyword {key}= (a list with one entry per completion) is required")
+            raise ValueError(
+                f"reward mode {mode!r}: context keyword {key}= (a list with one entry per completion) is required"
+            )
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"reward mode {mode!r}: {key} must be a list with one entry per completion, got {type(value).__name__}")
+        raise TypeError(
+            f"reward mode {mode!r}: {key} must be a list with one entry per completion, got {type(value).__name__}"
+        )
     if len(value) != n:
         raise ValueError(f"reward mode {mode!r}: {key} has {len(value)} entries, expected {n} (one per completion)")
     return value
@@ -143,7 +148,9 @@ def _incorrect_label(completions, answers, ctx, params) -> list[float]:
     wrong = _per_sample(ctx, "incorrect_answers", len(completions), "incorrect_label", required=True)
     for i, w in enumerate(wrong):
         if not isinstance(w, str):
-            raise TypeError(f"reward mode 'incorrect_label': incorrect_answers[{i}] must be a str, got {type(w).__name__}")
+            raise TypeError(
+                f"reward mode 'incorrect_label': incorrect_answers[{i}] must be a str, got {type(w).__name__}"
+            )
     return [float(v) for v in _verdicts(completions, wrong, params)]
 
 
@@ -195,7 +202,11 @@ def majority_vote(
             key: Hashable = ("number", number.value)
         else:
             key = next(
-                (k for k in others if is_equivalent(a, representative[k], abs_tol=abs_tol, rel_tol=rel_tol, symbolic=symbolic)),
+                (
+                    k
+                    for k in others
+                    if is_equivalent(a, representative[k], abs_tol=abs_tol, rel_tol=rel_tol, symbolic=symbolic)
+                ),
                 ("text", len(others)),
             )
             if key not in counts:
@@ -221,7 +232,8 @@ def _majority_label(completions, answers, ctx, params) -> list[float]:
         g = _group_size(ctx, params, n, "majority_label")
         if g is None:
             raise ValueError(
-                "reward mode 'majority_label': pass group_size (parameter or context), group_ids=, or majority_answers= "
+                "reward mode 'majority_label': pass group_size (parameter or context), group_ids=, "
+                "or majority_answers= "
                 "to say which completions vote together"
             )
         group_ids = [i // g for i in range(n)]
@@ -296,9 +308,15 @@ for _mode in (
         no_answer_value=None,
         paper="Shao et al. 2025, arXiv:2506.10947",
     ),
-    RewardMode("inverse", _inverse, dict(_MATCH_DEFAULTS), no_answer_value=1.0, paper="Wu et al. 2025, arXiv:2507.10532"),
     RewardMode(
-        "incorrect_label", _incorrect_label, dict(_MATCH_DEFAULTS), ("incorrect_answers",), paper="Shao et al. 2025, arXiv:2506.10947"
+        "inverse", _inverse, dict(_MATCH_DEFAULTS), no_answer_value=1.0, paper="Wu et al. 2025, arXiv:2507.10532"
+    ),
+    RewardMode(
+        "incorrect_label",
+        _incorrect_label,
+        dict(_MATCH_DEFAULTS),
+        ("incorrect_answers",),
+        paper="Shao et al. 2025, arXiv:2506.10947",
     ),
     RewardMode(
         "majority_label",
@@ -307,7 +325,9 @@ for _mode in (
         ("majority_answers", "group_ids", "group_size"),
         paper="Shao et al. 2025, arXiv:2506.10947",
     ),
-    RewardMode("brier", _brier, dict(_MATCH_DEFAULTS), no_answer_value=-1.0, paper="Damani et al. 2025, arXiv:2507.16806"),
+    RewardMode(
+        "brier", _brier, dict(_MATCH_DEFAULTS), no_answer_value=-1.0, paper="Damani et al. 2025, arXiv:2507.16806"
+    ),
     RewardMode("numeric_continuous", _numeric_continuous, {}, paper="Wu et al. 2025, arXiv:2507.10532"),
 ):
     register_mode(_mode)
@@ -337,7 +357,9 @@ def _check_batch(completions: Any, answers: Any, mode: str) -> None:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise TypeError(f"reward mode {mode!r}: {arg} must be a list of str, got {type(value).__name__}")
     if len(completions) != len(answers):
-        raise ValueError(f"reward mode {mode!r}: {len(completions)} completions but {len(answers)} answers (expected equal)")
+        raise ValueError(
+            f"reward mode {mode!r}: {len(completions)} completions but {len(answers)} answers (expected equal)"
+        )
     for arg, value in (("completions", completions), ("answers", answers)):
         for i, item in enumerate(value):
             if not isinstance(item, str):

@@ -16,8 +16,8 @@ from rlvr_fast.study.runner import StudyOutcome, run_study
 __all__ = [
     "ALIASES",
     "ARMS",
-    "Arm",
     "PRESETS",
+    "Arm",
     "RunSpec",
     "StudyOutcome",
     "StudyPlan",

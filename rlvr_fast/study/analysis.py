@@ -47,8 +47,19 @@ from rlvr_fast.trainer.evaluation import EvalResult
 
 __all__ = ["analyse", "verdict"]
 
-LABEL_FIELDS = ("seed", "prompt_template", "max_completion_length", "eval_samples", "eval_size", "eval_temperature",
-                "top_p", "system_prompt", "format_classes", "eval_calibration", *EVAL_DATA_FIELDS)
+LABEL_FIELDS = (
+    "seed",
+    "prompt_template",
+    "max_completion_length",
+    "eval_samples",
+    "eval_size",
+    "eval_temperature",
+    "top_p",
+    "system_prompt",
+    "format_classes",
+    "eval_calibration",
+    *EVAL_DATA_FIELDS,
+)
 SAMPLE_ARMS = ("psr", "nsr", "w_reinforce", "positive_only", "negative_only")
 
 
@@ -149,15 +160,21 @@ def _crossings(delta: dict[int, dict]) -> list[list[int]]:
 def _pass_at_k(runs: list[_Run], bases: dict, labels: dict) -> dict:
     out: dict = {"base": {}, "runs": {}}
     for key, ev in bases.items():
-        out["base"][labels[key]["label"]] = {"eval_key": key, "curve": pass_at_k_curve_ci(ev),
-                                             "problems": len(ev["correct_counts"]), "n": ev["n"]}
+        out["base"][labels[key]["label"]] = {
+            "eval_key": key,
+            "curve": pass_at_k_curve_ci(ev),
+            "problems": len(ev["correct_counts"]),
+            "n": ev["n"],
+        }
     for r in runs:
         if not r.done:
             continue
         base = bases.get(r.spec.eval_key)
         delta = pass_at_k_deltas(base, r.after) if base is not None else {}
         out["runs"][r.key] = {
-            "arm": r.arm, "seed": r.seed, "base": labels[r.spec.eval_key]["label"],
+            "arm": r.arm,
+            "seed": r.seed,
+            "base": labels[r.spec.eval_key]["label"],
             "curve": pass_at_k_curve_ci(r.after),
             "delta": delta,
             "above": [k for k, d in delta.items() if _sign(d["delta"]) > 0],
@@ -177,12 +194,25 @@ def _reward(runs: list[_Run], passk: dict, plan: StudyPlan) -> dict:
             continue
         entry = passk["runs"][r.key]
         d = entry["delta"][1]
-        rows.append({"run": r.key, "arm": r.arm, "seed": r.seed, "rewards": r.spec.config["rewards"],
-                     "base": entry["base"], "base_pass_at_1": passk["base"][entry["base"]]["curve"][1],
-                     "pass_at_1": entry["curve"][1], "delta": d, "verdict": verdict(d["ci_low"], d["ci_high"])})
+        rows.append(
+            {
+                "run": r.key,
+                "arm": r.arm,
+                "seed": r.seed,
+                "rewards": r.spec.config["rewards"],
+                "base": entry["base"],
+                "base_pass_at_1": passk["base"][entry["base"]]["curve"][1],
+                "pass_at_1": entry["curve"][1],
+                "delta": d,
+                "verdict": verdict(d["ci_low"], d["ci_high"]),
+            }
+        )
     return {
-        "task": {"task": primary["task"], "task_preset": primary["task_preset"],
-                 "clean": primary["task"] == "arithmetic"},
+        "task": {
+            "task": primary["task"],
+            "task_preset": primary["task_preset"],
+            "clean": primary["task"] == "arithmetic",
+        },
         "rows": rows,
         "improved": sorted({row["arm"] for row in rows if row["verdict"] == "improved"}),
         "not_improved": sorted({row["arm"] for row in rows if row["verdict"] != "improved"}),
@@ -197,22 +227,38 @@ def _sample(runs: list[_Run], passk: dict) -> dict:
     for r in done:
         entry = passk["runs"][r.key]
         k = max(entry["curve"])
-        rows.append({"run": r.key, "arm": r.arm, "seed": r.seed, "label": "all (grpo)" if r.arm == BASELINE_ARM
-                     else r.arm, "k": k, "pass_at_k": entry["curve"][k], "delta_vs_base": entry["delta"].get(k),
-                     "base": entry["base"]})
+        rows.append(
+            {
+                "run": r.key,
+                "arm": r.arm,
+                "seed": r.seed,
+                "label": "all (grpo)" if r.arm == BASELINE_ARM else r.arm,
+                "k": k,
+                "pass_at_k": entry["curve"][k],
+                "delta_vs_base": entry["delta"].get(k),
+                "base": entry["base"],
+            }
+        )
     by_seed: dict[int, list[_Run]] = {}
     for r in done:
         by_seed.setdefault(r.spec.seed_index, []).append(r)
     for group in by_seed.values():
         for i, a in enumerate(group):
-            for b in group[i + 1:]:
+            for b in group[i + 1 :]:
                 if a.spec.eval_key != b.spec.eval_key:
                     continue
                 k = min(a.after["n"], b.after["n"])
                 d = pass_at_k_deltas(b.after, a.after)[k]  # a - b, paired over the same problems
                 ca, cb = passk["runs"][a.key]["curve"][k], passk["runs"][b.key]["curve"][k]
-                pairs.append({"a": a.key, "b": b.key, "k": k, "delta": d,
-                              "intervals_overlap": intervals_overlap(_ci_tuple(ca), _ci_tuple(cb))})
+                pairs.append(
+                    {
+                        "a": a.key,
+                        "b": b.key,
+                        "k": k,
+                        "delta": d,
+                        "intervals_overlap": intervals_overlap(_ci_tuple(ca), _ci_tuple(cb)),
+                    }
+                )
     return {"rows": rows, "pairs": pairs, "missing": {r.key: r.why_missing() for r in members if not r.done}}
 
 
@@ -229,8 +275,10 @@ def _reliability(pc: dict) -> dict | None:
     if not q:
         return None
     bins = reliability_bins(q, c)
-    return {k: [None if x != x else float(x) for x in getattr(bins, k)]
-            for k in ("upper_edges", "count", "mean_confidence", "accuracy")}
+    return {
+        k: [None if x != x else float(x) for x in getattr(bins, k)]
+        for k in ("upper_edges", "count", "mean_confidence", "accuracy")
+    }
 
 
 def _calibration(runs: list[_Run], bases: dict, labels: dict) -> dict:
@@ -240,8 +288,11 @@ def _calibration(runs: list[_Run], bases: dict, labels: dict) -> dict:
     calibration of every finished run and base."""
     done = {r.key: r for r in runs if r.done}
     brier_runs = [r for r in runs if r.arm == "brier" or "brier" in r.spec.config["rewards"]]
-    out: dict = {"pairs": [], "missing": {r.key: r.why_missing() for r in brier_runs if not r.done},
-                 "all_agreement": {}}
+    out: dict = {
+        "pairs": [],
+        "missing": {r.key: r.why_missing() for r in brier_runs if not r.done},
+        "all_agreement": {},
+    }
     if not brier_runs:
         out["note"] = "no arm of this study uses the brier reward"
     for r in brier_runs:
@@ -253,13 +304,21 @@ def _calibration(runs: list[_Run], bases: dict, labels: dict) -> dict:
             if cand is not None:
                 ref = cand
                 break
-        entry: dict = {"brier": r.key, "reference": ref.key if ref else None,
-                       "paired": bool(ref and ref.spec.eval_key == r.spec.eval_key),
-                       "base": labels[r.spec.eval_key]["label"], "pass_at_1": {}, "stated": {}, "agreement": {},
-                       "reliability": {"stated": {}, "agreement": {}}, "difference": {}}
+        entry: dict = {
+            "brier": r.key,
+            "reference": ref.key if ref else None,
+            "paired": bool(ref and ref.spec.eval_key == r.spec.eval_key),
+            "base": labels[r.spec.eval_key]["label"],
+            "pass_at_1": {},
+            "stated": {},
+            "agreement": {},
+            "reliability": {"stated": {}, "agreement": {}},
+            "difference": {},
+        }
         if ref is None:
-            entry["note"] = (f"no finished reference run (correct_conf or {BASELINE_ARM}) with seed index "
-                             f"{r.spec.seed_index}")
+            entry["note"] = (
+                f"no finished reference run (correct_conf or {BASELINE_ARM}) with seed index {r.spec.seed_index}"
+            )
         evaluated = {r.key: r.after, entry["base"]: bases.get(r.spec.eval_key)}
         if ref is not None:
             evaluated[ref.key] = ref.after
@@ -281,13 +340,17 @@ def _calibration(runs: list[_Run], bases: dict, labels: dict) -> dict:
     for key, ev in bases.items():
         pc = _agreement(ev)
         if pc is not None:
-            out["all_agreement"][labels[key]["label"]] = {"pass_at_1": pass_at_k_curve_ci(ev)[1],
-                                                          **bootstrap_calibration(pc, ev["n"])}
+            out["all_agreement"][labels[key]["label"]] = {
+                "pass_at_1": pass_at_k_curve_ci(ev)[1],
+                **bootstrap_calibration(pc, ev["n"]),
+            }
     for r in done.values():
         pc = _agreement(r.after)
         if pc is not None:
-            out["all_agreement"][r.key] = {"pass_at_1": pass_at_k_curve_ci(r.after)[1],
-                                           **bootstrap_calibration(pc, r.after["n"])}
+            out["all_agreement"][r.key] = {
+                "pass_at_1": pass_at_k_curve_ci(r.after)[1],
+                **bootstrap_calibration(pc, r.after["n"]),
+            }
     return out
 
 
@@ -298,25 +361,41 @@ def _by_kind(update: dict) -> dict:
         k["numel"] += t["numel"]
         for d, frac in t["unchanged"].items():
             k["unchanged_entries"][d] += frac * t["numel"]
-    return {name: {"numel": k["numel"], **{d: v / k["numel"] for d, v in k["unchanged_entries"].items()}}
-            for name, k in kinds.items()}
+    return {
+        name: {"numel": k["numel"], **{d: v / k["numel"] for d, v in k["unchanged_entries"].items()}}
+        for name, k in kinds.items()
+    }
 
 
 def _sparsity(runs: list[_Run], passk: dict) -> dict:
     done = [r for r in runs if r.done]
-    out: dict = {"atol": None, "runs": {}, "overlap": {}, "seed_pairs": {}, "arm_pairs": {}, "sparse_reuse": [],
-                 "missing": {r.key: r.why_missing() for r in runs if not r.done}}
+    out: dict = {
+        "atol": None,
+        "runs": {},
+        "overlap": {},
+        "seed_pairs": {},
+        "arm_pairs": {},
+        "sparse_reuse": [],
+        "missing": {r.key: r.why_missing() for r in runs if not r.done},
+    }
     for r in done:
         out["atol"] = r.update["atol"]
         f32, bf = r.update["overall"]["float32"], r.update["overall"]["bfloat16"]
-        out["runs"][r.key] = {"arm": r.arm, "seed": r.seed, "unchanged": r.update["overall"],
-                              "changed": {d: 1 - v for d, v in r.update["overall"].items()},
-                              # float32 changes that rounding to bf16 hides (bf16-unchanged is a superset)
-                              "hidden_by_bf16": (bf - f32) / (1 - f32) if f32 < 1 else float("nan"),
-                              "by_kind": _by_kind(r.update)}
+        out["runs"][r.key] = {
+            "arm": r.arm,
+            "seed": r.seed,
+            "unchanged": r.update["overall"],
+            "changed": {d: 1 - v for d, v in r.update["overall"].items()},
+            # float32 changes that rounding to bf16 hides (bf16-unchanged is a superset)
+            "hidden_by_bf16": (bf - f32) / (1 - f32) if f32 < 1 else float("nan"),
+            "by_kind": _by_kind(r.update),
+        }
     for dtype, fname in MASK_FILES.items():
-        paths = {r.key: os.path.join(r.spec.run_dir, fname) for r in done
-                 if os.path.exists(os.path.join(r.spec.run_dir, fname))}
+        paths = {
+            r.key: os.path.join(r.spec.run_dir, fname)
+            for r in done
+            if os.path.exists(os.path.join(r.spec.run_dir, fname))
+        }
         ov = changed_set_overlaps(paths)
         out["overlap"][dtype] = ov
         arm_of = {r.key: r.arm for r in done}
@@ -325,35 +404,57 @@ def _sparsity(runs: list[_Run], passk: dict) -> dict:
         for target, pairs in ((out["seed_pairs"], seed_pairs), (out["arm_pairs"], arm_pairs)):
             js = [v["jaccard"] for v in pairs.values() if v["jaccard"] == v["jaccard"]]
             cs = [v["chance_jaccard"] for v in pairs.values() if v["chance_jaccard"] == v["chance_jaccard"]]
-            target[dtype] = {"pairs": len(pairs), "mean_jaccard": sum(js) / len(js) if js else None,
-                             "min_jaccard": min(js) if js else None, "max_jaccard": max(js) if js else None,
-                             "mean_chance_jaccard": sum(cs) / len(cs) if cs else None}
+            target[dtype] = {
+                "pairs": len(pairs),
+                "mean_jaccard": sum(js) / len(js) if js else None,
+                "min_jaccard": min(js) if js else None,
+                "max_jaccard": max(js) if js else None,
+                "mean_chance_jaccard": sum(cs) / len(cs) if cs else None,
+            }
     by_key = {r.key: r for r in runs}
     for r in done:
         if r.spec.depends_on is None:
             continue
         dep = by_key[r.spec.depends_on]
         mask = r.spec.config["mask_source"]
-        entry = {"run": r.key, "mask_from": dep.key, "mask_file": mask,
-                 "mask_density": 1 - dep.update["overall"]["bfloat16"] if dep.done else None,
-                 "containment_fp32_in_mask": containment(os.path.join(r.spec.run_dir, MASK_FILES["float32"]), mask)}
+        entry = {
+            "run": r.key,
+            "mask_from": dep.key,
+            "mask_file": mask,
+            "mask_density": 1 - dep.update["overall"]["bfloat16"] if dep.done else None,
+            "containment_fp32_in_mask": containment(os.path.join(r.spec.run_dir, MASK_FILES["float32"]), mask),
+        }
         if dep.done and dep.spec.eval_key == r.spec.eval_key:
             d = pass_at_k_deltas(dep.after, r.after)[1]
-            entry.update(pass_at_1=passk["runs"][r.key]["curve"][1], dense_pass_at_1=passk["runs"][dep.key]["curve"][1],
-                         delta_vs_dense=d, verdict_vs_dense=verdict(d["ci_low"], d["ci_high"]))
+            entry.update(
+                pass_at_1=passk["runs"][r.key]["curve"][1],
+                dense_pass_at_1=passk["runs"][dep.key]["curve"][1],
+                delta_vs_dense=d,
+                verdict_vs_dense=verdict(d["ci_low"], d["ci_high"]),
+            )
         out["sparse_reuse"].append(entry)
     return out
 
 
 def _freq(stats: dict, total: int) -> dict:
     lo, hi = wilson(stats["count"], total)
-    return {"frequency": stats["frequency"], "count": stats["count"], "total": total, "ci_low": lo, "ci_high": hi,
-            "accuracy": stats.get("accuracy")}
+    return {
+        "frequency": stats["frequency"],
+        "count": stats["count"],
+        "total": total,
+        "ci_low": lo,
+        "ci_high": hi,
+        "accuracy": stats.get("accuracy"),
+    }
 
 
 def _formats(runs: list[_Run], bases: dict, labels: dict, classes: dict) -> dict:
-    out: dict = {"classes": classes, "runs": {}, "base": {},
-                 "missing": {r.key: r.why_missing() for r in runs if not r.done}}
+    out: dict = {
+        "classes": classes,
+        "runs": {},
+        "base": {},
+        "missing": {r.key: r.why_missing() for r in runs if not r.done},
+    }
     if not classes:
         out["note"] = "no format classes were configured (format_classes is empty)"
         return out
@@ -370,11 +471,14 @@ def _formats(runs: list[_Run], bases: dict, labels: dict, classes: dict) -> dict
                 per_class.setdefault(c, []).append(s["frequency"])
         total_step = r.spec.config["prompts_per_step"] * r.spec.config["group_size"]
         ev_total = len(r.after["correct_counts"]) * r.after["n"]
-        entry = {"steps": [m["step"] for m in steps], "train": per_class,
-                 "first_step": {c: _freq(s, total_step) for c, s in steps[0]["formats"].items()} if steps else {},
-                 "last_step": {c: _freq(s, total_step) for c, s in steps[-1]["formats"].items()} if steps else {},
-                 "eval_after": {c: _freq(s, ev_total) for c, s in (r.after.get("formats") or {}).items()},
-                 "base": labels[r.spec.eval_key]["label"]}
+        entry = {
+            "steps": [m["step"] for m in steps],
+            "train": per_class,
+            "first_step": {c: _freq(s, total_step) for c, s in steps[0]["formats"].items()} if steps else {},
+            "last_step": {c: _freq(s, total_step) for c, s in steps[-1]["formats"].items()} if steps else {},
+            "eval_after": {c: _freq(s, ev_total) for c, s in (r.after.get("formats") or {}).items()},
+            "base": labels[r.spec.eval_key]["label"],
+        }
         for when in ("first_step", "last_step", "eval_after"):
             if entry[when]:
                 entry[f"dominant_{when}"] = max(entry[when], key=lambda c: entry[when][c]["frequency"])
@@ -383,9 +487,15 @@ def _formats(runs: list[_Run], bases: dict, labels: dict, classes: dict) -> dict
 
 
 def _difficulty(runs: list[_Run], passk: dict) -> dict:
-    members = [r for r in runs if r.arm == BASELINE_ARM or r.group == "difficulty"
-               or r.spec.config["filter_all_equal"] or r.spec.config["min_solve_rate"] is not None
-               or r.spec.config["max_solve_rate"] is not None]
+    members = [
+        r
+        for r in runs
+        if r.arm == BASELINE_ARM
+        or r.group == "difficulty"
+        or r.spec.config["filter_all_equal"]
+        or r.spec.config["min_solve_rate"] is not None
+        or r.spec.config["max_solve_rate"] is not None
+    ]
     done = {r.key: r for r in members if r.done}
     rows = []
     for r in done.values():
@@ -395,18 +505,25 @@ def _difficulty(runs: list[_Run], passk: dict) -> dict:
             for rule, n in (m.get("groups_filtered") or {}).items():
                 removed[rule] = removed.get(rule, 0) + int(n)
         seen = len(r.steps) * cfg["prompts_per_step"]
-        row = {"run": r.key, "arm": r.arm, "seed": r.seed,
-               "rules": {k: cfg[k] for k in ("filter_all_equal", "min_solve_rate", "max_solve_rate")},
-               "groups_seen": seen, "removed": removed, "removed_total": sum(removed.values()),
-               "all_equal_groups": sum(int(m.get("all_equal_groups", 0)) for m in r.steps),
-               "completions_updated": sum(int(m.get("completions_updated", 0)) for m in r.steps),
-               "mean_solve_rate": sum(m["solve_rate"] for m in r.steps) / len(r.steps) if r.steps else None,
-               "pass_at_1": passk["runs"][r.key]["curve"][1]}
+        row = {
+            "run": r.key,
+            "arm": r.arm,
+            "seed": r.seed,
+            "rules": {k: cfg[k] for k in ("filter_all_equal", "min_solve_rate", "max_solve_rate")},
+            "groups_seen": seen,
+            "removed": removed,
+            "removed_total": sum(removed.values()),
+            "all_equal_groups": sum(int(m.get("all_equal_groups", 0)) for m in r.steps),
+            "completions_updated": sum(int(m.get("completions_updated", 0)) for m in r.steps),
+            "mean_solve_rate": sum(m["solve_rate"] for m in r.steps) / len(r.steps) if r.steps else None,
+            "pass_at_1": passk["runs"][r.key]["curve"][1],
+        }
         base_run = done.get(f"{BASELINE_ARM}/seed{r.spec.seed_index}")
         if r.arm != BASELINE_ARM and base_run is not None and base_run.spec.eval_key == r.spec.eval_key:
             d = pass_at_k_deltas(base_run.after, r.after)[1]
-            row.update(baseline=base_run.key, delta_vs_baseline=d,
-                       verdict_vs_baseline=verdict(d["ci_low"], d["ci_high"]))
+            row.update(
+                baseline=base_run.key, delta_vs_baseline=d, verdict_vs_baseline=verdict(d["ci_low"], d["ci_high"])
+            )
         rows.append(row)
     return {"rows": rows, "missing": {r.key: r.why_missing() for r in members if not r.done}}
 
@@ -423,14 +540,33 @@ def analyse(plan: StudyPlan, state: dict) -> dict:
     passk = _pass_at_k(runs, bases, labels)
     classes = plan.run(plan.primary).config["format_classes"]
     return {
-        "base_settings": {labels[k]["label"]: {"eval_key": k, "differs_from_primary": labels[k]["differs"],
-                                               "runs": labels[k]["runs"], "evaluated": k in bases} for k in labels},
-        "runs": [{"run": r.key, "arm": r.arm, "group": r.group, "seed": r.seed, "status": r.status,
-                  "seconds": r.entry.get("seconds"), "attempts": r.entry.get("attempts"),
-                  "error": r.entry.get("error"), "reason": r.entry.get("reason"),
-                  "pass_at_1": passk["runs"][r.key]["curve"][1] if r.done else None,
-                  "delta_pass_at_1": passk["runs"][r.key]["delta"].get(1) if r.done else None,
-                  "base": labels[r.spec.eval_key]["label"], "run_dir": r.spec.run_dir} for r in runs],
+        "base_settings": {
+            labels[k]["label"]: {
+                "eval_key": k,
+                "differs_from_primary": labels[k]["differs"],
+                "runs": labels[k]["runs"],
+                "evaluated": k in bases,
+            }
+            for k in labels
+        },
+        "runs": [
+            {
+                "run": r.key,
+                "arm": r.arm,
+                "group": r.group,
+                "seed": r.seed,
+                "status": r.status,
+                "seconds": r.entry.get("seconds"),
+                "attempts": r.entry.get("attempts"),
+                "error": r.entry.get("error"),
+                "reason": r.entry.get("reason"),
+                "pass_at_1": passk["runs"][r.key]["curve"][1] if r.done else None,
+                "delta_pass_at_1": passk["runs"][r.key]["delta"].get(1) if r.done else None,
+                "base": labels[r.spec.eval_key]["label"],
+                "run_dir": r.spec.run_dir,
+            }
+            for r in runs
+        ],
         "findings": {
             "pass_at_k": passk,
             "reward": _reward(runs, passk, plan),

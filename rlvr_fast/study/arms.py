@@ -1,7 +1,8 @@
 """The arms of a study: named RLVRConfig overrides, one registry (built-in arms plus the user's from YAML).
 
-An arm is a change to the base run that answers one question of the research context (RESEARCH_CONTEXT.md;
-ALGORITHMS.md sections 1, 4-6). Every arm starts from the same base model and base config; only its overrides differ.
+An arm is a change to the base run that answers one question of the research context (docs/design.md, "Research
+questions"; docs/design.md §§1, 4-6). Every arm starts from the same base model and base config; only its overrides
+differ.
 
 | group       | arms                                                                 | question                  |
 |-------------|----------------------------------------------------------------------|---------------------------|
@@ -18,8 +19,9 @@ ALGORITHMS.md sections 1, 4-6). Every arm starts from the same base model and ba
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "ALIASES",
@@ -84,40 +86,95 @@ def register_arm(arm: Arm) -> Arm:
 _CORRECT = {"rewards": {"correct": 1.0}}
 for _arm in (
     # ---- reward arms (Shao et al. 2025, arXiv:2506.10947; Wu et al. 2025, arXiv:2507.10532; Damani et al. 2025)
-    Arm("correct", _CORRECT, "the verifier's 0/1 verdict; the baseline of every group (GRPO, all samples, dense)",
-        "reward"),
-    Arm("format", {"rewards": {"format": 1.0}}, "1 for a non-empty \\boxed{}, right or wrong (Shao et al. 2025)",
-        "reward"),
-    Arm("random", {"rewards": {"random": 1.0}, "reward_params": {"random": {"gamma": 0.5}}},
-        "Bernoulli(0.5) whatever the completion says (Shao et al. 2025)", "reward"),
+    Arm(
+        "correct",
+        _CORRECT,
+        "the verifier's 0/1 verdict; the baseline of every group (GRPO, all samples, dense)",
+        "reward",
+    ),
+    Arm(
+        "format",
+        {"rewards": {"format": 1.0}},
+        "1 for a non-empty \\boxed{}, right or wrong (Shao et al. 2025)",
+        "reward",
+    ),
+    Arm(
+        "random",
+        {"rewards": {"random": 1.0}, "reward_params": {"random": {"gamma": 0.5}}},
+        "Bernoulli(0.5) whatever the completion says (Shao et al. 2025)",
+        "reward",
+    ),
     Arm("inverse", {"rewards": {"inverse": 1.0}}, "1 - verdict: rewards wrong answers (Wu et al. 2025)", "reward"),
-    Arm("incorrect_label", {"rewards": {"incorrect_label": 1.0}},
-        "the verdict against a wrong label (true answer + a nonzero offset; Shao et al. 2025)", "reward"),
-    Arm("brier", {"rewards": {"brier": 1.0}, "prompt_template": CONFIDENCE_PROMPT},
-        "c - (q - c)^2 with a stated confidence q (RLCR, Damani et al. 2025, arXiv:2507.16806)", "reward"),
-    Arm("correct_conf", {"rewards": {"correct": 1.0}, "prompt_template": CONFIDENCE_PROMPT},
+    Arm(
+        "incorrect_label",
+        {"rewards": {"incorrect_label": 1.0}},
+        "the verdict against a wrong label (true answer + a nonzero offset; Shao et al. 2025)",
+        "reward",
+    ),
+    Arm(
+        "brier",
+        {"rewards": {"brier": 1.0}, "prompt_template": CONFIDENCE_PROMPT},
+        "c - (q - c)^2 with a stated confidence q (RLCR, Damani et al. 2025, arXiv:2507.16806)",
+        "reward",
+    ),
+    Arm(
+        "correct_conf",
+        {"rewards": {"correct": 1.0}, "prompt_template": CONFIDENCE_PROMPT},
         "the verdict, asked for a confidence as brier is but not rewarded for it: RLCR's RLVR baseline",
-        "calibration"),
+        "calibration",
+    ),
     # ---- sample arms (Zhu et al. 2025, arXiv:2506.01347)
-    Arm("psr", {**_CORRECT, "estimator": "psr"}, "positive sample reinforcement: A = 1 on right answers, 0 else",
-        "sample"),
-    Arm("nsr", {**_CORRECT, "estimator": "nsr"}, "negative sample reinforcement: A = -1 on wrong answers, 0 else",
-        "sample"),
-    Arm("w_reinforce", {**_CORRECT, "estimator": "w_reinforce", "lam": 0.1},
-        "A = 0.1 on right answers, -1 on wrong ones (Zhu et al.'s weighted REINFORCE)", "sample"),
-    Arm("positive_only", {**_CORRECT, "estimator": "grpo", "sample_mode": "positive_only"},
-        "GRPO advantages clipped at 0 from below: only the better-than-average samples", "sample"),
-    Arm("negative_only", {**_CORRECT, "estimator": "grpo", "sample_mode": "negative_only"},
-        "GRPO advantages clipped at 0 from above: only the worse-than-average samples", "sample"),
-    # ---- difficulty arms (ALGORITHMS.md section 6)
-    Arm("filter_all_equal", {**_CORRECT, "filter_all_equal": True},
-        "drop groups whose rewards are all equal (DAPO dynamic sampling, Yu et al. 2025)", "difficulty"),
-    Arm("solve_floor", {**_CORRECT, "min_solve_rate": 0.25},
-        "drop groups solved by fewer than 25% of their samples (lone lucky successes)", "difficulty"),
+    Arm(
+        "psr",
+        {**_CORRECT, "estimator": "psr"},
+        "positive sample reinforcement: A = 1 on right answers, 0 else",
+        "sample",
+    ),
+    Arm(
+        "nsr",
+        {**_CORRECT, "estimator": "nsr"},
+        "negative sample reinforcement: A = -1 on wrong answers, 0 else",
+        "sample",
+    ),
+    Arm(
+        "w_reinforce",
+        {**_CORRECT, "estimator": "w_reinforce", "lam": 0.1},
+        "A = 0.1 on right answers, -1 on wrong ones (Zhu et al.'s weighted REINFORCE)",
+        "sample",
+    ),
+    Arm(
+        "positive_only",
+        {**_CORRECT, "estimator": "grpo", "sample_mode": "positive_only"},
+        "GRPO advantages clipped at 0 from below: only the better-than-average samples",
+        "sample",
+    ),
+    Arm(
+        "negative_only",
+        {**_CORRECT, "estimator": "grpo", "sample_mode": "negative_only"},
+        "GRPO advantages clipped at 0 from above: only the worse-than-average samples",
+        "sample",
+    ),
+    # ---- difficulty arms (docs/design.md §6)
+    Arm(
+        "filter_all_equal",
+        {**_CORRECT, "filter_all_equal": True},
+        "drop groups whose rewards are all equal (DAPO dynamic sampling, Yu et al. 2025)",
+        "difficulty",
+    ),
+    Arm(
+        "solve_floor",
+        {**_CORRECT, "min_solve_rate": 0.25},
+        "drop groups solved by fewer than 25% of their samples (lone lucky successes)",
+        "difficulty",
+    ),
     # ---- optimizer arm (Mukherjee et al. 2025, arXiv:2505.11711)
-    Arm("sparse_reuse", {**_CORRECT, "optimizer": "sparse_adamw"},
+    Arm(
+        "sparse_reuse",
+        {**_CORRECT, "optimizer": "sparse_adamw"},
         "SparseAdamW on the entries the correct arm's update changed (bf16 comparison): subnetwork reuse",
-        "optimizer", mask_from=BASELINE_ARM),
+        "optimizer",
+        mask_from=BASELINE_ARM,
+    ),
 ):
     register_arm(_arm)
 
@@ -155,18 +212,27 @@ def load_arms_file(path: str) -> dict[str, Arm]:
         if "overrides" in spec:
             extra = sorted(set(spec) - {"overrides", "doc", "group", "mask_from"})
             if extra:
-                raise ValueError(f"--arms-file {path}: arm {name!r} has unknown keys {extra} next to 'overrides' "
-                                 f"(allowed: doc, group, mask_from)")
+                raise ValueError(
+                    f"--arms-file {path}: arm {name!r} has unknown keys {extra} next to 'overrides' "
+                    f"(allowed: doc, group, mask_from)"
+                )
             overrides = spec["overrides"] or {}
             if not isinstance(overrides, dict):
                 raise ValueError(f"--arms-file {path}: arm {name!r}: 'overrides' must be a mapping, got {overrides!r}")
-            arm = Arm(name, overrides, str(spec.get("doc", f"user arm from {path}")), spec.get("group", "user"),
-                      spec.get("mask_from"), source=path)
+            arm = Arm(
+                name,
+                overrides,
+                str(spec.get("doc", f"user arm from {path}")),
+                spec.get("group", "user"),
+                spec.get("mask_from"),
+                source=path,
+            )
         else:
             arm = Arm(name, spec, f"user arm from {path}", "user", source=path)
         if arm.group not in GROUPS:
-            raise ValueError(f"--arms-file {path}: arm {name!r}: group must be one of {list(GROUPS)}, got "
-                             f"{arm.group!r}")
+            raise ValueError(
+                f"--arms-file {path}: arm {name!r}: group must be one of {list(GROUPS)}, got {arm.group!r}"
+            )
         owned = sorted(set(arm.overrides) & set(STUDY_OWNED_FIELDS))
         if owned:
             raise ValueError(f"--arms-file {path}: arm {name!r} overrides {owned}, which the study sets itself")

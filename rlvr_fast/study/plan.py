@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from rlvr_fast.study.arms import ARMS, BASELINE_ARM, STUDY_OWNED_FIELDS, Arm, load_arms_file, resolve_arm_names
 from rlvr_fast.study.presets import get_preset
@@ -30,8 +31,17 @@ MASK_DTYPE = "bfloat16"  # the changed set a sparse-reuse arm trains: Mukherjee 
 NON_RESULT_FIELDS = ("output_dir", "resume", "progress", "checkpoint_every")
 # Fields besides ``evaluation_kwargs`` that decide the held-out evaluation of the base model.
 EVAL_DATA_FIELDS = (
-    "model", "task", "task_preset", "prompt_template", "train_size", "eval_size", "eval_file", "attn_implementation",
-    "dtype", "device", "max_prompt_length",
+    "model",
+    "task",
+    "task_preset",
+    "prompt_template",
+    "train_size",
+    "eval_size",
+    "eval_file",
+    "attn_implementation",
+    "dtype",
+    "device",
+    "max_prompt_length",
 )
 
 
@@ -86,8 +96,10 @@ def _check_fields(values: Mapping[str, Any], where: str) -> None:
     valid = set(RLVRConfig.field_names())
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ValueError(f"{where}: unknown RLVRConfig field{'s' if len(unknown) > 1 else ''} {unknown}; valid "
-                         f"fields: {sorted(valid)}")
+        raise ValueError(
+            f"{where}: unknown RLVRConfig field{'s' if len(unknown) > 1 else ''} {unknown}; valid "
+            f"fields: {sorted(valid)}"
+        )
 
 
 def _ordered(names: list[str], arms: Mapping[str, Arm]) -> list[str]:
@@ -104,8 +116,10 @@ def _ordered(names: list[str], arms: Mapping[str, Arm]) -> list[str]:
         source = arms[name].mask_from
         if source is not None:
             if source not in names:
-                raise ValueError(f"arm {name!r} takes its SparseAdamW mask from arm {source!r}, which is not in this "
-                                 f"study's arms {names}; add {source!r} to --arms")
+                raise ValueError(
+                    f"arm {name!r} takes its SparseAdamW mask from arm {source!r}, which is not in this "
+                    f"study's arms {names}; add {source!r} to --arms"
+                )
             visit(source)
         visiting.discard(name)
         out.append(name)
@@ -185,8 +199,10 @@ def plan_study(
             depends_on = None
             if arm.mask_from is not None:
                 if values.get("optimizer") != "sparse_adamw":
-                    raise ValueError(f"{where}: mask_from={arm.mask_from!r} needs optimizer 'sparse_adamw', got "
-                                     f"{values.get('optimizer')!r}")
+                    raise ValueError(
+                        f"{where}: mask_from={arm.mask_from!r} needs optimizer 'sparse_adamw', got "
+                        f"{values.get('optimizer')!r}"
+                    )
                 j = i if i < counts[arm.mask_from] else 0
                 depends_on = f"{arm.mask_from}/seed{j}"
                 source_dir = os.path.join(output_dir, "arms", arm.mask_from, f"seed{j}")

@@ -13,8 +13,9 @@ arms whose prompt asks for a stated confidence): the arm's identity stays the sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from rlvr_fast.eval import DEFAULT_FORMAT_CLASSES
 
@@ -76,7 +77,15 @@ register_preset(
             "checkpoint_every": 3,
         },
         (
-            "correct", "random", "inverse", "brier", "correct_conf", "psr", "nsr", "filter_all_equal", "solve_floor",
+            "correct",
+            "random",
+            "inverse",
+            "brier",
+            "correct_conf",
+            "psr",
+            "nsr",
+            "filter_all_equal",
+            "solve_floor",
             "sparse_reuse",
         ),
         seeds=1,
@@ -103,8 +112,21 @@ register_preset(
             "checkpoint_every": 10,
         },
         (
-            "correct", "format", "random", "inverse", "incorrect_label", "brier", "correct_conf", "psr", "nsr",
-            "w_reinforce", "positive_only", "negative_only", "filter_all_equal", "solve_floor", "sparse_reuse",
+            "correct",
+            "format",
+            "random",
+            "inverse",
+            "incorrect_label",
+            "brier",
+            "correct_conf",
+            "psr",
+            "nsr",
+            "w_reinforce",
+            "positive_only",
+            "negative_only",
+            "filter_all_equal",
+            "solve_floor",
+            "sparse_reuse",
         ),
         seeds=2,
         arm_overrides={"brier": {"max_completion_length": 48}, "correct_conf": {"max_completion_length": 48}},

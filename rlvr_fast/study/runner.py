@@ -25,8 +25,8 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from rlvr_fast.study.plan import RunSpec, StudyPlan, config_hash
 from rlvr_fast.study.state import StudyState, write_json_atomic
@@ -91,8 +91,11 @@ def _prune_checkpoints(run_dir: str, keep: str) -> None:
     latest = latest_checkpoint(run_dir)
     for d in os.listdir(root):
         path = os.path.join(root, d)
-        if d.startswith("step-") and os.path.isdir(path) and (latest is None or os.path.abspath(path) !=
-                                                               os.path.abspath(latest)):
+        if (
+            d.startswith("step-")
+            and os.path.isdir(path)
+            and (latest is None or os.path.abspath(path) != os.path.abspath(latest))
+        ):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -111,10 +114,14 @@ def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log)
         t0 = time.perf_counter()
         base = trainer.evaluate("base").to_dict()
         write_json_atomic(path, base)
-        write_json_atomic(os.path.join(os.path.dirname(path), "eval_config.json"),
-                          {"first_run": spec.key, "config": spec.config, "seconds": time.perf_counter() - t0})
-        log(f"  base model evaluated for {spec.key}'s evaluation setting {spec.eval_key}: pass@1 "
-            f"{base['pass_at_k'][1]['mean']:.3f} ({time.perf_counter() - t0:.0f} s)")
+        write_json_atomic(
+            os.path.join(os.path.dirname(path), "eval_config.json"),
+            {"first_run": spec.key, "config": spec.config, "seconds": time.perf_counter() - t0},
+        )
+        log(
+            f"  base model evaluated for {spec.key}'s evaluation setting {spec.eval_key}: pass@1 "
+            f"{base['pass_at_k'][1]['mean']:.3f} ({time.perf_counter() - t0:.0f} s)"
+        )
     if cfg.resume:
         log(f"  resuming {spec.key} from {latest_checkpoint(spec.run_dir)}")
     result = trainer.train(before_eval=base)
@@ -122,8 +129,11 @@ def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log)
     _prune_checkpoints(spec.run_dir, keep)
     del trainer
     gc.collect()
-    return {"pass_at_1": result.after["pass_at_k"][1]["mean"], "base_pass_at_1": base["pass_at_k"][1]["mean"],
-            "unchanged": update["overall"]}
+    return {
+        "pass_at_1": result.after["pass_at_k"][1]["mean"],
+        "base_pass_at_1": base["pass_at_k"][1]["mean"],
+        "unchanged": update["overall"],
+    }
 
 
 def run_study(
@@ -158,14 +168,33 @@ def run_study(
                 f"{entry.get('config_hash')} vs {config_hash(spec.config)} now); use another --output-dir or delete "
                 f"{spec.run_dir}"
             )
-    write_json_atomic(os.path.join(plan.output_dir, "plan.json"), {
-        "preset": plan.preset, "base_overrides": plan.base_overrides, "primary": plan.primary,
-        "runs": [{"key": r.key, "arm": r.arm, "seed": r.config["seed"], "run_dir": r.run_dir, "eval_key": r.eval_key,
-                  "depends_on": r.depends_on, "config": r.config} for r in plan.runs],
-    })
+    write_json_atomic(
+        os.path.join(plan.output_dir, "plan.json"),
+        {
+            "preset": plan.preset,
+            "base_overrides": plan.base_overrides,
+            "primary": plan.primary,
+            "runs": [
+                {
+                    "key": r.key,
+                    "arm": r.arm,
+                    "seed": r.config["seed"],
+                    "run_dir": r.run_dir,
+                    "eval_key": r.eval_key,
+                    "depends_on": r.depends_on,
+                    "config": r.config,
+                }
+                for r in plan.runs
+            ],
+        },
+    )
     started = time.time()
-    state.add_session(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), started_epoch=started,
-                      command=command or " ".join(sys.argv), host=platform.node())
+    state.add_session(
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        started_epoch=started,
+        command=command or " ".join(sys.argv),
+        host=platform.node(),
+    )
     models = BaseModels(model_loader or load_model)
     for spec in plan.runs:
         status = state.status(spec.key)
@@ -184,8 +213,16 @@ def run_study(
             log(f"[{spec.key}] its config changed since the last attempt: starting over in {spec.run_dir}")
             shutil.rmtree(os.path.join(spec.run_dir, "checkpoints"), ignore_errors=True)
         attempts = state.run(spec.key).get("attempts", 0) + 1
-        state.set(spec.key, status="running", attempts=attempts, config_hash=config_hash(spec.config),
-                  run_dir=spec.run_dir, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), error=None, reason=None)
+        state.set(
+            spec.key,
+            status="running",
+            attempts=attempts,
+            config_hash=config_hash(spec.config),
+            run_dir=spec.run_dir,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            error=None,
+            reason=None,
+        )
         log(f"[{spec.key}] running (attempt {attempts})")
         t0 = time.perf_counter()
         try:
@@ -200,10 +237,13 @@ def run_study(
             gc.collect()
             continue
         seconds = time.perf_counter() - t0
-        state.set(spec.key, status="done", seconds=seconds, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  summary=summary)
-        log(f"[{spec.key}] done in {seconds:.0f} s: pass@1 {summary['base_pass_at_1']:.3f} -> "
-            f"{summary['pass_at_1']:.3f}")
+        state.set(
+            spec.key, status="done", seconds=seconds, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary
+        )
+        log(
+            f"[{spec.key}] done in {seconds:.0f} s: pass@1 {summary['base_pass_at_1']:.3f} -> "
+            f"{summary['pass_at_1']:.3f}"
+        )
     models.pristine = None
     state.update_session(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.time() - started)
 

@@ -50,8 +50,9 @@ class StudyState:
             with open(self.path) as f:
                 self.data = json.load(f)
             if self.data.get("format") != FORMAT:
-                raise ValueError(f"{self.path}: not a study state file (format {self.data.get('format')!r}, expected "
-                                 f"{FORMAT!r})")
+                raise ValueError(
+                    f"{self.path}: not a study state file (format {self.data.get('format')!r}, expected {FORMAT!r})"
+                )
         else:
             self.data = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": {}, "sessions": []}
 

@@ -14,16 +14,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from statistics import NormalDist
-from typing import Callable
 
 import numpy as np
 
 from rlvr_fast.eval import auroc, brier_score, expected_calibration_error, pass_at_k_delta, pass_at_k_summary
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "CONFIDENCE", "agreement_confidence", "bootstrap_calibration", "intervals_overlap",
-           "pass_at_k_curve_ci", "pass_at_k_deltas", "wilson"]
+__all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "CONFIDENCE",
+    "agreement_confidence",
+    "bootstrap_calibration",
+    "intervals_overlap",
+    "pass_at_k_curve_ci",
+    "pass_at_k_deltas",
+    "wilson",
+]
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 1000
@@ -41,12 +49,20 @@ def pass_at_k_deltas(before: dict, after: dict) -> dict[int, dict]:
     """k -> paired difference after - before {delta, se, ci_low, ci_high, problems}; both on the same problems."""
     n_b, n_a = before["n"], after["n"]
     if len(before["correct_counts"]) != len(after["correct_counts"]):
-        raise ValueError(f"pass_at_k_deltas: {len(before['correct_counts'])} vs {len(after['correct_counts'])} "
-                         f"problems (expected the same problems)")
+        raise ValueError(
+            f"pass_at_k_deltas: {len(before['correct_counts'])} vs {len(after['correct_counts'])} "
+            f"problems (expected the same problems)"
+        )
     out = {}
     for k in range(1, min(n_b, n_a) + 1):
-        d = pass_at_k_delta([n_b] * len(before["correct_counts"]), before["correct_counts"],
-                            [n_a] * len(after["correct_counts"]), after["correct_counts"], k, confidence=CONFIDENCE)
+        d = pass_at_k_delta(
+            [n_b] * len(before["correct_counts"]),
+            before["correct_counts"],
+            [n_a] * len(after["correct_counts"]),
+            after["correct_counts"],
+            k,
+            confidence=CONFIDENCE,
+        )
         out[k] = asdict(d)
     return out
 
@@ -76,7 +92,7 @@ def agreement_confidence(per_completion: dict, n: int) -> list[float]:
         raise ValueError(f"agreement_confidence: {len(answers)} answers is not problems x n={n}")
     out = []
     for start in range(0, len(answers), n):
-        group = answers[start:start + n]
+        group = answers[start : start + n]
         out += [group.count(a) / n for a in group]
     return out
 
@@ -86,8 +102,9 @@ def _arrays(per_completion: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
     conf = np.array([np.nan if q is None else q for q in per_completion["confidence"]], dtype=float)
     corr = np.asarray(per_completion["correct"], dtype=float)
     if conf.size % n or conf.size != corr.size:
-        raise ValueError(f"per-completion data of {conf.size} confidences / {corr.size} verdicts is not "
-                         f"problems x n={n}")
+        raise ValueError(
+            f"per-completion data of {conf.size} confidences / {corr.size} verdicts is not problems x n={n}"
+        )
     return conf.reshape(-1, n), corr.reshape(-1, n)
 
 
@@ -109,8 +126,9 @@ def _ci(values: list[float]) -> tuple[float, float, int]:
     return float(lo), float(hi), int(v.size)
 
 
-def bootstrap_calibration(per_completion: dict, n: int, other: dict | None = None, *, seed: int = 0,
-                          resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+def bootstrap_calibration(
+    per_completion: dict, n: int, other: dict | None = None, *, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+) -> dict:
     """Calibration of one evaluation with bootstrap CIs, and with ``other`` (same problems) the paired difference
     self - other.
 

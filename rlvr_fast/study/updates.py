@@ -1,7 +1,7 @@
 """What each arm's update changed (finding 5): update sparsity against the base weights, the changed sets saved
 bit-packed, and their overlaps between arms and seeds.
 
-Mukherjee et al. 2025 (arXiv:2505.11711; ALGORITHMS.md section 4) find RL leaves 70-95% of the entries unchanged, in a
+Mukherjee et al. 2025 (arXiv:2505.11711; docs/design.md §4) find RL leaves 70-95% of the entries unchanged, in a
 subnetwork that overlaps across seeds (~60% vs ~37% by chance), and warn that part of the sparsity may be bf16
 rounding. So every arm's final weights are compared with the base weights twice, each time for exact equality
 (atol 0): in float32 (the update itself) and after rounding both to bfloat16 (what a bf16 checkpoint keeps), with
@@ -28,8 +28,16 @@ import torch
 from rlvr_fast.optim import masks_from_diff, save_masks, update_sparsity
 from rlvr_fast.optim.masks import MASKS_FORMAT
 
-__all__ = ["ATOL", "COMPARE_DTYPES", "MASK_FILES", "UPDATE_FILE", "changed_set_overlaps", "containment",
-           "record_update", "tensor_kind"]
+__all__ = [
+    "ATOL",
+    "COMPARE_DTYPES",
+    "MASK_FILES",
+    "UPDATE_FILE",
+    "changed_set_overlaps",
+    "containment",
+    "record_update",
+    "tensor_kind",
+]
 
 ATOL = 0.0  # exact equality after rounding to the comparison dtype
 COMPARE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,7 +50,7 @@ def tensor_kind(name: str) -> str:
     parts = name.split(".")
     for i, p in enumerate(parts):
         if p.isdigit():
-            return ".".join(parts[i + 1:])
+            return ".".join(parts[i + 1 :])
     return ".".join(parts[-2:]) if len(parts) >= 2 else name
 
 
@@ -64,8 +72,10 @@ def record_update(base: Mapping[str, torch.Tensor], trained: Mapping[str, torch.
         total = sum(m.numel() for m in masks.values())
         # The two functions are complements by contract; a disagreement would mean a bug in one of them.
         if abs((1.0 - changed / total) - fractions["overall"]) > 1e-9:
-            raise RuntimeError(f"update_sparsity ({fractions['overall']}) and masks_from_diff "
-                               f"({1.0 - changed / total}) disagree on the {label} comparison")
+            raise RuntimeError(
+                f"update_sparsity ({fractions['overall']}) and masks_from_diff "
+                f"({1.0 - changed / total}) disagree on the {label} comparison"
+            )
         out["overall"][label] = fractions["overall"]
         for name in base:
             out["tensors"][name]["unchanged"][label] = fractions[name]
@@ -133,8 +143,12 @@ def changed_set_overlaps(paths: Mapping[str, str]) -> dict:
     for (a, b), i in inter.items():
         p, q = changed[a] / total, changed[b] / total
         chance = p * q / (p + q - p * q) if p + q > 0 else float("nan")
-        pairs[f"{a}|{b}"] = {"intersection": i, "union": union[(a, b)],
-                             "jaccard": i / union[(a, b)] if union[(a, b)] else float("nan"), "chance_jaccard": chance}
+        pairs[f"{a}|{b}"] = {
+            "intersection": i,
+            "union": union[(a, b)],
+            "jaccard": i / union[(a, b)] if union[(a, b)] else float("nan"),
+            "chance_jaccard": chance,
+        }
     return {"changed": changed, "total": total, "pairs": pairs}
 
 

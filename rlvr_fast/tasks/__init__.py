@@ -1,4 +1,4 @@
-"""Clean synthetic tasks (ALGORITHMS.md section 8): a seeded arithmetic generator in the style of RandomCalculation,
+"""Clean synthetic tasks (docs/design.md §8): a seeded arithmetic generator in the style of RandomCalculation,
 prompt templates, train/eval splits that share no expression, and JSONL loading with line-numbered errors."""
 
 from rlvr_fast.tasks.arithmetic import (
@@ -17,17 +17,17 @@ from rlvr_fast.tasks.splits import generate_problems, make_splits
 __all__ = [
     "OPERATIONS",
     "PRESETS",
+    "PROMPT_TEMPLATES",
     "ArithmeticConfig",
     "Expression",
-    "format_answer",
-    "get_preset",
-    "sample_expression",
     "JSONLFormatError",
-    "load_jsonl",
-    "parse_jsonl_lines",
-    "save_jsonl",
-    "PROMPT_TEMPLATES",
-    "render_prompt",
+    "format_answer",
     "generate_problems",
+    "get_preset",
+    "load_jsonl",
     "make_splits",
+    "parse_jsonl_lines",
+    "render_prompt",
+    "sample_expression",
+    "save_jsonl",
 ]

@@ -1,14 +1,14 @@
 """Seeded, contamination-free arithmetic problems in the style of RandomCalculation (Wu et al. 2025, "Reasoning or
-Memorization?", arXiv:2507.10532; ALGORITHMS.md section 8).
+Memorization?", arXiv:2507.10532; docs/design.md §8).
 
 An expression of k steps is a random binary tree with k operations (``+ - * /``) whose leaves are integers in
 ``[operand_min, operand_max]`` (0-100 by default) and values derived from them: proper fractions ``(a/b)``, squares
 ``n^2`` and cubes ``n^3``. Answers are exact ``fractions.Fraction`` values computed while the tree is built; a divisor
-is never zero, and any node whose value outgrows ``max_digits`` (numerator or denominator) is drawn again, so answers stay
-checkable by hand. Text is bracketed so that the usual reading (precedence, then left to right) computes exactly the
-tree's intermediate values, which are the ones kept within bounds: a left operand is bracketed when it binds more loosely
-than its operation (``(a + b) * c``), a right operand when it does not bind more tightly (``a + (b + c)``,
-``a - (b - c)``, ``a * (b / c)``); ``a + b * c`` needs none.
+is never zero, and any node whose value outgrows ``max_digits`` (numerator or denominator) is drawn again, so answers
+stay checkable by hand. Text is bracketed so that the usual reading (precedence, then left to right) computes exactly
+the tree's intermediate values, which are the ones kept within bounds: a left operand is bracketed when it binds more
+loosely than its operation (``(a + b) * c``), a right operand when it does not bind more tightly (``a + (b + c)``, ``a -
+(b - c)``, ``a * (b / c)``); ``a + b * c`` needs none.
 
 Problems are generated fresh from a seed, so no model can have seen them in pretraining; difficulty is set by the
 number of steps, the operand range, the operations and the leaf kinds. ``PRESETS`` holds named settings, from ``tiny``
@@ -19,11 +19,19 @@ number of steps, the operand range, the operations and the leaf kinds. ``PRESETS
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Callable, Mapping
 
-__all__ = ["OPERATIONS", "PRESETS", "ArithmeticConfig", "Expression", "format_answer", "get_preset", "sample_expression"]
+__all__ = [
+    "OPERATIONS",
+    "PRESETS",
+    "ArithmeticConfig",
+    "Expression",
+    "format_answer",
+    "get_preset",
+    "sample_expression",
+]
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,9 @@ class ArithmeticConfig:
     operand_min: int = 0
     operand_max: int = 100
     ops: tuple[str, ...] = ("+", "-", "*", "/")
-    leaf_weights: Mapping[str, float] = field(default_factory=lambda: {"int": 0.7, "fraction": 0.1, "square": 0.1, "cube": 0.1})
+    leaf_weights: Mapping[str, float] = field(
+        default_factory=lambda: {"int": 0.7, "fraction": 0.1, "square": 0.1, "cube": 0.1}
+    )
     max_denominator: int = 12  # fraction leaves a/b with 2 <= b <= max_denominator, 1 <= a < b
     max_square_base: int = 30
     max_cube_base: int = 10
@@ -61,14 +71,24 @@ class ArithmeticConfig:
     mul_symbol: str = "*"
     div_symbol: str = "/"
 
-    def check(self) -> "ArithmeticConfig":
-        if not (isinstance(self.min_steps, int) and isinstance(self.max_steps, int) and 1 <= self.min_steps <= self.max_steps):
-            raise ValueError(f"ArithmeticConfig: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+    def check(self) -> ArithmeticConfig:
+        if not (
+            isinstance(self.min_steps, int)
+            and isinstance(self.max_steps, int)
+            and 1 <= self.min_steps <= self.max_steps
+        ):
+            raise ValueError(
+                f"ArithmeticConfig: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}"
+            )
         if not (0 <= self.operand_min <= self.operand_max):
-            raise ValueError(f"ArithmeticConfig: need 0 <= operand_min <= operand_max, got {self.operand_min}, {self.operand_max}")
+            raise ValueError(
+                f"ArithmeticConfig: need 0 <= operand_min <= operand_max, got {self.operand_min}, {self.operand_max}"
+            )
         unknown = [op for op in self.ops if op not in OPERATIONS]
         if not self.ops or unknown:
-            raise ValueError(f"ArithmeticConfig: ops must be a non-empty subset of {sorted(OPERATIONS)}, got {self.ops!r}")
+            raise ValueError(
+                f"ArithmeticConfig: ops must be a non-empty subset of {sorted(OPERATIONS)}, got {self.ops!r}"
+            )
         bad = [k for k in self.leaf_weights if k not in LEAF_KINDS]
         if bad or not any(w > 0 for w in self.leaf_weights.values()) or any(w < 0 for w in self.leaf_weights.values()):
             raise ValueError(
@@ -129,8 +149,8 @@ class Expression:
     precedence: int
     steps: int
     op: str | None = None
-    left: "Expression | None" = None
-    right: "Expression | None" = None
+    left: Expression | None = None
+    right: Expression | None = None
 
 
 class _Retry(Exception):
@@ -181,7 +201,9 @@ def _build(rng: random.Random, cfg: ArithmeticConfig, steps: int) -> Expression:
     raise _Retry
 
 
-def sample_expression(rng: random.Random, cfg: ArithmeticConfig, steps: int | None = None, attempts: int = 200) -> Expression:
+def sample_expression(
+    rng: random.Random, cfg: ArithmeticConfig, steps: int | None = None, attempts: int = 200
+) -> Expression:
     """One expression of ``steps`` operations (default: uniform in [min_steps, max_steps]) drawn from ``rng``."""
     cfg.check()
     k = rng.randint(cfg.min_steps, cfg.max_steps) if steps is None else steps
@@ -192,7 +214,8 @@ def sample_expression(rng: random.Random, cfg: ArithmeticConfig, steps: int | No
             continue
     raise ValueError(
         f"sample_expression: no {k}-step expression satisfied the limits in {attempts} attempts "
-        f"(max_digits={cfg.max_digits}, nonnegative={cfg.nonnegative}, integer_values={cfg.integer_values}); loosen them"
+        f"(max_digits={cfg.max_digits}, nonnegative={cfg.nonnegative}, "
+        f"integer_values={cfg.integer_values}); loosen them"
     )
 
 
@@ -203,10 +226,18 @@ def format_answer(x: Fraction) -> str:
 
 PRESETS: dict[str, ArithmeticConfig] = {
     # one addition of two small integers: the floor for a 135M instruct model
-    "tiny": ArithmeticConfig(min_steps=1, max_steps=1, operand_min=0, operand_max=10, ops=("+",), leaf_weights={"int": 1.0}),
+    "tiny": ArithmeticConfig(
+        min_steps=1, max_steps=1, operand_min=0, operand_max=10, ops=("+",), leaf_weights={"int": 1.0}
+    ),
     # 1-2 additions / subtractions of integers up to 20, never negative: SmolLM2-135M-Instruct succeeds sometimes
     "easy": ArithmeticConfig(
-        min_steps=1, max_steps=2, operand_min=0, operand_max=20, ops=("+", "-"), leaf_weights={"int": 1.0}, nonnegative=True
+        min_steps=1,
+        max_steps=2,
+        operand_min=0,
+        operand_max=20,
+        ops=("+", "-"),
+        leaf_weights={"int": 1.0},
+        nonnegative=True,
     ),
     # up to 4 steps, all operations, integers to 100 with some fractions
     "medium": ArithmeticConfig(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 __all__ = ["JSONLFormatError", "load_jsonl", "parse_jsonl_lines", "save_jsonl"]
 

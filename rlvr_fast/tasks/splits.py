@@ -8,7 +8,8 @@ expression text already in eval (and repeats within itself). Streams are ``rando
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from rlvr_fast.tasks.arithmetic import ArithmeticConfig, format_answer, get_preset, sample_expression
 from rlvr_fast.tasks.prompts import render_prompt

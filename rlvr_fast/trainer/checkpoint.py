@@ -31,7 +31,12 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)] for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, (list, tuple)):
         kind = "__tuple__" if isinstance(obj, tuple) else "__list__"
         return {kind: [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
@@ -163,7 +168,9 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     really_missing = [m for m in missing if m not in tied]
     if really_missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {really_missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {really_missing[:5]}, unexpected {unexpected[:5]}"
+        )
     optimizer.load_state_dict(load_nested(os.path.join(path, "optimizer.safetensors")))
     set_rng_state(load_nested(os.path.join(path, "rng.safetensors")))
     with open(os.path.join(path, "trainer_state.json")) as f:

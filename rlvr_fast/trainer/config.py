@@ -62,17 +62,18 @@ class RLVRConfig:
         False, "drop completions that hit max_completion_length without EOS from the loss (DAPO, arXiv:2503.14476)"
     )
 
-    # ---- advantage (ALGORITHMS.md section 1) --------------------------------------------------------------------
+    # ---- advantage (docs/design.md §1) --------------------------------------------------------------------
     estimator: str = _f(
-        "grpo", "advantage estimator: grpo, dr_grpo (Liu et al. 2025), rloo (Ahmadian et al. 2024), psr, nsr, "
-        "w_reinforce (Zhu et al. 2025, arXiv:2506.01347)"
+        "grpo",
+        "advantage estimator: grpo, dr_grpo (Liu et al. 2025), rloo (Ahmadian et al. 2024), psr, nsr, "
+        "w_reinforce (Zhu et al. 2025, arXiv:2506.01347)",
     )
     scale: str | None = _f(None, "grpo's denominator: group (default), batch (TRL scale_rewards='batch') or none")
     adv_eps: float = _f(1e-6, "added to the std in grpo's denominator (verl 1e-6, TRL 1e-4)")
     sample_mode: str = _f("all", "all, positive_only or negative_only (Zhu et al. 2025): clip advantages to one sign")
     lam: float = _f(0.1, "w_reinforce's weight on correct samples (Zhu et al. 2025)")
 
-    # ---- loss (ALGORITHMS.md section 2) -------------------------------------------------------------------------
+    # ---- loss (docs/design.md §2) -------------------------------------------------------------------------
     loss_type: str = _f("dapo", "aggregation: grpo, bnpo, dr_grpo or dapo (token mean over the step; Yu et al. 2025)")
     eps_low: float = _f(0.2, "lower clip range of the importance ratio (PPO/GRPO)")
     eps_high: float | None = _f(None, "upper clip range (default eps_low; DAPO's clip-higher uses 0.28)")
@@ -82,14 +83,14 @@ class RLVRConfig:
     importance_sampling: str = _f("token", "importance ratio level: token, or sequence (GSPO, Zheng et al. 2025)")
     num_iterations: int = _f(1, "policy updates per rollout batch (>1 makes the ratio and clipping matter)")
 
-    # ---- reward (ALGORITHMS.md section 5) -----------------------------------------------------------------------
+    # ---- reward (docs/design.md §5) -----------------------------------------------------------------------
     rewards: dict = _f(
         {"correct": 1.0},
         "reward modes and weights, e.g. correct=1.0,format=0.2 or a YAML mapping (rlvr_fast.rewards registry)",
     )
     reward_params: dict = _f({}, "per-mode parameters as a YAML/JSON mapping, e.g. {random: {gamma: 0.5}}")
 
-    # ---- difficulty filter (ALGORITHMS.md section 6) ------------------------------------------------------------
+    # ---- difficulty filter (docs/design.md §6) ------------------------------------------------------------
     filter_all_equal: bool = _f(False, "drop groups whose rewards are all equal (DAPO dynamic sampling)")
     min_solve_rate: float | None = _f(None, "drop groups solved less often than this (too hard: lone lucky successes)")
     max_solve_rate: float | None = _f(None, "drop groups solved more often than this (too easy)")
@@ -105,16 +106,18 @@ class RLVRConfig:
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)")
     grad_clip: float | None = _f(1.0, "clip the global grad norm to this (None: no clipping)")
     grad_accumulation: int = _f(
-        8, "micro-batches per optimizer step: the step's completions are split into this many forward/backward passes "
-        "(uneven splits are exact: each micro-batch's loss is weighted by its share of the normaliser)"
+        8,
+        "micro-batches per optimizer step: the step's completions are split into this many forward/backward passes "
+        "(uneven splits are exact: each micro-batch's loss is weighted by its share of the normaliser)",
     )
     gradient_checkpointing: bool | None = _f(
-        None, "recompute each decoder layer in the backward instead of keeping its activations (~1/3 more update "
-        "FLOPs); None: on on a GPU (memory bound), off on the CPU (compute bound)"
+        None,
+        "recompute each decoder layer in the backward instead of keeping its activations (~1/3 more update "
+        "FLOPs); None: on on a GPU (memory bound), off on the CPU (compute bound)",
     )
     steps: int = _f(12, "optimizer steps of training")
 
-    # ---- evaluation (ALGORITHMS.md section 7) -------------------------------------------------------------------
+    # ---- evaluation (docs/design.md §7) -------------------------------------------------------------------
     eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)")
     eval_samples: int = _f(4, "n: completions per held-out problem for pass@k (Chen et al. 2021)")
     eval_temperature: float = _f(1.0, "sampling temperature of the evaluation")
@@ -132,7 +135,7 @@ class RLVRConfig:
 
     # ------------------------------------------------------------------------------------------------------------------
 
-    def validate(self) -> "RLVRConfig":
+    def validate(self) -> RLVRConfig:
         """Raise ValueError naming the field, the expected and the actual value."""
         checks = [
             ("group_size", self.group_size >= 1, ">= 1"),
@@ -185,11 +188,22 @@ class RLVRConfig:
                 raise ValueError(f"RLVRConfig.{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
         accepted = ESTIMATORS[self.estimator].scales
         if self.scale is not None and self.scale not in accepted:
-            raise ValueError(f"RLVRConfig.scale={self.scale!r} does not apply to estimator={self.estimator!r} (accepts {list(accepted)})")
-        if self.min_solve_rate is not None and self.max_solve_rate is not None and self.min_solve_rate > self.max_solve_rate:
-            raise ValueError(f"RLVRConfig.min_solve_rate ({self.min_solve_rate}) must be <= max_solve_rate ({self.max_solve_rate})")
+            raise ValueError(
+                f"RLVRConfig.scale={self.scale!r} does not apply to estimator={self.estimator!r} "
+                f"(accepts {list(accepted)})"
+            )
+        if (
+            self.min_solve_rate is not None
+            and self.max_solve_rate is not None
+            and self.min_solve_rate > self.max_solve_rate
+        ):
+            raise ValueError(
+                f"RLVRConfig.min_solve_rate ({self.min_solve_rate}) must be <= max_solve_rate ({self.max_solve_rate})"
+            )
         if self.optimizer == "sparse_adamw" and not self.mask_source:
-            raise ValueError("RLVRConfig.mask_source is required with optimizer='sparse_adamw' (random:<d>, grad:<d> or a file)")
+            raise ValueError(
+                "RLVRConfig.mask_source is required with optimizer='sparse_adamw' (random:<d>, grad:<d> or a file)"
+            )
         if not self.rewards:
             raise ValueError("RLVRConfig.rewards must name at least one reward mode, got an empty mapping")
         for name, w in self.rewards.items():
@@ -204,7 +218,7 @@ class RLVRConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RLVRConfig":
+    def from_dict(cls, values: dict[str, Any]) -> RLVRConfig:
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {cls.field_names()}")
@@ -286,7 +300,9 @@ def config_from_args(args: argparse.Namespace) -> RLVRConfig:
         with open(args.config) as fh:
             loaded = yaml.safe_load(fh) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"--config {args.config}: expected a YAML mapping at the top level, got {type(loaded).__name__}")
+            raise ValueError(
+                f"--config {args.config}: expected a YAML mapping at the top level, got {type(loaded).__name__}"
+            )
         values.update(loaded)
     for name in RLVRConfig.field_names():
         if hasattr(args, name):

@@ -98,8 +98,11 @@ def evaluate(
     calibration = per_completion = None
     if with_calibration and texts_all:
         conf = [parse_confidence(t) for t in texts_all]
-        per_completion = {"correct": [float(v) for v in verdicts], "confidence": conf,
-                          "answer": [answer_key(t) for t in texts_all]}
+        per_completion = {
+            "correct": [float(v) for v in verdicts],
+            "confidence": conf,
+            "answer": [answer_key(t) for t in texts_all],
+        }
         answered = [i for i, q in enumerate(conf) if q is not None]
         q = np.asarray([conf[i] for i in answered], dtype=float)
         y = np.asarray([verdicts[i] for i in answered], dtype=float)
@@ -109,7 +112,12 @@ def evaluate(
             if 0 < y.sum() < len(y):
                 calibration["auroc"] = auroc(q, y)
     samples = [
-        {"prompt": problems[i // n].prompt, "answer": problems[i // n].answer, "completion": texts_all[i], "correct": verdicts[i]}
+        {
+            "prompt": problems[i // n].prompt,
+            "answer": problems[i // n].answer,
+            "completion": texts_all[i],
+            "correct": verdicts[i],
+        }
         for i in range(0, min(len(texts_all), 4 * n), n)
     ]
     return EvalResult(n, counts, passk, formats, calibration, samples, per_completion)

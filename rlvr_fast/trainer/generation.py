@@ -30,7 +30,7 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
-    def select(self, rows: torch.Tensor) -> "Rollout":
+    def select(self, rows: torch.Tensor) -> Rollout:
         idx = rows.tolist()
         return Rollout(
             self.prompt_ids[rows],

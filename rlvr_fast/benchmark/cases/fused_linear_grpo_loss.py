@@ -14,8 +14,8 @@ Inputs: every token counts and no advantage is 0, so no implementation can skip 
 dense computation (the op skips padding and, at beta = 0, zero-advantage completions, which only widens its lead).
 old / ref log-probs are the policy's own, perturbed, so ratios and KL take realistic values.
 
-Floor (ANCHORS.md): 6NDV FLOP (the logits once, the two gradient GEMMs); bytes: hidden and weight read, their
-gradients written, once each.
+Floor (docs/design.md, "Floors"): 6NDV FLOP (the logits once, the two gradient GEMMs); bytes: hidden and weight read,
+their gradients written, once each.
 """
 
 from __future__ import annotations
@@ -70,8 +70,19 @@ def _impls(hidden, weight, targets, mask, adv, old, ref, device):
     h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
 
     def ours():
-        return fused_linear_grpo_loss(h, w, targets, mask, adv, old_logp=old, ref_logp=ref, beta=BETA, eps_low=EPS_LOW,
-                                      eps_high=EPS_HIGH, loss_type="dapo")  # fmt: skip
+        return fused_linear_grpo_loss(
+            h,
+            w,
+            targets,
+            mask,
+            adv,
+            old_logp=old,
+            ref_logp=ref,
+            beta=BETA,
+            eps_low=EPS_LOW,
+            eps_high=EPS_HIGH,
+            loss_type="dapo",
+        )
 
     def naive():
         logits = (h @ w.t()).float()
@@ -82,8 +93,9 @@ def _impls(hidden, weight, targets, mask, adv, old, ref, device):
     if _has("liger_kernel"):
         from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
 
-        liger = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW,
-                                         epsilon_high=EPS_HIGH, loss_type="dapo")  # fmt: skip
+        liger = LigerFusedLinearGRPOLoss(
+            beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, loss_type="dapo"
+        )
 
         def liger_chunked():
             return liger(h, w, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
@@ -98,9 +110,21 @@ def _impls(hidden, weight, targets, mask, adv, old, ref, device):
 
             def liger_triton():
                 logits = h_ext @ w.t()
-                return triton_grpo_loss(logits, old, ref, targets, adv, mask.int(), temperature=1.0, beta=BETA,
-                                        eps_low=EPS_LOW, eps_high=EPS_HIGH, inplace=True, loss_type="dapo",
-                                        reduce=True)  # fmt: skip
+                return triton_grpo_loss(
+                    logits,
+                    old,
+                    ref,
+                    targets,
+                    adv,
+                    mask.int(),
+                    temperature=1.0,
+                    beta=BETA,
+                    eps_low=EPS_LOW,
+                    eps_high=EPS_HIGH,
+                    inplace=True,
+                    loss_type="dapo",
+                    reduce=True,
+                )
 
             impls["liger_triton"] = _grads(liger_triton, (h_ext, w))
         if _has("trl"):
@@ -129,8 +153,17 @@ def fused_linear_grpo_loss_cases(device: torch.device) -> list[Case]:
                 impls=_impls(*inputs, device),
                 floor=Floor(flops=6.0 * n * D * V, bytes=2.0 * (n * D + V * D) * elt),
                 baseline="naive_torch",
-                params={"B": B, "T": T, "D": D, "V": V, "dtype": str(dtype), "beta": BETA, "loss_type": "dapo",
-                        "fwd_bwd": True, "logits_mb": n * V * elt / 2**20},  # fmt: skip
+                params={
+                    "B": B,
+                    "T": T,
+                    "D": D,
+                    "V": V,
+                    "dtype": str(dtype),
+                    "beta": BETA,
+                    "loss_type": "dapo",
+                    "fwd_bwd": True,
+                    "logits_mb": n * V * elt / 2**20,
+                },
                 memory=True,
             )
         )

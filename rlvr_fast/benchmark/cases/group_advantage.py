@@ -42,8 +42,11 @@ def group_advantage_cases(device: torch.device) -> list[Case]:
                 impls={
                     "rlvr_fast": lambda r=rewards, c=correct, G=G: group_advantages(r, G, correct=c, backend=backend),
                     **(
-                        {"rlvr_fast_cuda": lambda r=rewards, c=correct, G=G: group_advantages(
-                            r, G, correct=c, backend="cuda")}
+                        {
+                            "rlvr_fast_cuda": lambda r=rewards, c=correct, G=G: group_advantages(
+                                r, G, correct=c, backend="cuda"
+                            )
+                        }
                         if with_cuda
                         else {}
                     ),

@@ -115,9 +115,22 @@ def grpo_loss_logits_cases(device: torch.device) -> list[Case]:
             # timed calls (its default inplace=True overwrites the logits with their gradient).
             liger_logits = torch.cat([logits.detach(), logits.detach()[:, :1]], dim=1).requires_grad_(True)
 
-            def liger(z=liger_logits, ids=ids, old=old, ref=ref, adv=adv, mask=mask):
-                return triton_grpo_loss(z, old, ref, ids, adv, mask.int(), temperature=1.0, beta=BETA, eps_low=EPS_LOW,
-                                        eps_high=EPS_HIGH, inplace=False, loss_type="dapo", reduce=True)  # fmt: skip
+            def liger(z=liger_logits, ids=ids, old=old, ref=ref, adv=adv, mask=mask, fn=triton_grpo_loss):
+                return fn(
+                    z,
+                    old,
+                    ref,
+                    ids,
+                    adv,
+                    mask.int(),
+                    temperature=1.0,
+                    beta=BETA,
+                    eps_low=EPS_LOW,
+                    eps_high=EPS_HIGH,
+                    inplace=False,
+                    loss_type="dapo",
+                    reduce=True,
+                )
 
             impls["liger_triton"] = _fwd_bwd(liger, liger_logits)
         n = B * T

@@ -10,7 +10,7 @@ that cannot run here, is left out of the case):
   ``LigerFusedLinearScaledCrossEntropyFunction`` (its fused linear path with entropy);
 - logits input, CUDA: TRL's Triton ``selective_log_softmax_and_entropy``.
 
-Floors (ANCHORS.md, "The floor"): token_logprobs forward 2NDV FLOP, forward + backward 8NDV (the logits recomputed in
+Floors (docs/design.md, "Floors"): token_logprobs forward 2NDV FLOP, forward + backward 8NDV (the logits recomputed in
 the backward); bytes: the weight and hidden read once per pass, gradients written once. logprobs_from_logits: reading
 the logits once (forward), twice plus writing dlogits (forward + backward).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -105,7 +105,7 @@ def _runs_here(impl: TokenImpl, device: torch.device, dtype: torch.dtype) -> boo
         out = impl(h, w, torch.randint(0, 256, (16,), device=device))
         sum(o.float().sum() for o in out).backward()
         return True
-    except Exception:  # noqa: BLE001  (any failure means: not available here)
+    except Exception:
         return False
 
 
@@ -175,8 +175,15 @@ def token_logprobs_cases(device: torch.device) -> list[Case]:
                     impls=run,
                     floor=floor,
                     baseline="naive_torch",
-                    params={"N": n, "D": d, "V": v, "dtype": str(dtype), "mode": mode, "entropy": True,
-                            "logits_mb": n * v * elt / 2**20},
+                    params={
+                        "N": n,
+                        "D": d,
+                        "V": v,
+                        "dtype": str(dtype),
+                        "mode": mode,
+                        "entropy": True,
+                        "logits_mb": n * v * elt / 2**20,
+                    },
                     memory=True,
                 )
             )
@@ -234,8 +241,14 @@ def logprobs_from_logits_cases(device: torch.device) -> list[Case]:
                     impls=run,
                     floor=floor,
                     baseline="naive_torch",
-                    params={"N": n, "V": v, "dtype": str(dtype), "mode": mode, "entropy": True,
-                            "logits_mb": size / 2**20},
+                    params={
+                        "N": n,
+                        "V": v,
+                        "dtype": str(dtype),
+                        "mode": mode,
+                        "entropy": True,
+                        "logits_mb": size / 2**20,
+                    },
                     memory=True,
                 )
             )

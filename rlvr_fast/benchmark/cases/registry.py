@@ -8,8 +8,8 @@ registers itself with ``@register("<op>")``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
