@@ -382,9 +382,9 @@ LOSS_AGG_MODES: dict[str, LossAggregation] = {
 
 
 def _per_completion_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The (B,) advantage of each completion from verl's (B, T) one (A_i on every response token)."""
-    m = mask.to(torch.float32)
-    a = advantages.to(torch.float32)
+    """The (B,) advantage of each completion from verl's (B, T) one (A_i on every response token), in mask's dtype."""
+    m = mask
+    a = advantages.to(mask.dtype)
     per_row = (a * m).sum(dim=-1) / m.sum(dim=-1).clamp_min(1.0)
     spread = ((a - per_row.unsqueeze(-1)).abs() * m).amax() if a.numel() else a.new_zeros(())
     tolerance = 1e-5 * (1.0 + per_row.abs().max()) if a.numel() else 0.0
@@ -452,7 +452,8 @@ def verl_policy_loss(
     eps_low, eps_high, clip_ratio_c = _clip_settings(config)
     aggregation = LOSS_AGG_MODES[loss_agg_mode]
     info = _config_get(config, "global_batch_info", None) or {}
-    mask = response_mask.to(torch.float32)
+    acc = torch.float64 if log_prob.dtype == torch.float64 else torch.float32  # weights and advantages
+    mask = response_mask.to(acc)
     per_completion = _per_completion_advantages(advantages, mask)
     denominator = _positive(aggregation.denominator(mask, info))
 
@@ -460,16 +461,17 @@ def verl_policy_loss(
     if aggregation.token_mean_per_sequence:
         weights = weights / (mask.sum(dim=-1, keepdim=True) + VERL_MASKED_MEAN_EPS)
     if rollout_is_weights is not None:
-        weights = weights * rollout_is_weights.to(torch.float32)
+        weights = weights * rollout_is_weights.to(acc)
     clip = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": clip_ratio_c, "loss_type": "dapo"}
     loss, stats = grpo_loss(log_prob, old_log_prob, None, per_completion, weights, num_items=denominator, **clip)
     if weights is not mask:  # the clip fractions verl logs are plain token means: count them over the 0/1 mask
         with torch.no_grad():
             _, stats = grpo_loss(log_prob.detach(), old_log_prob, None, per_completion, mask, **clip)
     with torch.no_grad():
-        log_ratio = (log_prob.detach() - old_log_prob).to(torch.float32).clamp(-20.0, 20.0)
+        log_ratio = (log_prob.detach() - old_log_prob).clamp(-20.0, 20.0)  # in the inputs' dtype, as verl's
         ppo_kl = (-log_ratio * mask).sum() / (mask.sum() + VERL_MASKED_MEAN_EPS)
-        values = torch.stack([stats.clip_low_frac + stats.clip_high_frac, ppo_kl, stats.dual_clip_frac]).tolist()
+        values = [stats.clip_low_frac + stats.clip_high_frac, ppo_kl, stats.dual_clip_frac]
+        values = torch.stack([v.to(torch.float64) for v in values]).tolist()  # one host sync for the three
     metrics = dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values, strict=True))
     return loss, metrics
 
