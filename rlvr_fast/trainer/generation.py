@@ -3,6 +3,10 @@
 A backend turns tokenised prompts into a ``Rollout``: left-padded prompts and right-padded completions with their
 masks. The completion mask covers the sampled tokens up to and including the first EOS; a completion that never
 emitted EOS within ``max_new_tokens`` is ``truncated``.
+
+``HFGeneration`` prefills each prompt once and shares its cache among the prompt's samples (``prefix_sampling``)
+where the model allows it (``prefix_sharing``: auto | on | off, as for the update); otherwise it calls transformers'
+``generate``. Both sample the same distribution; the same seed gives different tokens on the two paths.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from rlvr_fast.trainer.prefix_sampling import sample_shared_prefix, unreproduced_generation_settings
+from rlvr_fast.trainer.prefix_sharing import resolve_prefix_sharing
 
 
 @dataclass
@@ -49,12 +56,21 @@ class GenerationBackend(Protocol):
 
 
 class HFGeneration:
-    """transformers' ``generate`` with sampling (top_k disabled, so temperature and top_p alone shape the sampler)."""
+    """Sampling with temperature and top_p alone (top_k disabled) from a transformers causal LM: each prompt prefilled
+    once for its n samples where ``prefix_sharing`` allows, else transformers' ``generate`` (module doc)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_prompt_length: int):
+    def __init__(self, model: torch.nn.Module, tokenizer, max_prompt_length: int, prefix_sharing: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
+        self.shared_prefix = resolve_prefix_sharing(model, prefix_sharing)
+        extra = unreproduced_generation_settings(model) if self.shared_prefix else []
+        if extra and prefix_sharing == "on":
+            raise ValueError(
+                f"prefix_sharing='on' but {type(model).__name__}'s generation_config sets {', '.join(extra)}, which "
+                f"the shared-prefix sampler does not apply; set prefix_sharing='auto' or 'off'"
+            )
+        self.shared_prefix = self.shared_prefix and not extra
 
     @torch.no_grad()
     def generate(
@@ -72,23 +88,20 @@ class HFGeneration:
         input_ids = enc["input_ids"].to(device)
         attention_mask = enc["attention_mask"].to(device)
         torch.manual_seed(seed)  # per-call seed: a resumed run samples exactly what the uninterrupted one did
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        prompt_len = input_ids.shape[1]
-        completion = out[:, prompt_len:]
-        if completion.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
-            pad = completion.new_full((completion.shape[0], max_new_tokens - completion.shape[1]), tok.pad_token_id)
-            completion = torch.cat([completion, pad], dim=1)
+        if self.shared_prefix:
+            completion = sample_shared_prefix(
+                self.model,
+                input_ids,
+                attention_mask,
+                n=n,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        else:
+            completion = self._generate(input_ids, attention_mask, n, max_new_tokens, temperature, top_p)
         is_eos = completion == tok.eos_token_id
         has_eos = is_eos.any(dim=1)
         first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion.shape[1])
@@ -104,3 +117,24 @@ class HFGeneration:
             truncated=~has_eos,
             texts=texts,
         )
+
+    def _generate(self, input_ids, attention_mask, n, max_new_tokens, temperature, top_p) -> torch.Tensor:
+        """(B*n, max_new_tokens) completions from transformers' ``generate`` (each prompt repeated n times)."""
+        tok = self.tokenizer
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        completion = out[:, input_ids.shape[1] :]
+        if completion.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
+            pad = completion.new_full((completion.shape[0], max_new_tokens - completion.shape[1]), tok.pad_token_id)
+            completion = torch.cat([completion, pad], dim=1)
+        return completion

@@ -52,7 +52,7 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
     return getattr(model, getattr(model, "base_model_prefix", ""), None)
 
 
-def _cache_argument(decoder: torch.nn.Module) -> str | None:
+def cache_argument(decoder: torch.nn.Module) -> str | None:
     """The name under which ``decoder.forward`` takes a KV cache (``cache`` in transformers >= 5.x, formerly
     ``past_key_values``), or None."""
     params = inspect.signature(decoder.forward).parameters
@@ -76,7 +76,7 @@ def supports_prefix_sharing(model: torch.nn.Module) -> tuple[bool, str]:
     decoder = _decoder(model)
     if decoder is None:
         return False, f"{name} has no decoder module at model.{getattr(model, 'base_model_prefix', '?')}"
-    if _cache_argument(decoder) is None:
+    if cache_argument(decoder) is None:
         return False, f"{type(decoder).__name__}.forward takes no KV cache argument"
     attention = getattr(config, "_attn_implementation", None)
     if attention not in VERIFIED_ATTENTION:
@@ -227,7 +227,7 @@ def shared_prefix_hidden(
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
     p = prompt_ids.shape[1]
     decoder = _decoder(model)
-    cache_arg = _cache_argument(decoder)
+    cache_arg = cache_argument(decoder)
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     with _cache_survives_checkpointing(decoder):
         recorded = _recording_cache(num_layers)
