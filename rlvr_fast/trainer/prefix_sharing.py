@@ -1,5 +1,5 @@
 """Shared-prefix forward: each prompt runs through the decoder once, and the G completions of its group attend to that
-one pass's keys and values (docs/design.md, issue 17).
+one pass's keys and values (issue 17).
 
 Today's update runs every completion together with its prompt: G x (P + C) decoder tokens per group, forward and
 backward, and again in the old-policy and reference log-prob passes. Here the prompts run once (batch = distinct
@@ -184,13 +184,18 @@ def _cache_survives_checkpointing(decoder: torch.nn.Module) -> Iterator[None]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    missing = object()
+    before = [vars(layer).get("_can_checkpoint_with_cache", missing) for layer in layers]
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:
         yield
     finally:
-        for layer in layers:
-            del layer._can_checkpoint_with_cache  # back to the class default
+        for layer, value in zip(layers, before):
+            if value is missing:
+                del layer._can_checkpoint_with_cache  # back to the class default
+            else:
+                layer._can_checkpoint_with_cache = value
 
 
 # --------------------------------------------------------------------------------------------------------------------
