@@ -134,7 +134,13 @@ def test_every_estimator_and_sample_mode_trains(tmp_path, tokenizer, estimator, 
 def test_loss_options_train(tmp_path, tokenizer, overrides):
     trainer, result, before = run(tmp_path, tokenizer, rewards={"correct": 1.0}, **overrides)
     steps = [m for m in result.metrics if "reward_mean" in m]
-    assert changed(trainer.model, before) == any(m["completions_updated"] for m in steps)
+    updated = any(m["completions_updated"] for m in steps)
+    if overrides.get("beta"):
+        # Updated completions all of advantage 0 (every reward equal) leave only the KL term, whose gradient is exactly
+        # 0 while the policy still equals the reference: the model may then stay put even though completions ran.
+        assert updated or not changed(trainer.model, before)
+    else:  # with beta == 0 only completions of non-zero advantage run
+        assert changed(trainer.model, before) == updated
     if overrides.get("beta"):
         assert all("mean_kl" in m for m in steps if m["completions_updated"])
         # with a KL term every kept completion runs, zero advantage or not
