@@ -41,6 +41,13 @@ def test_draw_tokens_follows_the_probabilities(generator):
     assert int(draw_tokens(scores, torch.tensor([1.0 - 2**-53], dtype=torch.float64))) == int(probs.nonzero().max())
 
 
+def test_non_finite_probabilities_raise():
+    scores = torch.zeros(3, 5)
+    scores[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="row 2 contain inf or NaN"):
+        draw_tokens(scores, torch.full((3,), 0.5, dtype=torch.float64))
+
+
 def test_warpers_reject_bad_settings():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sampling_warpers(0.0, 1.0)

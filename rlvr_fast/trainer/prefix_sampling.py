@@ -86,9 +86,14 @@ def draw_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """(N,) int64 tokens drawn from softmax(scores) (N, V) by inverse CDF at ``uniforms`` (N,) in [0, 1).
 
     Token v is drawn for u in [cdf[v-1], cdf[v]) / cdf[V-1]: with probability softmax(scores)[v]; tokens of probability
-    0 (filtered by top-p) never.
+    0 (filtered by top-p) never. Raises RuntimeError on inf / NaN probabilities, as ``torch.multinomial`` does.
     """
     probs = torch.softmax(scores.float(), dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # as torch.multinomial in generate: never sample from NaN
+        bad = int((~torch.isfinite(probs).all(dim=-1)).nonzero()[0])
+        raise RuntimeError(
+            f"sampling: the next-token probabilities of row {bad} contain inf or NaN (diverged weights or logits?)"
+        )
     cdf = probs.double().cumsum(dim=-1)
     target = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
