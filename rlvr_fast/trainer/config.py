@@ -312,7 +312,12 @@ def _parse_mapping(text: str) -> dict:
     if text.startswith("{"):
         import yaml
 
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected a YAML mapping, got {text!r} ({exc.__class__.__name__})"
+            ) from None
         if not isinstance(value, dict):
             raise argparse.ArgumentTypeError(f"expected a mapping, got {text!r}")
         return value
@@ -394,7 +399,10 @@ def config_from_args(args: argparse.Namespace) -> RLVRConfig:
         import yaml
 
         with open(args.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"--config {args.config}: not valid YAML ({exc})") from None
         if not isinstance(loaded, dict):
             raise ValueError(
                 f"--config {args.config}: expected a YAML mapping at the top level, got {type(loaded).__name__}"
