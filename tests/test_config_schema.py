@@ -65,6 +65,8 @@ def out_of_range_values(spec) -> list:
         values.append(md["lt"])
     if spec.choices:
         values.append(f"no_such_{spec.name}")
+    if spec.keys:
+        values.append({f"no_such_{spec.name}": 1.0})
     return values
 
 

@@ -131,8 +131,15 @@ class RLVRConfig:
     rewards: dict = _f(
         {"correct": 1.0},
         "reward modes and weights, e.g. correct=1.0,format=0.2 or a YAML mapping (rlvr_fast.rewards registry)",
+        keys="rlvr_fast.rewards:REWARD_MODES",
+        keys_label="reward modes",
     )
-    reward_params: dict = _f({}, "per-mode parameters as a YAML/JSON mapping, e.g. {random: {gamma: 0.5}}")
+    reward_params: dict = _f(
+        {},
+        "per-mode parameters as a YAML/JSON mapping, e.g. {random: {gamma: 0.5}}",
+        keys="rlvr_fast.rewards:REWARD_MODES",
+        keys_label="reward modes",
+    )
 
     # ---- difficulty filter (docs/design.md §6) ------------------------------------------------------------
     filter_all_equal: bool = _f(False, "drop groups whose rewards are all equal (DAPO dynamic sampling)")

@@ -3,7 +3,8 @@ metadata), checked the same way for Python, YAML and command-line values.
 
 Metadata keys a field may carry (all optional): ``ge``, ``gt``, ``le``, ``lt`` (numeric bounds), ``choices`` (a
 ``"module:REGISTRY"`` string naming a registry dict whose keys are the valid values, resolved lazily so the config
-module imports nothing heavy), ``allow_empty`` (a str field may be ""), ``on_resume="may_change"`` (resume accepts a
+module imports nothing heavy), ``keys`` (the same for the keys of a mapping field, named ``keys_label`` in messages),
+``allow_empty`` (a str field may be ""), ``on_resume="may_change"`` (resume accepts a
 new value; every other field defines the run and must not change).
 
 Every failure is a ``ConfigFieldError`` (a ValueError) whose message starts with ``RLVRConfig.<field>`` and names the
@@ -53,6 +54,11 @@ class FieldSpec:
         return None if ref is None else _registry_keys(ref)
 
     @property
+    def keys(self) -> tuple[str, ...] | None:
+        ref = self.metadata.get("keys")
+        return None if ref is None else _registry_keys(ref)
+
+    @property
     def may_change_on_resume(self) -> bool:
         return self.metadata.get("on_resume") == "may_change"
 
@@ -66,6 +72,8 @@ class FieldSpec:
             text = f"one of {list(self.choices)}"
         else:
             text = " ".join(filter(None, (_BASE_TYPES[self.kind], self.bounds())))
+        if self.keys is not None:
+            text += f" with keys from {list(self.keys)}"
         return text + (" or None" if self.optional else "")
 
     def fail(self, value: Any, why: str = "", range_only: bool = False) -> ConfigFieldError:
@@ -140,6 +148,13 @@ def check_field(spec: FieldSpec, value: Any) -> None:
     choices = spec.choices
     if choices is not None and value not in choices:
         raise spec.fail(value)
+    if spec.keys is not None:
+        unknown = sorted(k for k in value if k not in spec.keys)
+        if unknown:
+            label = spec.metadata.get("keys_label", "keys")
+            raise ConfigFieldError(
+                spec.name, f"{spec.owner}.{spec.name}: unknown {label} {unknown}; known: {sorted(spec.keys)}"
+            )
 
 
 def check_all(obj: Any) -> None:
