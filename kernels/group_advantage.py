@@ -47,6 +47,7 @@ def _group_advantage_fwd_kernel(
     SCALE: tl.constexpr,
     SAMPLE_MODE: tl.constexpr,
     HAS_CORRECT: tl.constexpr,
+    IS_F64: tl.constexpr,
     BLOCK_GROUPS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BATCH_BLOCK: tl.constexpr,
@@ -57,14 +58,23 @@ def _group_advantage_fwd_kernel(
     in_bounds = (groups[:, None] < n_groups) & (members[None, :] < group_size)
     offsets = groups[:, None].to(tl.int64) * group_size + members[None, :]
 
-    r = tl.load(rewards_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    r = tl.load(rewards_ptr + offsets, mask=in_bounds, other=0.0)
+    if IS_F64:  # float64 rewards stay float64 (beyond float32's range they are still finite); the rest in float32
+        r = r.to(tl.float64)
+    else:
+        r = r.to(tl.float32)
     # Non-finite rewards reach the kernel only under invalid="mask" (the op raises on them otherwise).
     valid = in_bounds & (tl.abs(r) < float("inf"))
     r = tl.where(valid, r, 0.0)
     count = tl.sum(valid.to(tl.float32), axis=1)
     mean = tl.sum(r, axis=1) / tl.maximum(count, 1.0)
     dev = tl.where(valid, r - mean[:, None], 0.0)
-    std = tl.sqrt(tl.sum(dev * dev, axis=1) / tl.maximum(count - 1.0, 1.0))
+    # Scale-invariant std: deviations divided by the group's largest |deviation| before squaring (no overflow for
+    # any finite reward; the reference's _sample_std does the same).
+    top = tl.max(tl.abs(dev), axis=1)
+    safe = tl.where(top > 0.0, top, 1.0)
+    x = dev / safe[:, None]
+    std = tl.where(top > 0.0, safe * tl.sqrt(tl.sum(x * x, axis=1) / tl.maximum(count - 1.0, 1.0)), 0.0)
     r_max = tl.max(tl.where(valid, r, -float("inf")), axis=1)
     r_min = tl.min(tl.where(valid, r, float("inf")), axis=1)
     all_equal = (r_max == r_min) | (count < 2.0)
@@ -81,25 +91,34 @@ def _group_advantage_fwd_kernel(
         if SCALE == 0:
             adv = dev / (std[:, None] + eps)
         elif SCALE == 1:
-            total = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
+            total = tl.zeros([BATCH_BLOCK], dtype=r.dtype)
             n_total = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
             n_all = n_groups * group_size
             for start in range(0, n_all, BATCH_BLOCK):
                 idx = start + tl.arange(0, BATCH_BLOCK)
-                x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(tl.float32)
+                x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(r.dtype)
                 ok = (idx < n_all) & (tl.abs(x) < float("inf"))
                 total += tl.where(ok, x, 0.0)
                 n_total += ok.to(tl.float32)
             n_batch = tl.sum(n_total, axis=0)
             batch_mean = tl.sum(total, axis=0) / tl.maximum(n_batch, 1.0)
-            sq = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
+            peak = tl.zeros([BATCH_BLOCK], dtype=r.dtype)  # largest |deviation|, then squares scaled by it
             for start in range(0, n_all, BATCH_BLOCK):
                 idx = start + tl.arange(0, BATCH_BLOCK)
-                x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(tl.float32)
+                x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(r.dtype)
                 ok = (idx < n_all) & (tl.abs(x) < float("inf"))
-                d = tl.where(ok, x - batch_mean, 0.0)
+                peak = tl.maximum(peak, tl.where(ok, tl.abs(x - batch_mean), 0.0))
+            batch_top = tl.max(peak, axis=0)
+            batch_safe = tl.where(batch_top > 0.0, batch_top, 1.0)
+            sq = tl.zeros([BATCH_BLOCK], dtype=r.dtype)
+            for start in range(0, n_all, BATCH_BLOCK):
+                idx = start + tl.arange(0, BATCH_BLOCK)
+                x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(r.dtype)
+                ok = (idx < n_all) & (tl.abs(x) < float("inf"))
+                d = tl.where(ok, (x - batch_mean) / batch_safe, 0.0)
                 sq += d * d
-            batch_std = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n_batch - 1.0, 1.0))
+            batch_std = batch_safe * tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n_batch - 1.0, 1.0))
+            batch_std = tl.where(batch_top > 0.0, batch_std, 0.0)
             adv = dev / (batch_std + eps)
         else:
             adv = dev
@@ -190,6 +209,7 @@ def group_advantage_fwd(
         SCALE=scale,
         SAMPLE_MODE=sample_mode,
         HAS_CORRECT=correct is not None,
+        IS_F64=rewards.dtype == torch.float64,
         BLOCK_GROUPS=block_groups,
         BLOCK_G=block_g,
         BATCH_BLOCK=_BATCH_BLOCK,

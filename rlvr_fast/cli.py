@@ -51,10 +51,20 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rlvr_fast.trainer.finite_guard import NonFiniteError
     from rlvr_fast.trainer.loop import train
+    from rlvr_fast.trainer.preflight import preflight
 
     cfg = _config(args)
-    result = train(cfg)
+    try:
+        preflight(cfg)  # everything checkable before the model loads: exit 2 in seconds, not after the load
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        result = train(cfg)
+    except NonFiniteError as exc:
+        print(f"rlvr-fast train: error: {exc}", file=sys.stderr)
+        return 1
     print()
     print(
         f"held-out pass@k before and after training ({len(result.after['correct_counts'])} problems x "
@@ -66,10 +76,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from rlvr_fast.trainer.checkpoint import CheckpointError
     from rlvr_fast.trainer.evaluate_cli import run_eval
+    from rlvr_fast.trainer.preflight import preflight_eval
 
     cfg = _config(args)
-    result = run_eval(cfg, checkpoint=args.checkpoint)
+    try:
+        preflight_eval(cfg, args.checkpoint)
+        result = run_eval(cfg, checkpoint=args.checkpoint)
+    except (CheckpointError, OSError) as exc:  # a checkpoint of another model is refused after the load, strictly
+        raise ConfigError(str(exc)) from exc
     print(result)
     return 0
 

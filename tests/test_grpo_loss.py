@@ -485,10 +485,16 @@ def test_k3_is_accurate_for_tiny_d_in_fp32(backend, device, generator):
 @pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
 @pytest.mark.parametrize("kl", sorted(KL_ESTIMATORS))
 def test_nan_at_active_positions_propagates_like_the_reference(kl, importance_sampling, backend, device, generator):
-    """Padding garbage never leaks (covered everywhere above); a NaN at an active token of logp / old / ref, or in the
-    advantage of a live completion, reaches the loss and exactly the gradients the reference's autograd reaches."""
+    """Padding garbage never leaks (covered everywhere above); a NaN at an active token of logp / old / ref reaches the
+    loss and exactly the gradients the reference's autograd reaches. A NaN advantage is rejected by both (issue 16)."""
     B, T = 4, 16
-    for field, where in (("logp", (0, 0)), ("old", (0, 0)), ("ref", (0, 0)), ("adv", (0,))):
+    batch = draw_batch(B, T, generator, device)
+    batch["adv"] = batch["adv"].clone()
+    batch["adv"][0] = float("nan")
+    for fn, extra in ((grpo_loss_reference, {}), (grpo_loss, {"backend": backend})):
+        with pytest.raises(ValueError, match=r"advantages must be finite, got NaN/inf at rows \[0\]"):
+            run(fn, batch, beta=0.1, kl=kl, importance_sampling=importance_sampling, loss_type="grpo", **extra)
+    for field, where in (("logp", (0, 0)), ("old", (0, 0)), ("ref", (0, 0))):
         batch = draw_batch(B, T, generator, device)
         batch[field] = batch[field].clone()
         batch[field][where] = float("nan")

@@ -262,6 +262,18 @@ _INTEGRAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int3
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _sample_std(vals: list[float], mean: float) -> float:
+    """Bessel-corrected std, scale-invariant: deviations are divided by their largest magnitude before squaring, so
+    finite rewards of any size (1e200 in float64, 1e20 in float32) never overflow the squares."""
+    if len(vals) < 2:
+        return 0.0
+    devs = [v - mean for v in vals]
+    top = max(abs(d) for d in devs)
+    if top == 0:
+        return 0.0
+    return top * math.sqrt(sum((d / top) ** 2 for d in devs) / (len(vals) - 1))
+
+
 def group_advantages_reference(
     rewards,
     group_size: int,
@@ -281,12 +293,7 @@ def group_advantages_reference(
     n_groups, G = chk.n_groups, chk.group_size
 
     batch_vals = [float(v) for v in r[valid]]
-    batch_mean = sum(batch_vals) / max(len(batch_vals), 1)
-    batch_std = (
-        math.sqrt(sum((v - batch_mean) ** 2 for v in batch_vals) / (len(batch_vals) - 1))
-        if len(batch_vals) > 1
-        else 0.0
-    )
+    batch_std = _sample_std(batch_vals, sum(batch_vals) / max(len(batch_vals), 1))
 
     adv = torch.zeros(n_groups * G, dtype=torch.float64)
     mean = torch.zeros(n_groups, dtype=torch.float64)
@@ -300,7 +307,7 @@ def group_advantages_reference(
         vals = [float(r[i]) for i in members]
         n = len(vals)
         m = sum(vals) / n if n else 0.0
-        s = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+        s = _sample_std(vals, m)
         equal = n < 2 or max(vals) == min(vals)
         mean[g], std[g], all_equal[g] = m, s, equal
         if c is not None:
@@ -349,9 +356,20 @@ def group_advantages_reference(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _scaled_std(dev: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(rows, 1) Bessel std of each row of deviations ``dev`` (rows, G) (zeros where masked), computed scale-invariantly
+    like the reference's ``_sample_std``: divided by the row's largest |deviation| before squaring."""
+    top = dev.abs().amax(dim=1, keepdim=True)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    x = dev / safe
+    return safe * ((x * x).sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)).sqrt() * (top > 0)
+
+
 def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvantages:
     G = chk.group_size
-    r = chk.rewards.to(torch.float32).view(chk.n_groups, G)
+    # float64 rewards are computed in float64 (a float64 reward beyond float32's range stays finite); the rest in fp32
+    compute = torch.float64 if chk.rewards.dtype == torch.float64 else torch.float32
+    r = chk.rewards.to(compute).view(chk.n_groups, G)
     if chk.masking:  # invalid="mask": statistics over each group's finite rewards only
         valid = torch.isfinite(r)
         r = torch.where(valid, r, 0.0)
@@ -367,12 +385,16 @@ def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvan
         mean = r.mean(dim=1, keepdim=True)
         dev = r - mean
         r_min, r_max = torch.aminmax(r, dim=1, keepdim=True)
-    std = ((dev * dev).sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)).sqrt()
+    std = _scaled_std(dev, count)
     all_equal = (r_max == r_min) | (count < 2)
 
     if chk.scale == "batch":
         finite = r if vf is None else r[valid]
-        batch_std = finite.std() if finite.numel() > 1 else torch.zeros((), device=r.device)
+        if finite.numel() > 1:
+            n_finite = torch.full((), float(finite.numel()), dtype=compute, device=r.device)
+            batch_std = _scaled_std((finite - finite.mean()).reshape(1, -1), n_finite).reshape(())
+        else:
+            batch_std = torch.zeros((), dtype=compute, device=r.device)
         denominator = batch_std + eps
     else:
         denominator = {"group": std + eps, "none": 1.0}[chk.scale]
@@ -393,12 +415,13 @@ def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvan
         solve = n_correct / n.clamp_min(1.0)
         all_correct = (n_correct == n) & (n > 0)
         all_wrong = (n_correct == 0) & (n > 0)
+    f32 = torch.float32
     return GroupAdvantages(
-        advantages=adv.reshape(chk.out_shape),
-        mean=mean.squeeze(1),
-        std=std.squeeze(1),
+        advantages=adv.to(f32).reshape(chk.out_shape),
+        mean=mean.squeeze(1).to(f32),
+        std=std.squeeze(1).to(f32),
         all_equal=all_equal.squeeze(1),
-        solve_rate=solve,
+        solve_rate=None if solve is None else solve.to(f32),
         all_correct=all_correct,
         all_wrong=all_wrong,
         valid=torch.ones(r.numel(), dtype=torch.bool, device=r.device) if valid is None else valid.reshape(-1),

@@ -154,6 +154,18 @@ def _tensor(name: str, x, *, floating: bool) -> torch.Tensor:
     return x
 
 
+def _check_values(mask: torch.Tensor, advantages: torch.Tensor) -> None:
+    """A negative mask weight flips the sign of its tokens' gradient and a NaN / inf advantage poisons every parameter
+    through the backward: both are rejected by name (one host sync each)."""
+    if not mask.dtype == torch.bool and bool((mask < 0).any()):
+        raise ValueError(
+            f"{OP}: mask weights must be >= 0, got {int((mask < 0).sum())} negative (min {float(mask.min())})"
+        )
+    if advantages.is_floating_point() and not bool(torch.isfinite(advantages).all()):
+        bad = (~torch.isfinite(advantages)).nonzero()[:, 0].tolist()
+        raise ValueError(f"{OP}: advantages must be finite, got NaN/inf at rows {bad[:5]}")
+
+
 def _check_inputs(
     logp,
     old_logp,
@@ -196,6 +208,7 @@ def _check_inputs(
     for name, x in (*per_token.items(), ("advantages", advantages)):
         if x is not None and x.device != logp.device:
             raise ValueError(f"{OP}: {name} is on {x.device} but logp is on {logp.device}")
+    _check_values(mask, advantages)
 
     if kl not in KL_ESTIMATORS:
         raise ValueError(f"{OP}: unknown kl {kl!r}; valid KL estimators: {sorted(KL_ESTIMATORS)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -187,28 +187,42 @@ def _top_k(bits: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
 
 
 def random_masks(
-    shapes: Mapping[str, torch.Tensor | torch.Size | tuple[int, ...]],
+    shapes: Mapping[str, torch.Tensor | torch.Size | tuple[int, ...]]
+    | Sequence[torch.Tensor | torch.Size | tuple[int, ...]],
     density: float,
     seed: int = 0,
     device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | list[torch.Tensor]:
     """Each entry kept independently with probability ``density``.
 
-    ``shapes``: name -> tensor (its shape and device are used) or shape. Drawn on the CPU from one generator seeded
-    with ``seed``, in the mapping's order, so the same seed gives the same masks on any device; ``device`` (default:
-    each tensor's device, else CPU) is where they are returned.
+    ``shapes``: name -> tensor (its shape and device are used) or shape, or a sequence of them (e.g.
+    ``list(model.parameters())``), whose masks come back as a list in the same order (entry i is parameter i's:
+    the form ``SparseAdamW(params, masks)`` takes for unnamed parameters). Drawn on the CPU from one generator seeded
+    with ``seed``, in order, so the same seed gives the same masks on any device; ``device`` (default: each tensor's
+    device, else CPU) is where they are returned.
     """
     where = "random_masks"
     density = check_density(density, where)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{where}: seed must be an int, got {type(seed).__name__}")
+    if isinstance(shapes, Mapping):
+        items = list(shapes.items())
+    elif isinstance(shapes, (torch.Tensor, str, bytes)) or not isinstance(shapes, Iterable):
+        raise TypeError(
+            f"{where}: shapes must be a mapping name -> tensor/shape or a sequence of tensors/shapes, "
+            f"got {type(shapes).__name__}"
+        )
+    else:
+        items = list(enumerate(shapes))
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name, spec in shapes.items():
+    for name, spec in items:
+        if not isinstance(spec, (torch.Tensor, torch.Size, tuple, list)):
+            raise TypeError(f"{where}: shapes[{name!r}] must be a tensor or a shape, got {type(spec).__name__}")
         shape = tuple(spec.shape) if isinstance(spec, torch.Tensor) else tuple(spec)
         target = device if device is not None else (spec.device if isinstance(spec, torch.Tensor) else "cpu")
         out[name] = (torch.rand(shape, generator=gen) < density).to(target)
-    return out
+    return out if isinstance(shapes, Mapping) else [out[i] for i in range(len(items))]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -19,9 +19,13 @@ Three stages, cheapest first:
    ``parse_expr``, i.e. Python ``eval``). Inputs must first pass ``_symbolic_safe``: at most
    ``MAX_SYMBOLIC_CHARS`` characters, a whitelist of characters and LaTeX commands, no factorial, no word (two or more
    letters in a row outside a command: "none" and "neon" are not the product n*o*n*e), short exponents and digit runs.
-   math-verify's own timeout uses ``SIGALRM``; it is turned on only in the main thread when no other alarm is pending
-   and no other ``SIGALRM`` handler is installed (``symbolic_timeout`` seconds); otherwise the size limits above are
-   the bound. Any exception inside the third-party verifier means "not shown equivalent" (False).
+   Integers in an exponent are at most ``MAX_SYMBOLIC_POWER`` (checked before any symbolic work: ``(x+y)^{999}``
+   never reaches sympy). math-verify's own timeout uses ``SIGALRM``: in the main thread, when no other alarm is
+   pending and no other ``SIGALRM`` handler is installed, it runs in-process under that timeout
+   (``symbolic_timeout`` seconds); on any other thread the pair goes to a worker process
+   (``rlvr_fast.rewards.symbolic_worker``) with the same timeout, a memory limit, and a kill if it overruns, so the
+   check is bounded in time and memory on any thread.
+   Any exception inside the third-party verifier means "not shown equivalent" (False).
 
 Model output never reaches ``eval``, ``exec``, ``sympify`` or ``parse_expr`` as code. One residual, inside the
 sanctioned LaTeX parser: latex2sympy2_extended hands each NUMBER token of its ANTLR lexer (digits and a decimal point,
@@ -42,6 +46,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from rlvr_fast.rewards.extract import extract_boxed
+from rlvr_fast.rewards.symbolic_worker import WorkerPool, verify_pair
 
 __all__ = [
     "MAX_BITS",
@@ -63,6 +68,8 @@ MAX_LITERAL_DIGITS = 1000  # digits in one number literal
 MAX_BITS = 40_000  # numerator / denominator size of any intermediate value (10^10000 has 33,220 bits)
 MAX_DEPTH = 64  # nesting of brackets / unary signs / powers (the parser recurses ~5 frames per level)
 MAX_SYMBOLIC_CHARS = 200
+MAX_SYMBOLIC_POWER = 12  # largest integer in an exponent given to sympy: (x+y+z+w)^{999} would expand for minutes
+DEFAULT_WORKER_TIMEOUT_S = 2  # off the main thread with symbolic_timeout=0: the worker's bound still applies
 
 
 class Number(NamedTuple):
@@ -382,7 +389,7 @@ def _symbolic_safe(s: str) -> bool:
     exponents = _EXPONENT.findall(s)
     if len(exponents) != s.count("^"):
         return False  # a "^" we could not read: "^{" with nested braces, "^" at the end
-    return all(len(e) <= 8 and not re.search(r"\d{4,}", e) for e in exponents)
+    return all(len(e) <= 8 and all(int(d) <= MAX_SYMBOLIC_POWER for d in re.findall(r"\d+", e)) for e in exponents)
 
 
 @functools.lru_cache(maxsize=1)
@@ -410,19 +417,18 @@ def _alarm_timeout_usable() -> bool:
 
 
 def _symbolic_equal(pred: str, ref: str, timeout: int) -> bool:
-    mv = _math_verify()
-    if mv is None or not (_symbolic_safe(pred) and _symbolic_safe(ref)):
+    if _math_verify() is None or not (_symbolic_safe(pred) and _symbolic_safe(ref)):
         return False
-    seconds = timeout if (timeout > 0 and _alarm_timeout_usable()) else None
-    config = [mv.LatexExtractionConfig()]  # never ExprExtractionConfig: it calls sympy's parse_expr (eval)
-    try:
-        gold = mv.parse(f"${ref}$", extraction_config=config, parsing_timeout=seconds)
-        target = mv.parse(f"${pred}$", extraction_config=config, parsing_timeout=seconds)
-        if not gold or not target:
-            return False
-        return bool(mv.verify(gold, target, timeout_seconds=seconds))
-    except Exception:
-        return False
+    if _alarm_timeout_usable():  # the fast path: in-process, bounded by math-verify's SIGALRM timeout
+        return verify_pair(pred, ref, timeout if timeout > 0 else None)
+    # Off the main thread (or with SIGALRM taken) nothing can interrupt sympy in this process: a worker process
+    # answers under its own alarm and a memory limit, and is killed if it overruns.
+    return _workers().verify(pred, ref, timeout if timeout > 0 else DEFAULT_WORKER_TIMEOUT_S)
+
+
+@functools.lru_cache(maxsize=1)
+def _workers() -> WorkerPool:
+    return WorkerPool()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,8 +495,9 @@ def is_equivalent(
         ref: the reference answer.
         abs_tol, rel_tol: tolerance for answers written as decimals: ``|p - r| <= max(abs_tol, rel_tol * |r|)``.
         symbolic: use math-verify for expressions outside the numeric grammar (when installed).
-        symbolic_timeout: whole seconds for math-verify's SIGALRM timeout, used only where safe (main thread, no
-            other alarm); 0 disables it.
+        symbolic_timeout: whole seconds for math-verify's SIGALRM timeout: in-process on the main thread when no
+            other alarm is set (0 disables it there), in a worker process killed after it plus a grace period on any
+            other thread (0 means DEFAULT_WORKER_TIMEOUT_S there).
 
     Returns:
         bool. Never raises on the content of ``pred`` / ``ref``; results are cached (LRU) per argument tuple.

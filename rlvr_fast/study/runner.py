@@ -105,6 +105,7 @@ def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log)
     cfg = RLVRConfig.from_dict(dict(spec.config))
     os.makedirs(spec.run_dir, exist_ok=True)
     cfg.resume = latest_checkpoint(spec.run_dir) is not None
+    cfg.overwrite = not cfg.resume  # a failed attempt without a checkpoint is retried from scratch
     trainer = Trainer(cfg, loaded=models.fresh(cfg))
     path = base_eval_path(plan.output_dir, spec.eval_key)
     if os.path.exists(path):

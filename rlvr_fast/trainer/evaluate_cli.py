@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 
-from safetensors.torch import load_file
-
+from rlvr_fast.trainer.checkpoint import load_model_weights
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import load_problems
 from rlvr_fast.trainer.evaluation import evaluate
@@ -15,13 +13,11 @@ from rlvr_fast.trainer.loop import evaluation_kwargs
 from rlvr_fast.trainer.model import load_model
 
 
-def run_eval(cfg: RLVRConfig, checkpoint: str | None = None) -> str:
-    loaded = load_model(cfg)
+def run_eval(cfg: RLVRConfig, checkpoint: str | None = None, loaded=None) -> str:
+    """Evaluate the configured model (``loaded``: an already loaded one), with ``checkpoint``'s weights when given."""
+    loaded = loaded or load_model(cfg)
     if checkpoint is not None:
-        weights = os.path.join(checkpoint, "model.safetensors")
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: no model.safetensors there")
-        loaded.model.load_state_dict(load_file(weights), strict=False)
+        load_model_weights(checkpoint, loaded.model)  # strict: a checkpoint of another model is an error
     _, problems = load_problems(cfg)
     generator = HFGeneration(loaded.model, loaded.tokenizer, cfg.max_prompt_length)
     result = evaluate(generator, loaded.tokenizer, problems, **evaluation_kwargs(cfg))

@@ -21,15 +21,17 @@ import numpy as np
 import torch
 
 from rlvr_fast.eval import format_frequency
-from rlvr_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlvr_fast.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
 from rlvr_fast.trainer.evaluation import EvalResult, evaluate
+from rlvr_fast.trainer.finite_guard import checked_update
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
 from rlvr_fast.trainer.memory import enable_activation_checkpointing, return_freed_host_memory
 from rlvr_fast.trainer.model import LoadedModel, load_model
 from rlvr_fast.trainer.optimizers import build_optimizer
 from rlvr_fast.trainer.policy import UpdateBatch, policy_step, sequence_logprobs
+from rlvr_fast.trainer.preflight import preflight
 from rlvr_fast.trainer.report import before_after_rows, table, write_report
 from rlvr_fast.trainer.run_log import MetricsLog, Progress, peak_memory_bytes
 from rlvr_fast.trainer.schedule import build_scheduler
@@ -78,6 +80,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.scorer = Scorer(cfg)  # checks reward modes before the model loads
         self.train_problems, self.eval_problems = load_problems(cfg)
+        self.resume_point = preflight(cfg, check_model=loaded is None)  # output folder, resume checks: before loading
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         checkpointing = cfg.gradient_checkpointing
@@ -187,10 +190,7 @@ class Trainer:
         cfg = self.cfg
         start, before = 0, (EvalResult.from_json(before_eval) if before_eval is not None else None)
         if cfg.resume:
-            path = latest_checkpoint(cfg.output_dir)
-            if path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints")
-            state = load_checkpoint(path, self.model, self.optimizer)
+            state = load_checkpoint(self.resume_point.path, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             start, before = state["step"], EvalResult.from_json(state["before_eval"])
         log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=start if cfg.resume else None)
@@ -212,7 +212,7 @@ class Trainer:
             t_gen = time.perf_counter() - t0
             scores = self.scorer(rollout.texts, problems, step)
             batch = self.update_batch(rollout, scores)
-            upd = self.update(batch)
+            upd = checked_update(step, self.update, batch, self.model)  # NaN/inf stops here, step named
             elapsed = time.perf_counter() - t0
             record = self._step_record(step, rollout, scores, batch, upd, elapsed, t_gen)
             log.write(record)
