@@ -10,10 +10,12 @@ import torch
 from rlvr_fast.ops.group_advantage import ESTIMATORS, SAMPLE_MODES
 from rlvr_fast.optim import random_masks
 from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
+from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
 from rlvr_fast.trainer.config import RLVRConfig, add_config_arguments, config_from_args
 from rlvr_fast.trainer.loop import Trainer
 from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.policy import policy_step
+from rlvr_fast.trainer.update_batch import build_update_batch
 
 # Digits likely and '5' likelier: the verifier's verdict (answer 5) is then right for a good share of completions, so
 # groups are mixed and every estimator has something to learn from; EOS likely enough that completions end.
@@ -175,7 +177,9 @@ def test_micro_batches_and_checkpointing_give_the_single_pass_gradient(tmp_path,
         trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
         problems = trainer.train_problems[: cfg.prompts_per_step]
         rollout = trainer.rollout(problems, 0)
-        batch = trainer.update_batch(rollout, trainer.scorer(rollout.texts, problems, 0))
+        rewards = trainer.scorer(rollout.texts, problems, 0)
+        kept = apply_difficulty_filter(rewards, cfg)
+        batch = build_update_batch(rollout, compute_advantages(rewards, cfg).advantages, kept, cfg)
         assert len(batch.advantages) > 3  # several micro-batches (the random reward leaves few zero advantages)
         model.zero_grad(set_to_none=True)
         policy_step(model, batch, cfg)
