@@ -409,30 +409,26 @@ def test_grad_mask_warm_up_is_a_phase_that_runs_once_and_again_on_resume(tmp_pat
     common = dict(
         steps=2, checkpoint_every=1, optimizer="sparse_adamw", mask_source="grad:0.3:2", rewards={"random": 1.0}
     )
-    full = trainer_for(tmp_path, tokenizer, output_dir=str(tmp_path / "full"), **common)
-    calls = count_warm_up_rollouts(full)
-    assert full.optimizer is None  # construction runs no rollout: the warm-up is its own phase
+    first = trainer_for(tmp_path, tokenizer, **common)
+    calls = count_warm_up_rollouts(first)
+    assert first.optimizer is None  # construction runs no rollout: the warm-up is its own phase
     with pytest.raises(RuntimeError, match=r"needs warm_up_masks\(\) before the first update"):
-        full.update(None)
-    full.warm_up_masks()
-    assert calls == [-1, -2] and isinstance(full.optimizer, SparseAdamW)
-    optimizer = full.optimizer
-    result = full.train()  # train() calls warm_up_masks() again: a no-op now
-    assert calls == [-1, -2, 0, 1] and full.optimizer is optimizer
+        first.update(None)
+    first.warm_up_masks()
+    assert calls == [-1, -2] and isinstance(first.optimizer, SparseAdamW)
+    optimizer = first.optimizer
+    first.cfg.steps = 1  # same schedule (built for 2 steps), but the process dies after step 1's checkpoint
+    result = first.train()  # train() calls warm_up_masks() again: a no-op now
+    assert calls == [-1, -2, 0] and first.optimizer is optimizer
     assert all("iterations" not in m for m in result.metrics)  # one iteration: no per-iteration list
 
-    part_dir = str(tmp_path / "part")
-    interrupted = trainer_for(tmp_path, tokenizer, output_dir=part_dir, **common)
-    interrupted.cfg.steps = 1  # the process dies after step 1's checkpoint
-    interrupted.train()
-    resumed = trainer_for(tmp_path, tokenizer, output_dir=part_dir, resume=True, **common)
+    resumed = trainer_for(tmp_path, tokenizer, resume=True, **common)
     calls = count_warm_up_rollouts(resumed)
-    resumed.train()
+    resumed_result = resumed.train()
     # The masks are not in the checkpoint: the warm-up runs again (once) on the base weights before the checkpoint
-    # loads, and SparseAdamW.load_state_dict checks that its masks are the checkpoint's.
+    # loads, and SparseAdamW.load_state_dict raises unless its masks are the checkpoint's.
     assert calls == [-1, -2, 1]
-    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
-        assert torch.equal(a, b), name
+    assert [m["step"] for m in resumed_result.metrics if "reward_mean" in m] == [0, 1]
 
 
 def test_build_optimizer_takes_masks_only_from_a_grad_warm_up(tmp_path, tokenizer):

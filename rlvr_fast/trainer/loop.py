@@ -82,6 +82,11 @@ def evaluation_kwargs(cfg: RLVRConfig) -> dict:
 
 
 class Trainer:
+    """One run: ``Trainer(cfg)`` (phase 1), ``warm_up_masks()`` (phase 2), ``train()`` (phase 3; it calls phase 2 first,
+    which is a no-op once done). ``loaded``: a model already loaded (tests, the arms of a study), else ``cfg.model``."""
+
+    # ---- phase 1: construction ---------------------------------------------------------------------------------------
+
     def __init__(self, cfg: RLVRConfig, loaded: LoadedModel | None = None):
         self.cfg = cfg.validate()
         seed_everything(cfg.seed)
@@ -131,7 +136,7 @@ class Trainer:
         density, rollouts = warmup
         saliency = GradSaliency(trainable_parameters(self.model))
         for i in range(rollouts):
-            step = -1 - i
+            step = -1 - i  # negative steps: seeds of their own, never a training step's
             problems = self.problems_at(i, seed=self.cfg.seed + 7919)
             rollout = self.rollout(problems, step)
             rewards = self.scorer(rollout.texts, problems, step)
