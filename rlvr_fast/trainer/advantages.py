@@ -1,6 +1,6 @@
 """From a rollout's rewards to its learning signal: the group advantages (``ops.group_advantages``: GRPO, Dr. GRPO,
-RLOO, PSR / NSR / W-REINFORCE, sample modes; docs/design.md) and the difficulty filter (``rewards.filter_groups``: drop
-all-equal groups, keep solve rates in [min_solve_rate, max_solve_rate]).
+RLOO, PSR / NSR / W-REINFORCE, sample modes; docs/design.md §1) and the difficulty filter (``rewards.filter_groups``:
+drop all-equal groups, keep solve rates in [min_solve_rate, max_solve_rate]; docs/design.md §6).
 
 The two are independent: the filter decides which groups the update sees, not their advantages (a dropped group keeps
 the advantages it had; its completions just do not enter the update batch).
