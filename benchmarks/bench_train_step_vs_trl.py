@@ -72,8 +72,9 @@ def ordered_problems(cfg, n_steps: int):
 def child_ours(args) -> dict:
     import torch
 
-    from rlvr_fast.trainer.data import batch_indices
+    from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
     from rlvr_fast.trainer.loop import Trainer
+    from rlvr_fast.trainer.update_batch import build_update_batch
 
     with tempfile.TemporaryDirectory() as out:
         cfg = our_config(args, out)
@@ -83,12 +84,12 @@ def child_ours(args) -> dict:
         steps = []
         for step in range(args.warmup + args.steps):
             t0 = time.perf_counter()
-            indices = batch_indices(len(trainer.train_problems), cfg.prompts_per_step, step, cfg.seed)
-            problems = [trainer.train_problems[i] for i in indices]
+            problems = trainer.problems_at(step)
             rollout = trainer.rollout(problems, step)
             t1 = time.perf_counter()
-            scores = trainer.scorer(rollout.texts, problems, step)
-            batch = trainer.update_batch(rollout, scores)
+            rewards = trainer.scorer(rollout.texts, problems, step)
+            advantages = compute_advantages(rewards, cfg).advantages
+            batch = build_update_batch(rollout, advantages, apply_difficulty_filter(rewards, cfg), cfg)
             trainer.update(batch)
             t2 = time.perf_counter()
             steps.append(
@@ -99,7 +100,7 @@ def child_ours(args) -> dict:
                     "completions": int(rollout.completion_ids.shape[0]),
                     "completions_updated": len(batch.advantages),
                     "mean_completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
-                    "reward_mean": float(scores.rewards.mean()),
+                    "reward_mean": float(rewards.total.mean()),
                 }
             )
     return {

@@ -1,5 +1,6 @@
 """The lean trainer on a tiny random Llama / Qwen2 built from a config (no download): every estimator x sample mode,
-the loss options, SparseAdamW, exact resume, and bad input failing before any model work."""
+the loss options, SparseAdamW, exact resume, bad input failing before any model work, and the pieces of one step on
+their own (scorer, advantages and filter, update batch, mask warm-up phase, metrics of every iteration)."""
 
 import json
 import os
@@ -8,12 +9,19 @@ import pytest
 import torch
 
 from rlvr_fast.ops.group_advantage import ESTIMATORS, SAMPLE_MODES
-from rlvr_fast.optim import random_masks
+from rlvr_fast.optim import SparseAdamW, random_masks
+from rlvr_fast.rewards import filter_groups, reward_fn
 from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
+from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
 from rlvr_fast.trainer.config import RLVRConfig, add_config_arguments, config_from_args
+from rlvr_fast.trainer.data import Problem
+from rlvr_fast.trainer.generation import Rollout
 from rlvr_fast.trainer.loop import Trainer
 from rlvr_fast.trainer.model import LoadedModel
+from rlvr_fast.trainer.optimizers import build_optimizer
 from rlvr_fast.trainer.policy import policy_step
+from rlvr_fast.trainer.scoring import Rewards, Scorer
+from rlvr_fast.trainer.update_batch import build_update_batch
 
 # Digits likely and '5' likelier: the verifier's verdict (answer 5) is then right for a good share of completions, so
 # groups are mixed and every estimator has something to learn from; EOS likely enough that completions end.
@@ -181,7 +189,9 @@ def test_micro_batches_and_checkpointing_give_the_single_pass_gradient(tmp_path,
         trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
         problems = trainer.train_problems[: cfg.prompts_per_step]
         rollout = trainer.rollout(problems, 0)
-        batch = trainer.update_batch(rollout, trainer.scorer(rollout.texts, problems, 0))
+        rewards = trainer.scorer(rollout.texts, problems, 0)
+        kept = apply_difficulty_filter(rewards, cfg)
+        batch = build_update_batch(rollout, compute_advantages(rewards, cfg).advantages, kept, cfg)
         assert len(batch.advantages) > 3  # several micro-batches (the random reward leaves few zero advantages)
         model.zero_grad(set_to_none=True)
         policy_step(model, batch, cfg)
@@ -292,3 +302,164 @@ def test_bad_reward_and_data_fail_before_the_model_loads(tmp_path, monkeypatch):
 def test_prompt_longer_than_max_prompt_length_is_rejected(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"more than max_prompt_length=4"):
         run(tmp_path, tokenizer, max_prompt_length=4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pieces of one step on their own: the scorer (rewards and verdicts, nothing else), advantages and the difficulty
+# filter, the update batch, the warm-up phase of a gradient-saliency mask, the metrics of every iteration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def trainer_for(tmp_path, tokenizer, **overrides) -> Trainer:
+    cfg = tiny_config(tmp_path, **overrides)
+    model = tiny_causal_lm(tokenizer, arch="llama", token_bias=TOKEN_BIAS)
+    return Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+
+
+# ---- scoring, advantages, filter -------------------------------------------------------------------------------------
+
+TEXTS = ["5", "The answer is 5.", "4", "<think>x</think> 5", "7", "abc"]
+PROBLEMS = [Problem("2 + 3 =", "5", {}), Problem("1 + 3 =", "4", {})]
+
+
+def test_scorer_returns_rewards_and_verdicts_only(tmp_path):
+    cfg = tiny_config(tmp_path, group_size=3, rewards={"correct": 1.0, "format": 0.25})
+    rewards = Scorer(cfg)(TEXTS, PROBLEMS, step=0)
+    assert isinstance(rewards, Rewards)
+    assert set(vars(rewards)) == {"total", "correct", "components", "errors"}  # no advantages, no filter
+    answers = ["5"] * 3 + ["4"] * 3
+    correct = reward_fn("correct")(TEXTS, answers)
+    fmt = reward_fn("format")(TEXTS, answers)
+    assert rewards.components == {"correct": correct, "format": fmt}
+    expected = torch.tensor([1.0 * c + 0.25 * f for c, f in zip(correct, fmt)], dtype=torch.float32)
+    assert torch.equal(rewards.total, expected)
+    assert rewards.correct.dtype == torch.bool and rewards.correct.tolist() == [c > 0.5 for c in correct]
+    assert rewards.errors == 0
+
+
+def test_advantages_and_filter_read_the_run_config(tmp_path):
+    cfg = tiny_config(
+        tmp_path, group_size=3, estimator="grpo", filter_all_equal=True, min_solve_rate=0.2, max_solve_rate=0.9
+    )
+    total = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
+    rewards = Rewards(total, total > 0.5, {"correct": total.tolist()}, 0)
+    adv = compute_advantages(rewards, cfg)
+    group = total.view(3, 3)
+    manual = (group - group.mean(1, keepdim=True)) / (group.std(1, keepdim=True) + cfg.adv_eps)
+    torch.testing.assert_close(adv.advantages, manual.flatten())
+    kept = apply_difficulty_filter(rewards, cfg)
+    # group 1 is all correct (solve rate 1 > 0.9, and all equal), group 2 all equal with solve rate 0
+    assert kept.keep.tolist() == [True, False, False]
+    assert kept.removed == filter_groups(total, total > 0.5, group_size=3, p_min=0.2, p_max=0.9).removed
+
+
+# ---- the update batch ------------------------------------------------------------------------------------------------
+
+
+def toy_rollout(completion_mask: list[list[int]], truncated: list[bool]) -> Rollout:
+    n, lc = len(completion_mask), len(completion_mask[0])
+    return Rollout(
+        prompt_ids=torch.arange(n * 2).view(n, 2),
+        prompt_mask=torch.ones(n, 2, dtype=torch.long),
+        completion_ids=torch.arange(n * lc).view(n, lc),
+        completion_mask=torch.tensor(completion_mask),
+        truncated=torch.tensor(truncated),
+        texts=[f"c{i}" for i in range(n)],
+    )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_update_batch_keeps_filtered_groups_and_skips_zero_advantages(tmp_path, beta, mask_truncated):
+    cfg = tiny_config(tmp_path, group_size=2, beta=beta, mask_truncated_completions=mask_truncated)
+    # 3 groups of 2; group 1 dropped by the filter; completion 2 has no tokens; completion 4 is truncated.
+    mask = [[1, 1, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
+    rollout = toy_rollout(mask, [False, False, False, False, True, False])
+    advantages = torch.tensor([0.5, 0.0, 0.0, 0.0, -1.0, 0.0])
+    kept = filter_groups(torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 1.0]), group_size=2, drop_all_equal=True)
+    assert kept.keep.tolist() == [True, False, True]
+    batch = build_update_batch(rollout, advantages, kept, cfg)
+
+    tokens = torch.tensor(mask).float().sum(1)
+    if mask_truncated:
+        tokens[4] = 0
+    in_kept = [0, 1, 4, 5]
+    counted = [i for i in in_kept if tokens[i] > 0]
+    runs = [i for i in counted if advantages[i] != 0 or beta > 0]
+    skipped = [i for i in counted if i not in runs]
+    assert batch.rollout.texts == [f"c{i}" for i in runs]
+    assert torch.equal(batch.advantages, advantages[runs])
+    assert batch.loss_mask.sum(1).tolist() == tokens[runs].tolist()
+    assert batch.step_rows == len(in_kept)
+    assert batch.step_tokens == float(tokens[in_kept].sum())
+    assert (batch.skipped_rows, batch.skipped_tokens) == (len(skipped), float(tokens[skipped].sum()))
+    assert batch.old_logp is None and batch.ref_logp is None  # the update computes them
+
+
+# ---- the warm-up phase of a gradient-saliency mask -------------------------------------------------------------------
+
+
+def count_warm_up_rollouts(trainer: Trainer) -> list[int]:
+    calls = []
+    original = trainer.rollout
+
+    def counting(problems, step):
+        calls.append(step)
+        return original(problems, step)
+
+    trainer.rollout = counting
+    return calls
+
+
+def test_grad_mask_warm_up_is_a_phase_that_runs_once_and_again_on_resume(tmp_path, tokenizer):
+    common = dict(
+        steps=2, checkpoint_every=1, optimizer="sparse_adamw", mask_source="grad:0.3:2", rewards={"random": 1.0}
+    )
+    first = trainer_for(tmp_path, tokenizer, **common)
+    calls = count_warm_up_rollouts(first)
+    assert first.optimizer is None  # construction runs no rollout: the warm-up is its own phase
+    with pytest.raises(RuntimeError, match=r"needs warm_up_masks\(\) before the first update"):
+        first.update(None)
+    first.warm_up_masks()
+    assert calls == [-1, -2] and isinstance(first.optimizer, SparseAdamW)
+    optimizer = first.optimizer
+    first.cfg.steps = 1  # same schedule (built for 2 steps), but the process dies after step 1's checkpoint
+    result = first.train()  # train() calls warm_up_masks() again: a no-op now
+    assert calls == [-1, -2, 0] and first.optimizer is optimizer
+    assert all("iterations" not in m for m in result.metrics)  # one iteration: no per-iteration list
+
+    resumed = trainer_for(tmp_path, tokenizer, resume=True, **common)
+    calls = count_warm_up_rollouts(resumed)
+    resumed_result = resumed.train()
+    # The masks are not in the checkpoint: the warm-up runs again (once) on the base weights before the checkpoint
+    # loads, and SparseAdamW.load_state_dict raises unless its masks are the checkpoint's.
+    assert calls == [-1, -2, 1]
+    assert [m["step"] for m in resumed_result.metrics if "reward_mean" in m] == [0, 1]
+
+
+def test_build_optimizer_takes_masks_only_from_a_grad_warm_up(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer, arch="llama")
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    grad_cfg = tiny_config(tmp_path, optimizer="sparse_adamw", mask_source="grad:0.1").validate()
+    with pytest.raises(ValueError, match=r"mask_source='grad:0.1'.*warm-up"):
+        build_optimizer(grad_cfg, model)
+    assert isinstance(build_optimizer(grad_cfg, model, masks), SparseAdamW)
+    with pytest.raises(ValueError, match=r"masks were given, but optimizer='adamw'"):
+        build_optimizer(tiny_config(tmp_path).validate(), model, masks)
+
+
+# ---- metrics of every iteration --------------------------------------------------------------------------------------
+
+
+def test_metrics_cover_every_iteration(tmp_path, tokenizer):
+    trainer = trainer_for(tmp_path, tokenizer, steps=1, num_iterations=2, rewards={"random": 1.0})
+    result = trainer.train()
+    steps = [m for m in result.metrics if "reward_mean" in m]  # read back from metrics.jsonl
+    assert steps and all(m["completions_updated"] > 0 for m in steps)
+    for m in steps:
+        first, last = m["iterations"]
+        for it in (first, last):
+            assert {"loss", "grad_norm", "mean_ratio", "tokens_updated"} <= set(it)
+        assert {k: m[k] for k in last} == last  # the top level is the last iteration's
+        assert first["mean_ratio"] == pytest.approx(1.0, abs=1e-5)  # on-policy before the first optimizer step
+        assert first["loss"] != last["loss"]  # the second iteration sees the weights the first one stepped to

@@ -182,13 +182,16 @@ class ComposedReward:
         _check_batch(completions, answers, "compose")
         return {name: list(fn(completions, answers, **ctx)) for name, _, fn in self.terms}
 
-    def __call__(self, completions: Sequence[str], answers: Sequence[str], **ctx: Any) -> list[float]:
-        parts = self.components(completions, answers, **ctx)
-        total = [0.0] * len(completions)
+    def weighted_sum(self, parts: Mapping[str, Sequence[float]]) -> list[float]:
+        """``sum_j w_j R_j`` per completion from the ``components(...)`` already computed (no reward runs twice)."""
+        total = [0.0] * len(next(iter(parts.values())))
         for name, weight, _ in self.terms:
             for i, r in enumerate(parts[name]):
                 total[i] += weight * r
         return total
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[str], **ctx: Any) -> list[float]:
+        return self.weighted_sum(self.components(completions, answers, **ctx))
 
     def __repr__(self) -> str:
         return "compose([" + ", ".join(f"({w!r}, {n!r})" for n, w, _ in self.terms) + "])"

@@ -43,7 +43,7 @@ from rlvr_fast.study.stats import (
     wilson,
 )
 from rlvr_fast.study.updates import MASK_FILES, UPDATE_FILE, changed_set_overlaps, containment
-from rlvr_fast.trainer.evaluation import EvalResult
+from rlvr_fast.trainer.evaluation import eval_dict_from_json
 
 __all__ = ["analyse", "verdict"]
 
@@ -86,7 +86,7 @@ class _Run:
         self.status = entry.get("status", "pending")
         self.after = self.metrics = self.update = None
         if self.status == "done":
-            self.after = EvalResult.from_json(_read_json(os.path.join(spec.run_dir, "eval_after.json")))
+            self.after = eval_dict_from_json(_read_json(os.path.join(spec.run_dir, "eval_after.json")))
             with open(os.path.join(spec.run_dir, "metrics.jsonl")) as f:
                 self.metrics = [json.loads(line) for line in f if line.strip()]
             self.update = _read_json(os.path.join(spec.run_dir, UPDATE_FILE))
@@ -536,7 +536,7 @@ def analyse(plan: StudyPlan, state: dict) -> dict:
     for key in labels:
         path = base_eval_path(plan.output_dir, key)
         if os.path.exists(path):
-            bases[key] = EvalResult.from_json(_read_json(path))
+            bases[key] = eval_dict_from_json(_read_json(path))
     passk = _pass_at_k(runs, bases, labels)
     classes = plan.run(plan.primary).config["format_classes"]
     return {

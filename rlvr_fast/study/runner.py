@@ -33,7 +33,7 @@ from rlvr_fast.study.state import StudyState, write_json_atomic
 from rlvr_fast.study.updates import record_update
 from rlvr_fast.trainer.checkpoint import latest_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
-from rlvr_fast.trainer.evaluation import EvalResult
+from rlvr_fast.trainer.evaluation import eval_dict_from_json
 from rlvr_fast.trainer.model import LoadedModel
 
 __all__ = ["KEEP_CHECKPOINTS", "StudyOutcome", "base_eval_path", "run_study"]
@@ -110,10 +110,10 @@ def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log)
     path = base_eval_path(plan.output_dir, spec.eval_key)
     if os.path.exists(path):
         with open(path) as f:
-            base = EvalResult.from_json(json.load(f))
+            base = eval_dict_from_json(json.load(f))
     else:  # the trainer's model holds the base weights until train() loads a checkpoint
         t0 = time.perf_counter()
-        base = trainer.evaluate("base").to_dict()
+        base = trainer.evaluate().to_dict()
         write_json_atomic(path, base)
         write_json_atomic(
             os.path.join(os.path.dirname(path), "eval_config.json"),

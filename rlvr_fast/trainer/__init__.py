@@ -1,4 +1,5 @@
-"""The lean trainer: ``RLVRConfig`` and ``train`` (rollout -> score -> filter -> advantage -> loss -> update)."""
+"""The lean trainer: ``RLVRConfig`` and ``train`` (rollout -> rewards -> advantages -> filter -> update batch -> update
+-> log; ``trainer/loop.py``)."""
 
 from rlvr_fast.trainer.config import RLVRConfig
 

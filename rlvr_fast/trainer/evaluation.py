@@ -53,10 +53,11 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @staticmethod
-    def from_json(d: dict) -> dict:
-        """A ``to_dict()`` result read back from JSON (whose object keys are strings): k keys back to ints."""
-        return {**d, "pass_at_k": {int(k): v for k, v in d["pass_at_k"].items()}}
+
+def eval_dict_from_json(d: dict) -> dict:
+    """An ``EvalResult.to_dict()`` read back from JSON (whose object keys are strings), as a dict again: the k keys of
+    ``pass_at_k`` back to ints."""
+    return {**d, "pass_at_k": {int(k): v for k, v in d["pass_at_k"].items()}}
 
 
 def evaluate(

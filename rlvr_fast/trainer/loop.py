@@ -1,9 +1,13 @@
-"""The training loop, top to bottom: rollout -> score -> filter -> advantage -> loss -> update -> log / checkpoint.
+"""The training loop. ``Trainer`` has three phases, each a visible call:
 
-Each step samples G completions for each of ``prompts_per_step`` prompts, scores them with the configured reward
-modes, computes group advantages with the fused op, drops filtered groups and (when beta == 0) zero-advantage
-completions, and updates the policy ``num_iterations`` times from its last hidden states through the fused loss.
-Everything random is seeded per step from the run's seed, so ``--resume`` reproduces an uninterrupted run.
+1. construction: the configuration and the data are checked before the model loads; then model, reference model,
+   optimizer and learning-rate schedule (the optimizer of a gradient-saliency mask waits for phase 2);
+2. ``warm_up_masks()``: the warm-up rollouts of a ``mask_source=grad:...`` mask, then its optimizer (a no-op otherwise);
+3. ``train()``: the evaluation before, the steps, the evaluation after, the report.
+
+One step (``train_step``) reads top to bottom: rollout -> rewards -> advantages -> difficulty filter -> update batch
+-> update (``num_iterations`` optimizer steps) -> metrics record. Everything random is seeded per step from the run's
+seed, so ``--resume`` reproduces an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,27 +19,32 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from rlvr_fast.eval import format_frequency
+from rlvr_fast.ops.group_advantage import GroupAdvantages
+from rlvr_fast.optim import GradSaliency
+from rlvr_fast.rewards import FilterResult
+from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
 from rlvr_fast.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
-from rlvr_fast.trainer.evaluation import EvalResult, evaluate
+from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evaluate
 from rlvr_fast.trainer.finite_guard import checked_update
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
 from rlvr_fast.trainer.memory import enable_activation_checkpointing, return_freed_host_memory
 from rlvr_fast.trainer.model import LoadedModel, load_model
-from rlvr_fast.trainer.optimizers import build_optimizer
-from rlvr_fast.trainer.policy import UpdateBatch, policy_step, sequence_logprobs
+from rlvr_fast.trainer.optimizers import build_optimizer, saliency_warmup, trainable_parameters
+from rlvr_fast.trainer.policy import policy_step, sequence_logprobs
 from rlvr_fast.trainer.preflight import preflight
 from rlvr_fast.trainer.report import before_after_rows, table, write_report
-from rlvr_fast.trainer.run_log import MetricsLog, Progress, peak_memory_bytes
+from rlvr_fast.trainer.run_log import MetricsLog, Progress, iteration_metrics, peak_memory_bytes
 from rlvr_fast.trainer.schedule import build_scheduler
-from rlvr_fast.trainer.scoring import Scorer, Scores
+from rlvr_fast.trainer.scoring import Rewards, Scorer
+from rlvr_fast.trainer.update_batch import UpdateBatch, build_update_batch
 
 
 @dataclass
@@ -75,6 +84,11 @@ def evaluation_kwargs(cfg: RLVRConfig) -> dict:
 
 
 class Trainer:
+    """One run: ``Trainer(cfg)`` (phase 1), ``warm_up_masks()`` (phase 2), ``train()`` (phase 3; it calls phase 2 first,
+    which is a no-op once done). ``loaded``: a model already loaded (tests, the arms of a study), else ``cfg.model``."""
+
+    # ---- phase 1: construction ---------------------------------------------------------------------------------------
+
     def __init__(self, cfg: RLVRConfig, loaded: LoadedModel | None = None):
         self.cfg = cfg.validate()
         seed_everything(cfg.seed)
@@ -92,13 +106,74 @@ class Trainer:
         self.ref_model = None
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = build_optimizer(cfg, self.model, warmup=self._grad_warmup)
-        self.scheduler = build_scheduler(
-            self.optimizer, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps
-        )
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        if saliency_warmup(cfg) is None:  # otherwise warm_up_masks() builds them
+            self._build_optimizer(masks=None)
         os.makedirs(cfg.output_dir, exist_ok=True)
 
-    # ---- one step's pieces ------------------------------------------------------------------------------------------
+    def _build_optimizer(self, masks: dict[str, torch.Tensor] | None) -> None:
+        self.optimizer = build_optimizer(self.cfg, self.model, masks)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            schedule=self.cfg.lr_schedule,
+            warmup_steps=self.cfg.warmup_steps,
+            total_steps=self.cfg.steps,
+        )
+
+    # ---- phase 2: the warm-up of a gradient-saliency mask ------------------------------------------------------------
+
+    def warm_up_masks(self) -> None:
+        """For ``mask_source=grad:<density>[:<rollouts>]``: ``rollouts`` warm-up rollouts through the same rewards,
+        advantages, filter and update batch as a step, their gradients accumulated into a ``GradSaliency`` with no
+        optimizer step (they are not training steps; their prompts and seeds are apart from the steps'); then the
+        optimizer on the global top-``density`` mask, and its schedule.
+
+        Runs once: afterwards, and for every other optimizer, a no-op. ``train()`` calls it first. A resumed run warms
+        up again on the base weights before its checkpoint loads (the masks are not stored in the checkpoint): the
+        same masks, which ``SparseAdamW.load_state_dict`` checks against the checkpoint's state.
+        """
+        warmup = saliency_warmup(self.cfg)
+        if warmup is None or self.optimizer is not None:
+            return
+        density, rollouts = warmup
+        saliency = GradSaliency(trainable_parameters(self.model))
+        for i in range(rollouts):
+            step = -1 - i  # negative steps: seeds of their own, never a training step's
+            problems = self.problems_at(i, seed=self.cfg.seed + 7919)
+            rollout = self.rollout(problems, step)
+            rewards = self.scorer(rollout.texts, problems, step)
+            adv = compute_advantages(rewards, self.cfg)
+            kept = apply_difficulty_filter(rewards, self.cfg)
+            batch = self.with_fixed_logprobs(build_update_batch(rollout, adv.advantages, kept, self.cfg))
+            self.model.zero_grad(set_to_none=True)
+            if len(batch.advantages):
+                policy_step(self.model, batch, self.cfg)
+                saliency.accumulate()
+        self.model.zero_grad(set_to_none=True)
+        self._build_optimizer(masks=saliency.masks(density, scope="global"))
+
+    # ---- one step ----------------------------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict:
+        """Training step ``step``, top to bottom; returns its metrics record (one line of metrics.jsonl)."""
+        t0 = time.perf_counter()
+        problems = self.problems_at(step)
+        rollout = self.rollout(problems, step)
+        generation_seconds = time.perf_counter() - t0
+        rewards = self.scorer(rollout.texts, problems, step)
+        adv = compute_advantages(rewards, self.cfg)
+        kept = apply_difficulty_filter(rewards, self.cfg)
+        batch = build_update_batch(rollout, adv.advantages, kept, self.cfg)
+        update = checked_update(step, self.update, batch, self.model)  # a NaN/inf stops the run here, step named
+        seconds = time.perf_counter() - t0
+        return self._step_record(step, rollout, rewards, adv, kept, batch, update, seconds, generation_seconds)
+
+    def problems_at(self, step: int, seed: int | None = None) -> list[Problem]:
+        """The training problems of step ``step`` (a seeded permutation per epoch; ``seed`` defaults to the run's)."""
+        seed = self.cfg.seed if seed is None else seed
+        indices = batch_indices(len(self.train_problems), self.cfg.prompts_per_step, step, seed)
+        return [self.train_problems[i] for i in indices]
 
     def rollout(self, problems: list[Problem], step: int) -> Rollout:
         prompts = [chat_prompt(self.tokenizer, p.prompt, self.cfg.system_prompt) for p in problems]
@@ -111,91 +186,72 @@ class Trainer:
             seed=derived_seed(self.cfg.seed, "rollout", step),
         )
 
-    def update_batch(self, rollout: Rollout, scores: Scores) -> UpdateBatch:
-        """The completions that run through the model, and the normaliser of the whole step."""
-        cfg = self.cfg
-        loss_mask = rollout.completion_mask.float()
-        if cfg.mask_truncated_completions:
-            loss_mask = loss_mask * (~rollout.truncated).float()[:, None]
-        kept = scores.filtered.completion_mask(cfg.group_size).to(loss_mask.device)
-        adv = scores.advantages.advantages.to(loss_mask.device)
-        counted = kept & (loss_mask.sum(dim=1) > 0)  # completions with tokens in the loss
-        runs = counted & ((adv != 0) | (cfg.beta > 0))
-        skipped = counted & ~runs  # zero advantage, beta == 0: no gradient, so no forward either
-        rows = runs.nonzero().squeeze(1)
-        batch = UpdateBatch(
-            rollout=rollout.select(rows),
-            advantages=adv[rows],
-            loss_mask=loss_mask[rows],
-            step_rows=int(kept.sum()),
-            step_tokens=float(loss_mask[kept].sum()),
-            skipped_rows=int(skipped.sum()),
-            skipped_tokens=float(loss_mask[skipped].sum()),
-        )
-        if len(rows) and cfg.num_iterations > 1:
-            batch.old_logp = sequence_logprobs(self.model, batch.rollout, cfg.temperature)
-        if len(rows) and self.ref_model is not None:
-            batch.ref_logp = sequence_logprobs(self.ref_model, batch.rollout, cfg.temperature)
-        return batch
+    def with_fixed_logprobs(self, batch: UpdateBatch) -> UpdateBatch:
+        """``batch`` with the log-probs that stay fixed through the update: the old policy's (the model before its
+        first optimizer step) when num_iterations > 1, the reference model's when beta > 0."""
+        if len(batch.advantages) == 0:
+            return batch
+        old_logp = ref_logp = None
+        if self.cfg.num_iterations > 1:
+            old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature)
+        if self.ref_model is not None:
+            ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature)
+        return replace(batch, old_logp=old_logp, ref_logp=ref_logp)
 
     def update(self, batch: UpdateBatch) -> dict:
-        cfg = self.cfg
-        out: dict = {}
-        stepped = False
-        for _ in range(cfg.num_iterations):
+        """The policy update of one step: the fixed log-probs, then ``num_iterations`` optimizer steps on ``batch``,
+        then one step of the learning-rate schedule. Returns the metrics of every iteration (``iteration_metrics``)."""
+        if self.optimizer is None:
+            raise RuntimeError(
+                f"Trainer.update: mask_source={self.cfg.mask_source!r} needs warm_up_masks() before the first update "
+                "(train() calls it)"
+            )
+        batch = self.with_fixed_logprobs(batch)
+        iterations = []
+        for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            if len(batch.advantages) == 0:
-                continue  # nothing can contribute a gradient this step
-            out = policy_step(self.model, batch, cfg)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-            if not torch.isfinite(norm):
-                raise FloatingPointError(f"the gradient norm is {float(norm)}; refusing to step on garbage")
-            out["grad_norm"] = float(norm)
-            self.optimizer.step()
-            stepped = True
-        if stepped:
-            self.scheduler.step()
-        else:  # the schedule counts steps, not updates; torch warns when it advances without an optimizer step
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
+            if len(batch.advantages):  # else nothing can contribute a gradient this step
+                iterations.append(self._optimizer_step(batch))
+        self._schedule_step(stepped=bool(iterations))
+        return iteration_metrics(iterations)
+
+    def _optimizer_step(self, batch: UpdateBatch) -> dict:
+        out = policy_step(self.model, batch, self.cfg)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip else float("inf"))
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"the gradient norm is {float(norm)}; refusing to step on garbage")
+        out["grad_norm"] = float(norm)
+        self.optimizer.step()
         return out
 
-    def _grad_warmup(self, saliency, rollouts: int) -> None:
-        """Warm-up rollouts for a gradient-saliency mask: gradients only, no step (they are not training steps)."""
-        for i in range(rollouts):
-            problems = [
-                self.train_problems[j]
-                for j in batch_indices(len(self.train_problems), self.cfg.prompts_per_step, i, self.cfg.seed + 7919)
-            ]
-            rollout = self.rollout(problems, step=-1 - i)
-            scores = self.scorer(rollout.texts, problems, step=-1 - i)
-            batch = self.update_batch(rollout, scores)
-            self.model.zero_grad(set_to_none=True)
-            if len(batch.advantages):
-                policy_step(self.model, batch, self.cfg)
-                saliency.accumulate()
-        self.model.zero_grad(set_to_none=True)
+    def _schedule_step(self, stepped: bool) -> None:
+        if stepped:
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():  # the schedule counts steps, not updates; torch warns when it advances alone
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
-    def evaluate(self, tag: str) -> EvalResult:
+    def evaluate(self) -> EvalResult:
+        """The held-out evaluation of the model as it is now (``evaluation_kwargs``: the same samples' seeds each time,
+        so evaluations of one run are paired by problem and sample)."""
         return evaluate(self.generator, self.tokenizer, self.eval_problems, **evaluation_kwargs(self.cfg))
 
-    # ---- the loop -----------------------------------------------------------------------------------------------
+    # ---- phase 3: the run --------------------------------------------------------------------------------------------
 
     def train(self, before_eval: dict | None = None) -> RunResult:
         """Train and evaluate. ``before_eval``: the base model's evaluation computed elsewhere with the same
         ``evaluation_kwargs`` and problems (e.g. shared by the arms of a study), used instead of evaluating again;
         ignored on resume (the checkpoint holds the run's own)."""
         cfg = self.cfg
-        start, before = 0, (EvalResult.from_json(before_eval) if before_eval is not None else None)
+        self.warm_up_masks()
+        start, before = 0, (eval_dict_from_json(before_eval) if before_eval is not None else None)
         if cfg.resume:
-            state = load_checkpoint(self.resume_point.path, self.model, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-            start, before = state["step"], EvalResult.from_json(state["before_eval"])
+            start, before = self._load_latest_checkpoint()
         log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=start if cfg.resume else None)
         if before is None:
-            before = self.evaluate("before").to_dict()
+            before = self.evaluate().to_dict()
         if not cfg.resume:
             with open(os.path.join(cfg.output_dir, "eval_before.json"), "w") as f:
                 json.dump(before, f, indent=1)
@@ -203,33 +259,16 @@ class Trainer:
 
         progress = Progress(cfg.steps, start, cfg.progress)
         for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            problems = [
-                self.train_problems[i]
-                for i in batch_indices(len(self.train_problems), cfg.prompts_per_step, step, cfg.seed)
-            ]
-            rollout = self.rollout(problems, step)
-            t_gen = time.perf_counter() - t0
-            scores = self.scorer(rollout.texts, problems, step)
-            batch = self.update_batch(rollout, scores)
-            upd = checked_update(step, self.update, batch, self.model)  # NaN/inf stops here, step named
-            elapsed = time.perf_counter() - t0
-            record = self._step_record(step, rollout, scores, batch, upd, elapsed, t_gen)
+            record = self.train_step(step)
             log.write(record)
             progress.update(record["reward_mean"], record["tokens_per_s"])
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                log.write({"step": step, "eval": self.evaluate(f"step{step + 1}").to_dict()})
+                log.write({"step": step, "eval": self.evaluate().to_dict()})
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
-                save_checkpoint(
-                    cfg.output_dir,
-                    step + 1,
-                    self.model,
-                    self.optimizer,
-                    {"scheduler": self.scheduler.state_dict(), "before_eval": before, "config": cfg.to_dict()},
-                )
+                self._save_checkpoint(step + 1, before)
         progress.close()
 
-        after = self.evaluate("after").to_dict()
+        after = self.evaluate().to_dict()
         with open(os.path.join(cfg.output_dir, "eval_after.json"), "w") as f:
             json.dump(after, f, indent=1)
         metrics = log.read()
@@ -238,36 +277,56 @@ class Trainer:
         write_report(cfg.output_dir, cfg.to_dict(), before, after, metrics, extra)
         return RunResult(cfg.output_dir, before, after, metrics, table(rows))
 
-    def _step_record(self, step, rollout, scores, batch, upd, elapsed, t_gen) -> dict:
-        cfg = self.cfg
-        adv = scores.advantages
+    def _load_latest_checkpoint(self) -> tuple[int, dict]:
+        """Restore model, optimizer, schedule and RNG from the checkpoint that preflight verified (the newest good one):
+        (its step, the evaluation before)."""
+        state = load_checkpoint(self.resume_point.path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["step"], eval_dict_from_json(state["before_eval"])
+
+    def _save_checkpoint(self, step: int, before: dict) -> None:
+        trainer_state = {"scheduler": self.scheduler.state_dict(), "before_eval": before, "config": self.cfg.to_dict()}
+        save_checkpoint(self.cfg.output_dir, step, self.model, self.optimizer, trainer_state)
+
+    def _step_record(
+        self,
+        step: int,
+        rollout: Rollout,
+        rewards: Rewards,
+        adv: GroupAdvantages,
+        kept: FilterResult,
+        batch: UpdateBatch,
+        update: dict,
+        seconds: float,
+        generation_seconds: float,
+    ) -> dict:
         completion_tokens = float(rollout.completion_mask.sum())
         record = {
             "step": step,
             "lr": self.scheduler.get_last_lr()[0],
-            "reward_mean": float(scores.rewards.mean()),
-            "reward_std": float(scores.rewards.std()) if scores.rewards.numel() > 1 else 0.0,
-            "solve_rate": float(scores.correct.float().mean()),
-            "reward_modes": {name: float(np.mean(v)) for name, v in scores.components.items()},
-            "reward_errors": scores.reward_errors,
+            "reward_mean": float(rewards.total.mean()),
+            "reward_std": float(rewards.total.std()) if rewards.total.numel() > 1 else 0.0,
+            "solve_rate": float(rewards.correct.float().mean()),
+            "reward_modes": {name: float(np.mean(v)) for name, v in rewards.components.items()},
+            "reward_errors": rewards.errors,
             "advantage_mean": float(adv.advantages.mean()),
             "advantage_abs_mean": float(adv.advantages.abs().mean()),
             "all_equal_groups": int(adv.all_equal.sum()),
-            "groups_filtered": scores.filtered.removed,
+            "groups_filtered": kept.removed,
             "completions_updated": len(batch.advantages),
             "zero_advantage_completions_skipped": batch.skipped_rows,
             "zero_advantage_tokens_skipped": batch.skipped_tokens,
             "truncated_frac": float(rollout.truncated.float().mean()),
             "completion_tokens": completion_tokens,
-            "tokens_per_s": completion_tokens / elapsed,
-            "seconds": elapsed,
-            "generation_seconds": t_gen,
+            "tokens_per_s": completion_tokens / seconds,
+            "seconds": seconds,
+            "generation_seconds": generation_seconds,
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
         }
-        if cfg.format_classes:  # format frequency of this step's rollouts, and each format's accuracy
-            stats = format_frequency(rollout.texts, cfg.format_classes, correct=scores.correct.tolist())
+        if self.cfg.format_classes:  # format frequency of this step's rollouts, and each format's accuracy
+            stats = format_frequency(rollout.texts, self.cfg.format_classes, correct=rewards.correct.tolist())
             record["formats"] = {name: asdict(s) for name, s in stats.items()}
-        record.update(upd)
+        record.update(update)
         return record
 
 

@@ -5,7 +5,9 @@
 - sparse_adamw: rlvr_fast.optim.SparseAdamW on a masked subnetwork (Mukherjee et al. 2025, arXiv:2505.11711). The mask
   comes from ``mask_source``: ``random:<density>`` (seeded by the run's seed), ``grad:<density>[:<warm-up rollouts>]``
   (the largest accumulated |grad| over warm-up rollouts, global top-density; default 2 rollouts) or the path of a
-  mask file written by ``rlvr_fast.optim.save_masks`` (e.g. from an earlier run's update: subnetwork reuse).
+  mask file written by ``rlvr_fast.optim.save_masks`` (e.g. from an earlier run's update: subnetwork reuse). A
+  ``grad:`` mask is not built here: the caller runs the warm-up (``Trainer.warm_up_masks``, an explicit phase between
+  construction and the first step) and passes its masks to ``build_optimizer``.
 - adamw8bit: bitsandbytes' AdamW8bit, when bitsandbytes is installed (the [gpu] extra).
 """
 
@@ -17,19 +19,19 @@ from collections.abc import Callable
 
 import torch
 
-from rlvr_fast.optim import GradSaliency, SparseAdamW, load_masks, random_masks
+from rlvr_fast.optim import SparseAdamW, load_masks, random_masks
 from rlvr_fast.trainer.config import RLVRConfig
 
-# Runs warm-up rollouts and backward passes, calling saliency.accumulate() after each (provided by the loop).
-GradWarmup = Callable[[GradSaliency, int], None]
+Masks = dict[str, torch.Tensor]  # parameter name -> bool mask of its shape
 
 
-def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter the optimizer updates, in the model's order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _adamw(cfg: RLVRConfig, model: torch.nn.Module, warmup: GradWarmup | None) -> torch.optim.Optimizer:
-    params = [p for _, p in _trainable(model)]
+def _adamw(cfg: RLVRConfig, model: torch.nn.Module, masks: Masks | None) -> torch.optim.Optimizer:
+    params = [p for _, p in trainable_parameters(model)]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -58,39 +60,55 @@ def parse_mask_source(source: str) -> tuple[str, float | str, int]:
     return "file", source, 0
 
 
-def _sparse_adamw(cfg: RLVRConfig, model: torch.nn.Module, warmup: GradWarmup | None) -> torch.optim.Optimizer:
-    named = _trainable(model)
-    kind, value, rollouts = parse_mask_source(cfg.mask_source or "")
-    if kind == "random":
-        masks = random_masks(dict(named), value, seed=cfg.seed)
-    elif kind == "grad":
-        if warmup is None:
-            raise ValueError("mask_source grad:<density> needs warm-up rollouts, which this caller cannot run")
-        saliency = GradSaliency(named)
-        warmup(saliency, rollouts)
-        masks = saliency.masks(value, scope="global")
-    else:
-        device = named[0][1].device
-        masks = load_masks(value, device=device)
+def saliency_warmup(cfg: RLVRConfig) -> tuple[float, int] | None:
+    """(density, warm-up rollouts) when the run's optimizer takes a gradient-saliency mask (``grad:...``), else None."""
+    if cfg.optimizer != "sparse_adamw":
+        return None
+    kind, density, rollouts = parse_mask_source(cfg.mask_source or "")
+    return (density, rollouts) if kind == "grad" else None
+
+
+def _sparse_adamw(cfg: RLVRConfig, model: torch.nn.Module, masks: Masks | None) -> torch.optim.Optimizer:
+    named = trainable_parameters(model)
+    if masks is None:  # random or file (a grad: source's masks come from its warm-up, checked by build_optimizer)
+        kind, value, _ = parse_mask_source(cfg.mask_source or "")
+        masks = (
+            random_masks(dict(named), value, seed=cfg.seed)
+            if kind == "random"
+            else load_masks(value, device=named[0][1].device)
+        )
     return SparseAdamW(named, masks, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _adamw8bit(cfg: RLVRConfig, model: torch.nn.Module, warmup: GradWarmup | None) -> torch.optim.Optimizer:
+def _adamw8bit(cfg: RLVRConfig, model: torch.nn.Module, masks: Masks | None) -> torch.optim.Optimizer:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("RLVRConfig.optimizer='adamw8bit' needs bitsandbytes (pip install 'rlvr_fast[gpu]')")
     import bitsandbytes as bnb
 
-    return bnb.optim.AdamW8bit([p for _, p in _trainable(model)], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return bnb.optim.AdamW8bit([p for _, p in trainable_parameters(model)], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZERS: dict[str, Callable[[RLVRConfig, torch.nn.Module, GradWarmup | None], torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[[RLVRConfig, torch.nn.Module, Masks | None], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "sparse_adamw": _sparse_adamw,
     "adamw8bit": _adamw8bit,
 }
 
 
-def build_optimizer(cfg: RLVRConfig, model: torch.nn.Module, warmup: GradWarmup | None = None) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RLVRConfig, model: torch.nn.Module, masks: Masks | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` over the model's trainable parameters. ``masks``: the warm-up's masks when the
+    mask source is ``grad:...`` (``saliency_warmup(cfg)`` is not None), and only then."""
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"RLVRConfig.optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
-    return OPTIMIZERS[cfg.optimizer](cfg, model, warmup)
+    warmup = saliency_warmup(cfg)
+    if warmup is not None and masks is None:
+        raise ValueError(
+            f"RLVRConfig.mask_source={cfg.mask_source!r}: a gradient-saliency mask comes from warm-up rollouts; pass "
+            "the warm-up's masks (Trainer.warm_up_masks does)"
+        )
+    if warmup is None and masks is not None:
+        raise ValueError(
+            f"build_optimizer: masks were given, but optimizer={cfg.optimizer!r} with mask_source="
+            f"{cfg.mask_source!r} takes none (only a grad:<density> mask source does)"
+        )
+    return OPTIMIZERS[cfg.optimizer](cfg, model, masks)

@@ -10,8 +10,6 @@ the step's completions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
@@ -20,24 +18,12 @@ from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.generation import Rollout
 from rlvr_fast.trainer.memory import checkpointed_forward
 from rlvr_fast.trainer.model import last_hidden_states, lm_head_weight
+from rlvr_fast.trainer.update_batch import UpdateBatch
 
 # How a loss type's normaliser is reproduced when a micro-batch holds only part of the step's completions:
 # "num_items" -> pass the step's active tokens as num_items; "tokens" -> scale the micro-batch loss by its tokens / the
 # step's tokens; "rows" -> by its completions / the step's completions.
 SUBSET_NORMALISATION = {"dapo": "num_items", "bnpo": "tokens", "grpo": "rows", "dr_grpo": "rows"}
-
-
-@dataclass
-class UpdateBatch:
-    rollout: Rollout  # the completions that run (kept by the filter, and non-zero advantage unless beta > 0)
-    advantages: torch.Tensor  # (R,) float32
-    loss_mask: torch.Tensor  # (R, Lc) float32
-    step_rows: int  # completions of the step that count in the normaliser (kept by the filter)
-    step_tokens: float  # their active tokens
-    skipped_rows: int  # kept completions skipped because A == 0 and beta == 0
-    skipped_tokens: float
-    old_logp: torch.Tensor | None = None  # (R, Lc) when num_iterations > 1
-    ref_logp: torch.Tensor | None = None  # (R, Lc) when beta > 0
 
 
 def completion_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:

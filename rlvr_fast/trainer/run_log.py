@@ -1,4 +1,10 @@
-"""What a run writes as it goes: metrics.jsonl (one JSON object per step) and a progress bar."""
+"""What a run writes as it goes: metrics.jsonl (one JSON object per step, plus one per periodic evaluation) and a
+progress bar.
+
+A step's record holds its update's metrics (loss, grad_norm, clip fractions, mean ratio / KL / entropy, tokens) as
+``iteration_metrics`` lays them out: with ``num_iterations`` > 1 optimizer steps on one batch, the last iteration's at
+the top level and every iteration's, in order, under ``"iterations"``.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +36,19 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def iteration_metrics(iterations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The update's part of a step record from each optimizer step's metrics, in order: the last iteration's at the top
+    level (the step that produced the new weights; the only one when num_iterations == 1) and, when there were several,
+    the list of all under ``"iterations"`` (the first is on-policy: ratio 1; the later ones show the drift). Empty when
+    nothing was updated."""
+    if not iterations:
+        return {}
+    out = dict(iterations[-1])
+    if len(iterations) > 1:
+        out["iterations"] = [dict(it) for it in iterations]
+    return out
 
 
 class MetricsLog:

@@ -1,5 +1,8 @@
-"""Scoring a rollout: the configured reward modes (a weighted sum), the verifier's verdict kept apart from the reward
-(docs/design.md §5: c_i is never changed by a reward mode), the difficulty filter and the group advantages."""
+"""Scoring a rollout: the configured reward modes (their weighted sum, ``rewards.compose``) and the verifier's verdict,
+kept apart from the reward (docs/design.md §5: c_i is never changed by a reward mode).
+
+What the rewards become is decided after scoring, in ``trainer/advantages.py`` (group advantages, difficulty filter).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +10,24 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr_fast.ops.group_advantage import GroupAdvantages, group_advantages
-from rlvr_fast.rewards import REWARD_MODES, FilterResult, compose, filter_groups, reward_fn
+from rlvr_fast.rewards import REWARD_MODES, compose, reward_fn
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem
 
 
 @dataclass
-class Scores:
-    rewards: torch.Tensor  # (N,) float32, the weighted sum
+class Rewards:
+    """A rollout's rewards, N = prompts x group_size completions in batch order (prompt-major)."""
+
+    total: torch.Tensor  # (N,) float32, sum_j w_j R_j over the configured reward modes
     correct: torch.Tensor  # (N,) bool, the verifier's verdict
-    components: dict[str, list[float]]  # each mode's raw reward
-    advantages: GroupAdvantages
-    filtered: FilterResult
-    reward_errors: int  # samples a user reward function failed on (handled by its policy)
+    components: dict[str, list[float]]  # each mode's raw reward R_j, N values each
+    errors: int  # samples a user reward function failed on (handled by its failure policy)
 
 
 class Scorer:
+    """``Scorer(cfg)(texts, problems, step) -> Rewards``; the reward modes are checked when it is built."""
+
     def __init__(self, cfg: RLVRConfig):
         unknown = sorted(set(cfg.rewards) - set(REWARD_MODES))
         if unknown:
@@ -51,33 +55,9 @@ class Scorer:
             ctx["incorrect_answers"] = [str(p.extra["incorrect_answer"]) for p in expanded]
         return ctx
 
-    def __call__(self, texts: list[str], problems: list[Problem], step: int) -> Scores:
-        cfg = self.cfg
-        answers = [p.answer for p in problems for _ in range(cfg.group_size)]
-        ctx = self.context(problems, step)
-        components = self.reward.components(texts, answers, **ctx)
-        total = [0.0] * len(texts)
-        for name, weight, _ in self.reward.terms:
-            for i, r in enumerate(components[name]):
-                total[i] += weight * r
-        rewards = torch.tensor(total, dtype=torch.float32)
+    def __call__(self, texts: list[str], problems: list[Problem], step: int) -> Rewards:
+        answers = [p.answer for p in problems for _ in range(self.cfg.group_size)]
+        components = self.reward.components(texts, answers, **self.context(problems, step))
+        total = torch.tensor(self.reward.weighted_sum(components), dtype=torch.float32)
         correct = torch.tensor(self.verifier(texts, answers), dtype=torch.float32) > 0.5
-        adv = group_advantages(
-            rewards,
-            cfg.group_size,
-            estimator=cfg.estimator,
-            scale=cfg.scale,
-            eps=cfg.adv_eps,
-            lam=cfg.lam,
-            sample_mode=cfg.sample_mode,
-            correct=correct,
-        )
-        filtered = filter_groups(
-            rewards,
-            correct,
-            group_size=cfg.group_size,
-            drop_all_equal=cfg.filter_all_equal,
-            p_min=cfg.min_solve_rate,
-            p_max=cfg.max_solve_rate,
-        )
-        return Scores(rewards, correct, components, adv, filtered, len(self.reward.errors))
+        return Rewards(total, correct, components, len(self.reward.errors))
