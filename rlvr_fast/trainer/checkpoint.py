@@ -6,11 +6,12 @@ metadata as JSON) and ``trainer_state.json`` (step, RNG states, config, metrics 
 written into a temporary folder and renamed into place; ``latest`` (a one-line file, itself replaced atomically) points
 at the newest complete one. An interrupted write therefore never loses the last good checkpoint.
 
-Verified before it counts (docs/failure-guarantees.md): every tensor is checked finite before anything is written (a
-NaN names the step and the tensor), ``manifest.json`` records each file's size and BLAKE2b digest and the run's config
-hash, and the folder is re-read against the manifest before ``latest`` moves to it. Resuming walks the checkpoints
-newest first and takes the first that verifies (``find_resumable``), saying why it skipped any. Partial ``.step-*``
-folders left by a killed write are removed. Loading is strict: a missing, unexpected or misshapen tensor is an error.
+Verified before it counts (docs/design.md, "Failure guarantees"): every tensor is checked finite before anything is
+written (a NaN names the step and the tensor), ``manifest.json`` records each file's size and BLAKE2b digest and the
+run's config hash, and the folder is re-read against the manifest before ``latest`` moves to it. Resuming walks the
+checkpoints newest first and takes the first that verifies (``find_resumable``), saying why it skipped any. Partial
+``.step-*`` folders left by a killed write are removed. Loading is strict: a missing, unexpected or misshapen tensor is
+an error.
 """
 
 from __future__ import annotations

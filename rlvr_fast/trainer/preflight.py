@@ -1,4 +1,4 @@
-"""Everything that can be checked before the model loads, in one place (docs/failure-guarantees.md).
+"""Everything that can be checked before the model loads, in one place (docs/design.md, "Failure guarantees").
 
 ``preflight(cfg)`` runs in ``rlvr-fast train`` / ``eval`` before the 20-50 s model load and again (cheaply: checkpoint
 verification is cached) at the top of ``Trainer``: the config schema, the model source, the data, the reward modes,
