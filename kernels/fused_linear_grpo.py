@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from rlvr_fast.kernels.grpo_loss import N_STATS, grpo_token_terms
+from rlvr_fast.kernels.launch_plan import KernelLaunch
 from rlvr_fast.kernels.logprobs import _online_fold, acc_dtype
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -271,24 +272,30 @@ def chunk_row_stats(
     logp = empty((n,), dtype=acc, device=z.device)
     lse = empty((n,), dtype=acc, device=z.device)
     entropy = empty((n,), dtype=acc, device=z.device) if with_entropy else None
-    _row_stats_kernel[row_stats_grid(n, rows)](
-        z,
-        bias if bias is not None else z,
-        targets,
-        logp,
-        lse,
-        entropy if entropy is not None else logp,
-        n,
-        v,
-        z.stride(0),
-        inv_t,
-        HAS_BIAS=bias is not None,
-        HAS_ENTROPY=with_entropy,
-        ACC=_acc_tl(z.dtype),
-        ROWS=rows,
-        BLOCK_V=_block_v(v, block_v),
+    KernelLaunch(
+        _row_stats_kernel,
+        row_stats_grid(n, rows),
+        (
+            z,
+            bias if bias is not None else z,
+            targets,
+            logp,
+            lse,
+            entropy if entropy is not None else logp,
+            n,
+            v,
+            z.stride(0),
+            inv_t,
+        ),
+        dict(
+            HAS_BIAS=bias is not None,
+            HAS_ENTROPY=with_entropy,
+            ACC=_acc_tl(z.dtype),
+            ROWS=rows,
+            BLOCK_V=_block_v(v, block_v),
+        ),
         num_warps=4,
-    )
+    ).launch()
     return logp, lse, entropy
 
 
@@ -308,24 +315,30 @@ def chunk_dlogits(
     floating dtype; may be ``z`` itself) and return it. g: (n,) the rows' upstream gradients, already times inv_t."""
     n, v = z.shape
     block = _block_v(v, block_v)
-    _dlogits_kernel[dlogits_grid(n, v, block, rows)](
-        z,
-        bias if bias is not None else z,
-        targets,
-        lse,
-        g,
-        out,
-        n,
-        v,
-        z.stride(0),
-        out.stride(0),
-        inv_t,
-        HAS_BIAS=bias is not None,
-        ACC=_acc_tl(z.dtype),
-        ROWS=rows,
-        BLOCK_V=block,
+    KernelLaunch(
+        _dlogits_kernel,
+        dlogits_grid(n, v, block, rows),
+        (
+            z,
+            bias if bias is not None else z,
+            targets,
+            lse,
+            g,
+            out,
+            n,
+            v,
+            z.stride(0),
+            out.stride(0),
+            inv_t,
+        ),
+        dict(
+            HAS_BIAS=bias is not None,
+            ACC=_acc_tl(z.dtype),
+            ROWS=rows,
+            BLOCK_V=block,
+        ),
         num_warps=4,
-    )
+    ).launch()
     return out
 
 
@@ -360,36 +373,42 @@ def token_terms(
     g = empty((n,), dtype=acc, device=logp.device)
     partials = empty((grid[0], N_STATS), dtype=acc, device=logp.device)
     sequence = seq_log_ratio is not None
-    _token_terms_kernel[grid](
-        logp,
-        old if old is not None else logp,
-        ref if ref is not None else logp,
-        w,
-        rows,
-        advantages,
-        row_coef if row_coef is not None else logp,
-        seq_log_ratio if sequence else logp,
-        pg_scale if sequence else logp,
-        entropy if entropy is not None else logp,
-        g,
-        partials,
-        n,
-        float(beta),
-        float(eps_low),
-        float(eps_high),
-        float(dual_clip) if dual_clip is not None else 0.0,
-        HAS_OLD=old is not None,
-        HAS_REF=ref is not None,
-        KL_IN_LOSS=beta != 0.0,
-        HAS_ENTROPY=entropy is not None,
-        KL=kl,
-        SEQUENCE=sequence,
-        ROW_NORM=row_coef is not None,
-        DUAL_CLIP=dual_clip is not None,
-        SERIES=acc != torch.float64,
-        ACC=_acc_tl(logp.dtype),
-        N_STATS_=N_STATS,
-        BLOCK=_BLOCK_TOKENS,
+    KernelLaunch(
+        _token_terms_kernel,
+        grid,
+        (
+            logp,
+            old if old is not None else logp,
+            ref if ref is not None else logp,
+            w,
+            rows,
+            advantages,
+            row_coef if row_coef is not None else logp,
+            seq_log_ratio if sequence else logp,
+            pg_scale if sequence else logp,
+            entropy if entropy is not None else logp,
+            g,
+            partials,
+            n,
+            float(beta),
+            float(eps_low),
+            float(eps_high),
+            float(dual_clip) if dual_clip is not None else 0.0,
+        ),
+        dict(
+            HAS_OLD=old is not None,
+            HAS_REF=ref is not None,
+            KL_IN_LOSS=beta != 0.0,
+            HAS_ENTROPY=entropy is not None,
+            KL=kl,
+            SEQUENCE=sequence,
+            ROW_NORM=row_coef is not None,
+            DUAL_CLIP=dual_clip is not None,
+            SERIES=acc != torch.float64,
+            ACC=_acc_tl(logp.dtype),
+            N_STATS_=N_STATS,
+            BLOCK=_BLOCK_TOKENS,
+        ),
         num_warps=4,
-    )
+    ).launch()
     return g, partials

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from rlvr_fast.kernels.launch_plan import KernelLaunch
 
 # estimator codes
 GRPO, DR_GRPO, RLOO, PSR, NSR, W_REINFORCE = range(6)
@@ -188,31 +189,65 @@ def group_advantage_fwd(
     ``out`` may supply the output buffers (contiguous, shapes as in ``empty_outputs``), e.g. poisoned ones in tests.
     """
     out = out if out is not None else empty_outputs(n_groups, group_size, rewards.device)
+    plan_group_advantage_fwd(
+        rewards,
+        correct,
+        out,
+        n_groups=n_groups,
+        group_size=group_size,
+        estimator=estimator,
+        scale=scale,
+        sample_mode=sample_mode,
+        eps=eps,
+        lam=lam,
+    ).launch()
+    return out
+
+
+def plan_group_advantage_fwd(
+    rewards: torch.Tensor,
+    correct: torch.Tensor | None,
+    out: GroupAdvantageOutputs,
+    *,
+    n_groups: int,
+    group_size: int,
+    estimator: int,
+    scale: int,
+    sample_mode: int,
+    eps: float,
+    lam: float,
+) -> KernelLaunch:
+    """The launch ``group_advantage_fwd`` runs (tile sizes chosen here), without running it."""
     block_g = triton.next_power_of_2(group_size)
     block_groups = max(1, min(_TILE_ELEMENTS // block_g, triton.next_power_of_2(n_groups)))
     grid = (triton.cdiv(n_groups, block_groups),)
-    _group_advantage_fwd_kernel[grid](
-        rewards,
-        correct if correct is not None else out.advantages,
-        out.advantages,
-        out.mean,
-        out.std,
-        out.solve_rate,
-        out.flags[0],
-        out.flags[1],
-        out.flags[2],
-        n_groups,
-        group_size,
-        eps,
-        lam,
-        ESTIMATOR=estimator,
-        SCALE=scale,
-        SAMPLE_MODE=sample_mode,
-        HAS_CORRECT=correct is not None,
-        IS_F64=rewards.dtype == torch.float64,
-        BLOCK_GROUPS=block_groups,
-        BLOCK_G=block_g,
-        BATCH_BLOCK=_BATCH_BLOCK,
+    return KernelLaunch(
+        _group_advantage_fwd_kernel,
+        grid,
+        (
+            rewards,
+            correct if correct is not None else out.advantages,
+            out.advantages,
+            out.mean,
+            out.std,
+            out.solve_rate,
+            out.flags[0],
+            out.flags[1],
+            out.flags[2],
+            n_groups,
+            group_size,
+            eps,
+            lam,
+        ),
+        dict(
+            ESTIMATOR=estimator,
+            SCALE=scale,
+            SAMPLE_MODE=sample_mode,
+            HAS_CORRECT=correct is not None,
+            IS_F64=rewards.dtype == torch.float64,
+            BLOCK_GROUPS=block_groups,
+            BLOCK_G=block_g,
+            BATCH_BLOCK=_BATCH_BLOCK,
+        ),
         num_warps=4,
     )
-    return out

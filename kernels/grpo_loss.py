@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from rlvr_fast.kernels.launch_plan import KernelLaunch
 
 # KL estimator codes (rlvr_fast.ops.loss_types.KL_ESTIMATORS)
 KL_K1, KL_K2, KL_K3, KL_LOW_VAR = range(4)
@@ -401,22 +402,28 @@ def grpo_row_stats(
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
     partial = torch.empty(B, layout.n_chunks, 2, dtype=acc, device=logp.device)
     old = old_logp if old_logp is not None else logp
-    _grpo_row_stats_kernel[layout.grid](
-        logp,
-        old,
-        mask,
-        partial,
-        T,
-        layout.n_chunks,
-        *logp.stride(),
-        *old.stride(),
-        *mask.stride(),
-        HAS_OLD=old_logp is not None,
-        SEQUENCE=sequence,
-        ACC=_acc_dtype(logp.dtype),
-        BLOCK_T=layout.block_t,
+    KernelLaunch(
+        _grpo_row_stats_kernel,
+        layout.grid,
+        (
+            logp,
+            old,
+            mask,
+            partial,
+            T,
+            layout.n_chunks,
+            *logp.stride(),
+            *old.stride(),
+            *mask.stride(),
+        ),
+        dict(
+            HAS_OLD=old_logp is not None,
+            SEQUENCE=sequence,
+            ACC=_acc_dtype(logp.dtype),
+            BLOCK_T=layout.block_t,
+        ),
         num_warps=4,
-    )
+    ).launch()
     # Summing the chunks in a fixed order keeps the result bitwise reproducible (atomics would not).
     return partial[:, 0] if layout.n_chunks == 1 else partial.sum(dim=1)
 
@@ -465,41 +472,47 @@ def grpo_loss_fwd(
     old = old_logp if old_logp is not None else logp
     ref = ref_logp if ref_logp is not None else logp
     ent = entropy if entropy is not None else logp
-    _grpo_loss_fwd_kernel[layout.grid](
-        logp,
-        old,
-        ref,
-        mask,
-        advantages,
-        ent,
-        row_stats if row_stats is not None else dummy,
-        dlogp if dlogp is not None else dummy,
-        partials,
-        T,
-        layout.n_chunks,
-        *logp.stride(),
-        *old.stride(),
-        *ref.stride(),
-        *mask.stride(),
-        *ent.stride(),
-        advantages.stride(0),
-        float(beta),
-        float(eps_low),
-        float(eps_high),
-        float(dual_clip) if dual_clip is not None else 0.0,
-        HAS_OLD=old_logp is not None,
-        HAS_REF=ref_logp is not None,
-        KL_IN_LOSS=beta != 0.0,
-        HAS_ENTROPY=entropy is not None,
-        KL=kl,
-        SEQUENCE=sequence,
-        ROW_NORM=row_norm,
-        DUAL_CLIP=dual_clip is not None,
-        WRITE_GRAD=write_grad,
-        SERIES=logp.dtype != torch.float64,
-        ACC=_acc_dtype(logp.dtype),
-        N_STATS_=N_STATS,
-        BLOCK_T=layout.block_t,
+    KernelLaunch(
+        _grpo_loss_fwd_kernel,
+        layout.grid,
+        (
+            logp,
+            old,
+            ref,
+            mask,
+            advantages,
+            ent,
+            row_stats if row_stats is not None else dummy,
+            dlogp if dlogp is not None else dummy,
+            partials,
+            T,
+            layout.n_chunks,
+            *logp.stride(),
+            *old.stride(),
+            *ref.stride(),
+            *mask.stride(),
+            *ent.stride(),
+            advantages.stride(0),
+            float(beta),
+            float(eps_low),
+            float(eps_high),
+            float(dual_clip) if dual_clip is not None else 0.0,
+        ),
+        dict(
+            HAS_OLD=old_logp is not None,
+            HAS_REF=ref_logp is not None,
+            KL_IN_LOSS=beta != 0.0,
+            HAS_ENTROPY=entropy is not None,
+            KL=kl,
+            SEQUENCE=sequence,
+            ROW_NORM=row_norm,
+            DUAL_CLIP=dual_clip is not None,
+            WRITE_GRAD=write_grad,
+            SERIES=logp.dtype != torch.float64,
+            ACC=_acc_dtype(logp.dtype),
+            N_STATS_=N_STATS,
+            BLOCK_T=layout.block_t,
+        ),
         num_warps=4,
-    )
+    ).launch()
     return GrpoFwdOutputs(partials, dlogp)

@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from rlvr_fast.kernels.launch_plan import KernelLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -263,12 +264,15 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _default_splits(n: int, v: int, device: torch.device) -> int:
-    """Vocabulary splits so that about _PROGRAMS_PER_SM programs per SM run even for a few token blocks."""
+def _default_splits(n: int, v: int, device: torch.device, sm_count: int | None = None) -> int:
+    """Vocabulary splits so that about _PROGRAMS_PER_SM programs per SM run even for a few token blocks.
+
+    ``sm_count`` overrides the device's SM count (the ahead-of-time check plans for GPUs it does not have).
+    """
     if device.type != "cuda":
         return 1
     token_blocks = triton.cdiv(n, max(t[0] for t in GPU_TILES))
-    return triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device.index or 0), token_blocks)
+    return triton.cdiv(_PROGRAMS_PER_SM * (sm_count or _sm_count(device.index or 0)), token_blocks)
 
 
 def split_plan(v: int, splits: int) -> tuple[int, int]:
@@ -304,13 +308,19 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype in (torch.float32, torch.float64) else None
 
 
-def _launch_matmul(raw, tuned, grid, macs: int, *args, **kwargs) -> None:
+def _matmul_launch(raw, tuned, grid, macs: int, args: tuple, constexprs: dict) -> KernelLaunch:
     """The autotuned kernel for large problems on the GPU; the fixed SMALL_TILE otherwise."""
     if _INTERPRET or macs < _AUTOTUNE_MIN_MACS:
         cfg = _config(SMALL_TILE)
-        raw[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        tuned[grid](*args, **kwargs)
+        return KernelLaunch(
+            raw,
+            grid(cfg.kwargs),
+            args,
+            {**constexprs, **cfg.kwargs},
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return KernelLaunch(raw, grid, args, constexprs, autotuner=tuned)
 
 
 _fwd_tuned = triton.autotune(configs=_matmul_configs(), key=["V", "D", "HAS_ENTROPY"])(_token_logprobs_fwd_kernel)
@@ -338,46 +348,56 @@ def token_logprobs_fwd(
     acc = acc_dtype(hidden.dtype)
     per_split, n_splits = split_plan(v, splits or _default_splits(n, v, hidden.device))
     part = empty((4, n_splits, n), dtype=acc, device=hidden.device)
-    _launch_matmul(
+    _matmul_launch(
         _token_logprobs_fwd_kernel,
         _fwd_tuned,
         fwd_grid(n, n_splits),
         n * v * d,
-        hidden,
-        weight,
-        bias if bias is not None else hidden,
-        targets,
-        part,
-        n,
-        v,
-        d,
-        hidden.stride(0),
-        weight.stride(0),
-        inv_t,
-        per_split,
-        n_splits,
-        HAS_BIAS=bias is not None,
-        HAS_ENTROPY=with_entropy,
-        ACC=_ACC_DTYPES.get(acc, tl.float32),
-        UPCAST=_upcast_dots(hidden.device),
-        PRECISION=_dot_precision(hidden.dtype),
-    )
+        (
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            targets,
+            part,
+            n,
+            v,
+            d,
+            hidden.stride(0),
+            weight.stride(0),
+            inv_t,
+            per_split,
+            n_splits,
+        ),
+        dict(
+            HAS_BIAS=bias is not None,
+            HAS_ENTROPY=with_entropy,
+            ACC=_ACC_DTYPES.get(acc, tl.float32),
+            UPCAST=_upcast_dots(hidden.device),
+            PRECISION=_dot_precision(hidden.dtype),
+        ),
+    ).launch()
     logp = empty((n,), dtype=acc, device=hidden.device)
     entropy = empty((n,), dtype=acc, device=hidden.device) if with_entropy else None
     lse = empty((n,), dtype=acc, device=hidden.device)
     splits_p2 = triton.next_power_of_2(n_splits)
     rows = max(1, min(_COMBINE_ROWS, _COMBINE_TILE // splits_p2))  # a (splits, rows) tile of at most 8192 elements
-    _token_logprobs_combine_kernel[(triton.cdiv(n, rows),)](
-        part,
-        logp,
-        entropy if entropy is not None else logp,
-        lse,
-        n,
-        n_splits,
-        HAS_ENTROPY=with_entropy,
-        SPLITS_P2=splits_p2,
-        BLOCK_R=rows,
-    )
+    KernelLaunch(
+        _token_logprobs_combine_kernel,
+        (triton.cdiv(n, rows),),
+        (
+            part,
+            logp,
+            entropy if entropy is not None else logp,
+            lse,
+            n,
+            n_splits,
+        ),
+        dict(
+            HAS_ENTROPY=with_entropy,
+            SPLITS_P2=splits_p2,
+            BLOCK_R=rows,
+        ),
+    ).launch()
     return logp, entropy, lse
 
 
@@ -525,35 +545,39 @@ def token_logprobs_bwd(
     for v0 in range(0, v, c):
         width = min(c, v - v0)
         dz = dz_buf[: n * width].view(n, width)
-        _launch_matmul(
+        _matmul_launch(
             _token_logprobs_dlogits_kernel,
             _dlogits_tuned,
             dlogits_grid(n, width),
             n * v * d,
-            hidden,
-            weight,
-            bias if bias is not None else hidden,
-            targets,
-            lse,
-            entropy if entropy is not None else lse,
-            gl if gl is not None else lse,
-            ge if ge is not None else lse,
-            dz,
-            n,
-            d,
-            v0,
-            width,
-            hidden.stride(0),
-            weight.stride(0),
-            dz.stride(0),
-            inv_t,
-            HAS_BIAS=bias is not None,
-            HAS_G_LOGP=gl is not None,
-            HAS_G_ENT=ge is not None,
-            ACC=_ACC_DTYPES.get(acc, tl.float32),
-            UPCAST=upcast,
-            PRECISION=_dot_precision(hidden.dtype),
-        )
+            (
+                hidden,
+                weight,
+                bias if bias is not None else hidden,
+                targets,
+                lse,
+                entropy if entropy is not None else lse,
+                gl if gl is not None else lse,
+                ge if ge is not None else lse,
+                dz,
+                n,
+                d,
+                v0,
+                width,
+                hidden.stride(0),
+                weight.stride(0),
+                dz.stride(0),
+                inv_t,
+            ),
+            dict(
+                HAS_BIAS=bias is not None,
+                HAS_G_LOGP=gl is not None,
+                HAS_G_ENT=ge is not None,
+                ACC=_ACC_DTYPES.get(acc, tl.float32),
+                UPCAST=upcast,
+                PRECISION=_dot_precision(hidden.dtype),
+            ),
+        ).launch()
         w_c = weight[v0 : v0 + width]
         if dh is not None:
             _addmm_fp32(dh, dz, w_c, beta=0.0 if v0 == 0 else 1.0)
@@ -680,20 +704,26 @@ def logprobs_from_logits_fwd(
     logp = empty((n,), dtype=acc, device=logits.device)
     entropy = empty((n,), dtype=acc, device=logits.device) if with_entropy else None
     lse = empty((n,), dtype=acc, device=logits.device)
-    _logits_fwd_kernel[logits_fwd_grid(n)](
-        logits,
-        targets,
-        logp,
-        entropy if entropy is not None else logp,
-        lse,
-        v,
-        logits.stride(0),
-        inv_t,
-        ignore_index,
-        HAS_ENTROPY=with_entropy,
-        ACC=_ACC_DTYPES.get(acc, tl.float32),
-        BLOCK_V=_row_block(v, block_v),
-    )
+    KernelLaunch(
+        _logits_fwd_kernel,
+        logits_fwd_grid(n),
+        (
+            logits,
+            targets,
+            logp,
+            entropy if entropy is not None else logp,
+            lse,
+            v,
+            logits.stride(0),
+            inv_t,
+            ignore_index,
+        ),
+        dict(
+            HAS_ENTROPY=with_entropy,
+            ACC=_ACC_DTYPES.get(acc, tl.float32),
+            BLOCK_V=_row_block(v, block_v),
+        ),
+    ).launch()
     return logp, entropy, lse
 
 
@@ -717,21 +747,27 @@ def logprobs_from_logits_bwd(
     gl = None if g_logp is None else (g_logp.to(acc) * inv_t).contiguous()
     ge = None if g_ent is None else (g_ent.to(acc) * inv_t).contiguous()
     block = _row_block(v, block_v)
-    _logits_bwd_kernel[logits_bwd_grid(n, v, block)](
-        logits,
-        targets,
-        lse,
-        entropy if entropy is not None else lse,
-        gl if gl is not None else lse,
-        ge if ge is not None else lse,
-        dlogits,
-        v,
-        logits.stride(0),
-        inv_t,
-        ignore_index,
-        HAS_G_LOGP=gl is not None,
-        HAS_G_ENT=ge is not None,
-        ACC=_ACC_DTYPES.get(acc, tl.float32),
-        BLOCK_V=block,
-    )
+    KernelLaunch(
+        _logits_bwd_kernel,
+        logits_bwd_grid(n, v, block),
+        (
+            logits,
+            targets,
+            lse,
+            entropy if entropy is not None else lse,
+            gl if gl is not None else lse,
+            ge if ge is not None else lse,
+            dlogits,
+            v,
+            logits.stride(0),
+            inv_t,
+            ignore_index,
+        ),
+        dict(
+            HAS_G_LOGP=gl is not None,
+            HAS_G_ENT=ge is not None,
+            ACC=_ACC_DTYPES.get(acc, tl.float32),
+            BLOCK_V=block,
+        ),
+    ).launch()
     return dlogits

@@ -36,6 +36,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from rlvr_fast.kernels.launch_plan import KernelLaunch
 
 # Rows of the launch table. int64: entry_start, count, grad address, param address, dense flag.
 INT_ROWS = 5
@@ -301,22 +302,51 @@ def sparse_adamw_step(
     host[o1 : o1 + 4 * n].view(torch.int32).copy_(first_tile)
     host[o2:].view(torch.float32).copy_(hyper.reshape(-1))
     table = host.to(device, non_blocking=True) if device.type == "cuda" else host
+    launch = plan_sparse_adamw(
+        table[:o1].view(torch.int64),
+        table[o1 : o1 + 4 * n].view(torch.int32),
+        table[o2:].view(torch.float32),
+        indices,
+        exp_avg,
+        exp_avg_sq,
+        n_segments=n,
+        n_programs=n_programs,
+        param_dtype=dtype,
+        aligned=aligned,
+        entry_align=entry_align,
+    )
     # Triton launches on the current device: make it the state's
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _sparse_adamw_kernel[(n_programs,)](
-            table[:o1].view(torch.int64),
-            table[o1 : o1 + 4 * n].view(torch.int32),
-            table[o2:].view(torch.float32),
-            indices,
-            exp_avg,
-            exp_avg_sq,
-            n,
-            DTYPE=_TL_DTYPES[dtype],
-            PARAM_IS_BF16=dtype == torch.bfloat16,
+        launch.launch()
+
+
+def plan_sparse_adamw(
+    itab: torch.Tensor,
+    first_tile: torch.Tensor,
+    hyper: torch.Tensor,
+    indices: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    n_segments: int,
+    n_programs: int,
+    param_dtype: torch.dtype,
+    aligned: bool,
+    entry_align: int,
+) -> KernelLaunch:
+    """The launch ``sparse_adamw_step`` runs, from its device-side launch table (rows as in the module docstring)."""
+    return KernelLaunch(
+        _sparse_adamw_kernel,
+        (n_programs,),
+        (itab, first_tile, hyper, indices, exp_avg, exp_avg_sq, n_segments),
+        dict(
+            DTYPE=_TL_DTYPES[param_dtype],
+            PARAM_IS_BF16=param_dtype == torch.bfloat16,
             ALIGNED=aligned,
             BLOCK=BLOCK,
             ITERS=ITERS,
             SEARCH=SEARCH,
             ENTRY_ALIGN=entry_align,
-            num_warps=NUM_WARPS,
-        )
+        ),
+        num_warps=NUM_WARPS,
+    )
