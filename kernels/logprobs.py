@@ -47,16 +47,23 @@ _AUTOTUNE_MIN_MACS = 1 << 34
 _DZ_BUFFER_ELEMENTS = 1 << 24
 _MIN_DZ_CHUNK = 1024
 # logits-input kernels: columns per loop step (TRL's near-floor choice). Combine kernel: rows per program, and the
-# most partials one program holds (many splits, e.g. for N = 1, mean fewer rows per program).
+# most partials one program holds (many splits, e.g. for N = 1, mean fewer rows per program). The combine keeps six
+# (splits, rows) tiles live: 1024 elements over 4 warps is 8 per thread per tile, no spill; 8192 spilled ~10 KB and
+# 2048 a few bytes on sm_80 (kernels/check/aot_compile.py).
 _ROW_BLOCK_V = 1024
 _COMBINE_ROWS = 128
-_COMBINE_TILE = 8192
+_COMBINE_TILE = 1024
 
 
-# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) raced by the autotuner on H100-class GPUs: the largest tile
-# (128 x 256) has the best arithmetic intensity, but the online-softmax epilogue's extra registers may push it into
-# spills, so smaller tiles stay in the race.
-GPU_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
+# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) raced by the autotuner on the GPU. Half-precision inputs
+# (tensor-core dots): the largest tile without register spills on sm_80 and sm_90 has the best arithmetic intensity;
+# 128 x 256 (8 warps) spills 150-270 bytes per thread in the online-softmax epilogue and 128 x 128 with 4 warps holds
+# 128 accumulators per thread, so neither is raced (kernels/check/aot_compile.py compiles every config for both).
+GPU_TILES = [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+# fp32 / fp64 inputs multiply exactly ("ieee": FMA dots, no tensor cores), which keeps operand fragments in registers
+# too: smaller tiles, shallower pipelines (fp32 128 x 256 x 64 in 3 stages needs 192 KiB of shared memory, over sm_80's
+# 163 KiB, and spilled 2.7 KB per thread).
+GPU_TILES_EXACT = [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2), (128, 64, 32, 8, 2)]
 # The one tile of small problems (and of the interpreter, where autotuning with several configs does not run).
 SMALL_TILE = (32, 64, 32, 4, 1) if _INTERPRET else (64, 64, 32, 4, 3)
 
@@ -66,8 +73,13 @@ def _config(tile) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
 
 
-def _matmul_configs() -> list[triton.Config]:
-    return [_config(SMALL_TILE)] if _INTERPRET else [_config(t) for t in GPU_TILES]
+def _matmul_configs(tiles) -> list[triton.Config]:
+    return [_config(SMALL_TILE)] if _INTERPRET else [_config(t) for t in tiles]
+
+
+def _exact_dots(dtype: torch.dtype) -> bool:
+    """fp32 / fp64 operands multiply exactly (FMA dots, GPU_TILES_EXACT); half types on tensor cores (GPU_TILES)."""
+    return dtype in (torch.float32, torch.float64)
 
 
 _ACC_DTYPES = {torch.float64: tl.float64}  # everything else accumulates in fp32
@@ -305,7 +317,7 @@ def _upcast_dots(device: torch.device) -> bool:
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
     """fp32 / fp64 operands multiply exactly (no TF32, like torch's default fp32 matmul); half types use the default."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
+    return "ieee" if _exact_dots(dtype) else None
 
 
 def _matmul_launch(raw, tuned, grid, macs: int, args: tuple, constexprs: dict) -> KernelLaunch:
@@ -323,7 +335,13 @@ def _matmul_launch(raw, tuned, grid, macs: int, args: tuple, constexprs: dict) -
     return KernelLaunch(raw, grid, args, constexprs, autotuner=tuned)
 
 
-_fwd_tuned = triton.autotune(configs=_matmul_configs(), key=["V", "D", "HAS_ENTROPY"])(_token_logprobs_fwd_kernel)
+# one autotuner per dot kind (keyed by _exact_dots), each racing its own tile list
+_fwd_tuned = {
+    exact: triton.autotune(
+        configs=_matmul_configs(GPU_TILES_EXACT if exact else GPU_TILES), key=["V", "D", "HAS_ENTROPY"]
+    )(_token_logprobs_fwd_kernel)
+    for exact in (False, True)
+}
 
 
 def token_logprobs_fwd(
@@ -350,7 +368,7 @@ def token_logprobs_fwd(
     part = empty((4, n_splits, n), dtype=acc, device=hidden.device)
     _matmul_launch(
         _token_logprobs_fwd_kernel,
-        _fwd_tuned,
+        _fwd_tuned[_exact_dots(hidden.dtype)],
         fwd_grid(n, n_splits),
         n * v * d,
         (
@@ -380,7 +398,8 @@ def token_logprobs_fwd(
     entropy = empty((n,), dtype=acc, device=hidden.device) if with_entropy else None
     lse = empty((n,), dtype=acc, device=hidden.device)
     splits_p2 = triton.next_power_of_2(n_splits)
-    rows = max(1, min(_COMBINE_ROWS, _COMBINE_TILE // splits_p2))  # a (splits, rows) tile of at most 8192 elements
+    # a (splits, rows) tile of at most _COMBINE_TILE elements
+    rows = max(1, min(_COMBINE_ROWS, _COMBINE_TILE // splits_p2))
     KernelLaunch(
         _token_logprobs_combine_kernel,
         (triton.cdiv(n, rows),),
@@ -480,7 +499,12 @@ def _token_logprobs_dlogits_kernel(
 
 # Keyed on D (and the dtypes) only: N changes every step and the chunk width with it, a retune each time would cost
 # more than it gains.
-_dlogits_tuned = triton.autotune(configs=_matmul_configs(), key=["D", "HAS_G_ENT"])(_token_logprobs_dlogits_kernel)
+_dlogits_tuned = {
+    exact: triton.autotune(configs=_matmul_configs(GPU_TILES_EXACT if exact else GPU_TILES), key=["D", "HAS_G_ENT"])(
+        _token_logprobs_dlogits_kernel
+    )
+    for exact in (False, True)
+}
 
 
 def _dz_chunk(n: int, v: int) -> int:
@@ -547,7 +571,7 @@ def token_logprobs_bwd(
         dz = dz_buf[: n * width].view(n, width)
         _matmul_launch(
             _token_logprobs_dlogits_kernel,
-            _dlogits_tuned,
+            _dlogits_tuned[_exact_dots(hidden.dtype)],
             dlogits_grid(n, width),
             n * v * d,
             (

@@ -581,7 +581,7 @@ def test_grids_stay_within_cuda_limits(n, v):
     import rlvr_fast.kernels.logprobs as k
 
     grids = []
-    for bn, bv, bd, *_ in [*k.GPU_TILES, k.SMALL_TILE]:
+    for bn, bv, bd, *_ in [*k.GPU_TILES, *k.GPU_TILES_EXACT, k.SMALL_TILE]:
         meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}
         for splits in (1, 64, 10**9):  # a request far beyond V still yields at most cdiv(V, granule) splits
             per_split, n_splits = k.split_plan(v, splits)
