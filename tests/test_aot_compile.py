@@ -120,3 +120,27 @@ def test_committed_table_covers_every_kernel_on_both_targets():
         assert "error" not in r, r
         assert r["spill_stores"] + r["spill_loads"] <= data["spill_limit_bytes"], r
         assert r["shared_bytes"] <= data["targets"][r["target"]]["shared_limit"], r
+
+
+def test_record_launches_records_instead_of_running_and_the_plan_runs_as_the_launcher():
+    """A launcher inside record_launches() returns without running its kernel; the recorded plan, launched, computes
+    exactly what the launcher computes."""
+    import torch
+    from rlvr_fast.kernels import group_advantage as k
+    from rlvr_fast.kernels.launch_plan import record_launches
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0, 2.0])
+    kwargs = dict(n_groups=3, group_size=3, estimator=k.GRPO, scale=k.SCALE_GROUP, sample_mode=k.SAMPLE_ALL)
+    with record_launches() as recorded:
+        out = k.group_advantage_fwd(rewards, None, **kwargs, eps=1e-6, lam=0.1, out=k.empty_outputs(3, 3, "cpu"))
+    assert out.flags.abs().sum() == 0  # zeros as allocated: the kernel did not run
+    (launch,) = recorded
+    assert launch.name == "_group_advantage_fwd_kernel" and launch.num_warps == 4
+    assert launch.constexprs["BLOCK_G"] == 4 and launch.constexprs["HAS_CORRECT"] is False
+    (variant,) = launch.variants()
+    assert variant.config == "fixed" and variant.constexprs == dict(launch.constexprs)
+    launch.launch()
+    expected = k.group_advantage_fwd(rewards, None, **kwargs, eps=1e-6, lam=0.1)
+    torch.testing.assert_close(out.advantages, expected.advantages, rtol=0, atol=0)
+    torch.testing.assert_close(out.flags, expected.flags, rtol=0, atol=0)
+    assert out.flags[0].tolist() == [0, 1, 0]  # the all-equal group
