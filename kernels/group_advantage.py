@@ -26,6 +26,10 @@ SCALE_GROUP, SCALE_BATCH, SCALE_NONE = range(3)
 SAMPLE_ALL, SAMPLE_POSITIVE, SAMPLE_NEGATIVE = range(3)
 
 _TILE_ELEMENTS = 4096  # elements per program's tile: enough rows to amortise a program, small enough for registers
+# Groups per program at most: each group keeps ~10 per-row values (mean, std, min, max, counts, flags) live beside the
+# tile, so rows cost registers too. 2048 rows of 2 spilled 1-1.4 KB per thread on sm_80 / sm_90 (with scale="batch");
+# 256 rows is 2 per thread with 4 warps (kernels/check/aot_compile.py).
+_MAX_BLOCK_GROUPS = 256
 _BATCH_BLOCK = 1024  # chunk of the batch-wide reduction for scale="batch"
 
 
@@ -219,7 +223,7 @@ def plan_group_advantage_fwd(
 ) -> KernelLaunch:
     """The launch ``group_advantage_fwd`` runs (tile sizes chosen here), without running it."""
     block_g = triton.next_power_of_2(group_size)
-    block_groups = max(1, min(_TILE_ELEMENTS // block_g, triton.next_power_of_2(n_groups)))
+    block_groups = max(1, min(_TILE_ELEMENTS // block_g, _MAX_BLOCK_GROUPS, triton.next_power_of_2(n_groups)))
     grid = (triton.cdiv(n_groups, block_groups),)
     return KernelLaunch(
         _group_advantage_fwd_kernel,

@@ -152,7 +152,7 @@ def _group_advantage(target: Target) -> Iterator[None]:
         correct=[True, False],
         dtype=[torch.float32, torch.bfloat16],
     )
-    shapes = [dict(groups=g, size=s) for g, s in [(4096, 2), (1024, 64), (7, 16)]]
+    shapes = [dict(groups=g, size=s) for g, s in [(4096, 2), (4096, 16), (1024, 64), (7, 16)]]
     for c in _grid(covering(base, branches), shapes):
         n = c["groups"] * c["size"]
         out = k.empty_outputs(c["groups"], c["size"], torch.device("cuda"))
