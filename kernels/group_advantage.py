@@ -78,8 +78,10 @@ def _group_advantage_fwd_kernel(
     # any finite reward; the reference's _sample_std does the same).
     top = tl.max(tl.abs(dev), axis=1)
     safe = tl.where(top > 0.0, top, 1.0)
-    x = dev / safe[:, None]
-    std = tl.where(top > 0.0, safe * tl.sqrt(tl.sum(x * x, axis=1) / tl.maximum(count - 1.0, 1.0)), 0.0)
+    # not named x: the scale='batch' loops below reuse x for (BATCH_BLOCK,) chunks, and a compiled loop-carried
+    # variable may not change shape (the interpreter does not notice)
+    scaled = dev / safe[:, None]
+    std = tl.where(top > 0.0, safe * tl.sqrt(tl.sum(scaled * scaled, axis=1) / tl.maximum(count - 1.0, 1.0)), 0.0)
     r_max = tl.max(tl.where(valid, r, -float("inf")), axis=1)
     r_min = tl.min(tl.where(valid, r, float("inf")), axis=1)
     all_equal = (r_max == r_min) | (count < 2.0)
@@ -223,7 +225,9 @@ def plan_group_advantage_fwd(
 ) -> KernelLaunch:
     """The launch ``group_advantage_fwd`` runs (tile sizes chosen here), without running it."""
     block_g = triton.next_power_of_2(group_size)
-    block_groups = max(1, min(_TILE_ELEMENTS // block_g, _MAX_BLOCK_GROUPS, triton.next_power_of_2(n_groups)))
+    # float64 rewards (IS_F64) take two registers per element: half the tile (4096 fp64 elements spilled 144-284 B)
+    tile = _TILE_ELEMENTS // 2 if rewards.dtype == torch.float64 else _TILE_ELEMENTS
+    block_groups = max(1, min(tile // block_g, _MAX_BLOCK_GROUPS, triton.next_power_of_2(n_groups)))
     grid = (triton.cdiv(n_groups, block_groups),)
     return KernelLaunch(
         _group_advantage_fwd_kernel,

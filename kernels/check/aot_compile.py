@@ -145,12 +145,12 @@ def _group_advantage(target: Target) -> Iterator[None]:
         (k.NSR, k.SCALE_NONE),
         (k.W_REINFORCE, k.SCALE_NONE),
     ]
-    base = dict(estimator=estimators[0], sample_mode=k.SAMPLE_ALL, correct=True, dtype=torch.float32)
+    base = dict(estimator=estimators[1], sample_mode=k.SAMPLE_ALL, correct=True, dtype=torch.float32)
     branches = dict(
         estimator=estimators,
         sample_mode=[k.SAMPLE_ALL, k.SAMPLE_POSITIVE, k.SAMPLE_NEGATIVE],
         correct=[True, False],
-        dtype=[torch.float32, torch.bfloat16],
+        dtype=[torch.float32, torch.bfloat16, torch.float64],
     )
     shapes = [dict(groups=g, size=s) for g, s in [(4096, 2), (4096, 16), (1024, 64), (7, 16)]]
     for c in _grid(covering(base, branches), shapes):
