@@ -11,6 +11,13 @@ from __future__ import annotations
 # Hugging Face's cross-entropy convention).
 IGNORE_INDEX = -100
 
+# Advantage estimator, scale and sample-mode codes (rlvr_fast.ops.group_advantage's ESTIMATORS ``code``, SCALES and
+# SAMPLE_MODE_CODES; the group-advantage kernel's constexprs; csrc/ switches on the same numbers). The centred
+# estimators come first: ADV_RLOO is the last of them.
+ADV_GRPO, ADV_DR_GRPO, ADV_RLOO, ADV_PSR, ADV_NSR, ADV_W_REINFORCE = range(6)
+SCALE_GROUP, SCALE_BATCH, SCALE_NONE = range(3)
+SAMPLE_ALL, SAMPLE_POSITIVE_ONLY, SAMPLE_NEGATIVE_ONLY = range(3)
+
 # KL estimator codes (the ``code`` of rlvr_fast.ops.loss_types.KL_ESTIMATORS rows; the kernels' ``KL`` constexpr).
 KL_K1, KL_K2, KL_K3, KL_LOW_VAR = range(4)
 
