@@ -158,7 +158,7 @@ def _token_terms_kernel(
     row_ptr,  # (n,) int, the completion of each token
     adv_ptr,  # (B,) advantages
     row_coef_ptr,  # (B,) 1 / max(W_b, 1) (read with ROW_NORM)
-    seq_lr_ptr,  # (B,) GSPO: the completion's masked mean log-ratio (read with SEQUENCE)
+    seq_log_ratio_ptr,  # (B,) GSPO: the completion's masked mean log-ratio (read with SEQUENCE)
     pg_scale_ptr,  # (B,) GSPO: W_b / max(W_b, 1) (read with SEQUENCE)
     ent_ptr,  # (n,) entropies (read with HAS_ENTROPY)
     g_ptr,  # (n,) ACC out: m_t c_b d l_t / d logp_t
@@ -194,7 +194,7 @@ def _token_terms_kernel(
     else:
         ref = logp
     if SEQUENCE:
-        log_ratio = tl.load(seq_lr_ptr + row, mask=active, other=0.0).to(ACC)
+        log_ratio = tl.load(seq_log_ratio_ptr + row, mask=active, other=0.0).to(ACC)
         pg_grad_scale = tl.load(pg_scale_ptr + row, mask=active, other=0.0).to(ACC)
     else:
         if HAS_OLD:
