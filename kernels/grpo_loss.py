@@ -412,7 +412,7 @@ def grpo_row_stats(
 ) -> torch.Tensor:
     """(B, 2) per completion: [sum_t m, sum_t m (logp - old)] (the second column is 0 unless ``sequence``)."""
     B, T = logp.shape
-    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logp.dtype)
     partial = torch.empty(B, layout.n_chunks, 2, dtype=acc, device=logp.device)
     old = old_logp if old_logp is not None else logp
     _grpo_row_stats_kernel[layout.grid](
@@ -467,7 +467,7 @@ def grpo_loss_fwd(
     """
     B, T = logp.shape
     layout = grpo_layout(B, T, interpreted=logp.device.type == "cpu", block_t=block_t)
-    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logp.dtype)
     row_stats = (
         grpo_row_stats(logp, old_logp, mask, sequence=sequence, layout=layout) if (row_norm or sequence) else None
     )

@@ -22,7 +22,8 @@ PACKAGE_DIRS = {
     "rlvr_fast": Path(rlvr_fast.__file__).parent,
     "rlvr_fast.kernels": Path(rlvr_fast.__file__).parent.parent / "kernels",  # installed as rlvr_fast.kernels
 }
-OPTIONAL_IMPORTS = {"rlvr_fast.integrations.trl": "trl"}  # modules that need an extra to import
+# modules that need an extra to import
+OPTIONAL_IMPORTS = {"rlvr_fast.integrations.trl": "trl", "rlvr_fast.integrations.verl_plugin": "verl"}
 
 
 def _module_files() -> dict[str, Path]:
