@@ -5,11 +5,11 @@ with fp32 output (never rounded to bf16: a rounded logit moves logp, and with it
 these kernels then do everything between that GEMM and the two gradient GEMMs, reading the chunk's logits twice:
 
 1. ``_row_stats_kernel``: each program streams ROWS rows (one on a GPU) over the vocabulary, folding (z + bias) * inv_t
-   into the online max / sum / entropy accumulator (``_online_fold``, shared with the log-prob gather), and writes logp,
+   into the online max / sum / entropy accumulator (``online_fold``, shared with the log-prob gather), and writes logp,
    lse and the entropy of each token.
 2. ``_token_terms_kernel``: per token, the GRPO-family loss term and d loss / d logp (``grpo_token_terms``, shared with
    ``grpo_loss``) times the token's mask weight and its loss type's row coefficient, plus per-program partial sums of
-   the loss and the metrics (the STAT_* columns of rlvr_fast.kernels.grpo_loss). O(n) work.
+   the loss and the metrics (the STAT_* columns of rlvr_fast.ops.constants). O(n) work.
 3. ``_dlogits_kernel``: dz = g (1[v = target] - softmax(z)_v), written in the GEMM dtype (bf16 for bf16 inputs) for the
    GEMMs dhidden = dz @ W and dweight += dz^T @ h_c that follow in cuBLAS with fp32 accumulation.
 
@@ -29,9 +29,23 @@ import os
 import torch
 import triton
 import triton.language as tl
-from rlvr_fast.kernels.grpo_loss import N_STATS, grpo_token_terms
+from rlvr_fast.kernels.grpo_loss import (
+    C_STAT_CLIP_HIGH,
+    C_STAT_CLIP_LOW,
+    C_STAT_DUAL_CLIP,
+    C_STAT_ENTROPY,
+    C_STAT_KL,
+    C_STAT_LOSS,
+    C_STAT_RATIO,
+    C_STAT_SKIPPED,
+    C_STAT_TOKENS,
+    grpo_token_terms,
+)
 from rlvr_fast.kernels.launch_plan import KernelLaunch
-from rlvr_fast.kernels.logprobs import _online_fold, acc_dtype
+from rlvr_fast.kernels.logprobs import online_fold
+
+from rlvr_fast.ops.checks import accumulation_dtype
+from rlvr_fast.ops.constants import N_STATS
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Columns per loop step of the row kernels: wide enough that each program streams whole cache lines at full
@@ -46,7 +60,7 @@ _ACC = {torch.float64: tl.float64}
 
 
 def _acc_tl(dtype: torch.dtype):
-    return _ACC.get(acc_dtype(dtype), tl.float32)
+    return _ACC.get(accumulation_dtype(dtype), tl.float32)
 
 
 @triton.jit(do_not_specialize=["n", "V"])
@@ -83,7 +97,7 @@ def _row_stats_kernel(
         x = x.to(ACC)
         if HAS_BIAS:
             x += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(ACC)[None, :]
-        m, s, a = _online_fold(x * inv_t, ok[None, :], m, s, a, HAS_ENTROPY, 1)
+        m, s, a = online_fold(x * inv_t, ok[None, :], m, s, a, HAS_ENTROPY, 1)
     # the target's logit through exactly the operations of the loop, so that z_t <= m and logp <= 0
     picked = has_target & row_ok
     safe_tgt = tl.where(picked, tgt, 0)
@@ -145,7 +159,7 @@ def _token_terms_kernel(
     row_ptr,  # (n,) int, the completion of each token
     adv_ptr,  # (B,) advantages
     row_coef_ptr,  # (B,) 1 / max(W_b, 1) (read with ROW_NORM)
-    seq_lr_ptr,  # (B,) GSPO: the completion's masked mean log-ratio (read with SEQUENCE)
+    seq_log_ratio_ptr,  # (B,) GSPO: the completion's masked mean log-ratio (read with SEQUENCE)
     pg_scale_ptr,  # (B,) GSPO: W_b / max(W_b, 1) (read with SEQUENCE)
     ent_ptr,  # (n,) entropies (read with HAS_ENTROPY)
     g_ptr,  # (n,) ACC out: m_t c_b d l_t / d logp_t
@@ -181,7 +195,7 @@ def _token_terms_kernel(
     else:
         ref = logp
     if SEQUENCE:
-        log_ratio = tl.load(seq_lr_ptr + row, mask=active, other=0.0).to(ACC)
+        log_ratio = tl.load(seq_log_ratio_ptr + row, mask=active, other=0.0).to(ACC)
         pg_grad_scale = tl.load(pg_scale_ptr + row, mask=active, other=0.0).to(ACC)
     else:
         if HAS_OLD:
@@ -215,20 +229,20 @@ def _token_terms_kernel(
     tl.store(g_ptr + i, tl.where(active, coef * dlogp, zero), mask=ok)
 
     out = partial_ptr + pid * N_STATS_
-    # columns in the order of rlvr_fast.kernels.grpo_loss.STAT_* (jit code cannot read non-constexpr globals)
-    tl.store(out + 0, tl.sum(tl.where(active, coef * loss, zero), axis=0))  # STAT_LOSS
-    tl.store(out + 1, tl.sum(tl.where(active, w * kl, zero), axis=0))  # STAT_KL
-    tl.store(out + 2, tl.sum(tl.where(active, w * ratio, zero), axis=0))  # STAT_RATIO
-    if HAS_ENTROPY:  # STAT_ENTROPY
+    # one column per STAT_* constant (rlvr_fast.ops.constants, wrapped as constexpr in kernels.grpo_loss)
+    tl.store(out + C_STAT_LOSS, tl.sum(tl.where(active, coef * loss, zero), axis=0))
+    tl.store(out + C_STAT_KL, tl.sum(tl.where(active, w * kl, zero), axis=0))
+    tl.store(out + C_STAT_RATIO, tl.sum(tl.where(active, w * ratio, zero), axis=0))
+    if HAS_ENTROPY:
         ent = tl.load(ent_ptr + i, mask=active, other=0.0).to(ACC)
-        tl.store(out + 3, tl.sum(tl.where(active, w * ent, zero), axis=0))
+        tl.store(out + C_STAT_ENTROPY, tl.sum(tl.where(active, w * ent, zero), axis=0))
     else:
-        tl.store(out + 3, tl.sum(zero, axis=0))
-    tl.store(out + 4, tl.sum(tl.where(active & low, w, zero), axis=0))  # STAT_CLIP_LOW
-    tl.store(out + 5, tl.sum(tl.where(active & high, w, zero), axis=0))  # STAT_CLIP_HIGH
-    tl.store(out + 6, tl.sum(tl.where(active & dual, w, zero), axis=0))  # STAT_DUAL_CLIP
-    tl.store(out + 7, tl.sum(tl.where(active, w, zero), axis=0))  # STAT_TOKENS (the tokens evaluated here)
-    tl.store(out + 8, tl.sum(zero, axis=0))  # STAT_SKIPPED: counted by the op, which decides what to skip
+        tl.store(out + C_STAT_ENTROPY, tl.sum(zero, axis=0))
+    tl.store(out + C_STAT_CLIP_LOW, tl.sum(tl.where(active & low, w, zero), axis=0))
+    tl.store(out + C_STAT_CLIP_HIGH, tl.sum(tl.where(active & high, w, zero), axis=0))
+    tl.store(out + C_STAT_DUAL_CLIP, tl.sum(tl.where(active & dual, w, zero), axis=0))
+    tl.store(out + C_STAT_TOKENS, tl.sum(tl.where(active, w, zero), axis=0))  # (the tokens evaluated here)
+    tl.store(out + C_STAT_SKIPPED, tl.sum(zero, axis=0))  # counted by the op, which decides what to skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,7 +282,7 @@ def chunk_row_stats(
     softmax((z + bias) * inv_t). z: (n, V) with unit column stride; targets: (n,) int, negative for no target;
     n >= 1."""
     n, v = z.shape
-    acc = acc_dtype(z.dtype)
+    acc = accumulation_dtype(z.dtype)
     logp = empty((n,), dtype=acc, device=z.device)
     lse = empty((n,), dtype=acc, device=z.device)
     entropy = empty((n,), dtype=acc, device=z.device) if with_entropy else None
@@ -368,7 +382,7 @@ def token_terms(
     ``pg_scale`` switch on GSPO's sequence-level ratio; ``old`` None means on-policy.
     """
     n = logp.shape[0]
-    acc = acc_dtype(logp.dtype)
+    acc = accumulation_dtype(logp.dtype)
     grid = terms_grid(n)
     g = empty((n,), dtype=acc, device=logp.device)
     partials = empty((grid[0], N_STATS), dtype=acc, device=logp.device)

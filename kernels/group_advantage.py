@@ -5,8 +5,7 @@ reductions (mean, Bessel std, min/max for the all-equal test, solve rate) are ro
 scale="batch" every program first reduces the whole batch itself (two passes, sum then squared deviations): the batch
 holds at most a few hundred thousand rewards, so the redundant reads cost microseconds and save a second launch.
 
-The codes below are the ``code`` fields of ``rlvr_fast.ops.group_advantage.ESTIMATORS`` / ``SCALES`` /
-``SAMPLE_MODE_CODES`` (a test checks they agree); kernels import nothing from the package above them.
+The estimator, scale and sample-mode codes come from ``rlvr_fast.ops.constants`` (Triton-free), as the op's do.
 """
 
 from __future__ import annotations
@@ -18,12 +17,28 @@ import triton
 import triton.language as tl
 from rlvr_fast.kernels.launch_plan import KernelLaunch
 
-# estimator codes
-GRPO, DR_GRPO, RLOO, PSR, NSR, W_REINFORCE = range(6)
-# scale codes
-SCALE_GROUP, SCALE_BATCH, SCALE_NONE = range(3)
-# sample mode codes
-SAMPLE_ALL, SAMPLE_POSITIVE, SAMPLE_NEGATIVE = range(3)
+from rlvr_fast.ops.constants import (
+    ADV_DR_GRPO,
+    ADV_GRPO,
+    ADV_NSR,
+    ADV_PSR,
+    ADV_RLOO,
+    SAMPLE_NEGATIVE_ONLY,
+    SAMPLE_POSITIVE_ONLY,
+    SCALE_BATCH,
+    SCALE_GROUP,
+)
+
+# @triton.jit code reads only tl.constexpr globals: the shared codes, wrapped
+C_GRPO = tl.constexpr(ADV_GRPO)
+C_DR_GRPO = tl.constexpr(ADV_DR_GRPO)
+C_RLOO = tl.constexpr(ADV_RLOO)
+C_PSR = tl.constexpr(ADV_PSR)
+C_NSR = tl.constexpr(ADV_NSR)
+C_SCALE_GROUP = tl.constexpr(SCALE_GROUP)
+C_SCALE_BATCH = tl.constexpr(SCALE_BATCH)
+C_SAMPLE_POSITIVE = tl.constexpr(SAMPLE_POSITIVE_ONLY)
+C_SAMPLE_NEGATIVE = tl.constexpr(SAMPLE_NEGATIVE_ONLY)
 
 _TILE_ELEMENTS = 4096  # elements per program's tile: enough rows to amortise a program, small enough for registers
 # Groups per program at most: each group keeps ~10 per-row values (mean, std, min, max, counts, flags) live beside the
@@ -94,10 +109,10 @@ def _group_advantage_fwd_kernel(
         c = tl.zeros([BLOCK_GROUPS, BLOCK_G], dtype=tl.float32)
         n_correct = tl.zeros([BLOCK_GROUPS], dtype=tl.float32)
 
-    if ESTIMATOR == 0:  # grpo
-        if SCALE == 0:
+    if ESTIMATOR == C_GRPO:
+        if SCALE == C_SCALE_GROUP:
             adv = dev / (std[:, None] + eps)
-        elif SCALE == 1:
+        elif SCALE == C_SCALE_BATCH:
             total = tl.zeros([BATCH_BLOCK], dtype=r.dtype)
             n_total = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
             n_all = n_groups * group_size
@@ -129,22 +144,22 @@ def _group_advantage_fwd_kernel(
             adv = dev / (batch_std + eps)
         else:
             adv = dev
-    elif ESTIMATOR == 1:  # dr_grpo
+    elif ESTIMATOR == C_DR_GRPO:
         adv = dev
-    elif ESTIMATOR == 2:  # rloo: r_i - mean_{j != i} = n/(n-1) (r_i - mean)
+    elif ESTIMATOR == C_RLOO:  # r_i - mean_{j != i} = n/(n-1) (r_i - mean)
         adv = dev * (count / tl.maximum(count - 1.0, 1.0))[:, None]
-    elif ESTIMATOR == 3:  # psr
+    elif ESTIMATOR == C_PSR:
         adv = c
-    elif ESTIMATOR == 4:  # nsr
+    elif ESTIMATOR == C_NSR:
         adv = c - 1.0
     else:  # w_reinforce
         adv = tl.where(c > 0.5, lam, -1.0)
 
-    if ESTIMATOR <= 2:  # centred estimators: a group with nothing to compare gets exactly 0
+    if ESTIMATOR <= C_RLOO:  # centred estimators (grpo, dr_grpo, rloo): a group with nothing to compare gets exactly 0
         adv = tl.where(all_equal[:, None], 0.0, adv)
-    if SAMPLE_MODE == 1:
+    if SAMPLE_MODE == C_SAMPLE_POSITIVE:
         adv = tl.maximum(adv, 0.0)
-    elif SAMPLE_MODE == 2:
+    elif SAMPLE_MODE == C_SAMPLE_NEGATIVE:
         adv = tl.minimum(adv, 0.0)
     adv = tl.where(valid, adv, 0.0)
 

@@ -17,7 +17,7 @@ Reusable pieces (phase 2's fused-linear kernel computes logp itself and then app
 - ``grpo_policy_term(log_ratio, adv, ...)``: clipped surrogate, its derivative in log_ratio, clip flags.
 - ``grpo_kl_term(logp, ref_logp, KL)``: the KL estimate and its derivative in logp.
 - ``grpo_token_terms(...)``: both combined into the token loss and d(token loss)/d logp per unit mask weight.
-Codes below equal ``rlvr_fast.ops.loss_types`` ``code`` fields (a test checks it); kernels import nothing above them.
+Codes, statistics columns and clamps come from ``rlvr_fast.ops.constants`` (Triton-free), as the ops' do.
 """
 
 from __future__ import annotations
@@ -29,28 +29,42 @@ import triton
 import triton.language as tl
 from rlvr_fast.kernels.launch_plan import KernelLaunch
 
-# KL estimator codes (rlvr_fast.ops.loss_types.KL_ESTIMATORS)
-KL_K1, KL_K2, KL_K3, KL_LOW_VAR = range(4)
-# importance-sampling level codes (rlvr_fast.ops.loss_types.IS_LEVELS)
-IS_TOKEN, IS_SEQUENCE = range(2)
-
-# Columns of the per-program partial sums. LOSS holds sum m * c_b * l (c_b = 1 / max(sum_t m, 1) for per-sequence
-# loss types, else 1); the others are plain mask-weighted sums over active tokens.
-(
-    STAT_LOSS,
-    STAT_KL,
-    STAT_RATIO,
-    STAT_ENTROPY,
-    STAT_CLIP_LOW,
+from rlvr_fast.ops.checks import accumulation_dtype
+from rlvr_fast.ops.constants import (
+    KL_K1,
+    KL_K2,
+    KL_K3,
+    LOW_VAR_KL_D_CLAMP,
+    LOW_VAR_KL_VALUE_CLAMP,
+    N_STATS,
     STAT_CLIP_HIGH,
+    STAT_CLIP_LOW,
     STAT_DUAL_CLIP,
-    STAT_TOKENS,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_LOSS,
+    STAT_RATIO,
     STAT_SKIPPED,
-) = range(9)
-N_STATS = 9
+    STAT_TOKENS,
+)
 
-LOW_VAR_KL_D_CLAMP = 20.0  # verl's kl_penalty("low_var_kl"): d clamped to [-20, 20] ...
-LOW_VAR_KL_VALUE_CLAMP = 10.0  # ... and the estimate to [-10, 10]
+# @triton.jit code reads only tl.constexpr globals: the shared constants (rlvr_fast.ops.constants), wrapped once here
+# and imported by the fused-linear kernels too.
+C_KL_K1 = tl.constexpr(KL_K1)
+C_KL_K2 = tl.constexpr(KL_K2)
+C_KL_K3 = tl.constexpr(KL_K3)
+C_D_CLAMP = tl.constexpr(LOW_VAR_KL_D_CLAMP)
+C_VALUE_CLAMP = tl.constexpr(LOW_VAR_KL_VALUE_CLAMP)
+C_STAT_LOSS = tl.constexpr(STAT_LOSS)
+C_STAT_KL = tl.constexpr(STAT_KL)
+C_STAT_RATIO = tl.constexpr(STAT_RATIO)
+C_STAT_ENTROPY = tl.constexpr(STAT_ENTROPY)
+C_STAT_CLIP_LOW = tl.constexpr(STAT_CLIP_LOW)
+C_STAT_CLIP_HIGH = tl.constexpr(STAT_CLIP_HIGH)
+C_STAT_DUAL_CLIP = tl.constexpr(STAT_DUAL_CLIP)
+C_STAT_TOKENS = tl.constexpr(STAT_TOKENS)
+C_STAT_SKIPPED = tl.constexpr(STAT_SKIPPED)
+_TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
 _MAX_BLOCK_T = 1024  # tokens per program on a GPU: 4 warps x 8 elements per thread, registers to spare
 _MAX_BLOCK_T_INTERPRETED = 4096  # the interpreter pays per program, not per element
@@ -143,20 +157,20 @@ def grpo_kl_term(logp, ref_logp, KL: tl.constexpr, SERIES: tl.constexpr):
     gradient where a clamp is active, and at NaN, exactly like torch.clamp's backward).
     """
     d = ref_logp - logp
-    if KL == 0:
+    if KL == C_KL_K1:
         kl = -d
         dkl = tl.zeros_like(d) + 1.0
-    elif KL == 1:
+    elif KL == C_KL_K2:
         kl = 0.5 * d * d
         dkl = -d
-    elif KL == 2:
+    elif KL == C_KL_K3:
         kl = _expm1_minus_x(d, SERIES)
         dkl = -_expm1(d, SERIES)
-    else:
-        dc = tl.where(d > 20.0, 20.0, tl.where(d < -20.0, -20.0, d))  # keeps NaN (tl.clamp may not)
+    else:  # KL_LOW_VAR
+        dc = tl.where(d > C_D_CLAMP, C_D_CLAMP, tl.where(d < -C_D_CLAMP, -C_D_CLAMP, d))  # keeps NaN (tl.clamp may not)
         k = _expm1_minus_x(dc, SERIES)
-        passes = (d >= -20.0) & (d <= 20.0) & (k <= 10.0) & (k >= -10.0)
-        kl = tl.where(k > 10.0, 10.0, tl.where(k < -10.0, -10.0, k))
+        passes = (d >= -C_D_CLAMP) & (d <= C_D_CLAMP) & (k <= C_VALUE_CLAMP) & (k >= -C_VALUE_CLAMP)
+        kl = tl.where(k > C_VALUE_CLAMP, C_VALUE_CLAMP, tl.where(k < -C_VALUE_CLAMP, -C_VALUE_CLAMP, k))
         dkl = tl.where(passes, -_expm1(dc, SERIES), 0.0)
     return kl, dkl
 
@@ -340,26 +354,26 @@ def _grpo_loss_fwd_kernel(
 
     zero = tl.zeros([BLOCK_T], ACC)
     out = partial_ptr + pid * N_STATS_
-    # columns in the order of the STAT_* constants (jit code cannot read non-constexpr globals)
-    tl.store(out + 0, tl.sum(tl.where(active, coef * loss, zero), axis=0))  # STAT_LOSS
-    tl.store(out + 1, tl.sum(tl.where(active, w * kl, zero), axis=0))  # STAT_KL
-    tl.store(out + 2, tl.sum(tl.where(active, w * ratio, zero), axis=0))  # STAT_RATIO
-    if HAS_ENTROPY:  # STAT_ENTROPY
+    # one column per STAT_* constant (rlvr_fast.ops.constants, wrapped as constexpr in kernels.grpo_loss)
+    tl.store(out + C_STAT_LOSS, tl.sum(tl.where(active, coef * loss, zero), axis=0))
+    tl.store(out + C_STAT_KL, tl.sum(tl.where(active, w * kl, zero), axis=0))
+    tl.store(out + C_STAT_RATIO, tl.sum(tl.where(active, w * ratio, zero), axis=0))
+    if HAS_ENTROPY:
         ent = tl.load(ent_ptr + row * s_ent_b + t * s_ent_t, mask=active, other=0.0).to(ACC)
-        tl.store(out + 3, tl.sum(tl.where(active, w * ent, zero), axis=0))
+        tl.store(out + C_STAT_ENTROPY, tl.sum(tl.where(active, w * ent, zero), axis=0))
     else:
-        tl.store(out + 3, tl.sum(zero, axis=0))
-    tl.store(out + 4, tl.sum(tl.where(active & low, w, zero), axis=0))  # STAT_CLIP_LOW
-    tl.store(out + 5, tl.sum(tl.where(active & high, w, zero), axis=0))  # STAT_CLIP_HIGH
-    tl.store(out + 6, tl.sum(tl.where(active & dual, w, zero), axis=0))  # STAT_DUAL_CLIP
+        tl.store(out + C_STAT_ENTROPY, tl.sum(zero, axis=0))
+    tl.store(out + C_STAT_CLIP_LOW, tl.sum(tl.where(active & low, w, zero), axis=0))
+    tl.store(out + C_STAT_CLIP_HIGH, tl.sum(tl.where(active & high, w, zero), axis=0))
+    tl.store(out + C_STAT_DUAL_CLIP, tl.sum(tl.where(active & dual, w, zero), axis=0))
     tokens = tl.sum(w, axis=0)
-    tl.store(out + 7, tokens)  # STAT_TOKENS
+    tl.store(out + C_STAT_TOKENS, tokens)
     # With no KL in the loss, a completion with A == 0 has an identically zero gradient (the fused-linear path skips
     # its LM-head work; here it is only counted). STAT_SKIPPED.
     if KL_IN_LOSS:
-        tl.store(out + 8, tokens * 0.0)
+        tl.store(out + C_STAT_SKIPPED, tokens * 0.0)
     else:
-        tl.store(out + 8, tl.where(adv == 0.0, tokens, tokens * 0.0))
+        tl.store(out + C_STAT_SKIPPED, tl.where(adv == 0.0, tokens, tokens * 0.0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -391,7 +405,7 @@ def grpo_layout(n_rows: int, n_tokens: int, *, interpreted: bool, block_t: int |
 
 
 def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return _TL_ACC[accumulation_dtype(dtype)]
 
 
 def grpo_row_stats(
@@ -399,7 +413,7 @@ def grpo_row_stats(
 ) -> torch.Tensor:
     """(B, 2) per completion: [sum_t m, sum_t m (logp - old)] (the second column is 0 unless ``sequence``)."""
     B, T = logp.shape
-    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logp.dtype)
     partial = torch.empty(B, layout.n_chunks, 2, dtype=acc, device=logp.device)
     old = old_logp if old_logp is not None else logp
     KernelLaunch(
@@ -460,7 +474,7 @@ def grpo_loss_fwd(
     """
     B, T = logp.shape
     layout = grpo_layout(B, T, interpreted=logp.device.type == "cpu", block_t=block_t)
-    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logp.dtype)
     row_stats = (
         grpo_row_stats(logp, old_logp, mask, sequence=sequence, layout=layout) if (row_norm or sequence) else None
     )

@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from rlvr_fast.kernels.launch_plan import KernelLaunch
 
+from rlvr_fast.ops.checks import accumulation_dtype
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Vocabulary splits of the forward are whole multiples of this many columns (a multiple of every BLOCK_V below).
@@ -85,11 +87,6 @@ def _exact_dots(dtype: torch.dtype) -> bool:
 _ACC_DTYPES = {torch.float64: tl.float64}  # everything else accumulates in fp32
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels compute in for inputs of ``dtype``: fp64 for fp64, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @triton.jit
 def _logit_tile(
     hidden_ptr,
@@ -130,7 +127,7 @@ def _logit_tile(
 
 
 @triton.jit
-def _online_fold(z, valid, m, s, a, HAS_ENTROPY: tl.constexpr, AXIS: tl.constexpr):
+def online_fold(z, valid, m, s, a, HAS_ENTROPY: tl.constexpr, AXIS: tl.constexpr):
     """Fold a tile of logits z (invalid entries ignored) into the running (max m, sum s, entropy accumulator a).
 
     s = sum exp(z - m) and a = sum exp(z - m) (z - m) are relative to the running max; when the max moves from m to
@@ -221,7 +218,7 @@ def _token_logprobs_fwd_kernel(
         # The target's column lives in exactly one tile of one split; every other tile adds 0.
         hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
         target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m, s, a = _online_fold(z, col_ok[None, :], m, s, a, HAS_ENTROPY, 1)
+        m, s, a = online_fold(z, col_ok[None, :], m, s, a, HAS_ENTROPY, 1)
 
     plane = tl.full([], N, tl.int64) * n_splits  # int64: scalar arguments may arrive as int32 or constexpr
     out = part_ptr + split.to(tl.int64) * N + rows
@@ -363,7 +360,7 @@ def token_logprobs_fwd(
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     per_split, n_splits = split_plan(v, splits or _default_splits(n, v, hidden.device))
     part = empty((4, n_splits, n), dtype=acc, device=hidden.device)
     _matmul_launch(
@@ -517,7 +514,7 @@ def _dz_chunk(n: int, v: int) -> int:
 _HAS_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float) -> None:
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float) -> None:
     """acc = beta * acc + a @ b with ``acc`` fp32/fp64 and the product accumulated in it, never rounded to a's dtype.
 
     cuBLAS takes half-precision operands with an fp32 output directly (no reduced-precision split-K); elsewhere the
@@ -554,7 +551,7 @@ def token_logprobs_bwd(
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     dev = hidden.device
     c = min(v, chunk or _dz_chunk(n, v))
     dz_buf = empty((n * c,), dtype=hidden.dtype, device=dev)
@@ -604,13 +601,13 @@ def token_logprobs_bwd(
         ).launch()
         w_c = weight[v0 : v0 + width]
         if dh is not None:
-            _addmm_fp32(dh, dz, w_c, beta=0.0 if v0 == 0 else 1.0)
+            addmm_fp32(dh, dz, w_c, beta=0.0 if v0 == 0 else 1.0)
         if dw is not None:
             if dw_acc is None:  # fp32 / fp64 weight: the GEMM writes the output slice directly
                 torch.mm(dz.t(), hidden, out=dw[v0 : v0 + width])
             else:
                 target = dw_acc[:width]
-                _addmm_fp32(target, dz.t(), hidden, beta=0.0)
+                addmm_fp32(target, dz.t(), hidden, beta=0.0)
                 dw[v0 : v0 + width].copy_(target)
         if db is not None:
             db[v0 : v0 + width] = dz.sum(dim=0, dtype=acc)
@@ -658,7 +655,7 @@ def _logits_fwd_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             ok = cols < V
             z = tl.load(base + cols, mask=ok, other=0.0).to(ACC) * inv_t
-            m, s, a = _online_fold(z, ok, m, s, a, HAS_ENTROPY, 0)
+            m, s, a = online_fold(z, ok, m, s, a, HAS_ENTROPY, 0)
         log_s = tl.log(s)
         lse = m + log_s
         tl.store(lse_ptr + row, lse)
@@ -724,7 +721,7 @@ def logprobs_from_logits_fwd(
     logits (N, V) with unit column stride, N >= 1; targets (N,) int in [0, V) or ``ignore_index``.
     """
     n, v = logits.shape
-    acc = acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     logp = empty((n,), dtype=acc, device=logits.device)
     entropy = empty((n,), dtype=acc, device=logits.device) if with_entropy else None
     lse = empty((n,), dtype=acc, device=logits.device)
@@ -766,7 +763,7 @@ def logprobs_from_logits_bwd(
 ) -> torch.Tensor:
     """dlogits (N, V), contiguous, in the logits' dtype: the only (N, V) buffer of the backward."""
     n, v = logits.shape
-    acc = acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     dlogits = empty((n, v), dtype=logits.dtype, device=logits.device)
     gl = None if g_logp is None else (g_logp.to(acc) * inv_t).contiguous()
     ge = None if g_ent is None else (g_ent.to(acc) * inv_t).contiguous()

@@ -38,7 +38,8 @@ from rlvr_fast.ops.group_advantage import (
 from rlvr_fast.ops.grpo_loss import GrpoLossMetrics, grpo_loss, grpo_loss_reference
 from rlvr_fast.ops.logprobs import LogprobsConfig, logprobs_from_logits, token_logprobs
 from rlvr_fast.ops.logprobs_reference import logprobs_from_logits_reference, token_logprobs_reference
-from rlvr_fast.ops.loss_types import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
+from rlvr_fast.ops.loss_types import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, StepShare
+from rlvr_fast.ops.objective import PolicyObjective
 from rlvr_fast.optim import (
     GradSaliency,
     SparseAdamW,
@@ -74,8 +75,10 @@ __all__ = [
     "GrpoLossMetrics",
     # log-probs
     "LogprobsConfig",
+    "PolicyObjective",
     # sparse update
     "SparseAdamW",
+    "StepShare",
     "__version__",
     "auroc",
     "brier_score",

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from rlvr_fast.integrations import trl as rf_trl
-from rlvr_fast.integrations.policy_loss import PolicyLossSpec, hidden_state_policy_loss
+from rlvr_fast.integrations.policy_loss import hidden_state_policy_loss
 from rlvr_fast.integrations.trl import (
     SUPPORTED_TRL,
     RLVRFastGRPOTrainer,
@@ -41,6 +41,7 @@ from rlvr_fast.integrations.trl import (
 from rlvr_fast.integrations.trl_config import REFUSALS, TRLLossSettings, check_model, check_settings
 from rlvr_fast.ops.grpo_loss import grpo_loss
 from rlvr_fast.ops.logprobs import token_logprobs
+from rlvr_fast.ops.objective import PolicyObjective
 from rlvr_fast.rewards import reward_fn
 from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
 
@@ -353,7 +354,7 @@ def test_hidden_state_policy_loss_composes_the_two_ops(generator):
     mask[2, 1:] = 0
     adv = torch.randn(B, generator=generator, dtype=torch.float64)
     old = -torch.rand(B, T, generator=generator, dtype=torch.float64) * 3
-    spec = PolicyLossSpec(loss_type="grpo", eps_low=0.1, eps_high=0.15, temperature=0.8)
+    spec = PolicyObjective(loss_type="grpo", eps_low=0.1, eps_high=0.15, temperature=0.8)
     loss, metrics = hidden_state_policy_loss(
         hidden,
         weight,
@@ -460,7 +461,7 @@ def test_supported_neighbours_are_accepted(tmp_path):
         dict(top_entropy_quantile=1.0),
     ):
         spec = rf_trl.check_grpo_config(grpo_config(tmp_path, 0, **overrides))
-        assert isinstance(spec, PolicyLossSpec)
+        assert isinstance(spec, PolicyObjective)
     spec = rf_trl.check_grpo_config(
         grpo_config(
             tmp_path,
@@ -473,7 +474,7 @@ def test_supported_neighbours_are_accepted(tmp_path):
             temperature=0.6,
         )
     )
-    assert spec == PolicyLossSpec(
+    assert spec == PolicyObjective(
         loss_type="dr_grpo",
         beta=0.0,
         kl="k3",

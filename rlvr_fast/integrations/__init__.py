@@ -6,6 +6,7 @@
   directly from any trainer that has the last hidden states and the LM head).
 """
 
-from rlvr_fast.integrations.policy_loss import PolicyLossSpec, hidden_state_policy_loss
+from rlvr_fast.integrations.policy_loss import hidden_state_policy_loss
+from rlvr_fast.ops.objective import PolicyObjective
 
-__all__ = ["PolicyLossSpec", "hidden_state_policy_loss"]
+__all__ = ["PolicyObjective", "hidden_state_policy_loss"]

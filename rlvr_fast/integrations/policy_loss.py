@@ -10,7 +10,7 @@ so the implementation behind it is chosen here, once:
   to the loss with its gradients formed in the same pass over the vocabulary, which also skips the LM-head work of
   zero-advantage completions when beta == 0 (its entropy / KL metrics then average over the tokens it evaluated).
 
-Both take the same arguments (the fused op's signature), so the choice changes no caller.
+Both take the same arguments (the tensors and one ``PolicyObjective``), so the choice changes no caller.
 """
 
 from __future__ import annotations
@@ -18,69 +18,24 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from rlvr_fast.ops.constants import IGNORE_INDEX
 from rlvr_fast.ops.grpo_loss import GrpoLossMetrics, grpo_loss
 from rlvr_fast.ops.logprobs import token_logprobs
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class PolicyLossSpec:
-    """The objective, independent of any trainer: what ``grpo_loss`` needs besides the tensors.
-
-    loss_type: grpo | bnpo | dr_grpo | dapo (rlvr_fast.ops.loss_types.LOSS_TYPES).
-    beta, kl: KL coefficient and estimator (k3 is TRL's).
-    eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high].
-    dual_clip: dual-clip bound c > 1 for negative advantages (TRL's ``delta`` maps to it), or None.
-    importance_sampling: token | sequence (GSPO).
-    temperature: the rollout's sampling temperature; the logits are divided by it.
-    max_completion_length: dr_grpo's fixed length L.
-    """
-
-    loss_type: str = "dapo"
-    beta: float = 0.0
-    kl: str = "k3"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    importance_sampling: str = "token"
-    temperature: float = 1.0
-    max_completion_length: int | None = None
+from rlvr_fast.ops.objective import PolicyObjective
 
 
 def _composed(
-    hidden,
-    weight,
-    targets,
-    mask,
-    advantages,
-    *,
-    old_logp,
-    ref_logp,
-    bias,
-    temperature,
-    beta,
-    kl,
-    eps_low,
-    eps_high,
-    dual_clip,
-    loss_type,
-    importance_sampling,
-    max_completion_length,
-    num_items,
-    return_entropy,
-    backend,
+    hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, bias, objective, return_entropy, backend
 ):
     out = token_logprobs(
         hidden,
         weight,
         targets,
         bias=bias,
-        temperature=temperature,
+        temperature=objective.temperature,
         ignore_index=IGNORE_INDEX,
         return_entropy=return_entropy,
         backend=backend,
@@ -92,17 +47,9 @@ def _composed(
         ref_logp,
         advantages,
         mask,
-        beta=beta,
-        kl=kl,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        loss_type=loss_type,
-        importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length,
-        num_items=num_items,
         entropy=None if entropy is None else entropy.detach(),
         backend=backend,
+        objective=objective,
     )
 
 
@@ -145,12 +92,11 @@ def hidden_state_policy_loss(
     targets: torch.Tensor,
     mask: torch.Tensor,
     advantages: torch.Tensor,
-    spec: PolicyLossSpec,
+    objective: PolicyObjective,
     *,
     bias: torch.Tensor | None = None,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    num_items: float | torch.Tensor | None = None,
     return_entropy: bool = True,
     backend: str = "auto",
     implementation: str | None = None,
@@ -164,9 +110,9 @@ def hidden_state_policy_loss(
             LM-head work is spent on them).
         mask: (B, T) 1 on the completion tokens that count (bool / integer / float weights).
         advantages: (B,) one scalar per completion.
-        spec: the objective (``PolicyLossSpec``).
+        objective: the objective (``rlvr_fast.ops.objective.PolicyObjective``); for one part of a split step (a
+            gradient-accumulation window, a rank) use ``objective.for_share(...)``, which sets dapo's num_items.
         old_logp, ref_logp: (B, T) behaviour-policy and reference log-probs, or None (on-policy / no KL).
-        num_items: dapo's denominator (active tokens of the whole accumulated batch, / world size), see grpo_loss.
         return_entropy: compute the per-token entropy for the mean_entropy metric (no gradient flows through it).
         backend: "auto" | "triton" | "cuda" | "torch", forwarded to the ops.
         implementation: a key of ``IMPLEMENTATIONS`` (None: ``DEFAULT_IMPLEMENTATION``).
@@ -179,8 +125,10 @@ def hidden_state_policy_loss(
         raise ValueError(
             f"hidden_state_policy_loss: implementation must be one of {sorted(IMPLEMENTATIONS)}, got {name!r}"
         )
-    if not isinstance(spec, PolicyLossSpec):
-        raise TypeError(f"hidden_state_policy_loss: spec must be a PolicyLossSpec, got {type(spec).__name__}")
+    if not isinstance(objective, PolicyObjective):
+        raise TypeError(
+            f"hidden_state_policy_loss: objective must be a PolicyObjective, got {type(objective).__name__}"
+        )
     if not isinstance(targets, torch.Tensor) or not isinstance(mask, torch.Tensor) or targets.shape != mask.shape:
         raise ValueError(
             f"hidden_state_policy_loss: targets and mask must be tensors of the same (B, T) shape, got "
@@ -196,16 +144,7 @@ def hidden_state_policy_loss(
         old_logp=old_logp,
         ref_logp=ref_logp,
         bias=bias,
-        temperature=spec.temperature,
-        beta=spec.beta,
-        kl=spec.kl,
-        eps_low=spec.eps_low,
-        eps_high=spec.eps_high,
-        dual_clip=spec.dual_clip,
-        loss_type=spec.loss_type,
-        importance_sampling=spec.importance_sampling,
-        max_completion_length=spec.max_completion_length if spec.loss_type == "dr_grpo" else None,
-        num_items=num_items if spec.loss_type == "dapo" else None,
+        objective=objective,
         return_entropy=return_entropy,
         backend=backend,
     )

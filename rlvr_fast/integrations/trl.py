@@ -50,10 +50,11 @@ from rlvr_fast.integrations.trl_config import (
     check_settings,
 )
 from rlvr_fast.integrations.trl_rewards import trl_reward_func
+from rlvr_fast.ops.constants import IGNORE_INDEX
 from rlvr_fast.ops.logprobs import token_logprobs
+from rlvr_fast.ops.loss_types import StepShare
 
 SUPPORTED_TRL = ">=1.16,<1.17"
-IGNORE_INDEX = -100
 _HEAD_ATTR = "_rlvr_fast_head"
 
 __all__ = [
@@ -229,7 +230,7 @@ class _RLVRFastMixin:
     # ---- the loss ---------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        spec = check_settings(TRLLossSettings.from_trainer(self))  # TRL's loss reads these attributes on every call
+        objective = check_settings(TRLLossSettings.from_trainer(self))  # TRL's loss reads these on every call
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
@@ -248,11 +249,12 @@ class _RLVRFastMixin:
         cast = bool(self.args.cast_lm_head_to_fp32)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        num_items = None
-        if spec.loss_type == "dapo":  # TRL's normaliser: the generation batch's active tokens, per process and window
-            num_items = inputs["num_items_in_batch"].float().clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                num_items = num_items * accumulation / self.args.steps_per_generation
+        # TRL's normalisers under gradient accumulation: every micro-batch of the window weighs 1 / accumulation, and
+        # dapo's token count is the generation batch's active tokens per process, rescaled to one window
+        step_tokens = inputs["num_items_in_batch"].float().clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            step_tokens = step_tokens * accumulation / self.args.steps_per_generation
+        objective, scale = objective.for_share(StepShare.equal_parts(accumulation, step_tokens))
         with self.accelerator.autocast(), _head_context(cast, hidden.device.type):
             loss, metrics = hidden_state_policy_loss(
                 hidden.float() if cast else hidden,
@@ -260,21 +262,20 @@ class _RLVRFastMixin:
                 completion_ids,
                 mask,
                 advantages,
-                spec,
+                objective,
                 bias=None if bias is None else (bias.float() if cast else bias),
                 old_logp=inputs.get("old_per_token_logps"),
-                ref_logp=inputs.get("ref_per_token_logps") if spec.beta != 0.0 else None,
-                num_items=num_items,
+                ref_logp=inputs.get("ref_per_token_logps") if objective.beta != 0.0 else None,
                 return_entropy=True,
                 backend=self._rlvr_fast_backend,
                 implementation=self._rlvr_fast_implementation,
             )
-        if spec.loss_type != "dapo":  # grpo / bnpo / dr_grpo: TRL divides by the accumulation steps (HF scaling is off)
-            loss = loss / accumulation
-        self._rlvr_fast_log(mode, spec, metrics)
+        if scale != 1.0:  # HF's own loss scaling is off for GRPOTrainer: the share's scale is TRL's
+            loss = loss * scale
+        self._rlvr_fast_log(mode, objective, metrics)
         return loss
 
-    def _rlvr_fast_log(self, mode: str, spec, metrics) -> None:
+    def _rlvr_fast_log(self, mode: str, objective, metrics) -> None:
         """TRL's metric names, each a token-weighted mean over all processes (TRL's global_masked_mean).
 
         Two differences from TRL's values: at importance_sampling_level='sequence' TRL averages its clip fractions per
@@ -288,10 +289,10 @@ class _RLVRFastMixin:
             metrics.clip_high_frac,
             metrics.clip_low_frac + metrics.clip_high_frac,
         ]
-        if spec.beta != 0.0:
+        if objective.beta != 0.0:
             names.append("kl")
             values.append(metrics.mean_kl)
-        if spec.dual_clip is not None:  # TRL logs nothing for delta; the fraction of tokens at the -delta A cap
+        if objective.dual_clip is not None:  # TRL logs nothing for delta; the fraction of tokens at the -delta A cap
             names.append("rlvr_fast/dual_clip_frac")
             values.append(metrics.dual_clip_frac)
         tokens = metrics.tokens.float()

@@ -3,7 +3,7 @@
 TRL 1.16's ``GRPOTrainer._compute_loss`` reads a dozen settings that change the objective. The patched trainer
 replaces that method with ``hidden_state_policy_loss``, so each of those settings is either
 
-- translated into a ``PolicyLossSpec`` (loss_type grpo / bnpo / dr_grpo / dapo, beta, epsilon, epsilon_high,
+- translated into a ``PolicyObjective`` (loss_type grpo / bnpo / dr_grpo / dapo, beta, epsilon, epsilon_high,
   importance_sampling_level, temperature, max_completion_length, and ``delta`` as dual-clip PPO where the two agree), or
 - refused with ``UnsupportedTRLSetting`` (a ValueError) that names the GRPOConfig field, its value, why and what to do.
 
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rlvr_fast.integrations.policy_loss import PolicyLossSpec
 from rlvr_fast.ops.loss_types import IS_LEVELS, LOSS_TYPES
+from rlvr_fast.ops.objective import PolicyObjective
 
 
 class UnsupportedTRLSetting(ValueError):
@@ -192,8 +192,11 @@ def _value(settings: TRLLossSettings, field: str) -> Any:
     return getattr(settings, field) if field in {f.name for f in fields(settings)} else None
 
 
-def check_settings(settings: TRLLossSettings) -> PolicyLossSpec:
-    """The ``PolicyLossSpec`` that trains exactly TRL's objective under ``settings``; raises on anything else."""
+def check_settings(settings: TRLLossSettings) -> PolicyObjective:
+    """The ``PolicyObjective`` that trains exactly TRL's objective under ``settings``; raises on anything else.
+
+    TRL always knows max_completion_length (it caps generation); the loss type keeps it only if it reads it (dr_grpo).
+    """
     for rule in REFUSALS:
         if rule.applies(settings):
             value = _value(settings, rule.field)
@@ -202,7 +205,7 @@ def check_settings(settings: TRLLossSettings) -> PolicyLossSpec:
                 f"rlvr_fast's TRL integration cannot train GRPOConfig.{rule.field}{shown} exactly: {rule.why}. "
                 f"Fix: {rule.instead}."
             )
-    return PolicyLossSpec(
+    return PolicyObjective.from_settings(
         loss_type=settings.loss_type,
         beta=float(settings.beta),
         kl="k3",  # TRL's KL: exp(ref - logp) - (ref - logp) - 1
@@ -215,8 +218,8 @@ def check_settings(settings: TRLLossSettings) -> PolicyLossSpec:
     )
 
 
-def check_grpo_config(args: Any) -> PolicyLossSpec:
-    """Refuse a ``GRPOConfig`` the fused path cannot train exactly (before any model loads); else its spec."""
+def check_grpo_config(args: Any) -> PolicyObjective:
+    """Refuse a ``GRPOConfig`` the fused path cannot train exactly (before any model loads); else its objective."""
     return check_settings(TRLLossSettings.from_config(args))
 
 

@@ -45,6 +45,7 @@ Supported verl: ``SUPPORTED_VERL``. Without verl installed this module still imp
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import sys
@@ -54,9 +55,11 @@ from typing import Any
 
 import torch
 
+from rlvr_fast.ops.checks import accumulation_dtype
 from rlvr_fast.ops.group_advantage import ESTIMATORS, SAMPLE_MODES, group_advantages
 from rlvr_fast.ops.grpo_loss import grpo_loss
 from rlvr_fast.ops.logprobs import token_logprobs
+from rlvr_fast.ops.objective import PolicyObjective
 
 __all__ = [
     "ADVANTAGE_ESTIMATOR_NAMES",
@@ -452,7 +455,7 @@ def verl_policy_loss(
     eps_low, eps_high, clip_ratio_c = _clip_settings(config)
     aggregation = LOSS_AGG_MODES[loss_agg_mode]
     info = _config_get(config, "global_batch_info", None) or {}
-    acc = torch.float64 if log_prob.dtype == torch.float64 else torch.float32  # weights and advantages
+    acc = accumulation_dtype(log_prob.dtype)  # weights and advantages
     mask = response_mask.to(acc)
     per_completion = _per_completion_advantages(advantages, mask)
     denominator = _positive(aggregation.denominator(mask, info))
@@ -462,11 +465,15 @@ def verl_policy_loss(
         weights = weights / (mask.sum(dim=-1, keepdim=True) + VERL_MASKED_MEAN_EPS)
     if rollout_is_weights is not None:
         weights = weights * rollout_is_weights.to(acc)
-    clip = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": clip_ratio_c, "loss_type": "dapo"}
-    loss, stats = grpo_loss(log_prob, old_log_prob, None, per_completion, weights, num_items=denominator, **clip)
+    # dapo with num_items = verl's denominator: sum of the weighted token losses / that denominator
+    objective = PolicyObjective(
+        loss_type="dapo", eps_low=eps_low, eps_high=eps_high, dual_clip=clip_ratio_c, num_items=denominator
+    )
+    loss, stats = grpo_loss(log_prob, old_log_prob, None, per_completion, weights, objective=objective)
     if weights is not mask:  # the clip fractions verl logs are plain token means: count them over the 0/1 mask
         with torch.no_grad():
-            _, stats = grpo_loss(log_prob.detach(), old_log_prob, None, per_completion, mask, **clip)
+            unweighted = dataclasses.replace(objective, num_items=None)  # the fractions need no normaliser
+            _, stats = grpo_loss(log_prob.detach(), old_log_prob, None, per_completion, mask, objective=unweighted)
     with torch.no_grad():
         log_ratio = (log_prob.detach() - old_log_prob).clamp(-20.0, 20.0)  # in the inputs' dtype, as verl's
         ppo_kl = (-log_ratio * mask).sum() / (mask.sum() + VERL_MASKED_MEAN_EPS)

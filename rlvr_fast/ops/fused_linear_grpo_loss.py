@@ -56,7 +56,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rlvr_fast.backends import select_backend
-from rlvr_fast.ops.grpo_loss import (
+from rlvr_fast.ops.checks import accumulation_dtype, autocast_dtype
+from rlvr_fast.ops.constants import (
+    IGNORE_INDEX,
     N_STATS,
     STAT_CLIP_HIGH,
     STAT_CLIP_LOW,
@@ -67,22 +69,24 @@ from rlvr_fast.ops.grpo_loss import (
     STAT_RATIO,
     STAT_SKIPPED,
     STAT_TOKENS,
-    GrpoLossMetrics,
-    _check_inputs,
-    _Checked,
-    _denominator,
-    _policy_term_torch,
-    grpo_loss_reference,
 )
-from rlvr_fast.ops.logprobs import _TOKEN_PATHS, LogprobsConfig, _autocast_dtype
+from rlvr_fast.ops.grpo_loss import (
+    CheckedLoss,
+    GrpoLossMetrics,
+    check_loss_inputs,
+    grpo_loss_reference,
+    policy_term_torch,
+)
+from rlvr_fast.ops.logprobs import TOKEN_PATHS, LogprobsConfig
 from rlvr_fast.ops.logprobs_reference import token_logprobs_reference
+from rlvr_fast.ops.objective import PolicyObjective, objective_from_arguments
 
 OP = "fused_linear_grpo_loss"
-IGNORE_INDEX = -100
 
 
-def _check_linear_inputs(hidden, weight, targets, mask, advantages, bias, temperature) -> None:
-    """Shape / dtype checks of the LM-head inputs (the loss arguments are checked by grpo_loss's own checks)."""
+def _check_linear_inputs(hidden, weight, targets, mask, advantages, bias) -> None:
+    """Shape / dtype checks of the LM-head inputs (the objective checks itself, the per-token tensors are checked by
+    ``grpo_loss``'s ``check_loss_inputs``)."""
     for name, x in (("hidden", hidden), ("weight", weight)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = getattr(x, "dtype", type(x).__name__)
@@ -104,8 +108,6 @@ def _check_linear_inputs(hidden, weight, targets, mask, advantages, bias, temper
     V = weight.shape[0]
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,)):
         raise ValueError(f"{OP}: bias must be (V,) = ({V},) or None, got {getattr(bias, 'shape', bias)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{OP}: temperature must be a positive number, got {temperature!r}")
     valid = targets != IGNORE_INDEX
     if bool(((targets < 0) | (targets >= V))[valid].any()):
         bad = targets[valid & ((targets < 0) | (targets >= V))][0].item()
@@ -133,6 +135,7 @@ def fused_linear_grpo_loss_reference(
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     return_entropy: bool = False,
+    objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """The specification of ``fused_linear_grpo_loss``: float64, autograd, materialised logits. Slow on purpose.
 
@@ -142,20 +145,15 @@ def fused_linear_grpo_loss_reference(
         targets: (B, T) sampled token ids (IGNORE_INDEX = -100 on padding: logp 0, no gradient).
         mask, advantages, old_logp, ref_logp and the loss options: as ``grpo_loss``.
         return_entropy: also compute the per-token entropy of the policy for the ``mean_entropy`` metric.
+        objective: temperature and the loss options as one ``PolicyObjective`` (the flat ones then stay at defaults).
 
     Returns:
         (loss, metrics) as ``grpo_loss_reference``; the loss is float64 and differentiable in hidden, weight and bias.
     """
-    _check_linear_inputs(hidden, weight, targets, mask, advantages, bias, temperature)
-    logp, entropy = token_logprobs_reference(
-        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=IGNORE_INDEX, return_entropy=True
-    )
-    return grpo_loss_reference(
-        logp,
-        old_logp,
-        ref_logp,
-        advantages,
-        mask,
+    objective = objective_from_arguments(
+        OP,
+        objective,
+        temperature=temperature,
         beta=beta,
         kl=kl,
         eps_low=eps_low,
@@ -165,7 +163,25 @@ def fused_linear_grpo_loss_reference(
         importance_sampling=importance_sampling,
         max_completion_length=max_completion_length,
         num_items=num_items,
+    )
+    _check_linear_inputs(hidden, weight, targets, mask, advantages, bias)
+    logp, entropy = token_logprobs_reference(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=objective.temperature,
+        ignore_index=IGNORE_INDEX,
+        return_entropy=True,
+    )
+    return grpo_loss_reference(
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
         entropy=entropy.detach() if return_entropy else None,
+        objective=objective,
     )
 
 
@@ -226,10 +242,6 @@ class FusedLinearGrpoConfig:
 DEFAULT_CONFIG = FusedLinearGrpoConfig()
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _budget_rows(elements: int, v: int) -> int:
     rows = max(1, elements // v)
     return rows if rows < 2 * _ROW_GRANULE else rows // _ROW_GRANULE * _ROW_GRANULE
@@ -250,45 +262,26 @@ def _chunk_sizes(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Input checks: the head tensors (``_check_linear_inputs``, shared with the reference) and the loss options
-# (``grpo_loss``'s own ``_check_inputs``), so both reject the same inputs with the same messages
+# Input checks: the head tensors (``_check_linear_inputs``, shared with the reference) and the per-token tensors
+# (``grpo_loss``'s own ``check_loss_inputs``), so both reject the same inputs with the same messages
 # --------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Problem:
-    """Everything but the differentiable tensors, checked."""
+class _FusedInputs:
+    """Everything of one call but the differentiable tensors, checked."""
 
     targets: torch.Tensor  # (B, T) int
-    chk: _Checked  # the loss options and per-token tensors (its ``logp`` is a shape-only placeholder)
-    inv_t: float
+    chk: CheckedLoss  # the objective and the per-token tensors (its ``logp`` is a shape-only placeholder)
+    inv_t: float  # 1 / the objective's temperature
     return_entropy: bool
     config: FusedLinearGrpoConfig
 
 
 def _check_fused_inputs(
-    hidden,
-    weight,
-    targets,
-    mask,
-    advantages,
-    old_logp,
-    ref_logp,
-    bias,
-    temperature,
-    beta,
-    kl,
-    eps_low,
-    eps_high,
-    dual_clip,
-    loss_type,
-    importance_sampling,
-    max_completion_length,
-    num_items,
-    return_entropy,
-    config,
+    hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, objective, return_entropy, config
 ):
-    _check_linear_inputs(hidden, weight, targets, mask, advantages, bias, temperature)
+    _check_linear_inputs(hidden, weight, targets, mask, advantages, bias)
     B, T, _D = hidden.shape
     if weight.shape[0] == 0:
         raise ValueError(f"{OP}: weight must have V >= 1 rows, got shape {tuple(weight.shape)}")
@@ -309,7 +302,7 @@ def _check_fused_inputs(
             raise ValueError(f"{OP}: {name} is on {x.device} but hidden is on {hidden.device}")
     if bias is not None and not bias.is_floating_point():
         raise TypeError(f"{OP}: bias must be a floating tensor, got dtype {bias.dtype}")
-    autocast = _autocast_dtype(hidden.device)
+    autocast = autocast_dtype(hidden.device)
     if autocast is not None:  # the LM head's matmul runs in the autocast dtype, as nn.Linear's would
         hidden, weight = hidden.to(autocast), weight.to(autocast)
     if weight.dtype != hidden.dtype:
@@ -321,28 +314,16 @@ def _check_fused_inputs(
     if not isinstance(config, FusedLinearGrpoConfig):
         raise TypeError(f"{OP}: config must be a FusedLinearGrpoConfig, got {type(config).__name__}")
     # grpo_loss's checks of the per-token tensors and options, against a placeholder of logp's shape (no memory)
-    shape_only = torch.zeros((), dtype=_acc_dtype(hidden.dtype), device=hidden.device).expand(B, T)
-    chk = _check_inputs(
-        shape_only,
-        old_logp,
-        ref_logp,
-        advantages,
-        mask,
-        beta=beta,
-        kl=kl,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        loss_type=loss_type,
-        importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length,
-        num_items=num_items,
-        entropy=None,
-    )
+    shape_only = torch.zeros((), dtype=accumulation_dtype(hidden.dtype), device=hidden.device).expand(B, T)
+    chk = check_loss_inputs(OP, shape_only, old_logp, ref_logp, advantages, mask, objective)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    problem = _Problem(
-        targets=targets, chk=chk, inv_t=1.0 / float(temperature), return_entropy=return_entropy, config=config
+    problem = _FusedInputs(
+        targets=targets,
+        chk=chk,
+        inv_t=1.0 / objective.temperature,
+        return_entropy=return_entropy,
+        config=config,
     )
     return hidden, weight, None if bias is None else bias.contiguous(), problem
 
@@ -373,13 +354,13 @@ class _Plan:
         return self.index.numel()
 
 
-def _make_plan(prob: _Problem, B: int, T: int, acc: torch.dtype) -> _Plan:
+def _make_plan(prob: _FusedInputs, B: int, T: int, acc: torch.dtype) -> _Plan:
     chk = prob.chk
     w_full = chk.mask.to(acc)
     active = w_full != 0
     row_weight = w_full.sum(dim=1)
     zero = torch.zeros((), dtype=acc, device=w_full.device)
-    if chk.beta == 0.0 and prob.config.skip_zero_advantage:
+    if chk.objective.beta == 0.0 and prob.config.skip_zero_advantage:
         # A == 0 exactly (a NaN advantage is not skipped: it must reach the loss, as in the reference)
         dead = (chk.advantages == 0).unsqueeze(1) & active
         skipped = torch.where(dead, w_full, zero).sum()
@@ -457,21 +438,22 @@ def _chunks(plan: _Plan, rows: int, sequence: bool) -> tuple[list[Chunk], list[t
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _terms_torch(logp, old, ref, w, rows, adv, row_coef, seq_lr, pg_scale, entropy, chk: _Checked):
+def _terms_torch(logp, old, ref, w, rows, adv, row_coef, seq_log_ratio, pg_scale, entropy, chk: CheckedLoss):
     """Per-token loss terms of n loss tokens (all with w != 0): (g = w c_b d l / d logp, (N_STATS,) sums). The torch
     twin of rlvr_fast.kernels.fused_linear_grpo._token_terms_kernel, on ``grpo_loss``'s policy term and KL registry."""
     a = adv.index_select(0, rows)
-    if seq_lr is not None:  # GSPO: the completion's ratio, d log s_b / d logp_t = m_t / max(W_b, 1)
-        log_ratio, scale = seq_lr.index_select(0, rows), pg_scale.index_select(0, rows)
+    if seq_log_ratio is not None:  # GSPO: the completion's ratio, d log s_b / d logp_t = m_t / max(W_b, 1)
+        log_ratio, scale = seq_log_ratio.index_select(0, rows), pg_scale.index_select(0, rows)
     else:
         log_ratio, scale = logp - (logp if old is None else old), 1.0  # on-policy: 0 (NaN stays NaN)
-    pg, dpg, ratio, low, high, dual = _policy_term_torch(log_ratio, a, chk.eps_low, chk.eps_high, chk.dual_clip)
+    obj = chk.objective
+    pg, dpg, ratio, low, high, dual = policy_term_torch(log_ratio, a, obj.eps_low, obj.eps_high, obj.dual_clip)
     loss, dl = pg, dpg * scale
     kl_tok = None
     if ref is not None:
-        kl_tok, dkl = chk.kl.value_and_grad(ref - logp)
-        if chk.beta != 0.0:  # beta = 0: the KL is a metric only (an infinite KL must not turn the loss into NaN)
-            loss, dl = loss + chk.beta * kl_tok, dl + chk.beta * dkl
+        kl_tok, dkl = obj.kl_estimator.value_and_grad(ref - logp)
+        if obj.beta != 0.0:  # beta = 0: the KL is a metric only (an infinite KL must not turn the loss into NaN)
+            loss, dl = loss + obj.beta * kl_tok, dl + obj.beta * dkl
     coef = w if row_coef is None else w * row_coef.index_select(0, rows)
     zero = logp.new_zeros(())
 
@@ -564,9 +546,9 @@ class _TritonChunks:
 
     def __init__(self, weight, bias, inv_t, acc, with_entropy, config):
         from rlvr_fast.kernels import fused_linear_grpo as k  # imported late: TRITON_INTERPRET must be set first
-        from rlvr_fast.kernels.logprobs import _addmm_fp32
+        from rlvr_fast.kernels.logprobs import addmm_fp32
 
-        self.k, self._addmm = k, _addmm_fp32
+        self.k, self._addmm = k, addmm_fp32
         self.rows = config.block_rows or k.ROWS
         self.w, self.b = weight, bias
         self.inv_t, self.with_entropy, self.config = inv_t, with_entropy, config
@@ -600,7 +582,7 @@ class _TritonChunks:
             z, self.b, targets, lse, g.contiguous(), self.inv_t, out, block_v=self.config.block_v, rows=self.rows
         )
 
-    def terms(self, logp, old, ref, w, rows, adv, row_coef, seq_lr, pg_scale, entropy, chk: _Checked):
+    def terms(self, logp, old, ref, w, rows, adv, row_coef, seq_log_ratio, pg_scale, entropy, chk: CheckedLoss):
         g, partials = self.k.token_terms(
             logp,
             old,
@@ -609,14 +591,14 @@ class _TritonChunks:
             rows,
             adv,
             row_coef,
-            seq_lr,
+            seq_log_ratio,
             pg_scale,
             entropy,
-            beta=chk.beta,
-            eps_low=chk.eps_low,
-            eps_high=chk.eps_high,
-            dual_clip=chk.dual_clip,
-            kl=chk.kl.code,
+            beta=chk.objective.beta,
+            eps_low=chk.objective.eps_low,
+            eps_high=chk.objective.eps_high,
+            dual_clip=chk.objective.dual_clip,
+            kl=chk.objective.kl_estimator.code,
             empty=self.config.empty,
         )
         return g, partials.sum(dim=0)
@@ -731,7 +713,7 @@ def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff
     logp = wdiff.new_zeros(pos.numel())
     if targets.numel():
         with torch.no_grad():
-            out, _, _ = _TOKEN_PATHS[path].fwd(
+            out, _, _ = TOKEN_PATHS[path].fwd(
                 hidden_flat.index_select(0, head_index),
                 weight,
                 bias,
@@ -745,14 +727,14 @@ def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff
     wdiff.view(-1).index_copy_(0, index, plan.w.index_select(0, pos) * (logp - old))
 
 
-def _fused_forward(hidden, weight, bias, prob: _Problem, path: str, needs: tuple[bool, bool, bool]) -> _Outputs:
+def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: tuple[bool, bool, bool]) -> _Outputs:
     chk, config = prob.chk, prob.config
     B, T, D = hidden.shape
     V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     dev = hidden.device
     plan = _make_plan(prob, B, T, acc)
-    denom = _denominator(chk, plan.tokens)
+    denom = chk.denominator(plan.tokens)
     need_grad = any(needs)
     ops = _PATHS[path](weight, bias, prob.inv_t, acc, prob.return_entropy, config)
     hidden_flat = hidden.reshape(B * T, D)
@@ -770,17 +752,17 @@ def _fused_forward(hidden, weight, bias, prob: _Problem, path: str, needs: tuple
     # per-completion quantities (B,): advantages, grpo's 1 / max(W_b, 1), GSPO's log-ratio and its gradient scale
     adv = chk.advantages.to(acc)
     clamped = plan.row_weight.clamp(min=1.0)
-    row_coef = 1.0 / clamped if chk.loss_type.per_sequence else None
-    seq_lr = pg_scale = wdiff = None
-    chunks, prepass = _chunks(plan, rows, chk.sequence)
-    if chk.sequence:
+    row_coef = 1.0 / clamped if chk.objective.aggregation.per_sequence else None
+    seq_log_ratio = pg_scale = wdiff = None
+    chunks, prepass = _chunks(plan, rows, chk.objective.sequence_level)
+    if chk.objective.sequence_level:
         pg_scale = plan.row_weight / clamped
-        seq_lr = torch.zeros(B, dtype=acc, device=dev)
+        seq_log_ratio = torch.zeros(B, dtype=acc, device=dev)
         wdiff = torch.zeros(B, T, dtype=acc, device=dev)  # m (logp - old) of the loss tokens seen so far
         if prepass:
             _sequence_prepass(prob, plan, prepass, hidden_flat, weight, bias, path, wdiff, rows)
             done = torch.tensor([b for b, _, _ in prepass], device=dev)
-            seq_lr[done] = wdiff[done].sum(dim=1) / clamped[done]
+            seq_log_ratio[done] = wdiff[done].sum(dim=1) / clamped[done]
     grad_scale = prob.inv_t / denom  # d loss / d z = (d loss / d logp) (onehot - p) / T, with the loss's 1 / D
 
     def chunk(l0: int, l1: int, finalise: tuple[int, int] | None) -> torch.Tensor:
@@ -800,7 +782,7 @@ def _fused_forward(hidden, weight, bias, prob: _Problem, path: str, needs: tuple
         if finalise is not None:  # GSPO: this chunk holds these completions whole, their ratios are known now
             r0, r1 = finalise
             wdiff.view(-1).index_copy_(0, index, w * (logp - (logp if old is None else old)))
-            seq_lr[r0:r1] = wdiff[r0:r1].sum(dim=1) / clamped[r0:r1]
+            seq_log_ratio[r0:r1] = wdiff[r0:r1].sum(dim=1) / clamped[r0:r1]
         g, stats = ops.terms(
             logp,
             old,
@@ -809,7 +791,7 @@ def _fused_forward(hidden, weight, bias, prob: _Problem, path: str, needs: tuple
             rws,
             adv,
             row_coef,
-            seq_lr,
+            seq_log_ratio,
             pg_scale,
             entropy,
             chk,
@@ -834,7 +816,7 @@ def _fused_forward(hidden, weight, bias, prob: _Problem, path: str, needs: tuple
 class FusedLinearGrpoLossFunction(torch.autograd.Function):
     """Loss and its gradients w.r.t. hidden, weight and bias in the forward pass; backward scales them by grad_output.
 
-    apply(hidden (B, T, D), weight (V, D), bias (V,) | None, problem: _Problem, path "torch" | "triton")
+    apply(hidden (B, T, D), weight (V, D), bias (V,) | None, problem: _FusedInputs, path "torch" | "triton")
     -> loss (0-d), stats (N_STATS,), evaluated (0-d). Saves only the three gradients (in the inputs' dtypes).
     """
 
@@ -860,7 +842,7 @@ class FusedLinearGrpoLossFunction(torch.autograd.Function):
         return (*(None if g is None else (g * grad_loss).to(g.dtype) for g in grads), None, None)
 
 
-def _fused_metrics(stats: torch.Tensor, evaluated: torch.Tensor, prob: _Problem, backend: str) -> GrpoLossMetrics:
+def _fused_metrics(stats: torch.Tensor, evaluated: torch.Tensor, prob: _FusedInputs, backend: str) -> GrpoLossMetrics:
     stats = stats.detach()
     tokens = stats[STAT_TOKENS]
     tiny = torch.finfo(stats.dtype).tiny
@@ -910,6 +892,7 @@ def fused_linear_grpo_loss(
     return_entropy: bool = False,
     backend: str = "auto",
     config: FusedLinearGrpoConfig = DEFAULT_CONFIG,
+    objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """GRPO-family policy loss of B completions straight from the policy's last hidden states, with its gradients
     w.r.t. hidden, weight and bias formed in the same pass over the vocabulary (6NDV FLOP; no (N, V) logits).
@@ -932,6 +915,8 @@ def fused_linear_grpo_loss(
         return_entropy: also compute each token's policy entropy for ``metrics.mean_entropy`` (no gradient).
         backend: "auto" | "triton" | "cuda" | "torch" (rlvr_fast.backends); an unavailable one raises.
         config: chunking and the zero-advantage skip (``FusedLinearGrpoConfig``; the defaults fit most uses).
+        objective: temperature and beta ... num_items as one ``PolicyObjective`` (rlvr_fast.ops.objective); the flat
+            arguments must then stay at their defaults.
 
     Returns:
         (loss, metrics): loss is a 0-d fp32 tensor (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and
@@ -943,27 +928,22 @@ def fused_linear_grpo_loss(
     under GSPO, completions longer than ``config.chunk_tokens`` add a log-prob pass over their tokens (8NDV there).
     Host syncs: a few (the target range check, the token count, grad_output == 1 in backward).
     """
+    objective = objective_from_arguments(
+        OP,
+        objective,
+        temperature=temperature,
+        beta=beta,
+        kl=kl,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+    )
     hidden, weight, bias, problem = _check_fused_inputs(
-        hidden,
-        weight,
-        targets,
-        mask,
-        advantages,
-        old_logp,
-        ref_logp,
-        bias,
-        temperature,
-        beta,
-        kl,
-        eps_low,
-        eps_high,
-        dual_clip,
-        loss_type,
-        importance_sampling,
-        max_completion_length,
-        num_items,
-        return_entropy,
-        config,
+        hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, objective, return_entropy, config
     )
     chosen = select_backend(backend, hidden.device, op=OP)
     loss, stats, evaluated = FusedLinearGrpoLossFunction.apply(hidden, weight, bias, problem, chosen)

@@ -35,6 +35,20 @@ from typing import NamedTuple
 import torch
 
 from rlvr_fast.backends import select_backend
+from rlvr_fast.ops.constants import (
+    ADV_DR_GRPO,
+    ADV_GRPO,
+    ADV_NSR,
+    ADV_PSR,
+    ADV_RLOO,
+    ADV_W_REINFORCE,
+    SAMPLE_ALL,
+    SAMPLE_NEGATIVE_ONLY,
+    SAMPLE_POSITIVE_ONLY,
+    SCALE_BATCH,
+    SCALE_GROUP,
+    SCALE_NONE,
+)
 
 OP = "group_advantages"
 
@@ -81,38 +95,74 @@ ESTIMATORS: dict[str, Estimator] = {
     e.name: e
     for e in (
         Estimator(
-            "grpo",
-            0,
-            True,
-            False,
-            ("group", "batch", "none"),
-            lambda s: s.dev / s.denominator,
-            "Shao et al. 2024, arXiv:2402.03300",
+            name="grpo",
+            code=ADV_GRPO,
+            centred=True,
+            needs_correct=False,
+            scales=("group", "batch", "none"),
+            formula=lambda s: s.dev / s.denominator,
+            paper="Shao et al. 2024, arXiv:2402.03300",
         ),
-        Estimator("dr_grpo", 1, True, False, ("none",), lambda s: s.dev, "Liu et al. 2025, arXiv:2503.20783"),
-        Estimator("rloo", 2, True, False, ("none",), _rloo_formula, "Ahmadian et al. 2024, arXiv:2402.14740"),
-        Estimator("psr", 3, False, True, ("none",), lambda s: s.correct, "Zhu et al. 2025, arXiv:2506.01347"),
-        Estimator("nsr", 4, False, True, ("none",), lambda s: s.correct - 1.0, "Zhu et al. 2025, arXiv:2506.01347"),
         Estimator(
-            "w_reinforce",
-            5,
-            False,
-            True,
-            ("none",),
-            lambda s: torch.where(s.correct > 0.5, s.lam, -1.0),
-            "Zhu et al. 2025, arXiv:2506.01347",
+            name="dr_grpo",
+            code=ADV_DR_GRPO,
+            centred=True,
+            needs_correct=False,
+            scales=("none",),
+            formula=lambda s: s.dev,
+            paper="Liu et al. 2025, arXiv:2503.20783",
+        ),
+        Estimator(
+            name="rloo",
+            code=ADV_RLOO,
+            centred=True,
+            needs_correct=False,
+            scales=("none",),
+            formula=_rloo_formula,
+            paper="Ahmadian et al. 2024, arXiv:2402.14740",
+        ),
+        Estimator(
+            name="psr",
+            code=ADV_PSR,
+            centred=False,
+            needs_correct=True,
+            scales=("none",),
+            formula=lambda s: s.correct,
+            paper="Zhu et al. 2025, arXiv:2506.01347",
+        ),
+        Estimator(
+            name="nsr",
+            code=ADV_NSR,
+            centred=False,
+            needs_correct=True,
+            scales=("none",),
+            formula=lambda s: s.correct - 1.0,
+            paper="Zhu et al. 2025, arXiv:2506.01347",
+        ),
+        Estimator(
+            name="w_reinforce",
+            code=ADV_W_REINFORCE,
+            centred=False,
+            needs_correct=True,
+            scales=("none",),
+            formula=lambda s: torch.where(s.correct > 0.5, s.lam, -1.0),
+            paper="Zhu et al. 2025, arXiv:2506.01347",
         ),
     )
 }
 
-SCALES: dict[str, int] = {"group": 0, "batch": 1, "none": 2}
+SCALES: dict[str, int] = {"group": SCALE_GROUP, "batch": SCALE_BATCH, "none": SCALE_NONE}
 
 SAMPLE_MODES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "all": lambda a: a,
     "positive_only": lambda a: a.clamp_min(0.0),
     "negative_only": lambda a: a.clamp_max(0.0),
 }
-SAMPLE_MODE_CODES: dict[str, int] = {"all": 0, "positive_only": 1, "negative_only": 2}
+SAMPLE_MODE_CODES: dict[str, int] = {
+    "all": SAMPLE_ALL,
+    "positive_only": SAMPLE_POSITIVE_ONLY,
+    "negative_only": SAMPLE_NEGATIVE_ONLY,
+}
 
 INVALID_POLICIES = ("raise", "mask")
 

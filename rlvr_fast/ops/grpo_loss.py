@@ -26,7 +26,6 @@ gradient, vectorised), and the public ``grpo_loss``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,30 +33,21 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rlvr_fast.backends import select_backend
-from rlvr_fast.ops.loss_types import (
-    IS_LEVELS,
-    KL_ESTIMATORS,
-    LOSS_TYPES,
-    AggregationContext,
-    KLEstimator,
-    LossType,
+from rlvr_fast.ops.checks import accumulation_dtype, real_tensor
+from rlvr_fast.ops.constants import (
+    STAT_CLIP_HIGH,
+    STAT_CLIP_LOW,
+    STAT_DUAL_CLIP,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_LOSS,
+    STAT_RATIO,
+    STAT_SKIPPED,
+    STAT_TOKENS,
 )
+from rlvr_fast.ops.objective import PolicyObjective, objective_from_arguments
 
 OP = "grpo_loss"
-
-# Columns of the summed statistics (identical to rlvr_fast.kernels.grpo_loss.STAT_*; a test checks it).
-(
-    STAT_LOSS,
-    STAT_KL,
-    STAT_RATIO,
-    STAT_ENTROPY,
-    STAT_CLIP_LOW,
-    STAT_CLIP_HIGH,
-    STAT_DUAL_CLIP,
-    STAT_TOKENS,
-    STAT_SKIPPED,
-) = range(9)
-N_STATS = 9
 
 
 @dataclass
@@ -111,187 +101,95 @@ class GrpoLossMetrics:
 
 
 @dataclass(frozen=True)
-class _Checked:
+class CheckedLoss:
+    """The tensors of one loss call, checked against each other, and its objective (shared by ``grpo_loss``, its
+    reference and ``fused_linear_grpo_loss``, so all reject the same inputs)."""
+
     logp: torch.Tensor  # (B, T) floating
     old_logp: torch.Tensor | None  # (B, T) floating, None = on-policy
     ref_logp: torch.Tensor | None  # (B, T) floating
     advantages: torch.Tensor  # (B,)
     mask: torch.Tensor  # (B, T) bool / integer / floating
     entropy: torch.Tensor | None  # (B, T) floating
-    beta: float
-    kl: KLEstimator
-    eps_low: float
-    eps_high: float
-    dual_clip: float | None
-    loss_type: LossType
-    sequence: bool
-    max_completion_length: int | None
-    num_items: float | None
+    objective: PolicyObjective
+
+    def denominator(self, token_count: torch.Tensor) -> torch.Tensor | float:
+        """The loss type's D for this call (``PolicyObjective.denominator``)."""
+        return self.objective.denominator(self.logp.shape[0], token_count)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _finite_number(name: str, value, *, low: float | None = None, high: float | None = None, low_open=False) -> float:
-    if not _is_number(value) or not math.isfinite(value):
-        raise ValueError(f"{OP}: {name} must be a finite real number, got {value!r}")
-    value = float(value)
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{OP}: {name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{OP}: {name} must be <= {high}, got {value}")
-    return value
-
-
-def _tensor(name: str, x, *, floating: bool) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_complex():
-        raise TypeError(f"{OP}: {name} must be real, got dtype {x.dtype}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{OP}: {name} must be a floating tensor (fp16, bf16, fp32 or fp64), got dtype {x.dtype}")
-    return x
-
-
-def _check_values(mask: torch.Tensor, advantages: torch.Tensor) -> None:
+def _check_values(where: str, mask: torch.Tensor, advantages: torch.Tensor) -> None:
     """A negative mask weight flips the sign of its tokens' gradient and a NaN / inf advantage poisons every parameter
     through the backward: both are rejected by name (one host sync each)."""
     if not mask.dtype == torch.bool and bool((mask < 0).any()):
         raise ValueError(
-            f"{OP}: mask weights must be >= 0, got {int((mask < 0).sum())} negative (min {float(mask.min())})"
+            f"{where}: mask weights must be >= 0, got {int((mask < 0).sum())} negative (min {float(mask.min())})"
         )
     if advantages.is_floating_point() and not bool(torch.isfinite(advantages).all()):
         bad = (~torch.isfinite(advantages)).nonzero()[:, 0].tolist()
-        raise ValueError(f"{OP}: advantages must be finite, got NaN/inf at rows {bad[:5]}")
+        raise ValueError(f"{where}: advantages must be finite, got NaN/inf at rows {bad[:5]}")
 
 
-def _check_inputs(
+def check_loss_inputs(
+    where: str,
     logp,
     old_logp,
     ref_logp,
     advantages,
     mask,
-    *,
-    beta,
-    kl,
-    eps_low,
-    eps_high,
-    dual_clip,
-    loss_type,
-    importance_sampling,
-    max_completion_length,
-    num_items,
-    entropy,
-) -> _Checked:
-    logp = _tensor("logp", logp, floating=True)
+    objective: PolicyObjective,
+    entropy=None,
+) -> CheckedLoss:
+    """Shapes, dtypes and devices of the per-token tensors, and what the objective needs of them (a reference when
+    beta > 0, dr_grpo's max_completion_length >= T); the objective's own fields were checked when it was built."""
+    logp = real_tensor(where, "logp", logp, floating=True)
     if logp.dim() != 2:
-        raise ValueError(f"{OP}: logp must be 2-D (B, T) per-token log-probs, got shape {tuple(logp.shape)}")
+        raise ValueError(f"{where}: logp must be 2-D (B, T) per-token log-probs, got shape {tuple(logp.shape)}")
     B, T = logp.shape
     per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "entropy": entropy}
     for name, x in per_token.items():
         if x is None:
             if name == "mask":
-                raise TypeError(f"{OP}: mask must be a (B, T) tensor (1 on completion tokens that count), got None")
+                raise TypeError(f"{where}: mask must be a (B, T) tensor (1 on completion tokens that count), got None")
             continue
-        _tensor(name, x, floating=name != "mask")
+        real_tensor(where, name, x, floating=name != "mask")
         if tuple(x.shape) != (B, T):
             raise ValueError(
-                f"{OP}: {name} must have logp's shape (B, T) = {(B, T)}, got {name} shape {tuple(x.shape)}"
+                f"{where}: {name} must have logp's shape (B, T) = {(B, T)}, got {name} shape {tuple(x.shape)}"
             )
-    advantages = _tensor("advantages", advantages, floating=False)
+    advantages = real_tensor(where, "advantages", advantages, floating=False)
     if tuple(advantages.shape) != (B,):
         raise ValueError(
-            f"{OP}: advantages must be (B,) = ({B},), one per completion (row of logp), "
+            f"{where}: advantages must be (B,) = ({B},), one per completion (row of logp), "
             f"got shape {tuple(advantages.shape)}"
         )
     for name, x in (*per_token.items(), ("advantages", advantages)):
         if x is not None and x.device != logp.device:
-            raise ValueError(f"{OP}: {name} is on {x.device} but logp is on {logp.device}")
-    _check_values(mask, advantages)
-
-    if kl not in KL_ESTIMATORS:
-        raise ValueError(f"{OP}: unknown kl {kl!r}; valid KL estimators: {sorted(KL_ESTIMATORS)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"{OP}: unknown loss_type {loss_type!r}; valid loss types: {sorted(LOSS_TYPES)}")
-    if importance_sampling not in IS_LEVELS:
+            raise ValueError(f"{where}: {name} is on {x.device} but logp is on {logp.device}")
+    _check_values(where, mask, advantages)
+    if objective.beta != 0.0 and ref_logp is None:
         raise ValueError(
-            f"{OP}: unknown importance_sampling {importance_sampling!r}; valid levels: {sorted(IS_LEVELS)}"
+            f"{where}: beta={objective.beta} > 0 needs ref_logp (the reference model's per-token log-probs, (B, T)), "
+            f"got None"
         )
-    beta = _finite_number("beta", beta, low=0.0)
-    if beta != 0.0 and ref_logp is None:
+    length = objective.max_completion_length
+    if length is not None and length < max(T, 1):
         raise ValueError(
-            f"{OP}: beta={beta} > 0 needs ref_logp (the reference model's per-token log-probs, (B, T)), got None"
+            f"{where}: max_completion_length ({length}) must be >= 1 and >= the completion length "
+            f"T = {T} of logp: dr_grpo's constant normaliser B * max_completion_length counts every position"
         )
-    eps_low = _finite_number("eps_low", eps_low, low=0.0, high=1.0)
-    eps_high = eps_low if eps_high is None else _finite_number("eps_high", eps_high, low=0.0)
-    if dual_clip is not None:
-        # The dual bound -c A must sit above the clipped loss |A| (1 - eps_low) for it to cap anything (verl: c > 1).
-        dual_clip = _finite_number("dual_clip", dual_clip, low=1.0, low_open=True)
-
-    lt = LOSS_TYPES[loss_type]
-    given = {"max_completion_length": max_completion_length, "num_items": num_items}
-    for name, value in given.items():
-        if value is not None and name not in lt.uses:
-            users = sorted(n for n, t in LOSS_TYPES.items() if name in t.uses)
-            raise ValueError(
-                f"{OP}: {name}={value!r} is used only by loss types {users}; loss_type={loss_type!r} does not read it"
-            )
-        if value is None and name in lt.requires:
-            raise ValueError(f"{OP}: loss_type={loss_type!r} needs {name}, got None")
-    if max_completion_length is not None:
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int):
-            raise TypeError(f"{OP}: max_completion_length must be an int, got {max_completion_length!r}")
-        if max_completion_length < max(T, 1):
-            raise ValueError(
-                f"{OP}: max_completion_length ({max_completion_length}) must be >= 1 and >= the completion length "
-                f"T = {T} of logp: dr_grpo's constant normaliser B * max_completion_length counts every position"
-            )
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1 or num_items.is_complex():
-                raise ValueError(
-                    f"{OP}: num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}"
-                )
-            num_items = num_items.item()
-        if not _is_number(num_items) or not math.isfinite(num_items) or num_items <= 0:
-            raise ValueError(
-                f"{OP}: num_items must be > 0 (the active-token count of the whole accumulated batch), "
-                f"got {num_items!r}"
-            )
-        num_items = float(num_items)
-
-    return _Checked(
+    return CheckedLoss(
         logp=logp,
         old_logp=old_logp,
         ref_logp=ref_logp,
         advantages=advantages,
         mask=mask,
         entropy=entropy,
-        beta=beta,
-        kl=KL_ESTIMATORS[kl],
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        loss_type=lt,
-        sequence=IS_LEVELS[importance_sampling].name == "sequence",
-        max_completion_length=max_completion_length,
-        num_items=num_items,
+        objective=objective,
     )
 
 
-def _denominator(chk: _Checked, token_count: torch.Tensor) -> torch.Tensor | float:
-    """The loss type's D: a Python float when it is known on the host (no host-to-device copy), else a 0-d tensor."""
-    ctx = AggregationContext(
-        n_rows=chk.logp.shape[0],
-        token_count=token_count,
-        max_completion_length=chk.max_completion_length,
-        num_items=chk.num_items,
-    )
-    return chk.loss_type.denominator(ctx)
-
-
-def _metrics(stats: torch.Tensor, chk: _Checked, backend: str) -> GrpoLossMetrics:
+def _metrics(stats: torch.Tensor, chk: CheckedLoss, backend: str) -> GrpoLossMetrics:
     stats = stats.detach()
     tokens = stats[STAT_TOKENS]
     per_token = torch.where(tokens > 0, stats / tokens.clamp(min=torch.finfo(stats.dtype).tiny), 0.0)
@@ -330,17 +228,16 @@ def grpo_loss_reference(
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """docs/design.md §2 in float64 with autograd: differentiate the returned loss to get the reference gradient.
 
-    Same arguments and checks as ``grpo_loss``; returns a float64 loss (differentiable in ``logp``) and the metrics.
+    Same arguments and checks as ``grpo_loss`` (``objective=`` included); returns a float64 loss (differentiable in
+    ``logp``) and the metrics.
     """
-    chk = _check_inputs(
-        logp,
-        old_logp,
-        ref_logp,
-        advantages,
-        mask,
+    objective = objective_from_arguments(
+        OP,
+        objective,
         beta=beta,
         kl=kl,
         eps_low=eps_low,
@@ -350,8 +247,9 @@ def grpo_loss_reference(
         importance_sampling=importance_sampling,
         max_completion_length=max_completion_length,
         num_items=num_items,
-        entropy=entropy,
     )
+    chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
+    obj = chk.objective
     f64 = torch.float64
     w = chk.mask.to(f64)
     active = w != 0
@@ -366,39 +264,39 @@ def grpo_loss_reference(
     n_row = w.sum(dim=1, keepdim=True)  # (B, 1)
 
     log_ratio = lp - old
-    if chk.sequence:  # GSPO: one ratio per completion, the length-normalised sequence likelihood ratio
+    if obj.sequence_level:  # GSPO: one ratio per completion, the length-normalised sequence likelihood ratio
         log_ratio = (log_ratio * w).sum(dim=1, keepdim=True) / n_row.clamp(min=1.0)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * A
-    clipped = ratio.clamp(1.0 - chk.eps_low, 1.0 + chk.eps_high) * A
+    clipped = ratio.clamp(1.0 - obj.eps_low, 1.0 + obj.eps_high) * A
     pg = -torch.minimum(unclipped, clipped)
-    if chk.dual_clip is not None:
-        capped = torch.minimum(pg, -chk.dual_clip * A)
-        dual = (A < 0) & (pg > -chk.dual_clip * A)
+    if obj.dual_clip is not None:
+        capped = torch.minimum(pg, -obj.dual_clip * A)
+        dual = (A < 0) & (pg > -obj.dual_clip * A)
         pg = torch.where(A < 0, capped, pg)
     else:
         dual = torch.zeros_like(pg, dtype=torch.bool)
     token_loss = pg.expand_as(lp)
     kl_tok = None
     if chk.ref_logp is not None:
-        kl_tok = chk.kl.value(masked(chk.ref_logp.detach()) - lp)
-        if chk.beta != 0.0:
-            token_loss = token_loss + chk.beta * kl_tok
+        kl_tok = obj.kl_estimator.value(masked(chk.ref_logp.detach()) - lp)
+        if obj.beta != 0.0:
+            token_loss = token_loss + obj.beta * kl_tok
 
     rows = torch.where(active, token_loss * w, zero).sum(dim=1)
-    if chk.loss_type.per_sequence:
+    if obj.aggregation.per_sequence:
         rows = rows / n_row.squeeze(1).clamp(min=1.0)
     tokens = w.sum()
-    loss = rows.sum() / _denominator(chk, tokens.detach())
+    loss = rows.sum() / chk.denominator(tokens.detach())
 
     with torch.no_grad():
-        low = (ratio < 1.0 - chk.eps_low) & (A < 0)
-        high = (ratio > 1.0 + chk.eps_high) & (A > 0)
+        low = (ratio < 1.0 - obj.eps_low) & (A < 0)
+        high = (ratio > 1.0 + obj.eps_high) & (A > 0)
 
         def wsum(x):
             return torch.where(active, w * x.to(f64).expand_as(w), zero).sum()
 
-        skipped = zero if chk.beta != 0.0 else torch.where((A == 0) & active, w, zero).sum()
+        skipped = zero if obj.beta != 0.0 else torch.where((A == 0) & active, w, zero).sum()
         stats = torch.stack(
             [
                 loss.detach() * 0.0,  # the loss column is not a metric
@@ -420,7 +318,7 @@ def grpo_loss_reference(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _policy_term_torch(log_ratio, adv, eps_low, eps_high, dual_clip):
+def policy_term_torch(log_ratio, adv, eps_low, eps_high, dual_clip):
     """Torch twin of kernels.grpo_loss.grpo_policy_term (same tie and NaN rules)."""
     ratio = torch.exp(log_ratio)
     unclipped = ratio * adv
@@ -440,8 +338,9 @@ def _policy_term_torch(log_ratio, adv, eps_low, eps_high, dual_clip):
     return pg, dpg, ratio, low, high, dual
 
 
-def _grpo_loss_torch(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    acc = torch.float64 if chk.logp.dtype == torch.float64 else torch.float32
+def _grpo_loss_torch(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    obj = chk.objective
+    acc = accumulation_dtype(chk.logp.dtype)
     w = chk.mask.to(acc)
     active = w != 0
 
@@ -453,21 +352,21 @@ def _grpo_loss_torch(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, tor
     adv = chk.advantages.detach().to(acc).unsqueeze(1)
     n_row = w.sum(dim=1, keepdim=True)
     n_row_c = n_row.clamp(min=1.0)
-    if chk.sequence:
+    if obj.sequence_level:
         log_ratio = (w * (lp - old)).sum(dim=1, keepdim=True) / n_row_c  # (B, 1), broadcast over tokens
         pg_grad_scale = n_row / n_row_c
     else:
         log_ratio = lp - old
         pg_grad_scale = 1.0
-    pg, dpg, ratio, low, high, dual = _policy_term_torch(log_ratio, adv, chk.eps_low, chk.eps_high, chk.dual_clip)
+    pg, dpg, ratio, low, high, dual = policy_term_torch(log_ratio, adv, obj.eps_low, obj.eps_high, obj.dual_clip)
     token_loss, dlogp = pg, dpg * pg_grad_scale
     kl_tok = None
     if chk.ref_logp is not None:
-        kl_tok, dkl = chk.kl.value_and_grad(masked(chk.ref_logp) - lp)
-        if chk.beta != 0.0:
-            token_loss = token_loss + chk.beta * kl_tok
-            dlogp = dlogp + chk.beta * dkl
-    coef = w / n_row_c if chk.loss_type.per_sequence else w
+        kl_tok, dkl = obj.kl_estimator.value_and_grad(masked(chk.ref_logp) - lp)
+        if obj.beta != 0.0:
+            token_loss = token_loss + obj.beta * kl_tok
+            dlogp = dlogp + obj.beta * dkl
+    coef = w / n_row_c if obj.aggregation.per_sequence else w
 
     # Padding has w = 0 and finite ratio / KL / entropy (its inputs were zeroed), so w * x needs no mask there; the
     # loss and the gradient involve the advantage, which may be non-finite on a fully masked row: those keep the mask.
@@ -477,7 +376,7 @@ def _grpo_loss_torch(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, tor
         return torch.where(flag, w, zero).sum()
 
     tokens = w.sum()
-    skipped = zero if chk.beta != 0.0 else flag_sum((adv == 0) & active)
+    skipped = zero if obj.beta != 0.0 else flag_sum((adv == 0) & active)
     stats = torch.stack(
         [
             torch.where(active, coef * token_loss, zero).sum(),
@@ -500,7 +399,8 @@ def _grpo_loss_torch(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, tor
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _grpo_loss_triton(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _grpo_loss_triton(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    obj = chk.objective
     from rlvr_fast.kernels.grpo_loss import grpo_loss_fwd  # imported late: TRITON_INTERPRET must be set first
 
     def detached(x):
@@ -513,19 +413,19 @@ def _grpo_loss_triton(chk: _Checked, write_grad: bool) -> tuple[torch.Tensor, to
         chk.mask,
         chk.advantages.detach(),
         detached(chk.entropy),
-        beta=chk.beta,
-        eps_low=chk.eps_low,
-        eps_high=chk.eps_high,
-        dual_clip=chk.dual_clip,
-        kl=chk.kl.code,
-        sequence=chk.sequence,
-        row_norm=chk.loss_type.per_sequence,
+        beta=obj.beta,
+        eps_low=obj.eps_low,
+        eps_high=obj.eps_high,
+        dual_clip=obj.dual_clip,
+        kl=obj.kl_estimator.code,
+        sequence=obj.sequence_level,
+        row_norm=obj.aggregation.per_sequence,
         write_grad=write_grad,
     )
     return out.partials.sum(dim=0), out.dlogp
 
 
-_PATHS: dict[str, Callable[[_Checked, bool], tuple[torch.Tensor, torch.Tensor | None]]] = {
+_PATHS: dict[str, Callable[[CheckedLoss, bool], tuple[torch.Tensor, torch.Tensor | None]]] = {
     "torch": _grpo_loss_torch,
     "triton": _grpo_loss_triton,
 }
@@ -535,9 +435,9 @@ class GrpoLossFunction(torch.autograd.Function):
     """Loss and d loss / d logp in one forward pass; backward scales the stored gradient by grad_output."""
 
     @staticmethod
-    def forward(ctx, logp, chk: _Checked, path: str):
+    def forward(ctx, logp, chk: CheckedLoss, path: str):
         stats, dlogp = _PATHS[path](chk, ctx.needs_input_grad[0])
-        denom = _denominator(chk, stats[STAT_TOKENS])
+        denom = chk.denominator(stats[STAT_TOKENS])
         loss = stats[STAT_LOSS] / denom
         ctx.mark_non_differentiable(stats)
         if isinstance(denom, torch.Tensor):
@@ -578,6 +478,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    objective: PolicyObjective | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """GRPO-family policy loss of B completions from their per-token log-probs, in one fused pass.
@@ -605,18 +506,17 @@ def grpo_loss(
             divided by the data-parallel world size under DDP). Default: this call's token count (= bnpo). A tensor
             is read once on the host (one device sync) to check that it is > 0.
         entropy: (B, T) per-token entropies, for the mean_entropy metric only (no gradient).
+        objective: the objective as one ``PolicyObjective`` (rlvr_fast.ops.objective) instead of beta ... num_items,
+            which must then stay at their defaults. Its ``temperature`` is not read here (logp already includes it).
         backend: "auto" | "triton" | "cuda" | "torch" (see rlvr_fast.backends); an unavailable one raises.
 
     Returns:
         (loss, metrics): loss is a 0-d fp32 tensor (fp64 for fp64 logp), differentiable in logp; metrics is a
         ``GrpoLossMetrics`` of 0-d tensors.
     """
-    chk = _check_inputs(
-        logp,
-        old_logp,
-        ref_logp,
-        advantages,
-        mask,
+    objective = objective_from_arguments(
+        OP,
+        objective,
         beta=beta,
         kl=kl,
         eps_low=eps_low,
@@ -626,8 +526,8 @@ def grpo_loss(
         importance_sampling=importance_sampling,
         max_completion_length=max_completion_length,
         num_items=num_items,
-        entropy=entropy,
     )
+    chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
     chosen = select_backend(backend, logp.device, op=OP)
     path = chosen if logp.numel() else "torch"  # nothing to launch: the torch path returns zeros of the right shapes
     loss, stats = GrpoLossFunction.apply(logp, chk, path)

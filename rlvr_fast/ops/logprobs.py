@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from rlvr_fast.backends import select_backend
+from rlvr_fast.ops.checks import accumulation_dtype, autocast_dtype
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -59,10 +60,6 @@ class LogprobsConfig:
 
 
 DEFAULT_CONFIG = LogprobsConfig()
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,12 +123,6 @@ class _TokenInputs:
     out_shape: torch.Size
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -154,8 +145,8 @@ def _check_token_inputs(hidden, weight, targets, bias, temperature, ignore_index
         )
     if weight.device != hidden.device:
         raise ValueError(f"{op}: weight is on {weight.device} but hidden is on {hidden.device}")
-    if _autocast_dtype(hidden.device) is not None:  # the LM head's matmul runs in the autocast dtype, as nn.Linear's
-        dt = _autocast_dtype(hidden.device)
+    if autocast_dtype(hidden.device) is not None:  # the LM head's matmul runs in the autocast dtype, as nn.Linear's
+        dt = autocast_dtype(hidden.device)
         hidden, weight = hidden.to(dt), weight.to(dt)
     if weight.dtype != hidden.dtype:
         raise TypeError(
@@ -257,7 +248,7 @@ def _spans(total: int, step: int):
 def _token_fwd_torch(hidden, weight, bias, targets, inv_t, with_entropy, config: LogprobsConfig):
     n, _ = hidden.shape
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     st = _RowStats.allocate(n, acc, hidden.device, config.empty)
     if n == 0:
         return st.results(with_entropy)
@@ -305,7 +296,7 @@ def _token_bwd_torch(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
     need_h, need_w, need_b = needs
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     dev = hidden.device
     work = n > 0 and (g_logp is not None or g_ent is not None)
     # The first GEMM into each accumulator runs with beta=0, so they start uninitialised unless there is no work.
@@ -362,7 +353,7 @@ def _logits_rows_per_chunk(v: int, config: LogprobsConfig) -> int:
 
 def _logits_fwd_torch(logits, targets, inv_t, ignore_index, with_entropy, config: LogprobsConfig):
     n, v = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     st = _RowStats.allocate(n, acc, logits.device, config.empty)
     if n == 0:
         return st.results(with_entropy)
@@ -381,7 +372,7 @@ def _logits_fwd_torch(logits, targets, inv_t, ignore_index, with_entropy, config
 
 def _logits_bwd_torch(logits, targets, lse, entropy, g_logp, g_ent, inv_t, ignore_index, config: LogprobsConfig):
     n, v = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     dlogits = config.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return dlogits
@@ -471,7 +462,7 @@ class _Path:
     bwd: Callable
 
 
-_TOKEN_PATHS: dict[str, _Path] = {
+TOKEN_PATHS: dict[str, _Path] = {
     "torch": _Path(_token_fwd_torch, _token_bwd_torch),
     "triton": _Path(_token_fwd_triton, _token_bwd_triton),
 }
@@ -506,7 +497,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, inv_t, with_entropy, backend, config):
         ctx.set_materialize_grads(False)  # an entropy computed for logging only costs no backward work
         with torch.autocast(hidden.device.type, enabled=False):  # the paths pick their own precision
-            logp, entropy, lse = _TOKEN_PATHS[backend].fwd(hidden, weight, bias, targets, inv_t, with_entropy, config)
+            logp, entropy, lse = TOKEN_PATHS[backend].fwd(hidden, weight, bias, targets, inv_t, with_entropy, config)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.inv_t, ctx.backend, ctx.config = inv_t, backend, config
         return logp, _entropy_output(entropy, logp, ctx)
@@ -521,7 +512,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         if not any(needs) or (g_logp is None and g_ent is None):
             return None, None, None, None, None, None, None, None
         with torch.autocast(hidden.device.type, enabled=False):
-            dh, dw, db = _TOKEN_PATHS[ctx.backend].bwd(
+            dh, dw, db = TOKEN_PATHS[ctx.backend].bwd(
                 hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, ctx.inv_t, needs, ctx.config
             )
         return dh, dw, db, None, None, None, None, None

@@ -26,6 +26,21 @@ gradient-accumulation micro-batches *before* any of them runs, so that summing t
 token mean of the whole step (DAPO's token-level loss). Data-parallel training that averages gradients over P ranks
 (DDP/FSDP) must pass the global count divided by P, which is what TRL (``num_items_in_batch / num_processes``) and
 Liger do internally; this op never queries ``torch.distributed`` itself.
+
+Part of a step. A caller that splits one optimiser step into several loss calls (gradient-accumulation micro-batches,
+data-parallel ranks, or only the completions that were not skipped) describes each call's part with a ``StepShare``;
+the loss type's ``partial_normaliser`` says what to pass as ``num_items`` and by how much to scale the call's loss so
+that the calls' gradients sum to those of the whole step:
+
+| loss type | num_items            | scale of the call's loss                        |
+|-----------|----------------------|-------------------------------------------------|
+| grpo      | -                    | row_fraction (its completions / the step's)     |
+| bnpo      | -                    | token_fraction (its active tokens / the step's) |
+| dr_grpo   | -                    | row_fraction                                    |
+| dapo      | step_tokens          | 1                                               |
+
+Callers never branch on a loss type: they build a ``StepShare`` and apply what the row returns
+(``rlvr_fast.ops.objective.PolicyObjective.for_share``).
 """
 
 from __future__ import annotations
@@ -34,6 +49,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from rlvr_fast.ops.constants import (
+    IS_SEQUENCE,
+    IS_TOKEN,
+    KL_K1,
+    KL_K2,
+    KL_K3,
+    KL_LOW_VAR,
+    LOW_VAR_KL_D_CLAMP,
+    LOW_VAR_KL_VALUE_CLAMP,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +73,50 @@ class AggregationContext:
 
 
 @dataclass(frozen=True)
+class StepShare:
+    """The part of one optimiser step that one loss call holds, as the loss types' partial normalisers read it.
+
+    row_fraction: completions in this call / completions the step's normaliser counts.
+    token_fraction: active tokens (mask weight) in this call / those the step's normaliser counts.
+    step_tokens: the active tokens of the whole step (dapo's ``num_items``), divided by the data-parallel world size
+        when ranks average their gradients (module doc).
+
+    ``of_part`` builds it from counts (an exact split); ``equal_parts`` gives every one of n calls the weight 1 / n,
+    which is what TRL does under gradient accumulation.
+    """
+
+    row_fraction: float
+    token_fraction: float
+    step_tokens: float | torch.Tensor
+
+    @classmethod
+    def of_part(cls, rows: int, tokens: float, step_rows: int, step_tokens: float) -> StepShare:
+        """A call holding ``rows`` completions with ``tokens`` active tokens, of a step of ``step_rows`` completions
+        with ``step_tokens`` active tokens (a step without any has nothing to share: its fractions are 0)."""
+        return cls(
+            row_fraction=rows / step_rows if step_rows else 0.0,
+            token_fraction=tokens / step_tokens if step_tokens else 0.0,
+            step_tokens=step_tokens,
+        )
+
+    @classmethod
+    def equal_parts(cls, n_parts: int, step_tokens: float | torch.Tensor) -> StepShare:
+        """One of ``n_parts`` calls weighted equally (1 / n_parts each), the step counting ``step_tokens`` tokens."""
+        if n_parts < 1:
+            raise ValueError(f"StepShare.equal_parts: n_parts must be >= 1, got {n_parts}")
+        return cls(row_fraction=1.0 / n_parts, token_fraction=1.0 / n_parts, step_tokens=step_tokens)
+
+
+@dataclass(frozen=True)
+class PartialNormaliser:
+    """What one call of a split step passes and does: ``num_items`` for the op (None: the op's own), then multiply
+    the call's loss by ``scale``."""
+
+    num_items: float | torch.Tensor | None
+    scale: float
+
+
+@dataclass(frozen=True)
 class LossType:
     """One aggregation of the per-token loss into a scalar (see the module table)."""
 
@@ -55,7 +125,16 @@ class LossType:
     denominator: Callable[[AggregationContext], torch.Tensor | float]
     uses: tuple[str, ...]  # the optional arguments this normaliser reads; passing them to another loss type is an error
     requires: tuple[str, ...]  # the subset of ``uses`` that must be given
+    partial: Callable[[StepShare], PartialNormaliser]  # how a call holding part of a step is normalised
     source: str
+
+    def reads(self, field: str) -> bool:
+        """Whether this loss type's normaliser reads the optional objective field ``field``."""
+        return field in self.uses
+
+    def partial_normaliser(self, share: StepShare) -> PartialNormaliser:
+        """``num_items`` and the loss scale of a call holding ``share`` of a step (module doc, "Part of a step")."""
+        return self.partial(share)
 
 
 def _local_token_count(ctx: AggregationContext) -> torch.Tensor:
@@ -68,20 +147,57 @@ def _dapo_denominator(ctx: AggregationContext) -> torch.Tensor | float:
     return ctx.num_items
 
 
+def _share_of_rows(share: StepShare) -> PartialNormaliser:
+    return PartialNormaliser(num_items=None, scale=share.row_fraction)
+
+
+def _share_of_tokens(share: StepShare) -> PartialNormaliser:
+    return PartialNormaliser(num_items=None, scale=share.token_fraction)
+
+
+def _step_token_count(share: StepShare) -> PartialNormaliser:
+    return PartialNormaliser(num_items=share.step_tokens, scale=1.0)
+
+
 LOSS_TYPES: dict[str, LossType] = {
     lt.name: lt
     for lt in (
-        LossType("grpo", True, lambda ctx: float(max(ctx.n_rows, 1)), (), (), "Shao et al. 2024, arXiv:2402.03300"),
-        LossType("bnpo", False, _local_token_count, (), (), "TRL GRPOConfig loss_type='bnpo'"),
         LossType(
-            "dr_grpo",
-            False,
-            lambda ctx: float(max(ctx.n_rows, 1) * ctx.max_completion_length),
-            ("max_completion_length",),
-            ("max_completion_length",),
-            "Liu et al. 2025, arXiv:2503.20783",
+            name="grpo",
+            per_sequence=True,
+            denominator=lambda ctx: float(max(ctx.n_rows, 1)),
+            uses=(),
+            requires=(),
+            partial=_share_of_rows,
+            source="Shao et al. 2024, arXiv:2402.03300",
         ),
-        LossType("dapo", False, _dapo_denominator, ("num_items",), (), "Yu et al. 2025, arXiv:2503.14476"),
+        LossType(
+            name="bnpo",
+            per_sequence=False,
+            denominator=_local_token_count,
+            uses=(),
+            requires=(),
+            partial=_share_of_tokens,
+            source="TRL GRPOConfig loss_type='bnpo'",
+        ),
+        LossType(
+            name="dr_grpo",
+            per_sequence=False,
+            denominator=lambda ctx: float(max(ctx.n_rows, 1) * ctx.max_completion_length),
+            uses=("max_completion_length",),
+            requires=("max_completion_length",),
+            partial=_share_of_rows,
+            source="Liu et al. 2025, arXiv:2503.20783",
+        ),
+        LossType(
+            name="dapo",
+            per_sequence=False,
+            denominator=_dapo_denominator,
+            uses=("num_items",),
+            requires=(),
+            partial=_step_token_count,
+            source="Yu et al. 2025, arXiv:2503.14476",
+        ),
     )
 }
 
@@ -94,15 +210,11 @@ LOSS_TYPES: dict[str, LossType] = {
 # torch path evaluates k3 in float64 and rounds once (the Triton kernel uses a short Taylor series instead).
 # --------------------------------------------------------------------------------------------------------------------
 
-# verl's low_var_kl clamps (verl/trainer/ppo/core_algos.py kl_penalty): d to [-20, 20], then the estimate to [-10, 10]
-LOW_VAR_KL_D_CLAMP = 20.0
-LOW_VAR_KL_VALUE_CLAMP = 10.0
-
 
 @dataclass(frozen=True)
 class KLEstimator:
     name: str
-    code: int  # the Triton kernel's constexpr id (rlvr_fast.kernels.grpo_loss.KL_*)
+    code: int  # the Triton kernel's constexpr id (rlvr_fast.ops.constants.KL_*)
     value: Callable[[torch.Tensor], torch.Tensor]  # spec: KL from d, differentiable
     value_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (KL, dKL/dlogp) from d
     doc: str
@@ -140,21 +252,28 @@ def _low_var_kl(d):
 KL_ESTIMATORS: dict[str, KLEstimator] = {
     e.name: e
     for e in (
-        KLEstimator("k1", 0, lambda d: -d, _k1, "k1 = logp - ref = -d (unbiased, high variance, can be negative)"),
-        KLEstimator("k2", 1, lambda d: 0.5 * d * d, _k2, "k2 = d^2 / 2"),
         KLEstimator(
-            "k3",
-            2,
-            lambda d: torch.expm1(d) - d,
-            _k3,
-            "k3 = exp(d) - d - 1 (GRPO's, TRL's and Liger's; unclamped, so a large |d| gives a large penalty)",
+            name="k1",
+            code=KL_K1,
+            value=lambda d: -d,
+            value_and_grad=_k1,
+            doc="k1 = logp - ref = -d (unbiased, high variance, can be negative)",
+        ),
+        KLEstimator(name="k2", code=KL_K2, value=lambda d: 0.5 * d * d, value_and_grad=_k2, doc="k2 = d^2 / 2"),
+        KLEstimator(
+            name="k3",
+            code=KL_K3,
+            value=lambda d: torch.expm1(d) - d,
+            value_and_grad=_k3,
+            doc="k3 = exp(d) - d - 1 (GRPO's, TRL's and Liger's; unclamped, so a large |d| gives a large penalty)",
         ),
         KLEstimator(
-            "low_var_kl",
-            3,
-            _low_var_kl_spec,
-            _low_var_kl,
-            "verl's low_var_kl: k3 of d clamped to [-20, 20], the estimate clamped to [-10, 10] (no gradient beyond)",
+            name="low_var_kl",
+            code=KL_LOW_VAR,
+            value=_low_var_kl_spec,
+            value_and_grad=_low_var_kl,
+            doc="verl's low_var_kl: k3 of d clamped to [-20, 20], the estimate clamped to [-10, 10] (no gradient "
+            "beyond)",
         ),
     )
 }
@@ -170,11 +289,11 @@ class ImportanceSampling:
 IS_LEVELS: dict[str, ImportanceSampling] = {
     s.name: s
     for s in (
-        ImportanceSampling("token", 0, "rho_bt = exp(logp_bt - old_bt) (PPO / GRPO)"),
+        ImportanceSampling(name="token", code=IS_TOKEN, doc="rho_bt = exp(logp_bt - old_bt) (PPO / GRPO)"),
         ImportanceSampling(
-            "sequence",
-            1,
-            "s_b = exp(sum_t m_bt (logp_bt - old_bt) / max(sum_t m_bt, 1)), shared by the completion's tokens "
+            name="sequence",
+            code=IS_SEQUENCE,
+            doc="s_b = exp(sum_t m_bt (logp_bt - old_bt) / max(sum_t m_bt, 1)), shared by the completion's tokens "
             "(GSPO, Zheng et al. 2025, arXiv:2507.18071; TRL/Liger importance_sampling_level='sequence')",
         ),
     )

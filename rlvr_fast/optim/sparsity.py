@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
+from rlvr_fast.ops.checks import accumulation_dtype
+
 OVERALL = "overall"
 RANK_PREFIX = "rank_ratio/"
 
@@ -48,7 +50,7 @@ def _check_states(state_a: Mapping, state_b: Mapping, where: str) -> list[str]:
 def _as_compared(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Both tensors rounded to the comparison dtype, then widened to float32 (or float64) so the difference is exact
     for bf16/fp16 values."""
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    wide = accumulation_dtype(dtype)
     b = b.to(a.device)
     return a.detach().to(dtype).to(wide), b.detach().to(dtype).to(wide)
 

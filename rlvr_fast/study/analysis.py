@@ -32,8 +32,7 @@ from typing import Any
 
 from rlvr_fast.eval import reliability_bins
 from rlvr_fast.study.arms import BASELINE_ARM, CONFIDENCE_PROMPT
-from rlvr_fast.study.plan import EVAL_DATA_FIELDS, RunSpec, StudyPlan
-from rlvr_fast.study.runner import base_eval_path
+from rlvr_fast.study.plan import EVAL_DATA_FIELDS, RunSpec, StudyPlan, base_eval_path
 from rlvr_fast.study.stats import (
     agreement_confidence,
     bootstrap_calibration,

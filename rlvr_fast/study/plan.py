@@ -23,6 +23,7 @@ from rlvr_fast.study.arms import ARMS, BASELINE_ARM, STUDY_OWNED_FIELDS, Arm, lo
 from rlvr_fast.study.presets import get_preset
 from rlvr_fast.study.updates import MASK_FILES
 from rlvr_fast.trainer.config import RLVRConfig
+from rlvr_fast.trainer.evaluation import evaluation_kwargs
 
 __all__ = ["RunSpec", "StudyPlan", "config_hash", "eval_key", "plan_study"]
 
@@ -79,6 +80,11 @@ def _digest(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
 
 
+def base_eval_path(study_dir: str, key: str) -> str:
+    """Where the base model's held-out evaluation under eval key ``key`` is stored (shared by the arms agreeing)."""
+    return os.path.join(study_dir, "base", key, "eval.json")
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
     """A hash of everything in a run's config that can change its numbers."""
     return _digest({k: v for k, v in config.items() if k not in NON_RESULT_FIELDS})
@@ -86,8 +92,6 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 def eval_key(config: Mapping[str, Any]) -> str:
     """A hash of everything that decides the held-out evaluation of the base model under this config."""
-    from rlvr_fast.trainer.loop import evaluation_kwargs
-
     cfg = RLVRConfig.from_dict(dict(config))
     return _digest({"kwargs": evaluation_kwargs(cfg), **{k: config[k] for k in EVAL_DATA_FIELDS}})
 

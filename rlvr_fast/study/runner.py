@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rlvr_fast.study.plan import RunSpec, StudyPlan, config_hash
+from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path, config_hash
 from rlvr_fast.study.state import StudyState, write_json_atomic
 from rlvr_fast.study.updates import record_update
 from rlvr_fast.trainer.checkpoint import latest_checkpoint
@@ -48,10 +48,6 @@ class StudyOutcome:
     statuses: dict[str, str]  # run key -> status
     report: str | None  # path of report.md
     study_json: str | None
-
-
-def base_eval_path(study_dir: str, key: str) -> str:
-    return os.path.join(study_dir, "base", key, "eval.json")
 
 
 class BaseModels:

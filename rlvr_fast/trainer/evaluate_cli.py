@@ -7,9 +7,8 @@ import json
 from rlvr_fast.trainer.checkpoint import load_model_weights
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import load_problems
-from rlvr_fast.trainer.evaluation import evaluate
+from rlvr_fast.trainer.evaluation import evaluate, evaluation_kwargs
 from rlvr_fast.trainer.generation import HFGeneration
-from rlvr_fast.trainer.loop import evaluation_kwargs
 from rlvr_fast.trainer.model import load_model
 
 

@@ -15,10 +15,27 @@ from rlvr_fast.eval import (
     pass_at_k_summary,
 )
 from rlvr_fast.rewards import extract_answer, normalize_answer, parse_confidence, parse_number, reward_fn
+from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, chat_prompt
 from rlvr_fast.trainer.generation import GenerationBackend
+from rlvr_fast.trainer.seeds import derived_seed
 
 EVAL_PROMPTS_PER_CALL = 16  # problems per generate call: bounds the batch (x n samples) held in memory
+
+
+def evaluation_kwargs(cfg: RLVRConfig) -> dict:
+    """The keyword arguments of ``evaluate`` for a run: everything besides the model and the problems that decides the
+    held-out evaluation (two runs with equal kwargs and problems evaluate a model identically)."""
+    return dict(
+        n=cfg.eval_samples,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.eval_temperature,
+        top_p=cfg.top_p,
+        seed=derived_seed(cfg.seed, "eval"),  # the same samples' randomness before and after: a paired comparison
+        system_prompt=cfg.system_prompt,
+        format_classes=cfg.format_classes,
+        with_calibration="brier" in cfg.rewards or cfg.eval_calibration,
+    )
 
 
 def answer_key(text: str) -> str | None:

@@ -13,7 +13,6 @@ seed, so ``--resume`` reproduces an uninterrupted run.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
@@ -32,7 +31,7 @@ from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advant
 from rlvr_fast.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
-from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evaluate
+from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evaluate, evaluation_kwargs
 from rlvr_fast.trainer.finite_guard import checked_update
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
 from rlvr_fast.trainer.memory import enable_activation_checkpointing, return_freed_host_memory
@@ -44,6 +43,7 @@ from rlvr_fast.trainer.report import before_after_rows, table, write_report
 from rlvr_fast.trainer.run_log import MetricsLog, Progress, iteration_metrics, peak_memory_bytes
 from rlvr_fast.trainer.schedule import build_scheduler
 from rlvr_fast.trainer.scoring import Rewards, Scorer
+from rlvr_fast.trainer.seeds import derived_seed
 from rlvr_fast.trainer.update_batch import UpdateBatch, build_update_batch
 
 
@@ -56,31 +56,10 @@ class RunResult:
     table: str
 
 
-def derived_seed(seed: int, *parts) -> int:
-    """A 31-bit seed for one use (a step's sampling, an evaluation), stable across processes."""
-    digest = hashlib.blake2b(":".join(map(str, (seed, *parts))).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def evaluation_kwargs(cfg: RLVRConfig) -> dict:
-    """The keyword arguments of ``evaluate`` for a run: everything besides the model and the problems that decides the
-    held-out evaluation (two runs with equal kwargs and problems evaluate a model identically)."""
-    return dict(
-        n=cfg.eval_samples,
-        max_new_tokens=cfg.max_completion_length,
-        temperature=cfg.eval_temperature,
-        top_p=cfg.top_p,
-        seed=derived_seed(cfg.seed, "eval"),  # the same samples' randomness before and after: a paired comparison
-        system_prompt=cfg.system_prompt,
-        format_classes=cfg.format_classes,
-        with_calibration="brier" in cfg.rewards or cfg.eval_calibration,
-    )
 
 
 class Trainer:

@@ -3,9 +3,9 @@
 
 Skipping: with beta == 0 a completion whose advantage is exactly 0 has zero gradient whatever its ratio (the clipped
 surrogate is -min(rho A, clip(rho) A) = 0), so its decoder forward and backward are skipped too, not only its LM-head
-work. It still counts in the loss's normaliser exactly as if it had run: dapo through ``num_items`` (the active tokens
-of the whole step), bnpo by scaling each micro-batch by its share of the step's tokens, grpo / dr_grpo by its share of
-the step's completions.
+work. It still counts in the loss's normaliser exactly as if it had run: each micro-batch describes its part of the step
+(``StepShare``: its completions and tokens against the step's kept ones) and the loss type's partial normaliser
+(``rlvr_fast.ops.loss_types``) says what that part passes as ``num_items`` and by how much its loss is scaled.
 """
 
 from __future__ import annotations
@@ -14,16 +14,29 @@ import torch
 
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from rlvr_fast.ops.logprobs import token_logprobs
+from rlvr_fast.ops.loss_types import StepShare
+from rlvr_fast.ops.objective import PolicyObjective
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.generation import Rollout
 from rlvr_fast.trainer.memory import checkpointed_forward
 from rlvr_fast.trainer.model import last_hidden_states, lm_head_weight
 from rlvr_fast.trainer.update_batch import UpdateBatch
 
-# How a loss type's normaliser is reproduced when a micro-batch holds only part of the step's completions:
-# "num_items" -> pass the step's active tokens as num_items; "tokens" -> scale the micro-batch loss by its tokens / the
-# step's tokens; "rows" -> by its completions / the step's completions.
-SUBSET_NORMALISATION = {"dapo": "num_items", "bnpo": "tokens", "grpo": "rows", "dr_grpo": "rows"}
+
+def objective_from_config(cfg: RLVRConfig) -> PolicyObjective:
+    """The run's objective. The config always holds max_completion_length (it caps generation too); the loss type
+    keeps it only if its normaliser reads it (dr_grpo)."""
+    return PolicyObjective.from_settings(
+        loss_type=cfg.loss_type,
+        beta=cfg.beta,
+        kl=cfg.kl,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        dual_clip=cfg.dual_clip,
+        importance_sampling=cfg.importance_sampling,
+        temperature=cfg.temperature,
+        max_completion_length=cfg.max_completion_length,
+    )
 
 
 def completion_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
@@ -52,39 +65,31 @@ def policy_step(model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig) -> 
     The gradients accumulate in ``.grad``; the caller clips and steps the optimizer.
     """
     weight, bias = lm_head_weight(model)
-    mode = SUBSET_NORMALISATION[cfg.loss_type]
+    objective = objective_from_config(cfg)
     total_loss = 0.0
     sums: dict[str, float] = {}
     tokens_seen = 0.0
     for part in micro_batches(len(batch.advantages), cfg.grad_accumulation):
         ro = batch.rollout.select(torch.arange(part.start, part.stop))
+        mask = batch.loss_mask[part]
+        share = StepShare.of_part(part.stop - part.start, float(mask.sum()), batch.step_rows, batch.step_tokens)
+        part_objective, scale = objective.for_share(share)
         with checkpointed_forward(model):
             h = completion_hidden(model, ro)
         loss, metrics = fused_linear_grpo_loss(
             h,
             weight,
             ro.completion_ids,
-            batch.loss_mask[part],
+            mask,
             batch.advantages[part],
             old_logp=None if batch.old_logp is None else batch.old_logp[part],
             ref_logp=None if batch.ref_logp is None else batch.ref_logp[part],
             bias=bias,
-            temperature=cfg.temperature,
-            beta=cfg.beta,
-            kl=cfg.kl,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            dual_clip=cfg.dual_clip,
-            loss_type=cfg.loss_type,
-            importance_sampling=cfg.importance_sampling,
-            max_completion_length=cfg.max_completion_length if cfg.loss_type == "dr_grpo" else None,
-            num_items=batch.step_tokens if mode == "num_items" else None,
             return_entropy=True,
+            objective=part_objective,
         )
-        if mode == "rows":
-            loss = loss * ((part.stop - part.start) / batch.step_rows)
-        elif mode == "tokens":
-            loss = loss * (float(batch.loss_mask[part].sum()) / batch.step_tokens)
+        if scale != 1.0:
+            loss = loss * scale
         loss.backward()
         total_loss += float(loss.detach())
         m = metrics.as_dict()

@@ -25,12 +25,11 @@ import math
 
 import torch
 
-from rlvr_fast.benchmark.cases.grpo_loss import naive_grpo_loss
+from rlvr_fast.benchmark.cases.grpo_loss import OBJECTIVE, naive_grpo_loss
 from rlvr_fast.benchmark.cases.registry import Case, Floor, register
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from rlvr_fast.ops.logprobs import token_logprobs
 
-BETA, EPS_LOW, EPS_HIGH = 0.04, 0.2, 0.28
 # (B, T, D, V, dtype)
 CPU_SHAPES = [(8, 512, 576, 49152, torch.float32)]
 CUDA_SHAPES = [(16, 1024, 4096, 151936, torch.bfloat16)]
@@ -78,10 +77,7 @@ def _impls(hidden, weight, targets, mask, adv, old, ref, device):
             adv,
             old_logp=old,
             ref_logp=ref,
-            beta=BETA,
-            eps_low=EPS_LOW,
-            eps_high=EPS_HIGH,
-            loss_type="dapo",
+            objective=OBJECTIVE,
         )
 
     def naive():
@@ -94,7 +90,13 @@ def _impls(hidden, weight, targets, mask, adv, old, ref, device):
         from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
 
         liger = LigerFusedLinearGRPOLoss(
-            beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, loss_type="dapo"
+            beta=OBJECTIVE.beta,
+            compiled=False,
+            use_ref_model=True,
+            epsilon_low=OBJECTIVE.eps_low,
+            epsilon_high=OBJECTIVE.eps_high,
+            loss_type=OBJECTIVE.loss_type,
+            temperature=OBJECTIVE.temperature,
         )
 
         def liger_chunked():
@@ -117,12 +119,12 @@ def _impls(hidden, weight, targets, mask, adv, old, ref, device):
                     targets,
                     adv,
                     mask.int(),
-                    temperature=1.0,
-                    beta=BETA,
-                    eps_low=EPS_LOW,
-                    eps_high=EPS_HIGH,
+                    temperature=OBJECTIVE.temperature,
+                    beta=OBJECTIVE.beta,
+                    eps_low=OBJECTIVE.eps_low,
+                    eps_high=OBJECTIVE.eps_high,
                     inplace=True,
-                    loss_type="dapo",
+                    loss_type=OBJECTIVE.loss_type,
                     reduce=True,
                 )
 
@@ -159,8 +161,8 @@ def fused_linear_grpo_loss_cases(device: torch.device) -> list[Case]:
                     "D": D,
                     "V": V,
                     "dtype": str(dtype),
-                    "beta": BETA,
-                    "loss_type": "dapo",
+                    "beta": OBJECTIVE.beta,
+                    "loss_type": OBJECTIVE.loss_type,
                     "fwd_bwd": True,
                     "logits_mb": n * V * elt / 2**20,
                 },

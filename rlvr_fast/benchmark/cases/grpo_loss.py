@@ -14,17 +14,22 @@ import torch
 
 from rlvr_fast.benchmark.cases.registry import Case, Floor, register
 from rlvr_fast.ops.grpo_loss import grpo_loss
+from rlvr_fast.ops.objective import PolicyObjective
 
-BETA, EPS_LOW, EPS_HIGH = 0.04, 0.2, 0.28
+# The objective every GRPO-loss case times (ours and the baselines): TRL's token-level dapo loss with k3 KL and DAPO's
+# clip-higher.
+OBJECTIVE = PolicyObjective(loss_type="dapo", beta=0.04, kl="k3", eps_low=0.2, eps_high=0.28)
 
 
-def naive_grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=BETA, eps_low=EPS_LOW, eps_high=EPS_HIGH):
-    """The baseline: TRL's token-level dapo loss with k3 KL written inline, as GRPOTrainer._compute_loss does."""
+def naive_grpo_loss(logp, old_logp, ref_logp, advantages, mask, objective: PolicyObjective = OBJECTIVE):
+    """The baseline: TRL's token-level dapo loss with k3 KL written inline, as GRPOTrainer._compute_loss does
+    (``objective`` gives beta and the clip range; its loss type and KL estimator are TRL's dapo and k3)."""
     ratio = torch.exp(logp - old_logp)
     a = advantages.unsqueeze(1)
-    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+    clipped = torch.clamp(ratio, 1 - objective.eps_low, 1 + objective.eps_high) * a
+    per_token = -torch.min(ratio * a, clipped)
     d = ref_logp - logp
-    per_token = per_token + beta * (torch.exp(d) - d - 1)
+    per_token = per_token + objective.beta * (torch.exp(d) - d - 1)
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp(min=1.0)
 
@@ -50,7 +55,7 @@ def _fwd_bwd(loss_fn, leaf):
 
 def _logp_impls(logp, old, ref, adv, mask):
     def ours():
-        return grpo_loss(logp, old, ref, adv, mask, beta=BETA, eps_low=EPS_LOW, eps_high=EPS_HIGH)
+        return grpo_loss(logp, old, ref, adv, mask, objective=OBJECTIVE)
 
     def naive():
         return naive_grpo_loss(logp, old, ref, adv, mask)
@@ -75,7 +80,7 @@ def grpo_loss_cases(device: torch.device) -> list[Case]:
                 impls=_logp_impls(logp, old, ref, adv, mask),
                 floor=Floor(flops=40.0 * n, bytes=17.0 * n),
                 baseline="naive_torch",
-                params={"B": B, "T": T, "beta": BETA, "loss_type": "dapo", "fwd_bwd": True},
+                params={"B": B, "T": T, "beta": OBJECTIVE.beta, "loss_type": OBJECTIVE.loss_type, "fwd_bwd": True},
             )
         )
     return cases
@@ -99,7 +104,7 @@ def grpo_loss_logits_cases(device: torch.device) -> list[Case]:
 
         def ours(logits=logits, ids=ids, old=old, ref=ref, adv=adv, mask=mask):
             logp = logprobs_from_logits(logits, ids)
-            return grpo_loss(logp, old, ref, adv, mask, beta=BETA, eps_low=EPS_LOW, eps_high=EPS_HIGH)
+            return grpo_loss(logp, old, ref, adv, mask, objective=OBJECTIVE)
 
         def naive(logits=logits, ids=ids, old=old, ref=ref, adv=adv, mask=mask):
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
@@ -123,12 +128,12 @@ def grpo_loss_logits_cases(device: torch.device) -> list[Case]:
                     ids,
                     adv,
                     mask.int(),
-                    temperature=1.0,
-                    beta=BETA,
-                    eps_low=EPS_LOW,
-                    eps_high=EPS_HIGH,
+                    temperature=OBJECTIVE.temperature,
+                    beta=OBJECTIVE.beta,
+                    eps_low=OBJECTIVE.eps_low,
+                    eps_high=OBJECTIVE.eps_high,
                     inplace=False,
-                    loss_type="dapo",
+                    loss_type=OBJECTIVE.loss_type,
                     reduce=True,
                 )
 
@@ -141,7 +146,7 @@ def grpo_loss_logits_cases(device: torch.device) -> list[Case]:
                 impls=impls,
                 floor=Floor(flops=6.0 * n * V, bytes=2.0 * 2.0 * n * V),
                 baseline="naive_torch",
-                params={"B": B, "T": T, "V": V, "dtype": "bfloat16", "beta": BETA, "fwd_bwd": True},
+                params={"B": B, "T": T, "V": V, "dtype": "bfloat16", "beta": OBJECTIVE.beta, "fwd_bwd": True},
                 memory=True,
             )
         )

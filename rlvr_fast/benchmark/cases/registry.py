@@ -45,14 +45,3 @@ def register(op: str) -> Callable[[CaseBuilder], CaseBuilder]:
         return fn
 
     return wrap
-
-
-def build_cases(device: torch.device | str, ops: list[str] | None = None) -> list[Case]:
-    import rlvr_fast.benchmark.cases  # noqa: F401  (imports every op's module, which registers its builder)
-
-    device = torch.device(device)
-    names = ops if ops is not None else list(CASES)
-    unknown = sorted(set(names) - set(CASES))
-    if unknown:
-        raise ValueError(f"unknown benchmark ops {unknown}; known: {sorted(CASES)}")
-    return [case for name in names for case in CASES[name](device)]

@@ -1,0 +1,195 @@
+"""The GRPO-family objective as one value: everything ``grpo_loss`` / ``fused_linear_grpo_loss`` need besides tensors.
+
+``PolicyObjective`` is what the trainer, the TRL integration, the benchmarks and the ops pass around instead of a dozen
+keyword arguments. It checks its fields when built (one place, errors naming the field); the loss-type registry
+(``rlvr_fast.ops.loss_types.LOSS_TYPES``) decides which optional fields a loss type reads (``max_completion_length``
+for dr_grpo, ``num_items`` for dapo; passing one to a loss type that does not read it is an error, never silently
+ignored) and how a call holding part of a step is normalised (``for_share``). Formulas: docs/design.md §2.
+
+The public ops keep their flat keyword arguments (the API users embed) and build the object from them
+(``objective_from_arguments``); they also take ``objective=PolicyObjective(...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlvr_fast.ops.checks import finite_number, is_real_number
+from rlvr_fast.ops.loss_types import (
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    AggregationContext,
+    KLEstimator,
+    LossType,
+    StepShare,
+)
+
+WHERE = "PolicyObjective"
+
+
+@dataclass(frozen=True)
+class PolicyObjective:
+    """The GRPO-family policy objective (docs/design.md §2; the registries in ``rlvr_fast.ops.loss_types``).
+
+    loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo": how the per-token loss is aggregated (``LOSS_TYPES``).
+    beta: KL coefficient, >= 0 (0: no reference model needed).
+    kl: KL estimator of d = ref - logp: "k1" | "k2" | "k3" | "low_var_kl" (``KL_ESTIMATORS``).
+    eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] of the ratio; eps_low in [0, 1], eps_high >= 0
+        (None: eps_low; DAPO's clip-higher uses 0.28).
+    dual_clip: c > 1 caps the loss of negative-advantage tokens at -c A (dual-clip PPO, Ye et al. 2020), or None.
+    importance_sampling: "token" (PPO ratio per token) or "sequence" (GSPO's length-normalised sequence ratio).
+    temperature: > 0, the rollout's sampling temperature; ops that form logits divide them by it (``grpo_loss``
+        receives log-probs that already include it and does not read it).
+    max_completion_length: dr_grpo's fixed length L (the normaliser B * L); read by dr_grpo only, which requires it.
+    num_items: dapo's denominator, the active tokens of the whole accumulated step (divided by the data-parallel
+        world size); read by dapo only (default: the call's own token count). A one-element tensor is read once on
+        the host.
+    """
+
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    kl: str = "k3"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    dual_clip: float | None = None
+    importance_sampling: str = "token"
+    temperature: float = 1.0
+    max_completion_length: int | None = None
+    num_items: float | None = None
+
+    def __post_init__(self):
+        def put(name: str, value) -> None:  # frozen: normalised values are written once, here
+            object.__setattr__(self, name, value)
+
+        for name, registry, what in (
+            ("kl", KL_ESTIMATORS, "KL estimators"),
+            ("loss_type", LOSS_TYPES, "loss types"),
+            ("importance_sampling", IS_LEVELS, "levels"),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in registry:
+                raise ValueError(f"{WHERE}: unknown {name} {value!r}; valid {what}: {sorted(registry)}")
+        put("beta", finite_number(WHERE, "beta", self.beta, low=0.0))
+        put("eps_low", finite_number(WHERE, "eps_low", self.eps_low, low=0.0, high=1.0))
+        eps_high = self.eps_low if self.eps_high is None else finite_number(WHERE, "eps_high", self.eps_high, low=0.0)
+        put("eps_high", eps_high)
+        if self.dual_clip is not None:
+            # The dual bound -c A must sit above the clipped loss |A| (1 - eps_low) to cap anything (verl: c > 1).
+            put("dual_clip", finite_number(WHERE, "dual_clip", self.dual_clip, low=1.0, low_open=True))
+        t = self.temperature
+        if not is_real_number(t) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"{WHERE}: temperature must be a positive number, got {t!r}")
+        put("temperature", float(t))
+        self._check_loss_type_fields()
+        if self.max_completion_length is not None:
+            L = self.max_completion_length
+            if isinstance(L, bool) or not isinstance(L, int):
+                raise TypeError(f"{WHERE}: max_completion_length must be an int, got {L!r}")
+            if L < 1:
+                raise ValueError(f"{WHERE}: max_completion_length must be >= 1, got {L}")
+        if self.num_items is not None:
+            put("num_items", _positive_count(self.num_items))
+
+    def _check_loss_type_fields(self) -> None:
+        """The loss type alone says which optional fields it reads: one it does not read is refused, by name."""
+        lt = self.aggregation
+        for name in ("max_completion_length", "num_items"):
+            value = getattr(self, name)
+            if value is not None and not lt.reads(name):
+                users = sorted(n for n, t in LOSS_TYPES.items() if t.reads(name))
+                raise ValueError(
+                    f"{WHERE}: {name}={value!r} is used only by loss types {users}; "
+                    f"loss_type={self.loss_type!r} does not read it"
+                )
+            if value is None and name in lt.requires:
+                raise ValueError(f"{WHERE}: loss_type={self.loss_type!r} needs {name}, got None")
+
+    # ---- the registry rows it selects ---------------------------------------------------------------------------
+
+    @property
+    def aggregation(self) -> LossType:
+        """The loss type's registry row (normaliser, per-sequence mean, fields read, partial normaliser)."""
+        return LOSS_TYPES[self.loss_type]
+
+    @property
+    def kl_estimator(self) -> KLEstimator:
+        return KL_ESTIMATORS[self.kl]
+
+    @property
+    def sequence_level(self) -> bool:
+        """GSPO: one importance ratio per completion."""
+        return self.importance_sampling == "sequence"
+
+    # ---- normalisation ---------------------------------------------------------------------------------------------
+
+    def denominator(self, n_rows: int, token_count: torch.Tensor) -> torch.Tensor | float:
+        """The loss type's D for a call of ``n_rows`` completions whose mask weights sum to ``token_count`` (0-d): a
+        Python float when it is known on the host (no host-to-device copy), else a 0-d tensor."""
+        ctx = AggregationContext(
+            n_rows=n_rows,
+            token_count=token_count,
+            max_completion_length=self.max_completion_length,
+            num_items=self.num_items,
+        )
+        return self.aggregation.denominator(ctx)
+
+    def for_share(self, share: StepShare) -> tuple[PolicyObjective, float]:
+        """(the objective of one call holding ``share`` of a step, the factor to multiply that call's loss by), so
+        that the calls' gradients sum to the whole step's (``loss_types`` module doc, "Part of a step")."""
+        part = self.aggregation.partial_normaliser(share)
+        objective = self if part.num_items is None else dataclasses.replace(self, num_items=part.num_items)
+        return objective, part.scale
+
+    # ---- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> PolicyObjective:
+        """Build from a caller's settings, which may include optional fields its loss type does not read (a trainer
+        always knows its max_completion_length, which also caps generation): the loss type keeps what it reads."""
+        lt = LOSS_TYPES.get(settings.get("loss_type", cls.loss_type))
+        if lt is not None:
+            for name in ("max_completion_length", "num_items"):
+                if name in settings and not lt.reads(name):
+                    settings[name] = None
+        return cls(**settings)
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PolicyObjective))
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PolicyObjective)}
+
+
+def _positive_count(num_items) -> float:
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1 or num_items.is_complex():
+            raise ValueError(
+                f"{WHERE}: num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}"
+            )
+        num_items = num_items.item()
+    if not is_real_number(num_items) or not math.isfinite(num_items) or num_items <= 0:
+        raise ValueError(
+            f"{WHERE}: num_items must be > 0 (the active-token count of the whole accumulated batch), got {num_items!r}"
+        )
+    return float(num_items)
+
+
+def objective_from_arguments(where: str, objective: PolicyObjective | None, **flat: Any) -> PolicyObjective:
+    """The objective of an op call: ``objective`` when given (then every flat objective argument must be left at its
+    default), else one built from the flat keyword arguments."""
+    if objective is None:
+        return PolicyObjective(**flat)
+    if not isinstance(objective, PolicyObjective):
+        raise TypeError(f"{where}: objective must be a PolicyObjective or None, got {type(objective).__name__}")
+    for name, value in flat.items():
+        default = _DEFAULTS[name]
+        if value is not default and (isinstance(value, torch.Tensor) or value != default):
+            raise TypeError(
+                f"{where}: pass the objective either as objective= or as flat keyword arguments, not both: got "
+                f"objective= and {name}={value!r}"
+            )
+    return objective

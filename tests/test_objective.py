@@ -1,0 +1,211 @@
+"""PolicyObjective: one value for the objective, its checks, the loss types' field rules and partial normalisers."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss, fused_linear_grpo_loss_reference
+from rlvr_fast.ops.grpo_loss import grpo_loss, grpo_loss_reference
+from rlvr_fast.ops.loss_types import IS_LEVELS, LOSS_TYPES, StepShare
+from rlvr_fast.ops.objective import PolicyObjective
+from rlvr_fast.testing import assert_close
+from rlvr_fast.trainer.config import RLVRConfig
+from rlvr_fast.trainer.policy import objective_from_config
+
+OPTIONAL_FIELDS = {"max_completion_length": 16, "num_items": 7.0}
+
+
+def _flat(loss_type: str, T: int) -> dict:
+    """A non-default objective of ``loss_type`` as flat keyword arguments (every field it may read set)."""
+    flat = dict(loss_type=loss_type, beta=0.03, kl="k2", eps_low=0.15, eps_high=0.3, dual_clip=2.5)
+    flat["importance_sampling"] = "sequence"
+    if LOSS_TYPES[loss_type].reads("max_completion_length"):
+        flat["max_completion_length"] = T + 3
+    if LOSS_TYPES[loss_type].reads("num_items"):
+        flat["num_items"] = 11.0
+    return flat
+
+
+def _batch(B: int, T: int, generator, dtype=torch.float64):
+    logp = (-torch.rand(B, T, generator=generator, dtype=dtype) * 3).requires_grad_(True)
+    old = logp.detach() + 0.3 * torch.randn(B, T, generator=generator, dtype=dtype)
+    ref = logp.detach() + 0.3 * torch.randn(B, T, generator=generator, dtype=dtype)
+    adv = torch.randn(B, generator=generator, dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,), generator=generator)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return logp, old, ref, adv, mask
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Flat keyword arguments and objective= are the same call
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_grpo_loss_flat_arguments_equal_objective(loss_type, generator):
+    B, T = 4, 6
+    logp, old, ref, adv, mask = _batch(B, T, generator)
+    flat = _flat(loss_type, T)
+    objective = PolicyObjective(**flat)
+    for op, extra in ((grpo_loss, {"backend": "torch"}), (grpo_loss_reference, {})):
+        results = []
+        for kwargs in (flat, {"objective": objective}):
+            loss, metrics = op(logp, old, ref, adv, mask, **kwargs, **extra)
+            (grad,) = torch.autograd.grad(loss, logp)
+            results.append((loss.detach(), grad, metrics.as_dict()))
+        (loss_a, grad_a, m_a), (loss_b, grad_b, m_b) = results
+        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b), op.__name__
+        assert m_a == m_b
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_fused_linear_flat_arguments_equal_objective(loss_type, generator):
+    B, T, D, V = 3, 5, 8, 13
+    hidden = torch.randn(B, T, D, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, D, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=generator)
+    _, old, ref, adv, mask = _batch(B, T, generator)
+    flat = {**_flat(loss_type, T), "temperature": 0.7}
+    objective = PolicyObjective(**flat)
+    for op, extra in ((fused_linear_grpo_loss, {"backend": "torch"}), (fused_linear_grpo_loss_reference, {})):
+        results = []
+        for kwargs in (flat, {"objective": objective}):
+            loss, _ = op(hidden, weight, targets, mask, adv, old_logp=old, ref_logp=ref, **kwargs, **extra)
+            results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), op.__name__
+
+
+def test_objective_and_flat_arguments_together_are_refused(generator):
+    logp, old, ref, adv, mask = _batch(2, 3, generator)
+    with pytest.raises(TypeError, match=r"not both: got objective= and eps_low=0\.3"):
+        grpo_loss(logp, old, ref, adv, mask, eps_low=0.3, objective=PolicyObjective())
+    with pytest.raises(TypeError, match="objective must be a PolicyObjective"):
+        grpo_loss(logp, old, ref, adv, mask, objective={"beta": 0.1})
+    # flat arguments left at their defaults are not a conflict
+    grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, objective=PolicyObjective(eps_low=0.2), backend="torch")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation, in the object
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_eps_high_defaults_to_eps_low_and_values_are_normalised():
+    assert PolicyObjective(eps_low=0.3) == PolicyObjective(eps_low=0.3, eps_high=0.3)
+    objective = PolicyObjective(loss_type="dapo", beta=1, num_items=torch.tensor(12), temperature=2)
+    assert objective.num_items == 12.0 and isinstance(objective.num_items, float)
+    assert isinstance(objective.beta, float) and isinstance(objective.temperature, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        objective.beta = 0.5
+
+
+@pytest.mark.parametrize(
+    "fields, exc, pattern",
+    [
+        ({"loss_type": "ppo"}, ValueError, r"unknown loss_type 'ppo'; valid loss types"),
+        ({"kl": "k4"}, ValueError, r"unknown kl 'k4'"),
+        ({"importance_sampling": "seq"}, ValueError, r"unknown importance_sampling 'seq'"),
+        ({"beta": -1.0}, ValueError, r"PolicyObjective: beta must be >= 0.0, got -1.0"),
+        ({"beta": True}, ValueError, r"beta must be a finite real number, got True"),
+        ({"eps_low": 2.0}, ValueError, r"eps_low must be <= 1.0, got 2.0"),
+        ({"eps_high": float("nan")}, ValueError, r"eps_high must be a finite real number"),
+        ({"dual_clip": 1.0}, ValueError, r"dual_clip must be > 1.0, got 1.0"),
+        ({"temperature": 0.0}, ValueError, r"temperature must be a positive number, got 0.0"),
+        ({"loss_type": "dr_grpo", "max_completion_length": 0}, ValueError, r"max_completion_length must be >= 1"),
+        ({"loss_type": "dr_grpo", "max_completion_length": 4.0}, TypeError, r"max_completion_length must be an int"),
+        ({"num_items": -1}, ValueError, r"num_items must be > 0"),
+        ({"num_items": torch.ones(3)}, ValueError, r"num_items must be a number or a one-element tensor"),
+    ],
+)
+def test_bad_fields_raise_naming_the_field(fields, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        PolicyObjective(**fields)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+@pytest.mark.parametrize("field", sorted(OPTIONAL_FIELDS))
+def test_a_loss_type_refuses_a_field_it_does_not_read(loss_type, field):
+    lt = LOSS_TYPES[loss_type]
+    required = {name: OPTIONAL_FIELDS[name] for name in lt.requires}
+    if lt.reads(field):
+        PolicyObjective(loss_type=loss_type, **{**required, field: OPTIONAL_FIELDS[field]})
+        return
+    users = sorted(n for n, t in LOSS_TYPES.items() if t.reads(field))
+    expected = re.escape(f"is used only by loss types {users}; loss_type={loss_type!r} does not read it")
+    with pytest.raises(ValueError, match=rf"{field}=\S+ {expected}"):
+        PolicyObjective(loss_type=loss_type, **{**required, field: OPTIONAL_FIELDS[field]})
+    # from_settings lets the loss type drop what it does not read (a trainer always knows its max length)
+    kept = PolicyObjective.from_settings(loss_type=loss_type, **{**required, field: OPTIONAL_FIELDS[field]})
+    assert getattr(kept, field) is None
+
+
+def test_a_loss_type_requires_what_it_needs():
+    for name, lt in LOSS_TYPES.items():
+        for field in lt.requires:
+            with pytest.raises(ValueError, match=rf"loss_type='{name}' needs {field}, got None"):
+                PolicyObjective(loss_type=name)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_trainer_objective_from_config(loss_type):
+    cfg = RLVRConfig(loss_type=loss_type, beta=0.02, eps_low=0.1, eps_high=0.3, temperature=0.9)
+    objective = objective_from_config(cfg)
+    assert (objective.loss_type, objective.beta, objective.eps_low, objective.eps_high) == (loss_type, 0.02, 0.1, 0.3)
+    assert objective.temperature == 0.9 and objective.kl == cfg.kl and objective.num_items is None
+    reads_length = LOSS_TYPES[loss_type].reads("max_completion_length")
+    assert objective.max_completion_length == (cfg.max_completion_length if reads_length else None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The partial normaliser: micro-batches of the kept completions reproduce the whole step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_partial_normaliser_reproduces_the_step(loss_type, importance_sampling, generator):
+    """A step of B completions, some with A == 0 (beta = 0: zero gradient, skipped before the loss runs, as the trainer
+    does) and one fully masked: the kept completions in uneven micro-batches, each normalised by its loss type's
+    partial normaliser, sum to the loss and the gradient of the whole step computed in one call."""
+    B, T = 9, 7
+    logp, old, ref, adv, mask = _batch(B, T, generator)
+    adv[[1, 4, 5]] = 0.0  # skipped
+    mask[6] = False  # counts in grpo's / dr_grpo's row count, contributes no token
+    flat = {"loss_type": loss_type, "beta": 0.0, "importance_sampling": importance_sampling, "eps_high": 0.28}
+    objective = PolicyObjective.from_settings(**flat, max_completion_length=T + 2)
+    full, _ = grpo_loss_reference(logp, old, ref, adv, mask, objective=objective)
+    (full_grad,) = torch.autograd.grad(full, logp)
+
+    kept = torch.tensor([b for b in range(B) if adv[b] != 0])
+    step_rows, step_tokens = B, float(mask.sum())
+    total = torch.zeros((), dtype=torch.float64)
+    grad = torch.zeros_like(logp)
+    for part in (kept[:1], kept[1:4], kept[4:]):  # uneven micro-batches
+        share = StepShare.of_part(len(part), float(mask[part].sum()), step_rows, step_tokens)
+        part_objective, scale = objective.for_share(share)
+        lp = logp.detach()[part].requires_grad_(True)
+        loss, _ = grpo_loss(lp, old[part], ref[part], adv[part], mask[part], objective=part_objective, backend="torch")
+        loss = loss * scale
+        (g,) = torch.autograd.grad(loss, lp)
+        total += loss.detach()
+        grad[part] = g
+    assert_close(total, full.detach(), rtol=1e-12, atol=1e-15, name="loss")
+    assert_close(grad, full_grad, rtol=1e-12, atol=1e-15, name="d loss / d logp")
+
+
+def test_equal_parts_weigh_each_call_alike():
+    """TRL's convention: each of n micro-batches weighs 1 / n; dapo receives the step's token count instead."""
+    share = StepShare.equal_parts(4, 40.0)
+    for name, lt in LOSS_TYPES.items():
+        part = lt.partial_normaliser(share)
+        if lt.reads("num_items"):
+            assert (part.num_items, part.scale) == (40.0, 1.0), name
+        else:
+            assert (part.num_items, part.scale) == (None, 0.25), name
+    with pytest.raises(ValueError, match="n_parts must be >= 1, got 0"):
+        StepShare.equal_parts(0, 1.0)
