@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ PACKAGE_DIRS = {
 }
 # modules that need an extra to import
 OPTIONAL_IMPORTS = {"rlvr_fast.integrations.trl": "trl", "rlvr_fast.integrations.verl_plugin": "verl"}
+# modules that refuse the Triton interpreter (they compile the real kernels): imported in a fresh process without it
+COMPILER_ONLY = {"rlvr_fast.kernels.check.aot_compile"}
 
 
 def _module_files() -> dict[str, Path]:
@@ -165,4 +170,9 @@ def test_every_module_imports(module):
     """(``__main__`` modules run the CLI when imported: the cycle test reads them, this one does not run them.)"""
     if module in OPTIONAL_IMPORTS:
         pytest.importorskip(OPTIONAL_IMPORTS[module])
+    if module in COMPILER_ONLY:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"import {module} failed without the interpreter:\n{done.stderr[-2000:]}"
+        return
     importlib.import_module(module)

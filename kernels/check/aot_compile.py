@@ -135,20 +135,22 @@ def _cuda(*shape, dtype=torch.float32) -> torch.Tensor:
 def _group_advantage(target: Target) -> Iterator[None]:
     from rlvr_fast.kernels import group_advantage as k
 
+    from rlvr_fast.ops import constants as codes
+
     estimators = [
-        (k.GRPO, k.SCALE_GROUP),
-        (k.GRPO, k.SCALE_BATCH),
-        (k.GRPO, k.SCALE_NONE),
-        (k.DR_GRPO, k.SCALE_NONE),
-        (k.RLOO, k.SCALE_NONE),
-        (k.PSR, k.SCALE_NONE),
-        (k.NSR, k.SCALE_NONE),
-        (k.W_REINFORCE, k.SCALE_NONE),
+        (codes.ADV_GRPO, codes.SCALE_GROUP),
+        (codes.ADV_GRPO, codes.SCALE_BATCH),
+        (codes.ADV_GRPO, codes.SCALE_NONE),
+        (codes.ADV_DR_GRPO, codes.SCALE_NONE),
+        (codes.ADV_RLOO, codes.SCALE_NONE),
+        (codes.ADV_PSR, codes.SCALE_NONE),
+        (codes.ADV_NSR, codes.SCALE_NONE),
+        (codes.ADV_W_REINFORCE, codes.SCALE_NONE),
     ]
-    base = dict(estimator=estimators[1], sample_mode=k.SAMPLE_ALL, correct=True, dtype=torch.float32)
+    base = dict(estimator=estimators[1], sample_mode=codes.SAMPLE_ALL, correct=True, dtype=torch.float32)
     branches = dict(
         estimator=estimators,
-        sample_mode=[k.SAMPLE_ALL, k.SAMPLE_POSITIVE, k.SAMPLE_NEGATIVE],
+        sample_mode=[codes.SAMPLE_ALL, codes.SAMPLE_POSITIVE_ONLY, codes.SAMPLE_NEGATIVE_ONLY],
         correct=[True, False],
         dtype=[torch.float32, torch.bfloat16, torch.float64],
     )
