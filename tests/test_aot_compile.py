@@ -129,8 +129,12 @@ def test_record_launches_records_instead_of_running_and_the_plan_runs_as_the_lau
     from rlvr_fast.kernels import group_advantage as k
     from rlvr_fast.kernels.launch_plan import record_launches
 
+    from rlvr_fast.ops import constants as codes
+
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0, 2.0])
-    kwargs = dict(n_groups=3, group_size=3, estimator=k.GRPO, scale=k.SCALE_GROUP, sample_mode=k.SAMPLE_ALL)
+    kwargs = dict(
+        n_groups=3, group_size=3, estimator=codes.ADV_GRPO, scale=codes.SCALE_GROUP, sample_mode=codes.SAMPLE_ALL
+    )
     with record_launches() as recorded:
         out = k.group_advantage_fwd(rewards, None, **kwargs, eps=1e-6, lam=0.1, out=k.empty_outputs(3, 3, "cpu"))
     assert out.flags.abs().sum() == 0  # zeros as allocated: the kernel did not run
