@@ -6,8 +6,18 @@ machine the tests run on the GPU with compiled kernels (the interpreter stays of
 """
 
 import os
+import sys
+from pathlib import Path
 
-import torch  # importing torch imports no kernel module of ours
+# The repository root holds kernels/ (installed as the subpackage rlvr_fast.kernels). `python -m pytest` puts the
+# current folder on sys.path, where that folder would shadow the PyPI package `kernels` that transformers >= 5.25
+# imports ("cannot import name 'CUDAProperties' from 'kernels'"). The tests use the installed package, so the root
+# leaves sys.path here, before anything imports transformers, and the tests' subprocesses do not put it back.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
+import torch  # noqa: E402  (importing torch imports no kernel module of ours)
 
 ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA:
