@@ -161,6 +161,7 @@ def _token_terms_kernel(
     row_coef_ptr,  # (B,) 1 / max(W_b, 1) (read with ROW_NORM)
     seq_log_ratio_ptr,  # (B,) GSPO: the completion's masked mean log-ratio (read with SEQUENCE)
     pg_scale_ptr,  # (B,) GSPO: W_b / max(W_b, 1) (read with SEQUENCE)
+    kl_row_mean_ptr,  # (B,) GSPO: sum_t m KL_t / max(W_b, 1) of the completion (read with SEQUENCE and KL_WEIGHTED)
     ent_ptr,  # (n,) entropies (read with HAS_ENTROPY)
     g_ptr,  # (n,) ACC out: m_t c_b d l_t / d logp_t
     partial_ptr,  # (programs, N_STATS) ACC out
@@ -177,6 +178,7 @@ def _token_terms_kernel(
     SEQUENCE: tl.constexpr,
     ROW_NORM: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
+    KL_WEIGHTED: tl.constexpr,
     SERIES: tl.constexpr,
     ACC: tl.constexpr,
     N_STATS_: tl.constexpr,
@@ -194,9 +196,12 @@ def _token_terms_kernel(
         ref = tl.load(ref_ptr + i, mask=active, other=0.0).to(ACC)
     else:
         ref = logp
+    kl_row_mean = tl.zeros([BLOCK], ACC)
     if SEQUENCE:
         log_ratio = tl.load(seq_log_ratio_ptr + row, mask=active, other=0.0).to(ACC)
         pg_grad_scale = tl.load(pg_scale_ptr + row, mask=active, other=0.0).to(ACC)
+        if KL_WEIGHTED:
+            kl_row_mean = tl.load(kl_row_mean_ptr + row, mask=active, other=0.0).to(ACC)
     else:
         if HAS_OLD:
             old = tl.load(old_ptr + i, mask=active, other=0.0).to(ACC)
@@ -211,6 +216,7 @@ def _token_terms_kernel(
         log_ratio,
         adv,
         pg_grad_scale,
+        kl_row_mean,
         beta,
         eps_low,
         eps_high,
@@ -220,6 +226,8 @@ def _token_terms_kernel(
         KL,
         DUAL_CLIP,
         SERIES,
+        KL_WEIGHTED,
+        SEQUENCE,
     )
     if ROW_NORM:
         coef = w * tl.load(row_coef_ptr + row, mask=active, other=0.0).to(ACC)
@@ -367,19 +375,22 @@ def token_terms(
     seq_log_ratio: torch.Tensor | None,
     pg_scale: torch.Tensor | None,
     entropy: torch.Tensor | None,
+    kl_row_mean: torch.Tensor | None = None,
     *,
     beta: float,
     eps_low: float,
     eps_high: float,
     dual_clip: float | None,
     kl: int,
+    kl_weighted: bool = False,
     empty=torch.empty,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, partials) for n >= 1 tokens given as flat (n,) arrays (``rows``: each token's completion, indexing the (B,)
     per-completion arrays). g = m_t c_b d l_t / d logp_t; partials: (programs, N_STATS), to be summed over programs.
 
     ``row_coef`` (1 / max(W_b, 1)) switches on the per-sequence normalisation (grpo); ``seq_log_ratio`` and
-    ``pg_scale`` switch on GSPO's sequence-level ratio; ``old`` None means on-policy.
+    ``pg_scale`` switch on GSPO's sequence-level ratio; ``old`` None means on-policy. ``kl_weighted``: the KL term
+    times the ratio (needs ``ref``; under GSPO also ``kl_row_mean``, (B,) sum_t m KL_t / max(W_b, 1)).
     """
     n = logp.shape[0]
     acc = accumulation_dtype(logp.dtype)
@@ -387,6 +398,8 @@ def token_terms(
     g = empty((n,), dtype=acc, device=logp.device)
     partials = empty((grid[0], N_STATS), dtype=acc, device=logp.device)
     sequence = seq_log_ratio is not None
+    if kl_weighted and (ref is None or (sequence and kl_row_mean is None)):
+        raise ValueError("token_terms: kl_weighted=True needs ref (and kl_row_mean under GSPO)")
     KernelLaunch(
         _token_terms_kernel,
         grid,
@@ -400,6 +413,7 @@ def token_terms(
             row_coef if row_coef is not None else logp,
             seq_log_ratio if sequence else logp,
             pg_scale if sequence else logp,
+            kl_row_mean if (sequence and kl_weighted) else logp,
             entropy if entropy is not None else logp,
             g,
             partials,
@@ -418,6 +432,7 @@ def token_terms(
             SEQUENCE=sequence,
             ROW_NORM=row_coef is not None,
             DUAL_CLIP=dual_clip is not None,
+            KL_WEIGHTED=kl_weighted,
             SERIES=acc != torch.float64,
             ACC=_acc_tl(logp.dtype),
             N_STATS_=N_STATS,

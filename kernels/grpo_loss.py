@@ -64,6 +64,8 @@ C_STAT_CLIP_HIGH = tl.constexpr(STAT_CLIP_HIGH)
 C_STAT_DUAL_CLIP = tl.constexpr(STAT_DUAL_CLIP)
 C_STAT_TOKENS = tl.constexpr(STAT_TOKENS)
 C_STAT_SKIPPED = tl.constexpr(STAT_SKIPPED)
+ROW_STATS = 3  # columns of the per-completion pre-pass: [sum_t m, sum_t m (logp - old), sum_t m KL_t]
+C_ROW_STATS = tl.constexpr(ROW_STATS)
 _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
 _MAX_BLOCK_T = 1024  # tokens per program on a GPU: 4 warps x 8 elements per thread, registers to spare
@@ -182,6 +184,7 @@ def grpo_token_terms(
     log_ratio,
     adv,
     pg_grad_scale,
+    kl_row_mean,
     beta,
     eps_low,
     eps_high,
@@ -191,6 +194,8 @@ def grpo_token_terms(
     KL: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     SERIES: tl.constexpr,
+    KL_WEIGHTED: tl.constexpr,
+    SEQUENCE: tl.constexpr,
 ):
     """Token loss l = pg + beta * KL and d l / d logp, per unit of mask weight and of loss-type row coefficient.
 
@@ -200,6 +205,10 @@ def grpo_token_terms(
     The caller multiplies both returned terms by m_t * c_b (c_b = 1 / max(W, 1) for per-sequence loss types, else 1),
     sums, and divides by the loss type's denominator. HAS_REF: compute the KL (for the metric); KL_IN_LOSS: beta != 0,
     add it to the loss (kept apart so that beta = 0 never turns an infinite KL into NaN).
+    KL_WEIGHTED (TRL's use_bias_correction_kl): the KL term is r * KL with r = ratio, differentiable and unclipped.
+    Token level: d(rho_t KL_t)/dlogp_t = rho_t (dKL_t + KL_t). Sequence level: all of completion b's weighted KL
+    moves with s_b (d s_b / d logp_u = s_b m_u / max(W, 1)), so token u gets s_b (dKL_u + kl_row_mean) with
+    kl_row_mean = sum_t m_t KL_t / max(W, 1) of its completion (read only with SEQUENCE and KL_WEIGHTED).
 
     Returns (loss, dloss_dlogp, ratio, kl, clipped_low, clipped_high, dual_clipped).
     """
@@ -208,6 +217,13 @@ def grpo_token_terms(
     dlogp = dpg * pg_grad_scale
     if HAS_REF:
         kl, dkl = grpo_kl_term(logp, ref_logp, KL, SERIES)
+        if KL_WEIGHTED:
+            if SEQUENCE:
+                kl_bar = kl_row_mean
+            else:
+                kl_bar = kl
+            dkl = ratio * (dkl + kl_bar)
+            kl = ratio * kl
         if KL_IN_LOSS:
             loss = loss + beta * kl
             dlogp = dlogp + beta * dkl
@@ -225,18 +241,24 @@ def grpo_token_terms(
 def _grpo_row_stats_kernel(
     logp_ptr,
     old_ptr,
+    ref_ptr,
     mask_ptr,
-    partial_ptr,  # (B, n_chunks, 2) out: [sum_t m, sum_t m (logp - old)] of this chunk
+    partial_ptr,  # (B, n_chunks, ROW_STATS) out: [sum_t m, sum_t m (logp - old), sum_t m KL_t] of this chunk
     T,
     n_chunks,
     s_logp_b,
     s_logp_t,
     s_old_b,
     s_old_t,
+    s_ref_b,
+    s_ref_t,
     s_mask_b,
     s_mask_t,
     HAS_OLD: tl.constexpr,
     SEQUENCE: tl.constexpr,
+    KL_SUM: tl.constexpr,
+    KL: tl.constexpr,
+    SERIES: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -245,16 +267,24 @@ def _grpo_row_stats_kernel(
     t = (pid % n_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
     w = tl.load(mask_ptr + row * s_mask_b + t * s_mask_t, mask=t < T, other=0).to(ACC)
     active = w != 0
-    tl.store(partial_ptr + pid * 2, tl.sum(w, axis=0))
+    out = partial_ptr + pid * C_ROW_STATS
+    tl.store(out, tl.sum(w, axis=0))
     if SEQUENCE:
         logp = tl.load(logp_ptr + row * s_logp_b + t * s_logp_t, mask=active, other=0.0).to(ACC)
         if HAS_OLD:
             old = tl.load(old_ptr + row * s_old_b + t * s_old_t, mask=active, other=0.0).to(ACC)
         else:
             old = logp  # on-policy: old = logp.detach(), log-ratio 0 (NaN stays NaN, as in the reference)
-        tl.store(partial_ptr + pid * 2 + 1, tl.sum(tl.where(active, w * (logp - old), 0.0), axis=0))
+        tl.store(out + 1, tl.sum(tl.where(active, w * (logp - old), 0.0), axis=0))
+        if KL_SUM:  # GSPO with a ratio-weighted KL: the completion's KL moves with s_b (grpo_token_terms)
+            ref = tl.load(ref_ptr + row * s_ref_b + t * s_ref_t, mask=active, other=0.0).to(ACC)
+            kl, _ = grpo_kl_term(logp, ref, KL, SERIES)
+            tl.store(out + 2, tl.sum(tl.where(active, w * kl, 0.0), axis=0))
+        else:
+            tl.store(out + 2, tl.sum(w * 0.0, axis=0))
     else:
-        tl.store(partial_ptr + pid * 2 + 1, tl.sum(w * 0.0, axis=0))
+        tl.store(out + 1, tl.sum(w * 0.0, axis=0))
+        tl.store(out + 2, tl.sum(w * 0.0, axis=0))
 
 
 @triton.jit
@@ -265,7 +295,7 @@ def _grpo_loss_fwd_kernel(
     mask_ptr,
     adv_ptr,
     ent_ptr,
-    row_stats_ptr,  # (B, 2) [sum_t m, sum_t m (logp - old)], read when ROW_NORM or SEQUENCE
+    row_stats_ptr,  # (B, ROW_STATS) [sum_t m, sum_t m (logp - old), sum_t m KL_t], read when ROW_NORM or SEQUENCE
     dlogp_ptr,  # (B, T) contiguous fp32/fp64 out: m_t * c_b * d l_t / d logp_t
     partial_ptr,  # (programs, N_STATS) out
     T,
@@ -293,6 +323,7 @@ def _grpo_loss_fwd_kernel(
     SEQUENCE: tl.constexpr,
     ROW_NORM: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
+    KL_WEIGHTED: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SERIES: tl.constexpr,
     ACC: tl.constexpr,
@@ -314,12 +345,15 @@ def _grpo_loss_fwd_kernel(
 
     one = tl.full([], 1.0, ACC)
     if ROW_NORM or SEQUENCE:
-        n_row = tl.load(row_stats_ptr + row * 2).to(ACC)
+        n_row = tl.load(row_stats_ptr + row * C_ROW_STATS).to(ACC)
         n_row_clamped = tl.maximum(n_row, one)
+    kl_row_mean = one * 0.0
     if SEQUENCE:
-        seq_log_ratio = tl.load(row_stats_ptr + row * 2 + 1).to(ACC) / n_row_clamped
+        seq_log_ratio = tl.load(row_stats_ptr + row * C_ROW_STATS + 1).to(ACC) / n_row_clamped
         log_ratio = tl.zeros([BLOCK_T], ACC) + seq_log_ratio
         pg_grad_scale = n_row / n_row_clamped
+        if KL_WEIGHTED:
+            kl_row_mean = tl.load(row_stats_ptr + row * C_ROW_STATS + 2).to(ACC) / n_row_clamped
     else:
         if HAS_OLD:
             old = tl.load(old_ptr + row * s_old_b + t * s_old_t, mask=active, other=0.0).to(ACC)
@@ -334,6 +368,7 @@ def _grpo_loss_fwd_kernel(
         log_ratio,
         adv,
         pg_grad_scale,
+        kl_row_mean,
         beta,
         eps_low,
         eps_high,
@@ -343,6 +378,8 @@ def _grpo_loss_fwd_kernel(
         KL,
         DUAL_CLIP,
         SERIES,
+        KL_WEIGHTED,
+        SEQUENCE,
     )
     if ROW_NORM:
         coef = w / n_row_clamped
@@ -409,30 +446,44 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 def grpo_row_stats(
-    logp: torch.Tensor, old_logp: torch.Tensor | None, mask: torch.Tensor, *, sequence: bool, layout: GrpoLayout
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    sequence: bool,
+    layout: GrpoLayout,
+    ref_logp: torch.Tensor | None = None,
+    kl: int = KL_K3,
 ) -> torch.Tensor:
-    """(B, 2) per completion: [sum_t m, sum_t m (logp - old)] (the second column is 0 unless ``sequence``)."""
+    """(B, ROW_STATS) per completion: [sum_t m, sum_t m (logp - old), sum_t m KL_t]; the second column is 0 unless
+    ``sequence``, the third unless ``sequence`` and ``ref_logp`` is given (GSPO with a ratio-weighted KL)."""
     B, T = logp.shape
     acc = accumulation_dtype(logp.dtype)
-    partial = torch.empty(B, layout.n_chunks, 2, dtype=acc, device=logp.device)
+    partial = torch.empty(B, layout.n_chunks, ROW_STATS, dtype=acc, device=logp.device)
     old = old_logp if old_logp is not None else logp
+    ref = ref_logp if ref_logp is not None else logp
     KernelLaunch(
         _grpo_row_stats_kernel,
         layout.grid,
         (
             logp,
             old,
+            ref,
             mask,
             partial,
             T,
             layout.n_chunks,
             *logp.stride(),
             *old.stride(),
+            *ref.stride(),
             *mask.stride(),
         ),
         dict(
             HAS_OLD=old_logp is not None,
             SEQUENCE=sequence,
+            KL_SUM=sequence and ref_logp is not None,
+            KL=kl,
+            SERIES=logp.dtype != torch.float64,
             ACC=_acc_dtype(logp.dtype),
             BLOCK_T=layout.block_t,
         ),
@@ -463,6 +514,7 @@ def grpo_loss_fwd(
     sequence: bool,
     row_norm: bool,
     write_grad: bool,
+    kl_weighted: bool = False,
     dlogp_out: torch.Tensor | None = None,
     block_t: int | None = None,
 ) -> GrpoFwdOutputs:
@@ -470,14 +522,18 @@ def grpo_loss_fwd(
 
     logp / old / ref / mask / entropy: (B, T), any strides; advantages: (B,); B, T >= 1. ``dlogp_out`` may supply the
     gradient buffer ((B, T) contiguous, fp32, or fp64 for fp64 logp), e.g. a poisoned one in tests; ``block_t``
-    overrides the tokens per program (see ``grpo_layout``).
+    overrides the tokens per program (see ``grpo_layout``). ``kl_weighted``: the KL term times the importance ratio
+    (needs ``ref_logp``; ``grpo_token_terms``).
     """
+    if kl_weighted and ref_logp is None:
+        raise ValueError("grpo_loss_fwd: kl_weighted=True needs ref_logp, got None")
     B, T = logp.shape
     layout = grpo_layout(B, T, interpreted=logp.device.type == "cpu", block_t=block_t)
     acc = accumulation_dtype(logp.dtype)
-    row_stats = (
-        grpo_row_stats(logp, old_logp, mask, sequence=sequence, layout=layout) if (row_norm or sequence) else None
-    )
+    row_stats = None
+    if row_norm or sequence:
+        kl_ref = ref_logp if (sequence and kl_weighted) else None
+        row_stats = grpo_row_stats(logp, old_logp, mask, sequence=sequence, layout=layout, ref_logp=kl_ref, kl=kl)
     partials = torch.empty(layout.grid[0], N_STATS, dtype=acc, device=logp.device)
     dlogp = None
     if write_grad:
@@ -521,6 +577,7 @@ def grpo_loss_fwd(
             SEQUENCE=sequence,
             ROW_NORM=row_norm,
             DUAL_CLIP=dual_clip is not None,
+            KL_WEIGHTED=kl_weighted,
             WRITE_GRAD=write_grad,
             SERIES=logp.dtype != torch.float64,
             ACC=_acc_dtype(logp.dtype),

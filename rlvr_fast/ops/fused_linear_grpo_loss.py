@@ -134,6 +134,7 @@ def fused_linear_grpo_loss_reference(
     importance_sampling: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    kl_ratio_weighted: bool = False,
     return_entropy: bool = False,
     objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
@@ -163,6 +164,7 @@ def fused_linear_grpo_loss_reference(
         importance_sampling=importance_sampling,
         max_completion_length=max_completion_length,
         num_items=num_items,
+        kl_ratio_weighted=kl_ratio_weighted,
     )
     _check_linear_inputs(hidden, weight, targets, mask, advantages, bias)
     logp, entropy = token_logprobs_reference(
@@ -438,9 +440,12 @@ def _chunks(plan: _Plan, rows: int, sequence: bool) -> tuple[list[Chunk], list[t
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _terms_torch(logp, old, ref, w, rows, adv, row_coef, seq_log_ratio, pg_scale, entropy, chk: CheckedLoss):
+def _terms_torch(
+    logp, old, ref, w, rows, adv, row_coef, seq_log_ratio, pg_scale, entropy, chk: CheckedLoss, kl_row_mean=None
+):
     """Per-token loss terms of n loss tokens (all with w != 0): (g = w c_b d l / d logp, (N_STATS,) sums). The torch
-    twin of rlvr_fast.kernels.fused_linear_grpo._token_terms_kernel, on ``grpo_loss``'s policy term and KL registry."""
+    twin of rlvr_fast.kernels.fused_linear_grpo._token_terms_kernel, on ``grpo_loss``'s policy term and KL registry.
+    ``kl_row_mean``: (B,) GSPO's sum_t m KL_t / max(W_b, 1) per completion, read with a ratio-weighted KL."""
     a = adv.index_select(0, rows)
     if seq_log_ratio is not None:  # GSPO: the completion's ratio, d log s_b / d logp_t = m_t / max(W_b, 1)
         log_ratio, scale = seq_log_ratio.index_select(0, rows), pg_scale.index_select(0, rows)
@@ -452,6 +457,9 @@ def _terms_torch(logp, old, ref, w, rows, adv, row_coef, seq_log_ratio, pg_scale
     kl_tok = None
     if ref is not None:
         kl_tok, dkl = obj.kl_estimator.value_and_grad(ref - logp)
+        if obj.kl_ratio_weighted:  # r KL and its derivative (ratio_weighted_kl_torch, on flat tokens)
+            kl_bar = kl_tok if seq_log_ratio is None else kl_row_mean.index_select(0, rows)
+            kl_tok, dkl = ratio * kl_tok, ratio * (dkl + kl_bar)
         if obj.beta != 0.0:  # beta = 0: the KL is a metric only (an infinite KL must not turn the loss into NaN)
             loss, dl = loss + obj.beta * kl_tok, dl + obj.beta * dkl
     coef = w if row_coef is None else w * row_coef.index_select(0, rows)
@@ -582,7 +590,21 @@ class _TritonChunks:
             z, self.b, targets, lse, g.contiguous(), self.inv_t, out, block_v=self.config.block_v, rows=self.rows
         )
 
-    def terms(self, logp, old, ref, w, rows, adv, row_coef, seq_log_ratio, pg_scale, entropy, chk: CheckedLoss):
+    def terms(
+        self,
+        logp,
+        old,
+        ref,
+        w,
+        rows,
+        adv,
+        row_coef,
+        seq_log_ratio,
+        pg_scale,
+        entropy,
+        chk: CheckedLoss,
+        kl_row_mean=None,
+    ):
         g, partials = self.k.token_terms(
             logp,
             old,
@@ -594,11 +616,13 @@ class _TritonChunks:
             seq_log_ratio,
             pg_scale,
             entropy,
+            kl_row_mean,
             beta=chk.objective.beta,
             eps_low=chk.objective.eps_low,
             eps_high=chk.objective.eps_high,
             dual_clip=chk.objective.dual_clip,
             kl=chk.objective.kl_estimator.code,
+            kl_weighted=chk.objective.kl_ratio_weighted,
             empty=self.config.empty,
         )
         return g, partials.sum(dim=0)
@@ -699,9 +723,10 @@ class _Outputs:
     dbias: torch.Tensor | None
 
 
-def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff, rows):
+def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff, wkl, rows):
     """GSPO completions longer than a chunk: their log-probs from ``token_logprobs``' forward (2 n D V FLOP), so that
-    their ratios are known before their chunks form gradients."""
+    their ratios (and, for a ratio-weighted KL, their KL sums into ``wkl``) are known before their chunks form
+    gradients."""
     pos = torch.cat([torch.arange(l0, l1, device=plan.index.device) for _, l0, l1 in ranges])
     targets = plan.targets.index_select(0, pos)
     index = plan.index.index_select(0, pos)
@@ -724,7 +749,15 @@ def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff
             )
         logp = logp.index_copy(0, has_target, out.to(logp.dtype)) if has_target is not None else out.to(logp.dtype)
     old = logp if plan.old is None else plan.old.index_select(0, pos)
-    wdiff.view(-1).index_copy_(0, index, plan.w.index_select(0, pos) * (logp - old))
+    w = plan.w.index_select(0, pos)
+    wdiff.view(-1).index_copy_(0, index, w * (logp - old))
+    if wkl is not None:
+        wkl.view(-1).index_copy_(0, index, w * _kl_value(prob.chk, plan.ref.index_select(0, pos), logp))
+
+
+def _kl_value(chk: CheckedLoss, ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """The objective's KL estimate per token (no gradient needed: GSPO's weighted-KL sums are constants per chunk)."""
+    return chk.objective.kl_estimator.value_and_grad(ref - logp)[0]
 
 
 def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: tuple[bool, bool, bool]) -> _Outputs:
@@ -753,16 +786,21 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
     adv = chk.advantages.to(acc)
     clamped = plan.row_weight.clamp(min=1.0)
     row_coef = 1.0 / clamped if chk.objective.aggregation.per_sequence else None
-    seq_log_ratio = pg_scale = wdiff = None
+    seq_log_ratio = pg_scale = wdiff = wkl = kl_row_mean = None
     chunks, prepass = _chunks(plan, rows, chk.objective.sequence_level)
     if chk.objective.sequence_level:
         pg_scale = plan.row_weight / clamped
         seq_log_ratio = torch.zeros(B, dtype=acc, device=dev)
         wdiff = torch.zeros(B, T, dtype=acc, device=dev)  # m (logp - old) of the loss tokens seen so far
+        if chk.objective.kl_ratio_weighted:  # the completion's KL moves with s_b: its mean KL, as its ratio
+            kl_row_mean = torch.zeros(B, dtype=acc, device=dev)
+            wkl = torch.zeros(B, T, dtype=acc, device=dev)  # m KL of the loss tokens seen so far
         if prepass:
-            _sequence_prepass(prob, plan, prepass, hidden_flat, weight, bias, path, wdiff, rows)
+            _sequence_prepass(prob, plan, prepass, hidden_flat, weight, bias, path, wdiff, wkl, rows)
             done = torch.tensor([b for b, _, _ in prepass], device=dev)
             seq_log_ratio[done] = wdiff[done].sum(dim=1) / clamped[done]
+            if wkl is not None:
+                kl_row_mean[done] = wkl[done].sum(dim=1) / clamped[done]
     grad_scale = prob.inv_t / denom  # d loss / d z = (d loss / d logp) (onehot - p) / T, with the loss's 1 / D
 
     def chunk(l0: int, l1: int, finalise: tuple[int, int] | None) -> torch.Tensor:
@@ -783,6 +821,9 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
             r0, r1 = finalise
             wdiff.view(-1).index_copy_(0, index, w * (logp - (logp if old is None else old)))
             seq_log_ratio[r0:r1] = wdiff[r0:r1].sum(dim=1) / clamped[r0:r1]
+            if wkl is not None:
+                wkl.view(-1).index_copy_(0, index, w * _kl_value(chk, plan.ref[l0:l1], logp))
+                kl_row_mean[r0:r1] = wkl[r0:r1].sum(dim=1) / clamped[r0:r1]
         g, stats = ops.terms(
             logp,
             old,
@@ -795,6 +836,7 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
             pg_scale,
             entropy,
             chk,
+            kl_row_mean=kl_row_mean,
         )
         if need_grad:
             g = g * grad_scale
@@ -889,6 +931,7 @@ def fused_linear_grpo_loss(
     importance_sampling: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    kl_ratio_weighted: bool = False,
     return_entropy: bool = False,
     backend: str = "auto",
     config: FusedLinearGrpoConfig = DEFAULT_CONFIG,
@@ -909,8 +952,8 @@ def fused_linear_grpo_loss(
         old_logp: (B, T) behaviour-policy log-probs, or None for on-policy (old = logp.detach(): ratio 1).
         ref_logp: (B, T) reference log-probs: needed when beta > 0, otherwise only the mean_kl metric reads it.
         temperature: > 0, the rollout's sampling temperature.
-        beta, kl, eps_low, eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items:
-            the objective, exactly as in ``rlvr_fast.grpo_loss`` (docs/design.md §2; registries in
+        beta, kl, eps_low, eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items,
+        kl_ratio_weighted: the objective, exactly as in ``rlvr_fast.grpo_loss`` (docs/design.md §2; registries in
             rlvr_fast.ops.loss_types).
         return_entropy: also compute each token's policy entropy for ``metrics.mean_entropy`` (no gradient).
         backend: "auto" | "triton" | "cuda" | "torch" (rlvr_fast.backends); an unavailable one raises.
@@ -941,6 +984,7 @@ def fused_linear_grpo_loss(
         importance_sampling=importance_sampling,
         max_completion_length=max_completion_length,
         num_items=num_items,
+        kl_ratio_weighted=kl_ratio_weighted,
     )
     hidden, weight, bias, problem = _check_fused_inputs(
         hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, objective, return_entropy, config

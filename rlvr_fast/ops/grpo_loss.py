@@ -9,6 +9,9 @@ importance-sampling levels) and their sources: ``rlvr_fast.ops.loss_types``.
     pg_bt  = -min(r A_b, clip(r, 1 - eps_low, 1 + eps_high) A_b),   r = rho_bt or s_b      (PPO, Schulman 2017)
              min(pg_bt, -c A_b) where A_b < 0 and dual_clip = c is set                      (Ye et al. 2020)
     l_bt   = pg_bt + beta * KL(d_bt),  d_bt = ref_bt - logp_bt  (k1 | k2 | k3 | low_var_kl)
+             pg_bt + beta * r * KL(d_bt) with kl_ratio_weighted (TRL's use_bias_correction_kl; r differentiable,
+             unclipped: d(r KL_t)/dlogp_u = r dKL_t/dlogp_u [t = u] + KL_t dr/dlogp_u, dr/dlogp_u = rho_u [t = u] at
+             token level, s_b m_u / max(W_b, 1) at sequence level)
     loss   = aggregation of m_bt l_bt by ``loss_type`` (table in rlvr_fast.ops.loss_types)
 
 Gradients flow into ``logp`` only: old_logp, ref_logp, advantages, mask and entropy are constants (as in TRL).
@@ -62,7 +65,8 @@ class GrpoLossMetrics:
     clip_high_frac: A > 0 and ratio > 1 + eps_high (TRL clip_ratio/high_mean).
     dual_clip_frac: A < 0 and the dual-clip bound -c A is active (0 without dual_clip).
     mean_ratio: the importance ratio (token rho or sequence s_b).
-    mean_kl: the chosen KL estimator; None when ref_logp was not given (computed whenever it is, even at beta = 0).
+    mean_kl: the chosen KL estimator (times the importance ratio with kl_ratio_weighted: the term trained, TRL's
+        logged "kl"); None when ref_logp was not given (computed whenever it is, even at beta = 0).
     mean_entropy: of the ``entropy`` passed in; None when it was not.
     tokens: tokens counted (the sum of the mask weights).
     tokens_skipped: active tokens whose gradient is zero by construction: completions with A == 0 when beta == 0
@@ -227,6 +231,7 @@ def grpo_loss_reference(
     importance_sampling: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    kl_ratio_weighted: bool = False,
     entropy: torch.Tensor | None = None,
     objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
@@ -247,6 +252,7 @@ def grpo_loss_reference(
         importance_sampling=importance_sampling,
         max_completion_length=max_completion_length,
         num_items=num_items,
+        kl_ratio_weighted=kl_ratio_weighted,
     )
     chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
     obj = chk.objective
@@ -280,6 +286,8 @@ def grpo_loss_reference(
     kl_tok = None
     if chk.ref_logp is not None:
         kl_tok = obj.kl_estimator.value(masked(chk.ref_logp.detach()) - lp)
+        if obj.kl_ratio_weighted:  # TRL's use_bias_correction_kl: the ratio stays differentiable and unclipped
+            kl_tok = ratio * kl_tok
         if obj.beta != 0.0:
             token_loss = token_loss + obj.beta * kl_tok
 
@@ -338,6 +346,21 @@ def policy_term_torch(log_ratio, adv, eps_low, eps_high, dual_clip):
     return pg, dpg, ratio, low, high, dual
 
 
+def ratio_weighted_kl_torch(kl_tok, dkl, ratio, w, n_row_c, sequence: bool):
+    """(r KL, d(r KL)/dlogp per unit of the token's loss coefficient): torch twin of the kernels' KL_WEIGHTED branch.
+
+    Token level: d(rho_t KL_t)/dlogp_t = rho_t (dKL_t + KL_t). Sequence level (r = s_b for every token of completion
+    b): the completion's weighted KL sum sum_t m_t KL_t moves with s_b, d s_b / d logp_u = s_b m_u / max(W_b, 1), so
+    token u gets s_b (dKL_u + KLbar_b) with KLbar_b = sum_t m_t KL_t / max(W_b, 1) (per unit of m_u c_b).
+    ``kl_tok`` and ``dkl`` are 0 on padding (its inputs were zeroed), ``w`` is the mask weight, ``n_row_c`` max(W_b, 1).
+    """
+    if sequence:
+        kl_bar = (w * kl_tok).sum(dim=1, keepdim=True) / n_row_c
+    else:
+        kl_bar = kl_tok
+    return ratio * kl_tok, ratio * (dkl + kl_bar)
+
+
 def _grpo_loss_torch(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     obj = chk.objective
     acc = accumulation_dtype(chk.logp.dtype)
@@ -363,6 +386,8 @@ def _grpo_loss_torch(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor, 
     kl_tok = None
     if chk.ref_logp is not None:
         kl_tok, dkl = obj.kl_estimator.value_and_grad(masked(chk.ref_logp) - lp)
+        if obj.kl_ratio_weighted:
+            kl_tok, dkl = ratio_weighted_kl_torch(kl_tok, dkl, ratio, w, n_row_c, obj.sequence_level)
         if obj.beta != 0.0:
             token_loss = token_loss + obj.beta * kl_tok
             dlogp = dlogp + obj.beta * dkl
@@ -420,6 +445,7 @@ def _grpo_loss_triton(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor,
         kl=obj.kl_estimator.code,
         sequence=obj.sequence_level,
         row_norm=obj.aggregation.per_sequence,
+        kl_weighted=obj.kl_ratio_weighted,
         write_grad=write_grad,
     )
     return out.partials.sum(dim=0), out.dlogp
@@ -477,6 +503,7 @@ def grpo_loss(
     importance_sampling: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    kl_ratio_weighted: bool = False,
     entropy: torch.Tensor | None = None,
     objective: PolicyObjective | None = None,
     backend: str = "auto",
@@ -505,6 +532,8 @@ def grpo_loss(
         num_items: dapo's denominator: the active-token count of the whole accumulated batch (all micro-batches;
             divided by the data-parallel world size under DDP). Default: this call's token count (= bnpo). A tensor
             is read once on the host (one device sync) to check that it is > 0.
+        kl_ratio_weighted: multiply the KL term by the importance ratio (differentiable, unclipped; token rho_t or
+            GSPO's s_b): TRL's use_bias_correction_kl. Requires beta > 0. ``mean_kl`` is then the mean of r * KL.
         entropy: (B, T) per-token entropies, for the mean_entropy metric only (no gradient).
         objective: the objective as one ``PolicyObjective`` (rlvr_fast.ops.objective) instead of beta ... num_items,
             which must then stay at their defaults. Its ``temperature`` is not read here (logp already includes it).
@@ -526,6 +555,7 @@ def grpo_loss(
         importance_sampling=importance_sampling,
         max_completion_length=max_completion_length,
         num_items=num_items,
+        kl_ratio_weighted=kl_ratio_weighted,
     )
     chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
     chosen = select_backend(backend, logp.device, op=OP)

@@ -50,6 +50,9 @@ class PolicyObjective:
     num_items: dapo's denominator, the active tokens of the whole accumulated step (divided by the data-parallel
         world size); read by dapo only (default: the call's own token count). A one-element tensor is read once on
         the host.
+    kl_ratio_weighted: the KL term is r * KL with r the (differentiable, unclipped) importance ratio of the loss's
+        level (token rho_t or sequence s_b): TRL's ``use_bias_correction_kl`` (DeepSeek-V3.2's unbiased KL estimate
+        under off-policy samples). Only meaningful with a KL in the loss, so it requires beta > 0.
     """
 
     loss_type: str = "dapo"
@@ -62,6 +65,7 @@ class PolicyObjective:
     temperature: float = 1.0
     max_completion_length: int | None = None
     num_items: float | None = None
+    kl_ratio_weighted: bool = False
 
     def __post_init__(self):
         def put(name: str, value) -> None:  # frozen: normalised values are written once, here
@@ -95,6 +99,11 @@ class PolicyObjective:
                 raise ValueError(f"{WHERE}: max_completion_length must be >= 1, got {L}")
         if self.num_items is not None:
             put("num_items", _positive_count(self.num_items))
+        if not isinstance(self.kl_ratio_weighted, bool):
+            raise TypeError(f"{WHERE}: kl_ratio_weighted must be a bool, got {self.kl_ratio_weighted!r}")
+        if self.kl_ratio_weighted and self.beta == 0.0:
+            # never silently ignored: with beta = 0 there is no KL term for the ratio to weight
+            raise ValueError(f"{WHERE}: kl_ratio_weighted=True weights the KL term, which needs beta > 0, got beta=0.0")
 
     def _check_loss_type_fields(self) -> None:
         """The loss type alone says which optional fields it reads: one it does not read is refused, by name."""
