@@ -202,6 +202,62 @@ def test_multi_chunk_paths(loss_type, importance_sampling, backend, device, gene
     assert_matches(run(fused_linear_grpo_loss, batch, backend=backend, config=config, **kw), expected, backend)
 
 
+@pytest.mark.parametrize("kl", sorted(KL_ESTIMATORS))
+@pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
+def test_kl_ratio_weighted_matches_reference(importance_sampling, kl, device, generator):
+    """TRL's use_bias_correction_kl (r * KL, r differentiable) on both paths through several chunks: GSPO's packed
+    completions and its pre-pass of long ones both carry the completion's KL sum; every loss type."""
+    B, T = 5, 11
+    batch = draw(B, T, 12, 29, generator, device)
+    for loss_type in sorted(LOSS_TYPES):
+        kw = dict(
+            beta=0.3,
+            kl=kl,
+            eps_high=0.28,
+            dual_clip=3.0,
+            loss_type=loss_type,
+            importance_sampling=importance_sampling,
+            kl_ratio_weighted=True,
+            **loss_kwargs(loss_type, T),
+        )
+        expected = run(fused_linear_grpo_loss_reference, batch, **kw)
+        for backend, config in (("torch", SMALL), ("triton", IN_PLACE), ("triton", ONE_CHUNK)):
+            out = run(fused_linear_grpo_loss, batch, backend=backend, config=config, **kw)
+            assert_matches(out, expected, f"{backend} {loss_type}/{importance_sampling}/{kl} weighted")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_ratio_weighted_fp64_gradcheck(backend, device, generator):
+    """The closed-form gradients of r * KL against finite differences (float64, several chunks, both levels)."""
+    batch = draw(3, 5, 3, 7, generator, device, dtype=torch.float64, nan_padding=False)
+    config = FusedLinearGrpoConfig(chunk_tokens=3, grad_tokens=6, block_v=4)
+    for level in IS_LEVELS:
+        kw = dict(
+            beta=0.3,
+            eps_high=0.28,
+            loss_type="grpo",
+            importance_sampling=level,
+            kl_ratio_weighted=True,
+            backend=backend,
+            config=config,
+        )
+
+        def f(h, w, kw=kw):
+            return fused_linear_grpo_loss(
+                h,
+                w,
+                batch["targets"],
+                batch["mask"],
+                batch["adv"].double(),
+                old_logp=batch["old"],
+                ref_logp=batch["ref"],
+                **kw,
+            )[0]
+
+        params = tuple(batch[k].clone().requires_grad_(True) for k in ("hidden", "weight"))
+        assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Zero-advantage skipping, on-policy, beta = 0
 # --------------------------------------------------------------------------------------------------------------------

@@ -217,6 +217,98 @@ def test_gradcheck_fp64(loss_type, importance_sampling, backend, device, generat
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The ratio-weighted KL (TRL's use_bias_correction_kl): r * KL with r differentiable, token and sequence level
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl", sorted(KL_ESTIMATORS))
+@pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_kl_ratio_weighted_matches_reference(loss_type, importance_sampling, kl, backend, device, generator):
+    B, T = 6, 37
+    batch = draw_batch(B, T, generator, device)
+    kwargs = dict(
+        beta=0.3,  # large enough that the KL term's gradient is a visible part of the total
+        kl=kl,
+        eps_high=0.28,
+        dual_clip=3.0,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        kl_ratio_weighted=True,
+        **loss_kwargs(loss_type, T),
+    )
+    expected = run(grpo_loss_reference, batch, **kwargs)
+    out = run(grpo_loss, batch, backend=backend, **kwargs)
+    assert_matches(out, expected, f"{backend} {loss_type}/{importance_sampling}/{kl} weighted")
+    assert (out[1][~batch["mask"].bool()] == 0).all(), "padding must receive exactly zero gradient"
+    # the weighting changes the objective: the plain KL's gradient is not the weighted one
+    plain = run(grpo_loss_reference, batch, **{**kwargs, "kl_ratio_weighted": False})
+    assert (plain[1] - expected[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_kl_ratio_weighted_gradcheck_fp64(loss_type, importance_sampling, backend, device, generator):
+    """The closed-form gradient of r * KL (including KL * dr/dlogp, across the completion at sequence level) against
+    finite differences of our own forward."""
+    B, T = 3, 5
+    batch = draw_batch(B, T, generator, device, dtype=torch.float64, poison_padding=False)
+    kw = dict(
+        beta=0.3,
+        kl="k3",
+        eps_high=0.28,
+        loss_type=loss_type,
+        importance_sampling=importance_sampling,
+        kl_ratio_weighted=True,
+        backend=backend,
+    )
+
+    def f(x):
+        return grpo_loss(x, batch["old"], batch["ref"], batch["adv"], batch["mask"], **kw)[0]
+
+    x = batch["logp"].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
+def test_kl_ratio_weighted_on_policy_by_hand(importance_sampling, backend, device):
+    """On-policy (old = None: r = 1, dr/dlogp = r) the loss equals the plain KL's, but the gradient gains KL_t (token
+    level) or the completion's mean KL (sequence level): beta * (dKL + KLbar) per unit of the token's weight."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -2.2]], device=device)
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, -2.0, 0.0]], device=device)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], device=device)
+    adv = torch.tensor([0.0, 0.0], device=device)
+    beta = 0.5
+    x = logp.clone().requires_grad_(True)
+    loss, m = grpo_loss(
+        x, None, ref, adv, mask, beta=beta, loss_type="bnpo", importance_sampling=importance_sampling,
+        kl_ratio_weighted=True, backend=backend,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, x)
+    d = ref - logp
+    kl = torch.exp(d) - d - 1
+    w = mask.float()
+    expected_loss = beta * (w * kl).sum() / w.sum()
+    if importance_sampling == "token":
+        kl_bar = kl
+    else:
+        kl_bar = ((w * kl).sum(1, keepdim=True) / w.sum(1, keepdim=True)).expand_as(kl)
+    expected_grad = beta * w * ((1 - torch.exp(d)) + kl_bar) / w.sum()
+    assert_close(loss, expected_loss, rtol=1e-6, name="loss")
+    assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8, name="grad")
+    assert_close(m.mean_kl, (w * kl).sum() / w.sum(), rtol=1e-6, name="mean_kl")
+
+
+def test_kl_ratio_weighted_needs_beta():
+    logp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"kl_ratio_weighted=True weights the KL term, which needs beta > 0"):
+        grpo_loss(logp, None, logp, torch.zeros(2), torch.ones(2, 3), kl_ratio_weighted=True, backend="torch")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Shapes, layouts, dtypes
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -303,7 +395,7 @@ def test_kernel_multi_chunk_rows_and_poisoned_outputs(device, generator):
 
     B, T = 3, 63
     batch = draw_batch(B, T, generator, device)
-    for sequence, row_norm in itertools.product((False, True), repeat=2):
+    for sequence, row_norm, weighted in itertools.product((False, True), repeat=3):
         dlogp = poisoned((B, T), torch.float32, device)
         out = k.grpo_loss_fwd(
             batch["logp"],
@@ -320,6 +412,7 @@ def test_kernel_multi_chunk_rows_and_poisoned_outputs(device, generator):
             sequence=sequence,
             row_norm=row_norm,
             write_grad=True,
+            kl_weighted=weighted,
             dlogp_out=dlogp,
             block_t=16,
         )
@@ -327,7 +420,7 @@ def test_kernel_multi_chunk_rows_and_poisoned_outputs(device, generator):
         assert_all_written(dlogp, "dlogp")
         loss_type = "grpo" if row_norm else "bnpo"
         level = "sequence" if sequence else "token"
-        kw = dict(beta=0.1, loss_type=loss_type, importance_sampling=level)
+        kw = dict(beta=0.1, loss_type=loss_type, importance_sampling=level, kl_ratio_weighted=weighted)
         ref_loss, ref_grad, _ = run(grpo_loss_reference, batch, **kw)
         denom = B if row_norm else batch["mask"].sum()
         assert_close(out.partials.sum(0)[0] / denom, ref_loss, rtol=1e-5, name="multi-chunk loss")
@@ -604,7 +697,17 @@ def test_auto_backend_and_no_grad(device, generator):
 
 
 def trl_compute_loss(
-    logp, ent, batch, *, loss_type, importance_sampling, beta, eps_high, max_completion_length, num_items
+    logp,
+    ent,
+    batch,
+    *,
+    loss_type,
+    importance_sampling,
+    beta,
+    eps_high,
+    max_completion_length,
+    num_items,
+    bias_correction_kl=False,
 ):
     """TRL 1.16's GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py) called unbound on a stand-in trainer: one
     process, gradient-accumulation factor 1, no vLLM / entropy masking / off-policy masking. Returns (loss, metrics)."""
@@ -632,7 +735,7 @@ def trl_compute_loss(
         _entropy_bonus_enabled=False,
         aux_loss_enabled=False,
         _metrics=metrics,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        args=types.SimpleNamespace(use_bias_correction_kl=bias_correction_kl, delta=None, steps_per_generation=1),
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, ent, None),
     )
     empty = torch.zeros(B, 0, dtype=torch.long, device=logp.device)
@@ -650,10 +753,11 @@ def trl_compute_loss(
     return loss, {k: v[-1] for k, v in metrics["train"].items()}
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("beta, bias_correction_kl", [(0.0, False), (0.04, False), (0.04, True)])
 @pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
 @pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
-def test_parity_with_trl(loss_type, importance_sampling, beta, device, generator):
+def test_parity_with_trl(loss_type, importance_sampling, beta, bias_correction_kl, device, generator):
+    """TRL's _compute_loss; with use_bias_correction_kl (TRL's default) as kl_ratio_weighted."""
     pytest.importorskip("trl")
     B, T = 6, 24
     batch = draw_batch(B, T, generator, device, poison_padding=False)  # TRL multiplies by the mask: finite padding
@@ -671,6 +775,7 @@ def test_parity_with_trl(loss_type, importance_sampling, beta, device, generator
         eps_high=0.28,
         max_completion_length=L,
         num_items=num_items,
+        bias_correction_kl=bias_correction_kl,
     )
     (trl_grad,) = torch.autograd.grad(trl_loss, x)
     extra = {"dr_grpo": {"max_completion_length": L}, "dapo": {"num_items": num_items}}.get(loss_type, {})
@@ -684,6 +789,7 @@ def test_parity_with_trl(loss_type, importance_sampling, beta, device, generator
             eps_high=0.28,
             loss_type=loss_type,
             importance_sampling=importance_sampling,
+            kl_ratio_weighted=bias_correction_kl,
             **extra,
         )
         assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6, name=f"{backend} loss vs TRL")

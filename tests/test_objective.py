@@ -23,6 +23,7 @@ def _flat(loss_type: str, T: int) -> dict:
     """A non-default objective of ``loss_type`` as flat keyword arguments (every field it may read set)."""
     flat = dict(loss_type=loss_type, beta=0.03, kl="k2", eps_low=0.15, eps_high=0.3, dual_clip=2.5)
     flat["importance_sampling"] = "sequence"
+    flat["kl_ratio_weighted"] = True
     if LOSS_TYPES[loss_type].reads("max_completion_length"):
         flat["max_completion_length"] = T + 3
     if LOSS_TYPES[loss_type].reads("num_items"):
@@ -120,6 +121,8 @@ def test_eps_high_defaults_to_eps_low_and_values_are_normalised():
         ({"loss_type": "dr_grpo", "max_completion_length": 4.0}, TypeError, r"max_completion_length must be an int"),
         ({"num_items": -1}, ValueError, r"num_items must be > 0"),
         ({"num_items": torch.ones(3)}, ValueError, r"num_items must be a number or a one-element tensor"),
+        ({"kl_ratio_weighted": True}, ValueError, r"kl_ratio_weighted=True weights the KL term, which needs beta > 0"),
+        ({"beta": 0.1, "kl_ratio_weighted": 1}, TypeError, r"kl_ratio_weighted must be a bool, got 1"),
     ],
 )
 def test_bad_fields_raise_naming_the_field(fields, exc, pattern):
