@@ -205,6 +205,7 @@ def run_patched(model_dir, tokenizer, dataset, args, rollouts, *, via="subclass"
 # --------------------------------------------------------------------------------------------------------------------
 
 KL = dict(beta=0.1, use_bias_correction_kl=False)
+BIAS_KL = dict(beta=0.04)  # TRL's default use_bias_correction_kl=True: the KL term times the importance ratio
 ACCUM = dict(gradient_accumulation_steps=2, per_device_train_batch_size=4)
 OFF_POLICY = dict(num_iterations=2)  # step 2 reuses step 1's rollouts: ratios != 1, old log-probs from our head
 
@@ -226,6 +227,11 @@ CASES = {
     "dapo-token-kl-accum-offpolicy": dict(
         loss_type="dapo", scale_rewards="batch", **KL, **ACCUM, **OFF_POLICY, steps_per_generation=4, max_steps=3
     ),
+    # TRL's default objective at beta > 0, off-policy so that the ratio weighting the KL is not 1
+    "bnpo-token-biaskl-offpolicy": dict(loss_type="bnpo", **BIAS_KL, **OFF_POLICY),
+    "grpo-sequence-biaskl-offpolicy": dict(
+        loss_type="grpo", importance_sampling_level="sequence", **BIAS_KL, **OFF_POLICY
+    ),
     "dapo-sequence-dualclip": dict(
         loss_type="dapo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08, delta=1.1, **OFF_POLICY
     ),
@@ -234,7 +240,7 @@ CASES = {
 # Where a case goes through patch_grpo_trainer (an already-built trainer) instead of the subclass, and where the fused
 # ops run their Triton kernels (compiled on a GPU; through the interpreter on a CPU under tests/conftest.py).
 VIA_PATCH = {"bnpo-token-kl-accum", "dapo-sequence-dualclip"}
-TRITON = {"grpo-sequence-kl"}
+TRITON = {"grpo-sequence-kl", "grpo-sequence-biaskl-offpolicy"}
 
 # float32 on both sides. The gradients differ by rounding only (~5e-7 relative observed). The loss is a sum of terms
 # of size |A| ~ 1 that cancel (a group's advantages sum to 0), so it is compared to an absolute rounding floor.
@@ -424,7 +430,6 @@ REFUSED = {
     "entropy_coef": [dict(entropy_coef=0.01)],
     "use_adaptive_entropy": [dict(use_adaptive_entropy=True)],
     "off_policy_mask_threshold": [dict(off_policy_mask_threshold=0.5)],
-    "use_bias_correction_kl": [dict(beta=0.04)],  # TRL's default use_bias_correction_kl=True
     "delta": [dict(delta=1.1, epsilon_high=0.28), dict(delta=0.9)],
     "vllm_importance_sampling_correction": [dict(use_vllm=True)],
 }
@@ -454,6 +459,12 @@ def test_unsupported_setting_is_refused_before_loading(field, overrides, tmp_pat
 
 def test_supported_neighbours_are_accepted(tmp_path):
     """The refusals are not over-broad: the settings next to them train."""
+    # TRL's default use_bias_correction_kl=True: the ratio-weighted KL at beta > 0, nothing at beta == 0 (TRL too)
+    assert rf_trl.check_grpo_config(grpo_config(tmp_path, 0, beta=0.04)).kl_ratio_weighted
+    assert not rf_trl.check_grpo_config(
+        grpo_config(tmp_path, 0, beta=0.04, use_bias_correction_kl=False)
+    ).kl_ratio_weighted
+    assert not rf_trl.check_grpo_config(grpo_config(tmp_path, 0, beta=0.0)).kl_ratio_weighted
     for overrides in (
         dict(delta=1.3, epsilon_high=0.28),
         dict(beta=0.04, use_bias_correction_kl=False),

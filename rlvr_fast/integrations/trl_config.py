@@ -4,7 +4,9 @@ TRL 1.16's ``GRPOTrainer._compute_loss`` reads a dozen settings that change the 
 replaces that method with ``hidden_state_policy_loss``, so each of those settings is either
 
 - translated into a ``PolicyObjective`` (loss_type grpo / bnpo / dr_grpo / dapo, beta, epsilon, epsilon_high,
-  importance_sampling_level, temperature, max_completion_length, and ``delta`` as dual-clip PPO where the two agree), or
+  importance_sampling_level, temperature, max_completion_length, ``use_bias_correction_kl`` (TRL's default: the KL term
+  times the differentiable importance ratio, ``kl_ratio_weighted``), and ``delta`` as dual-clip PPO where the two
+  agree), or
 - refused with ``UnsupportedTRLSetting`` (a ValueError) that names the GRPOConfig field, its value, why and what to do.
 
 Nothing is dropped silently: a setting TRL would honour and we cannot is an error, never a different objective (TRL
@@ -158,13 +160,6 @@ REFUSALS: tuple[Refusal, ...] = (
         "set off_policy_mask_threshold=None",
     ),
     Refusal(
-        "use_bias_correction_kl",
-        lambda s: s.beta != 0.0 and s.use_bias_correction_kl,
-        "with beta != 0 it multiplies the KL term by the differentiable importance ratio (DeepSeek-V3.2), which "
-        "changes the KL gradient even on-policy; rlvr_fast's KL term is the plain k3 estimator of GRPO",
-        "set use_bias_correction_kl=False (the k3 KL of the GRPO paper), or beta=0.0",
-    ),
-    Refusal(
         "delta",
         lambda s: not _delta_is_dual_clip(s),
         "two-sided clipping is trained as dual-clip PPO (c = delta), which is the same objective only when "
@@ -215,6 +210,9 @@ def check_settings(settings: TRLLossSettings) -> PolicyObjective:
         importance_sampling=settings.importance_sampling_level,
         temperature=float(settings.temperature),
         max_completion_length=settings.max_completion_length,
+        # TRL's default: with beta != 0 the per-token KL is multiplied by the differentiable, unclipped importance
+        # ratio of importance_sampling_level (DeepSeek-V3.2); TRL ignores the flag at beta == 0, so do we
+        kl_ratio_weighted=settings.beta != 0.0 and bool(settings.use_bias_correction_kl),
     )
 
 
