@@ -209,11 +209,22 @@ LOSS_BRANCHES = dict(
     sequence=[False, True],
     row_norm=[True, False],
     dual_clip=[3.0, None],
+    kl_weighted=[False, True],
 )
-LOSS_BASE = dict(old=True, ref=True, beta=0.04, entropy=True, kl=2, sequence=False, row_norm=True, dual_clip=3.0)
+LOSS_BASE = dict(
+    old=True, ref=True, beta=0.04, entropy=True, kl=2, sequence=False, row_norm=True, dual_clip=3.0, kl_weighted=False
+)
+
+
+def _loss_cases(base: dict[str, Any], branches: dict[str, list]) -> Iterator[dict[str, Any]]:
+    """``covering``, plus the ratio-weighted KL at sequence level (the row pre-pass's KL sum, GSPO's KL mean)."""
+    yield from covering(base, branches)
+    yield {**base, "kl_weighted": True, "sequence": True}
 
 
 def _valid_loss_case(c: dict) -> bool:
+    if c["kl_weighted"] and (c["beta"] == 0.0 or not c["ref"]):
+        return False  # the ratio-weighted KL needs a KL term in the loss (the objective checks it)
     return c["ref"] or c["beta"] == 0.0  # a KL term in the loss needs reference log-probs (the op checks it)
 
 
@@ -230,7 +241,7 @@ def _grpo_loss(target: Target) -> Iterator[None]:
     # (completions, tokens): BLOCK_T 32 (short completions), 128 (few long ones: the narrowest GPU block), 1024 (a
     # large batch: the widest)
     shapes = [dict(B=b, T=t) for b, t in [(64, 30), (8, 4096), (1024, 8192)]]
-    for c in _grid(covering(base, branches), shapes):
+    for c in _grid(_loss_cases(base, branches), shapes):
         if not _valid_loss_case(c):
             continue
         B, T = c["B"], c["T"]
@@ -250,6 +261,7 @@ def _grpo_loss(target: Target) -> Iterator[None]:
             sequence=c["sequence"],
             row_norm=c["row_norm"],
             write_grad=c["write_grad"],
+            kl_weighted=c["kl_weighted"],
         )
         yield
 
@@ -274,7 +286,7 @@ def _fused_linear_grpo(target: Target) -> Iterator[None]:
 
     base = {**LOSS_BASE, "dtype": torch.float32}
     branches = {**LOSS_BRANCHES, "dtype": [torch.float32, torch.float64]}
-    for c in covering(base, branches):
+    for c in _loss_cases(base, branches):
         if not _valid_loss_case(c):
             continue
         n, B = 5000, 64
@@ -290,11 +302,13 @@ def _fused_linear_grpo(target: Target) -> Iterator[None]:
             _cuda(B, dtype=acc) if c["sequence"] else None,
             _cuda(B, dtype=acc) if c["sequence"] else None,
             _cuda(n, dtype=acc) if c["entropy"] else None,
+            _cuda(B, dtype=acc) if c["sequence"] and c["kl_weighted"] else None,
             beta=c["beta"],
             eps_low=0.2,
             eps_high=0.28,
             dual_clip=c["dual_clip"],
             kl=c["kl"],
+            kl_weighted=c["kl_weighted"],
         )
         yield
 
