@@ -28,7 +28,8 @@ What needs whole completions. g_t depends on the token alone except for
   needs all of the completion's log-probs. Chunks are then packed with whole completions, so the ratio is formed
   between the chunk's row statistics and its gradient: still 6NDV. A completion with more tokens than a chunk holds
   (``FusedLinearGrpoConfig.chunk_tokens``) gets a log-prob pre-pass first (``token_logprobs``' forward): 8NDV for the
-  tokens of those completions only.
+  tokens of those completions only. With ``kl_ratio_weighted`` the completion's mean KL (whose whole sum moves with
+  s_b) is formed at the same two places as its ratio, at no extra logits cost.
 
 Work skipped. Only tokens that count (mask != 0) reach a GEMM: padding costs nothing. With beta == 0, a completion
 whose advantage is exactly 0 has an identically zero gradient (its clipped surrogate is 0 for any ratio): its tokens
