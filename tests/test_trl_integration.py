@@ -309,7 +309,10 @@ def test_patched_matches_stock(case, tmp_path, model_dir, tokenizer, dataset, se
         assert any("kl" in row and row["kl"] > 0 for row in patched_log), "the KL term never came into play"
 
 
-@pytest.mark.parametrize("case", ["grpo-sequence-kl", "bnpo-sequence-truncmask", "dapo-token-kl-accum-offpolicy"])
+@pytest.mark.parametrize(
+    "case",
+    ["grpo-sequence-kl", "bnpo-sequence-truncmask", "dapo-token-kl-accum-offpolicy", "grpo-sequence-biaskl-offpolicy"],
+)
 def test_composed_implementation_matches_stock(case, tmp_path, model_dir, tokenizer, dataset, seeded):
     """The same comparison through the two-op implementation (token_logprobs + grpo_loss), entropy included."""
     args = grpo_config(tmp_path, seeded % 10_000, **CASES[case])
