@@ -77,6 +77,7 @@ from rlvr_fast.ops.grpo_loss import (
     check_loss_inputs,
     grpo_loss_reference,
     policy_term_torch,
+    ratio_weighted_kl_torch,
 )
 from rlvr_fast.ops.logprobs import TOKEN_PATHS, LogprobsConfig
 from rlvr_fast.ops.logprobs_reference import token_logprobs_reference
@@ -458,9 +459,9 @@ def _terms_torch(
     kl_tok = None
     if ref is not None:
         kl_tok, dkl = obj.kl_estimator.value_and_grad(ref - logp)
-        if obj.kl_ratio_weighted:  # r KL and its derivative (ratio_weighted_kl_torch, on flat tokens)
+        if obj.kl_ratio_weighted:
             kl_bar = kl_tok if seq_log_ratio is None else kl_row_mean.index_select(0, rows)
-            kl_tok, dkl = ratio * kl_tok, ratio * (dkl + kl_bar)
+            kl_tok, dkl = ratio_weighted_kl_torch(kl_tok, dkl, ratio, kl_bar)
         if obj.beta != 0.0:  # beta = 0: the KL is a metric only (an infinite KL must not turn the loss into NaN)
             loss, dl = loss + obj.beta * kl_tok, dl + obj.beta * dkl
     coef = w if row_coef is None else w * row_coef.index_select(0, rows)

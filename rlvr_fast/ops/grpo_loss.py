@@ -346,18 +346,12 @@ def policy_term_torch(log_ratio, adv, eps_low, eps_high, dual_clip):
     return pg, dpg, ratio, low, high, dual
 
 
-def ratio_weighted_kl_torch(kl_tok, dkl, ratio, w, n_row_c, sequence: bool):
-    """(r KL, d(r KL)/dlogp per unit of the token's loss coefficient): torch twin of the kernels' KL_WEIGHTED branch.
-
-    Token level: d(rho_t KL_t)/dlogp_t = rho_t (dKL_t + KL_t). Sequence level (r = s_b for every token of completion
-    b): the completion's weighted KL sum sum_t m_t KL_t moves with s_b, d s_b / d logp_u = s_b m_u / max(W_b, 1), so
-    token u gets s_b (dKL_u + KLbar_b) with KLbar_b = sum_t m_t KL_t / max(W_b, 1) (per unit of m_u c_b).
-    ``kl_tok`` and ``dkl`` are 0 on padding (its inputs were zeroed), ``w`` is the mask weight, ``n_row_c`` max(W_b, 1).
+def ratio_weighted_kl_torch(kl_tok, dkl, ratio, kl_bar):
+    """(r KL, d(r KL)/dlogp per unit of the token's loss coefficient): torch twin of the kernels' KL_WEIGHTED branch
+    (``grpo_token_terms``). ``kl_bar`` is KL_t itself at token level (d rho_t / d logp_t = rho_t) and the completion's
+    sum_t m_t KL_t / max(W_b, 1) at sequence level (its whole KL moves with s_b,
+    d s_b / d logp_u = s_b m_u / max(W_b, 1)).
     """
-    if sequence:
-        kl_bar = (w * kl_tok).sum(dim=1, keepdim=True) / n_row_c
-    else:
-        kl_bar = kl_tok
     return ratio * kl_tok, ratio * (dkl + kl_bar)
 
 
@@ -386,8 +380,9 @@ def _grpo_loss_torch(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor, 
     kl_tok = None
     if chk.ref_logp is not None:
         kl_tok, dkl = obj.kl_estimator.value_and_grad(masked(chk.ref_logp) - lp)
-        if obj.kl_ratio_weighted:
-            kl_tok, dkl = ratio_weighted_kl_torch(kl_tok, dkl, ratio, w, n_row_c, obj.sequence_level)
+        if obj.kl_ratio_weighted:  # padding has w = 0 and KL = 0 (its inputs were zeroed)
+            kl_bar = (w * kl_tok).sum(dim=1, keepdim=True) / n_row_c if obj.sequence_level else kl_tok
+            kl_tok, dkl = ratio_weighted_kl_torch(kl_tok, dkl, ratio, kl_bar)
         if obj.beta != 0.0:
             token_loss = token_loss + obj.beta * kl_tok
             dlogp = dlogp + obj.beta * dkl
