@@ -203,7 +203,13 @@ def test_bf16_params_fp32_state(backend, device, generator):
         keep = effective(m, p)
         assert torch.equal(p[~keep], p0[~keep])
         a, r = p[keep].float(), rp[keep].float()
-        ulp = torch.finfo(torch.bfloat16).eps * r.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        # One bf16 ulp where the two rounded apart: the kernel and the reference order their fp32 arithmetic
+        # differently, so a value near a rounding tie can round to neighbouring bf16 values at some step, and that
+        # one-ulp gap then travels with the parameter for the remaining steps, possibly into a smaller binade (where
+        # it reads as two ulps). eps * (|x| + reach) bounds the bf16 spacing at every value within ``reach`` of x,
+        # and no parameter moves more than 4 lr per step (|m_hat| / sqrt(v_hat) <= (1 - b1) / sqrt(1 - b2) ~ 3.2).
+        reach = 4 * hyper["lr"] * step
+        ulp = torch.finfo(torch.bfloat16).eps * (torch.maximum(a.abs(), r.abs()) + reach)
         assert bool(((a - r).abs() <= ulp).all()), f"more than one bf16 ulp from the reference: {(a - r).abs().max()}"
         assert float((a != r).float().mean()) < 0.02, "too many 1-ulp differences from the reference"
         assert_close(dense_moment(opt, p, "exp_avg")[keep], rea[keep], rtol=1e-4, atol=1e-7, name="fp32 exp_avg")
