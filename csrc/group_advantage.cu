@@ -9,7 +9,9 @@
 //
 // Per group: pass 1 reads the rewards (count of finite rewards, sum, min, max, number correct), pass 2 the squared
 // deviations from the mean (two passes, as the reference: no cancellation from E[r^2] - E[r]^2), pass 3 writes the
-// advantages. Passes 2 and 3 re-read the group from L1/L2. Non-finite rewards (reaching the kernel only under
+// advantages. The std is scale-invariant like the reference's: each deviation is divided by the group's largest
+// |deviation| (max(hi - mean, mean - lo), known after pass 1, so no extra pass) before squaring, so finite rewards of
+// any size (1e20 in float32) never overflow the squares. Passes 2 and 3 re-read the group from L1/L2. Non-finite rewards (reaching the kernel only under
 // invalid="mask") are left out of every statistic and get advantage 0.
 //
 // scale="batch" (grpo's denominator is the Bessel std over the whole batch) needs every group before any advantage:
@@ -74,10 +76,17 @@ RF_HD float advantage_of(int estimator, int scale, int sample_mode, float dev, f
   return a;
 }
 
-// (count, mean, M2) of a set of values; combine() merges two disjoint sets (Chan, Golub & LeVeque 1979).
+// (count, mean, M2) of a set of values, M2 held scaled: the sum of squared deviations is m2 * scale^2, with scale
+// at least every |deviation| that went into it, so m2 stays near n and never overflows. combine() merges two disjoint
+// sets (Chan, Golub & LeVeque 1979), rescaling both to the larger of their scales and the distance between the means.
 struct Moments {
-  float n, mean, m2;
+  float n, mean, m2, scale;
 };
+
+RF_HD float squared_ratio(float x, float s) {
+  const float r = div(x, s);
+  return mul(r, r);
+}
 
 RF_HD Moments combine(const Moments& a, const Moments& b) {
   if (b.n == 0.0f) return a;
@@ -85,11 +94,17 @@ RF_HD Moments combine(const Moments& a, const Moments& b) {
   const float n = add(a.n, b.n);
   const float delta = sub(b.mean, a.mean);
   const float mean = add(a.mean, mul(delta, div(b.n, n)));
-  const float m2 = add(add(a.m2, b.m2), mul(mul(delta, delta), div(mul(a.n, b.n), n)));
-  return Moments{n, mean, m2};
+  const float s = fmaxf(fmaxf(a.scale, b.scale), fabsf(delta));
+  if (s == 0.0f) return Moments{n, mean, 0.0f, 0.0f};
+  const float within = add(mul(a.m2, squared_ratio(a.scale, s)), mul(b.m2, squared_ratio(b.scale, s)));
+  const float between = mul(squared_ratio(delta, s), div(mul(a.n, b.n), n));
+  return Moments{n, mean, add(within, between), s};
 }
 
-RF_HD float bessel_std(float m2, float n) { return sqrt_rn(div(m2, fmaxf(sub(n, 1.0f), 1.0f))); }
+// Bessel-corrected std of a set whose squared deviations sum to m2 * scale^2; 0 below 2 values.
+RF_HD float bessel_std(float m2, float n, float scale) {
+  return mul(scale, sqrt_rn(div(m2, fmaxf(sub(n, 1.0f), 1.0f))));
+}
 
 // ---- team reductions -------------------------------------------------------------------------------------------
 
@@ -144,7 +159,8 @@ __device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < INFINITY;
 struct Pass1 {
   GroupStats stats;
   float n_correct;
-  float m2;  // sum of squared deviations from the mean
+  float m2;  // sum of squared deviations from the mean, divided by scale^2
+  float scale;  // the group's largest |deviation| (0 when all equal or empty)
 };
 
 // Passes 1 and 2 over group `group` (a team-uniform call; `active` false: the team has no group this round).
@@ -171,21 +187,23 @@ __device__ __forceinline__ Pass1 group_statistics(const RfGroupAdvantageArgs& a,
   hi = team_reduce<TEAM>(hi, Max{});
   n_correct = team_reduce<TEAM>(n_correct, Sum{});
   const float mean = div(sum, fmaxf(count, 1.0f));
+  const float top = count > 0.0f ? fmaxf(sub(hi, mean), sub(mean, lo)) : 0.0f;
+  const float unit = top > 0.0f ? top : 1.0f;  // divide by 1 when every deviation is 0
 
   float sq = 0.0f;
   for (int64_t j = lane; j < G; j += TEAM) {
     if (!active) break;
     const float r = load_reward(a.rewards, a.rewards_dtype, base + j);
     if (is_finite(r)) {
-      const float d = sub(r, mean);
-      sq = add(sq, mul(d, d));
+      sq = add(sq, squared_ratio(sub(r, mean), unit));
     }
   }
   sq = team_reduce<TEAM>(sq, Sum{});
   Pass1 out;
-  out.stats = GroupStats{count, mean, bessel_std(sq, count), hi == lo || count < 2.0f};
+  out.stats = GroupStats{count, mean, bessel_std(sq, count, top), hi == lo || count < 2.0f};
   out.n_correct = n_correct;
   out.m2 = sq;
+  out.scale = top;
   return out;
 }
 
@@ -231,12 +249,12 @@ __global__ void group_advantage_kernel(RfGroupAdvantageArgs a, float4* scratch) 
 
   if constexpr (BATCH) {
     // Phase 1: (count, mean, M2) of this block's groups, combined in group order per team, then team order.
-    Moments mine{0.0f, 0.0f, 0.0f};
+    Moments mine{0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t first = static_cast<int64_t>(blockIdx.x) * TEAMS; first < a.n_groups; first += stride) {
       const int64_t group = first + team;
       const bool active = group < a.n_groups;
       const Pass1 p1 = group_statistics<TEAM>(a, group, active, lane);
-      if (active) mine = combine(mine, Moments{p1.stats.count, p1.stats.mean, p1.m2});
+      if (active) mine = combine(mine, Moments{p1.stats.count, p1.stats.mean, p1.m2, p1.scale});
     }
     __shared__ Moments per_team[TEAMS];
     __shared__ float shared_denominator;
@@ -245,24 +263,25 @@ __global__ void group_advantage_kernel(RfGroupAdvantageArgs a, float4* scratch) 
     if (threadIdx.x == 0) {
       Moments block = per_team[0];
       for (int t = 1; t < TEAMS; ++t) block = combine(block, per_team[t]);
-      scratch[blockIdx.x] = make_float4(block.n, block.mean, block.m2, 0.0f);
+      scratch[blockIdx.x] = make_float4(block.n, block.mean, block.m2, block.scale);
     }
     cooperative_groups::this_grid().sync();
     // Phase 2: every block combines the partials the same way: lane l of warp 0 folds blocks l, l + 32, ...,
     // then a fixed tree over the lanes (shfl_down: lane 0 ends with the total).
     if (threadIdx.x < 32) {
-      Moments acc{0.0f, 0.0f, 0.0f};
+      Moments acc{0.0f, 0.0f, 0.0f, 0.0f};
       for (unsigned b = threadIdx.x; b < gridDim.x; b += 32) {
         const float4 t = scratch[b];
-        acc = combine(acc, Moments{t.x, t.y, t.z});
+        acc = combine(acc, Moments{t.x, t.y, t.z, t.w});
       }
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2) {
         const Moments other{__shfl_down_sync(FULL_MASK, acc.n, offset), __shfl_down_sync(FULL_MASK, acc.mean, offset),
-                            __shfl_down_sync(FULL_MASK, acc.m2, offset)};
+                            __shfl_down_sync(FULL_MASK, acc.m2, offset),
+                            __shfl_down_sync(FULL_MASK, acc.scale, offset)};
         acc = combine(acc, other);
       }
-      if (threadIdx.x == 0) shared_denominator = add(bessel_std(acc.m2, acc.n), a.eps);
+      if (threadIdx.x == 0) shared_denominator = add(bessel_std(acc.m2, acc.n, acc.scale), a.eps);
     }
     __syncthreads();
     batch_denominator = shared_denominator;

@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
-from rlvr_fast.ops.group_advantage import group_advantages, group_advantages_reference
+from rlvr_fast.ops.group_advantage import check_float32_range, group_advantages, group_advantages_reference
 from rlvr_fast.ops.grpo_loss import grpo_loss
 from rlvr_fast.optim import SparseAdamW, random_masks
 from rlvr_fast.rewards.equivalence import is_equivalent, symbolic_available
+from rlvr_fast.testing import backend_params
 
 needs_symbolic = pytest.mark.skipif(not symbolic_available(), reason="math-verify is not installed")
 
@@ -68,11 +69,15 @@ BASE = torch.tensor([0.0, 1.0, 1.0, 3.0, 2.0, 2.0, 5.0, -1.0, 4.0, 4.0, 4.0, 4.0
     "dtype,magnitude", [(torch.float32, 1e20), (torch.float32, 1e30), (torch.float64, 1e200), (torch.float64, 1e-200)]
 )
 @pytest.mark.parametrize("scale", ["group", "batch"])
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", *backend_params("torch", "triton", "cuda")])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: masked 0/0 and fp32 stats overflow
 def test_group_advantages_are_scale_invariant(dtype, magnitude, scale, backend, device):
     """Issue 16 item 11: fp32 rewards >= ~1e20 gave all zeros; fp64 +-1e200 gave NaN (torch) and 0 (Triton)."""
     rewards = (BASE * magnitude).to(dtype)
+    if backend == "cuda" and dtype == torch.float64:
+        with pytest.raises(ValueError, match=r"backend='cuda' computes in float32, and 11 float64 rewards are outside"):
+            group_advantages(rewards.to(device), 4, scale=scale, eps=1e-300, backend=backend)
+        return
     if backend == "reference":
         got = group_advantages_reference(rewards, 4, scale=scale, eps=1e-300).advantages
     else:
@@ -114,3 +119,13 @@ def test_random_masks_on_a_list_of_parameters():
         random_masks(params[0], 0.5)
     with pytest.raises(TypeError, match=r"shapes\[1\] must be a tensor or a shape, got str"):
         random_masks([params[0], "x"], 0.5)
+
+
+@pytest.mark.parametrize("magnitude", [1e39, 1e-39])
+def test_float32_backend_refuses_float64_rewards_beyond_float32(magnitude):
+    """The CUDA kernel reads rewards as float32: float64 rewards it cannot hold are refused by name, not zeroed."""
+    rewards = BASE * magnitude
+    with pytest.raises(ValueError, match=r"backend='cuda' computes in float32, and 11 float64 rewards are outside"):
+        check_float32_range(rewards, "cuda")
+    check_float32_range(BASE, "cuda")  # in range: accepted
+    check_float32_range(rewards.float(), "cuda")  # float32 input: nothing to lose

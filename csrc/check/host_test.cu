@@ -180,36 +180,45 @@ void test_advantage_formulas() {
   EXPECT(advantage_of(RF_GA_NSR, RF_GA_SCALE_NONE, RF_GA_SAMPLE_ALL, 0.0f, 0.0f, flat, 1.0f, 1.0f, 0.1f) == -1.0f,
          "nsr is not centred");
 
-  // (count, mean, M2) combined pairwise over random splits == the two-pass statistics in double
+  // (count, mean, scaled M2) combined pairwise over random splits == the two-pass statistics in double, at ordinary
+  // magnitudes and at 1e20 (where unscaled squares overflow float32)
   std::mt19937 rng(11);
-  std::normal_distribution<float> normal(0.5f, 3.0f);
-  for (int trial = 0; trial < 200; ++trial) {
-    const int n = 2 + static_cast<int>(rng() % 500);
-    std::vector<float> x(n);
-    for (float& xi : x) xi = normal(rng);
-    rf::group_advantage::Moments acc{0.0f, 0.0f, 0.0f};
-    for (int lo = 0; lo < n;) {
-      const int step = 1 + static_cast<int>(rng() % 40);
-      const int hi = lo + step > n ? n : lo + step;
-      float sum = 0.0f;
-      for (int i = lo; i < hi; ++i) sum += x[i];
-      const float mean = sum / static_cast<float>(hi - lo);
-      float m2 = 0.0f;
-      for (int i = lo; i < hi; ++i) m2 += (x[i] - mean) * (x[i] - mean);
-      acc = rf::group_advantage::combine(acc, {static_cast<float>(hi - lo), mean, m2});
-      lo = hi;
+  for (const float magnitude : {1.0f, 1e20f}) {
+    std::normal_distribution<float> normal(0.5f * magnitude, 3.0f * magnitude);
+    for (int trial = 0; trial < 200; ++trial) {
+      const int n = 2 + static_cast<int>(rng() % 500);
+      std::vector<float> x(n);
+      for (float& xi : x) xi = normal(rng);
+      rf::group_advantage::Moments acc{0.0f, 0.0f, 0.0f, 0.0f};
+      for (int lo = 0; lo < n;) {
+        const int step = 1 + static_cast<int>(rng() % 40);
+        const int hi = lo + step > n ? n : lo + step;
+        float sum = 0.0f;
+        for (int i = lo; i < hi; ++i) sum += x[i];
+        const float mean = sum / static_cast<float>(hi - lo);
+        float top = 0.0f;
+        for (int i = lo; i < hi; ++i) top = std::fmax(top, std::fabs(x[i] - mean));
+        const float unit = top > 0.0f ? top : 1.0f;
+        float m2 = 0.0f;
+        for (int i = lo; i < hi; ++i) m2 += ((x[i] - mean) / unit) * ((x[i] - mean) / unit);
+        acc = rf::group_advantage::combine(acc, {static_cast<float>(hi - lo), mean, m2, top});
+        lo = hi;
+      }
+      double mean = 0.0, m2 = 0.0;
+      for (float xi : x) mean += xi;
+      mean /= n;
+      for (float xi : x) m2 += (xi - mean) * (xi - mean);
+      const double std_ref = std::sqrt(m2 / (n - 1));
+      const double std_got = rf::group_advantage::bessel_std(acc.m2, acc.n, acc.scale);
+      EXPECT(acc.n == static_cast<float>(n), "count");
+      EXPECT(std::fabs(acc.mean - mean) <= 1e-5 * (std::fabs(mean) + 3.0 * magnitude), "mean %g vs %g", acc.mean,
+             mean);
+      EXPECT(std::isfinite(std_got) && std::fabs(std_got - std_ref) <= 1e-5 * std_ref, "std %g vs %g (magnitude %g)",
+             std_got, std_ref, magnitude);
     }
-    double mean = 0.0, m2 = 0.0;
-    for (float xi : x) mean += xi;
-    mean /= n;
-    for (float xi : x) m2 += (xi - mean) * (xi - mean);
-    const double std_ref = std::sqrt(m2 / (n - 1));
-    const double std_got = rf::group_advantage::bessel_std(acc.m2, acc.n);
-    EXPECT(acc.n == static_cast<float>(n), "count");
-    EXPECT(std::fabs(acc.mean - mean) <= 1e-5 * (std::fabs(mean) + 3.0), "mean %g vs %g", acc.mean, mean);
-    EXPECT(std::fabs(std_got - std_ref) <= 1e-5 * std_ref, "std %g vs %g", std_got, std_ref);
   }
-  EXPECT(rf::group_advantage::bessel_std(0.0f, 1.0f) == 0.0f && rf::group_advantage::bessel_std(0.0f, 0.0f) == 0.0f,
+  EXPECT(rf::group_advantage::bessel_std(0.0f, 1.0f, 0.0f) == 0.0f &&
+             rf::group_advantage::bessel_std(0.0f, 0.0f, 0.0f) == 0.0f,
          "std of fewer than 2 values is 0");
 }
 

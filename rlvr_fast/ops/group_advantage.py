@@ -525,7 +525,25 @@ def _from_kernel_outputs(chk: _Checked, advantages, mean, std, solve_rate, flags
 CUDA_OP = "group_advantage_fwd"  # torch.ops.rlvr_fast.<CUDA_OP>; no group-size limit (large groups take a block)
 
 
+def check_float32_range(rewards: torch.Tensor, backend: str) -> None:
+    """Raise ValueError when float64 ``rewards`` hold finite values that float32 cannot: the CUDA kernel reads every
+    dtype as float32, where |r| > 3.4e38 would become inf (and leave the statistics) and 0 < |r| < 1.2e-38 would
+    become 0 or lose digits, giving silently wrong advantages."""
+    if rewards.dtype != torch.float64:
+        return
+    a = rewards.abs()
+    f32 = torch.finfo(torch.float32)
+    outside = torch.isfinite(a) & ((a > f32.max) | ((a > 0) & (a < f32.tiny)))
+    if bool(outside.any()):
+        bad = rewards[outside]
+        raise ValueError(
+            f"{OP}: backend={backend!r} computes in float32, and {int(outside.sum())} float64 rewards are outside its "
+            f"range (e.g. {float(bad[0]):.3g}); use backend='torch' or 'triton' (float64 in float64) or rescale"
+        )
+
+
 def _group_advantages_cuda(chk: _Checked, eps: float, lam: float) -> GroupAdvantages:
+    check_float32_range(chk.rewards, "cuda")
     n, n_groups, device = chk.rewards.numel(), chk.n_groups, chk.rewards.device
     advantages = torch.empty(n, dtype=torch.float32, device=device)
     mean, std, solve_rate = (torch.empty(n_groups, dtype=torch.float32, device=device) for _ in range(3))
