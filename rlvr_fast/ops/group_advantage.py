@@ -406,10 +406,13 @@ def group_advantages_reference(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _scaled_std(dev: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def _scaled_std(dev: torch.Tensor, count: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, 1) Bessel std of each row of deviations ``dev`` (rows, G) (zeros where masked), computed scale-invariantly
-    like the reference's ``_sample_std``: divided by the row's largest |deviation| before squaring."""
-    top = dev.abs().amax(dim=1, keepdim=True)
+    like the reference's ``_sample_std``: divided by the row's largest |deviation| before squaring. ``top``: that
+    largest |deviation| (rows, 1) when the caller has it (max - mean, mean - min: the same subtractions, so the same
+    value as ``dev.abs().amax``, one pass fewer)."""
+    if top is None:
+        top = dev.abs().amax(dim=1, keepdim=True)
     safe = torch.where(top > 0, top, torch.ones_like(top))
     x = dev / safe
     return safe * ((x * x).sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)).sqrt() * (top > 0)
@@ -435,8 +438,9 @@ def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvan
         mean = r.mean(dim=1, keepdim=True)
         dev = r - mean
         r_min, r_max = torch.aminmax(r, dim=1, keepdim=True)
-    std = _scaled_std(dev, count)
     all_equal = (r_max == r_min) | (count < 2)
+    top = torch.where(count > 0, torch.maximum(r_max - mean, mean - r_min), 0.0)  # an empty group has r_min = inf
+    std = _scaled_std(dev, count, top)
 
     if chk.scale == "batch":
         finite = r if vf is None else r[valid]
