@@ -183,9 +183,11 @@ class Trainer:
             return batch
         old_logp = ref_logp = None
         if self.cfg.num_iterations > 1:
-            old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature, plan)
+            with self.timer.part("fixed_logprobs"):
+                old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature, plan)
         if self.ref_model is not None:
-            ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature, plan)
+            with self.timer.part("fixed_logprobs"):
+                ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature, plan)
         return replace(batch, old_logp=old_logp, ref_logp=ref_logp)
 
     def update(self, batch: UpdateBatch) -> dict:
@@ -198,8 +200,7 @@ class Trainer:
                 "(train() calls it)"
             )
         plan = micro_batch_plan(self.model, batch, self.cfg, self.prefix_sharing)
-        with self.timer.part("fixed_logprobs"):
-            batch = self.with_fixed_logprobs(batch, plan)
+        batch = self.with_fixed_logprobs(batch, plan)
         iterations = []
         for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
