@@ -22,7 +22,7 @@ from rlvr_fast.trainer.optimizers import build_optimizer
 from rlvr_fast.trainer.policy import policy_step
 from rlvr_fast.trainer.run_log import step_breakdown
 from rlvr_fast.trainer.scoring import Rewards, Scorer
-from rlvr_fast.trainer.step_timer import STEP_PARTS, part_key
+from rlvr_fast.trainer.step_timer import STEP_PARTS, StepTimer, part_key
 from rlvr_fast.trainer.update_batch import build_update_batch
 
 # Digits likely and '5' likelier: the verifier's verdict (answer 5) is then right for a good share of completions, so
@@ -181,6 +181,8 @@ def test_step_breakdown_text():
     record = {part_key("generation"): 4.12, part_key("forward_backward"): 6.25, part_key("optimizer"): 0.31}
     record.update({part_key("scoring"): 0.01, part_key("fixed_logprobs"): 0.0, part_key("other"): 0.2})
     assert step_breakdown(record) == "gen 4.1s fb 6.2s opt 0.3s other 0.2s"
+    with pytest.raises(ValueError, match=r"StepTimer.part: name must be one of .*got 'update'"):
+        StepTimer().part("update").__enter__()
 
 
 def test_prefix_sharing_setting(tmp_path, tokenizer, caplog):
