@@ -201,3 +201,44 @@ def backend_params(*backends: str) -> list:
         pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=reason or "")) if b == "cuda" else b
         for b in backends
     ]
+
+
+def _faithful_rms_norm(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def fp64_faithful_norms(model):
+    """Make each RMSNorm of ``model`` compute in its input's dtype (returns the model).
+
+    transformers' RMSNorm computes in float32 whatever the input dtype (it casts fp64 down and back), which caps any
+    fp64 comparison of two paths through the decoder at fp32 rounding; with the same formula in the input's dtype an
+    fp64 model is fp64 throughout.
+    """
+    import types
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(_faithful_rms_norm, module)
+    return model
+
+
+def random_rollout(tokenizer, prompts: list[str], group_size: int, max_completion: int, generator: torch.Generator):
+    """A ``Rollout`` of ``prompts`` (left-padded, each repeated ``group_size`` times) and random right-padded
+    completions of random lengths in [1, max_completion] (row 0 the full width), for update tests without sampling."""
+    from rlvr_fast.trainer.generation import Rollout
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = len(prompts) * group_size
+    ids = torch.randint(3, len(tokenizer), (rows, max_completion), generator=generator)
+    lengths = torch.randint(1, max_completion + 1, (rows,), generator=generator)
+    lengths[0] = max_completion
+    mask = (torch.arange(max_completion)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, tokenizer.pad_token_id)
+    return Rollout(
+        prompt_ids=enc["input_ids"].repeat_interleave(group_size, dim=0),
+        prompt_mask=enc["attention_mask"].repeat_interleave(group_size, dim=0),
+        completion_ids=ids,
+        completion_mask=mask,
+        truncated=torch.zeros(rows, dtype=torch.bool),
+        texts=[""] * rows,
+    )

@@ -4,21 +4,19 @@ keys and values, gives the hidden states, the loss and every parameter's gradien
 
 fp64: relative error <= 1e-10. transformers' RMSNorm computes in float32 whatever the input dtype (it casts fp64 down
 and back), which caps any fp64 comparison at fp32 rounding; the fp64 cases therefore swap each RMSNorm's forward for
-the same formula in the input's dtype (``fp64_faithful_norms``), and compute the loss with the fp64 reference
-(``fused_linear_grpo_loss_reference``), since the fused op accumulates in fp32. fp32: relative error <= 1e-5, with the
-model as it is and the fused op.
+the same formula in the input's dtype (``rlvr_fast.testing.fp64_faithful_norms``), and compute the loss with the fp64
+reference (``fused_linear_grpo_loss_reference``), since the fused op accumulates in fp32. fp32: relative error <= 1e-5,
+with the model as it is and the fused op.
 """
 
 import logging
-import types
 
 import pytest
 import torch
 
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss, fused_linear_grpo_loss_reference
-from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
+from rlvr_fast.testing import assert_close, char_tokenizer, fp64_faithful_norms, random_rollout, tiny_causal_lm
 from rlvr_fast.trainer import prefix_sharing
-from rlvr_fast.trainer.generation import Rollout
 from rlvr_fast.trainer.memory import checkpointed_forward, enable_activation_checkpointing
 from rlvr_fast.trainer.model import lm_head_weight
 from rlvr_fast.trainer.policy import completion_hidden
@@ -40,18 +38,6 @@ def tokenizer():
     return char_tokenizer()
 
 
-def _faithful_rms_norm(self, x):
-    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-def fp64_faithful_norms(model):
-    """Each RMSNorm computes in its input's dtype instead of float32 (module doc); returns the model."""
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(_faithful_rms_norm, module)
-    return model
-
-
 def build_model(tokenizer, arch, dtype, checkpointing=False, **kwargs):
     model = tiny_causal_lm(tokenizer, arch=arch, token_bias={"<eos>": 1.0}, **kwargs).to(dtype)
     if dtype == torch.float64:
@@ -59,25 +45,6 @@ def build_model(tokenizer, arch, dtype, checkpointing=False, **kwargs):
     if checkpointing:
         enable_activation_checkpointing(model)
     return model
-
-
-def make_rollout(tokenizer, prompts, group_size, max_completion, generator) -> Rollout:
-    """Left-padded prompts repeated G times, random right-padded completions of random lengths (>= 1 each)."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    rows = len(prompts) * group_size
-    ids = torch.randint(3, len(tokenizer), (rows, max_completion), generator=generator)
-    lengths = torch.randint(1, max_completion + 1, (rows,), generator=generator)
-    lengths[0] = max_completion  # one row uses the full width
-    mask = (torch.arange(max_completion)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), ids, tokenizer.pad_token_id)
-    return Rollout(
-        prompt_ids=enc["input_ids"].repeat_interleave(group_size, dim=0),
-        prompt_mask=enc["attention_mask"].repeat_interleave(group_size, dim=0),
-        completion_ids=ids,
-        completion_mask=mask,
-        truncated=torch.zeros(rows, dtype=torch.bool),
-        texts=[""] * rows,
-    )
 
 
 def loss_and_grads(model, rollout, hidden_fn, loss_kwargs, dtype):
@@ -135,7 +102,7 @@ def test_shared_prefix_equals_unshared(tokenizer, generator, arch, dtype, checkp
     """Every loss type, beta 0 (on-policy) and beta > 0 with old log-probs (num_iterations > 1), in fp64; two of them
     in fp32 and with checkpointing on."""
     model = build_model(tokenizer, arch, dtype, checkpointing)
-    rollout = make_rollout(tokenizer, PROMPTS, group_size=3, max_completion=5, generator=generator)
+    rollout = random_rollout(tokenizer, PROMPTS, group_size=3, max_completion=5, generator=generator)
     every = dtype == torch.float64 and not checkpointing
     for loss_type, beta, off_policy in EVERY_LOSS if every else FEW_LOSSES:
         opts = loss_options(rollout, loss_type, beta, generator, off_policy)
@@ -150,7 +117,7 @@ def test_sequence_importance_sampling_and_partial_groups(tokenizer, generator, a
     """GSPO's sequence-level ratio, and a micro-batch that holds some rows of a group only, out of order (what the
     trainer's zero-advantage skip and micro-batching leave)."""
     model = build_model(tokenizer, arch, torch.float64)
-    rollout = make_rollout(tokenizer, PROMPTS, group_size=4, max_completion=6, generator=generator)
+    rollout = random_rollout(tokenizer, PROMPTS, group_size=4, max_completion=6, generator=generator)
     rollout = rollout.select(torch.tensor([9, 0, 5, 6, 2, 11, 1]))
     opts = loss_options(rollout, "grpo", 0.04, generator, off_policy=True)
     assert_same_update(model, rollout, {**opts, "importance_sampling": "sequence"}, torch.float64)
@@ -158,14 +125,14 @@ def test_sequence_importance_sampling_and_partial_groups(tokenizer, generator, a
 
 def test_one_token_completions_and_one_prompt(tokenizer, generator):
     model = build_model(tokenizer, "llama", torch.float64)
-    rollout = make_rollout(tokenizer, PROMPTS[:1], group_size=3, max_completion=1, generator=generator)
+    rollout = random_rollout(tokenizer, PROMPTS[:1], group_size=3, max_completion=1, generator=generator)
     assert_same_update(model, rollout, loss_options(rollout, "dapo", 0.0, generator, False), torch.float64)
 
 
 def test_old_policy_logprobs_pass_without_grad(tokenizer, generator):
     """The old-policy / reference passes run under no_grad; the shared hidden states are those of the unshared."""
     model = build_model(tokenizer, "qwen2", torch.float32)
-    rollout = make_rollout(tokenizer, PROMPTS, group_size=2, max_completion=4, generator=generator)
+    rollout = random_rollout(tokenizer, PROMPTS, group_size=2, max_completion=4, generator=generator)
     with torch.no_grad():
         assert_close(shared_completion_hidden(model, rollout), completion_hidden(model, rollout), rtol=1e-5)
 
@@ -181,7 +148,7 @@ def test_shared_prompts_dedupe_and_trim(tokenizer):
 
 
 def test_decoder_token_counts(tokenizer, generator):
-    rollout = make_rollout(tokenizer, ["abc", "abcde"], group_size=4, max_completion=6, generator=generator)
+    rollout = random_rollout(tokenizer, ["abc", "abcde"], group_size=4, max_completion=6, generator=generator)
     counts = decoder_tokens(rollout)
     assert counts == {"unshared": 8 * (5 + 6), "shared": 2 * 5 + 8 * 5}
 

@@ -21,7 +21,7 @@ from rlvr_fast.trainer.model import LoadedModel
 
 # Digits likely, '5' likelier (the answer), EOS likely enough that completions end (as in test_trainer.py).
 TOKEN_BIAS = {**{str(d): 3.0 for d in range(10)}, "5": 4.5, "<eos>": 1.5}
-TIMING_KEYS = {"seconds", "generation_seconds", "tokens_per_s", "peak_memory_bytes"}
+TIMING_KEYS = {"seconds", "tokens_per_s", "peak_memory_bytes"}  # and the time_<part>_s breakdown
 FINDINGS = ("pass_at_k", "reward", "sample", "calibration", "update_sparsity", "formats", "difficulty")
 
 
@@ -93,7 +93,7 @@ def load_study(plan) -> dict:
 
 
 def strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("time_")} for r in records]
 
 
 def read_metrics(run_dir):

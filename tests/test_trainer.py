@@ -20,13 +20,15 @@ from rlvr_fast.trainer.loop import Trainer
 from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.optimizers import build_optimizer
 from rlvr_fast.trainer.policy import policy_step
+from rlvr_fast.trainer.run_log import step_breakdown
 from rlvr_fast.trainer.scoring import Rewards, Scorer
+from rlvr_fast.trainer.step_timer import STEP_PARTS, StepTimer, part_key
 from rlvr_fast.trainer.update_batch import build_update_batch
 
 # Digits likely and '5' likelier: the verifier's verdict (answer 5) is then right for a good share of completions, so
 # groups are mixed and every estimator has something to learn from; EOS likely enough that completions end.
 TOKEN_BIAS = {**{str(d): 3.0 for d in range(10)}, "5": 4.5, "<eos>": 1.5}
-TIMING_KEYS = {"seconds", "generation_seconds", "tokens_per_s", "peak_memory_bytes"}
+TIMING_KEYS = {"seconds", "tokens_per_s", "peak_memory_bytes"}  # and the time_<part>_s breakdown
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +144,9 @@ def test_every_estimator_and_sample_mode_trains(tmp_path, tokenizer, estimator, 
 def test_loss_options_train(tmp_path, tokenizer, overrides):
     trainer, result, before = run(tmp_path, tokenizer, rewards={"correct": 1.0}, **overrides)
     steps = [m for m in result.metrics if "reward_mean" in m]
+    assert trainer.prefix_sharing  # auto, on a Llama
+    for m in steps:
+        assert_step_breakdown(m, fixed_logprobs=bool(overrides.get("beta") or overrides.get("num_iterations", 1) > 1))
     updated = any(m["completions_updated"] for m in steps)
     if overrides.get("beta"):
         # Updated completions all of advantage 0 (every reward equal) leave only the KL term, whose gradient is exactly
@@ -153,6 +158,58 @@ def test_loss_options_train(tmp_path, tokenizer, overrides):
         assert all("mean_kl" in m for m in steps if m["completions_updated"])
         # with a KL term every kept completion runs, zero advantage or not
         assert all(m["zero_advantage_completions_skipped"] == 0 for m in steps)
+
+
+def assert_step_breakdown(record: dict, fixed_logprobs: bool) -> None:
+    """A step record's time split (present, >= 0, summing to its seconds) and its micro-batch fields."""
+    parts = [part_key(p) for p in (*STEP_PARTS, "other")]
+    assert all(record[k] >= 0 for k in parts), {k: record[k] for k in parts}
+    assert sum(record[k] for k in parts) == pytest.approx(record["seconds"], rel=1e-9, abs=1e-12)
+    assert record[part_key("generation")] > 0 and record[part_key("scoring")] > 0
+    updated = record["completions_updated"] > 0
+    assert (record[part_key("forward_backward")] > 0) == updated
+    assert (record[part_key("fixed_logprobs")] > 0) == (updated and fixed_logprobs)
+    assert record["micro_batches"] >= 1 if updated else record["micro_batches"] == 0
+    assert 0 <= record["padding_fraction"] < 1
+    if updated:  # G = 8 completions share each prompt's pass
+        assert 0 < record["decoder_tokens"] < record["decoder_tokens_unshared"]
+    text = step_breakdown(record)
+    assert text.startswith("gen ") and " fb " in text
+
+
+def test_step_breakdown_text():
+    record = {part_key("generation"): 4.12, part_key("forward_backward"): 6.25, part_key("optimizer"): 0.31}
+    record.update({part_key("scoring"): 0.01, part_key("fixed_logprobs"): 0.0, part_key("other"): 0.2})
+    assert step_breakdown(record) == "gen 4.1s fb 6.2s opt 0.3s other 0.2s"
+    with pytest.raises(ValueError, match=r"StepTimer.part: name must be one of .*got 'update'"):
+        StepTimer().part("update").__enter__()
+
+
+def test_prefix_sharing_setting(tmp_path, tokenizer, caplog):
+    """One setting for the update and the rollout: on / off / auto on a Llama; a model it cannot apply to is refused
+    by on, naming the reason, and runs unshared under auto, said once by class name."""
+    import logging
+
+    from rlvr_fast.trainer import prefix_sharing
+
+    for mode, shared in (("on", True), ("off", False), ("auto", True)):
+        trainer = trainer_for(tmp_path, tokenizer, prefix_sharing=mode)
+        assert trainer.prefix_sharing is shared and trainer.generator.shared_prefix is shared
+
+    def sliding_trainer(mode):
+        model = tiny_causal_lm(tokenizer, arch="qwen2", token_bias=TOKEN_BIAS)
+        model.config.layer_types = ["sliding_attention", "full_attention"]
+        loaded = LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32)
+        return Trainer(tiny_config(tmp_path, prefix_sharing=mode), loaded=loaded)
+
+    with pytest.raises(ValueError, match=r"prefix_sharing='on' but Qwen2ForCausalLM has sliding_attention layers"):
+        sliding_trainer("on")
+    prefix_sharing._reported.discard("Qwen2ForCausalLM")
+    with caplog.at_level(logging.WARNING, logger=prefix_sharing.__name__):
+        trainers = [sliding_trainer("auto"), sliding_trainer("auto")]
+    assert not any(t.prefix_sharing or t.generator.shared_prefix for t in trainers)
+    said = [r.getMessage() for r in caplog.records if "Qwen2ForCausalLM" in r.getMessage()]
+    assert len(said) == 1 and "sliding_attention" in said[0]
 
 
 def test_sparse_adamw_leaves_unmasked_entries_unchanged(tmp_path, tokenizer):
@@ -204,7 +261,7 @@ def test_micro_batches_and_checkpointing_give_the_single_pass_gradient(tmp_path,
 
 
 def _strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("time_")} for r in records]
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
@@ -262,6 +319,35 @@ def test_flags_override_yaml(tmp_path):
         config_from_args(parser.parse_args(["--config", str(path)]))
 
 
+def test_flags_with_hyphens_and_the_new_fields(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = [
+        "--prefix-sharing",
+        "off",
+        "--micro-batch-tokens",
+        "256",
+        "--output-dir",
+        "/tmp/x",
+        "--grad_accumulation",
+        "2",
+    ]
+    cfg = config_from_args(parser.parse_args(args))
+    assert (cfg.prefix_sharing, cfg.micro_batch_tokens, cfg.output_dir, cfg.grad_accumulation) == (
+        "off",
+        256,
+        "/tmp/x",
+        2,
+    )
+    assert RLVRConfig().prefix_sharing == "auto" and RLVRConfig().grad_accumulation is None
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--prefix-sharing", "yes"])
+    assert exit_info.value.code == 2
+    assert "RLVRConfig.prefix_sharing must be one of ['auto', 'on', 'off'], got 'yes'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
@@ -273,7 +359,9 @@ def test_flags_override_yaml(tmp_path):
         (dict(optimizer="sparse_adamw"), r"mask_source is required"),
         (dict(rewards={}), r"rewards must name at least one reward mode"),
         (dict(rewards={"correct": "high"}), r"rewards\['correct'\] must be a finite number"),
-        (dict(grad_accumulation=0), r"RLVRConfig.grad_accumulation must be >= 1, got 0"),
+        (dict(grad_accumulation=0), r"RLVRConfig.grad_accumulation must be >= 1 or None, got 0"),
+        (dict(micro_batch_tokens=0), r"RLVRConfig.micro_batch_tokens must be >= 1, got 0"),
+        (dict(prefix_sharing="yes"), r"RLVRConfig.prefix_sharing must be one of \['auto', 'on', 'off'\], got 'yes'"),
         (dict(min_solve_rate=0.8, max_solve_rate=0.2), r"min_solve_rate \(0.8\) must be <= max_solve_rate \(0.2\)"),
     ],
 )

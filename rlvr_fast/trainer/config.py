@@ -71,6 +71,13 @@ class RLVRConfig:
         choices=f"{__name__}:DTYPES",
     )
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", choices=f"{__name__}:DEVICES")
+    prefix_sharing: str = _f(
+        "auto",
+        "run each prompt through the decoder once for its group, in the rollout and in the update (its completions "
+        "attend to that one pass; exact): auto (where the model supports it, else unshared, said once by model "
+        "class), on (refuse a model that cannot) or off",
+        choices="rlvr_fast.trainer.prefix_sharing:PREFIX_SHARING_MODES",
+    )
 
     # ---- rollout ---------------------------------------------------------------------------------------------------
     group_size: int = _f(8, "G: completions sampled per prompt (GRPO, Shao et al. 2024, arXiv:2402.03300)", ge=1)
@@ -164,10 +171,17 @@ class RLVRConfig:
     warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)", ge=0)
     grad_clip: float | None = _f(1.0, "clip the global grad norm to this (None: no clipping)", gt=0)
-    grad_accumulation: int = _f(
-        8,
-        "micro-batches per optimizer step: the step's completions are split into this many forward/backward passes "
-        "(uneven splits are exact: each micro-batch's loss is weighted by its share of the normaliser)",
+    micro_batch_tokens: int = _f(
+        512,
+        "decoder-token budget of one forward/backward micro-batch: the step's completions are packed into "
+        "micro-batches of whole groups sorted by length, each computing at most this many decoder positions, padding "
+        "included (a group over it is split by rows; docs/design.md, the training step)",
+        ge=1,
+    )
+    grad_accumulation: int | None = _f(
+        None,
+        "micro-batches by count instead of by micro_batch_tokens (which is then unused): the step's completions split "
+        "in order into this many forward/backward passes; None: by the token budget",
         ge=1,
     )
     gradient_checkpointing: bool | None = _f(
@@ -379,8 +393,8 @@ def _flag_parser(spec) -> typing.Callable[[str], Any]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--<field>`` flag per RLVRConfig field: type, range and choices from the schema (choices from the
-    registries, so a new estimator or loss type appears here by itself)."""
+    """One ``--<field>`` flag per RLVRConfig field, also spelled with hyphens (``--output-dir``): type, range and
+    choices from the schema (choices from the registries, so a new estimator or loss type appears here by itself)."""
     from rlvr_fast.trainer.schema import field_specs
 
     parser.add_argument("--config", default=None, help="YAML file of config values (flags override it)")
@@ -390,8 +404,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = spec.choices
         metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+        spellings = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])  # --output-dir too
         parser.add_argument(
-            f"--{f.name}",
+            *spellings,
             dest=f.name,
             type=_flag_parser(spec),
             default=argparse.SUPPRESS,

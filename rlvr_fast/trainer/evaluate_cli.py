@@ -18,7 +18,7 @@ def run_eval(cfg: RLVRConfig, checkpoint: str | None = None, loaded=None) -> str
     if checkpoint is not None:
         load_model_weights(checkpoint, loaded.model)  # strict: a checkpoint of another model is an error
     _, problems = load_problems(cfg)
-    generator = HFGeneration(loaded.model, loaded.tokenizer, cfg.max_prompt_length)
+    generator = HFGeneration(loaded.model, loaded.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing)
     result = evaluate(generator, loaded.tokenizer, problems, **evaluation_kwargs(cfg))
     lines = [f"{len(problems)} problems x n={result.n}: pass@k [95% CI]"]
     for k, s in result.pass_at_k.items():

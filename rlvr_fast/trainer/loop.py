@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import random
-import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -35,15 +34,18 @@ from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evalua
 from rlvr_fast.trainer.finite_guard import checked_update
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
 from rlvr_fast.trainer.memory import enable_activation_checkpointing, return_freed_host_memory
+from rlvr_fast.trainer.micro_batches import MicroBatchPlan
 from rlvr_fast.trainer.model import LoadedModel, load_model
 from rlvr_fast.trainer.optimizers import build_optimizer, saliency_warmup, trainable_parameters
-from rlvr_fast.trainer.policy import policy_step, sequence_logprobs
+from rlvr_fast.trainer.policy import micro_batch_plan, policy_step, sequence_logprobs
+from rlvr_fast.trainer.prefix_sharing import resolve_prefix_sharing
 from rlvr_fast.trainer.preflight import preflight
 from rlvr_fast.trainer.report import before_after_rows, table, write_report
 from rlvr_fast.trainer.run_log import MetricsLog, Progress, iteration_metrics, peak_memory_bytes
 from rlvr_fast.trainer.schedule import build_scheduler
 from rlvr_fast.trainer.scoring import Rewards, Scorer
 from rlvr_fast.trainer.seeds import derived_seed
+from rlvr_fast.trainer.step_timer import StepTimer
 from rlvr_fast.trainer.update_batch import UpdateBatch, build_update_batch
 
 
@@ -81,7 +83,13 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         if self.loaded.device.type == "cpu":
             return_freed_host_memory()
-        self.generator = HFGeneration(self.model, self.tokenizer, cfg.max_prompt_length)
+        # One setting for the update (here) and the rollout (HFGeneration): auto says once, by model class, when it
+        # cannot apply; on refuses such a model now, before any step.
+        self.prefix_sharing = resolve_prefix_sharing(self.model, cfg.prefix_sharing)
+        self.generator = HFGeneration(
+            self.model, self.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing
+        )
+        self.timer = StepTimer(self.loaded.device)  # the current step's (train_step starts a new one)
         self.ref_model = None
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
@@ -124,10 +132,12 @@ class Trainer:
             rewards = self.scorer(rollout.texts, problems, step)
             adv = compute_advantages(rewards, self.cfg)
             kept = apply_difficulty_filter(rewards, self.cfg)
-            batch = self.with_fixed_logprobs(build_update_batch(rollout, adv.advantages, kept, self.cfg))
+            batch = build_update_batch(rollout, adv.advantages, kept, self.cfg)
+            plan = micro_batch_plan(self.model, batch, self.cfg, self.prefix_sharing)
+            batch = self.with_fixed_logprobs(batch, plan)
             self.model.zero_grad(set_to_none=True)
             if len(batch.advantages):
-                policy_step(self.model, batch, self.cfg)
+                policy_step(self.model, batch, self.cfg, plan)
                 saliency.accumulate()
         self.model.zero_grad(set_to_none=True)
         self._build_optimizer(masks=saliency.masks(density, scope="global"))
@@ -136,17 +146,17 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """Training step ``step``, top to bottom; returns its metrics record (one line of metrics.jsonl)."""
-        t0 = time.perf_counter()
-        problems = self.problems_at(step)
-        rollout = self.rollout(problems, step)
-        generation_seconds = time.perf_counter() - t0
-        rewards = self.scorer(rollout.texts, problems, step)
-        adv = compute_advantages(rewards, self.cfg)
-        kept = apply_difficulty_filter(rewards, self.cfg)
-        batch = build_update_batch(rollout, adv.advantages, kept, self.cfg)
+        timer = self.timer = StepTimer(self.loaded.device)  # the step's seconds by part (step_timer.STEP_PARTS)
+        with timer.part("generation"):
+            problems = self.problems_at(step)
+            rollout = self.rollout(problems, step)
+        with timer.part("scoring"):
+            rewards = self.scorer(rollout.texts, problems, step)
+            adv = compute_advantages(rewards, self.cfg)
+            kept = apply_difficulty_filter(rewards, self.cfg)
+            batch = build_update_batch(rollout, adv.advantages, kept, self.cfg)
         update = checked_update(step, self.update, batch, self.model)  # a NaN/inf stops the run here, step named
-        seconds = time.perf_counter() - t0
-        return self._step_record(step, rollout, rewards, adv, kept, batch, update, seconds, generation_seconds)
+        return self._step_record(step, rollout, rewards, adv, kept, batch, update, timer.record())
 
     def problems_at(self, step: int, seed: int | None = None) -> list[Problem]:
         """The training problems of step ``step`` (a seeded permutation per epoch; ``seed`` defaults to the run's)."""
@@ -165,43 +175,50 @@ class Trainer:
             seed=derived_seed(self.cfg.seed, "rollout", step),
         )
 
-    def with_fixed_logprobs(self, batch: UpdateBatch) -> UpdateBatch:
+    def with_fixed_logprobs(self, batch: UpdateBatch, plan: MicroBatchPlan) -> UpdateBatch:
         """``batch`` with the log-probs that stay fixed through the update: the old policy's (the model before its
-        first optimizer step) when num_iterations > 1, the reference model's when beta > 0."""
+        first optimizer step) when num_iterations > 1, the reference model's when beta > 0; computed over the
+        micro-batches of ``plan``, the update's own, so each covers the columns its micro-batch keeps."""
         if len(batch.advantages) == 0:
             return batch
         old_logp = ref_logp = None
         if self.cfg.num_iterations > 1:
-            old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature)
+            with self.timer.part("fixed_logprobs"):
+                old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature, plan)
         if self.ref_model is not None:
-            ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature)
+            with self.timer.part("fixed_logprobs"):
+                ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature, plan)
         return replace(batch, old_logp=old_logp, ref_logp=ref_logp)
 
     def update(self, batch: UpdateBatch) -> dict:
         """The policy update of one step: the fixed log-probs, then ``num_iterations`` optimizer steps on ``batch``,
-        then one step of the learning-rate schedule. Returns the metrics of every iteration (``iteration_metrics``)."""
+        then one step of the learning-rate schedule. Returns the metrics of every iteration (``iteration_metrics``) and
+        the micro-batch plan's (``MicroBatchPlan.metrics``: one pass over the batch)."""
         if self.optimizer is None:
             raise RuntimeError(
                 f"Trainer.update: mask_source={self.cfg.mask_source!r} needs warm_up_masks() before the first update "
                 "(train() calls it)"
             )
-        batch = self.with_fixed_logprobs(batch)
+        plan = micro_batch_plan(self.model, batch, self.cfg, self.prefix_sharing)
+        batch = self.with_fixed_logprobs(batch, plan)
         iterations = []
         for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             if len(batch.advantages):  # else nothing can contribute a gradient this step
-                iterations.append(self._optimizer_step(batch))
+                iterations.append(self._optimizer_step(batch, plan))
         self._schedule_step(stepped=bool(iterations))
-        return iteration_metrics(iterations)
+        return {**iteration_metrics(iterations), **plan.metrics()}
 
-    def _optimizer_step(self, batch: UpdateBatch) -> dict:
-        out = policy_step(self.model, batch, self.cfg)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip else float("inf"))
-        if not torch.isfinite(norm):
-            raise FloatingPointError(f"the gradient norm is {float(norm)}; refusing to step on garbage")
-        out["grad_norm"] = float(norm)
-        self.optimizer.step()
+    def _optimizer_step(self, batch: UpdateBatch, plan: MicroBatchPlan) -> dict:
+        with self.timer.part("forward_backward"):
+            out = policy_step(self.model, batch, self.cfg, plan)
+        with self.timer.part("optimizer"):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip else float("inf"))
+            if not torch.isfinite(norm):
+                raise FloatingPointError(f"the gradient norm is {float(norm)}; refusing to step on garbage")
+            out["grad_norm"] = float(norm)
+            self.optimizer.step()
         return out
 
     def _schedule_step(self, stepped: bool) -> None:
@@ -240,7 +257,7 @@ class Trainer:
         for step in range(start, cfg.steps):
             record = self.train_step(step)
             log.write(record)
-            progress.update(record["reward_mean"], record["tokens_per_s"])
+            progress.update(record)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 log.write({"step": step, "eval": self.evaluate().to_dict()})
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
@@ -276,8 +293,7 @@ class Trainer:
         kept: FilterResult,
         batch: UpdateBatch,
         update: dict,
-        seconds: float,
-        generation_seconds: float,
+        times: dict[str, float],
     ) -> dict:
         completion_tokens = float(rollout.completion_mask.sum())
         record = {
@@ -297,9 +313,8 @@ class Trainer:
             "zero_advantage_tokens_skipped": batch.skipped_tokens,
             "truncated_frac": float(rollout.truncated.float().mean()),
             "completion_tokens": completion_tokens,
-            "tokens_per_s": completion_tokens / seconds,
-            "seconds": seconds,
-            "generation_seconds": generation_seconds,
+            "tokens_per_s": completion_tokens / times["seconds"],
+            **times,  # seconds, and time_<part>_s for each part of the step (step_timer), which sum to it
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
         }
         if self.cfg.format_classes:  # format frequency of this step's rollouts, and each format's accuracy

@@ -6,6 +6,11 @@ surrogate is -min(rho A, clip(rho) A) = 0), so its decoder forward and backward 
 work. It still counts in the loss's normaliser exactly as if it had run: each micro-batch describes its part of the step
 (``StepShare``: its completions and tokens against the step's kept ones) and the loss type's partial normaliser
 (``rlvr_fast.ops.loss_types``) says what that part passes as ``num_items`` and by how much its loss is scaled.
+
+Micro-batches (``micro_batches``): whole groups packed under a decoder-token budget, or a fixed count; each trimmed to
+its own padding. Shared prefix (``prefix_sharing``): when on for the model, each micro-batch's distinct prompts run
+once and their completions attend to that pass, in the loss's forward and backward and in the old-policy and reference
+passes alike; the loss and the gradients are those of the unshared path (tests/test_shared_update.py).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from rlvr_fast.ops.objective import PolicyObjective
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.generation import Rollout
 from rlvr_fast.trainer.memory import checkpointed_forward
+from rlvr_fast.trainer.micro_batches import MicroBatchPlan, plan_micro_batches
 from rlvr_fast.trainer.model import last_hidden_states, lm_head_weight
+from rlvr_fast.trainer.prefix_sharing import resolve_prefix_sharing, shared_completion_hidden
 from rlvr_fast.trainer.update_batch import UpdateBatch
 
 
@@ -39,51 +46,77 @@ def objective_from_config(cfg: RLVRConfig) -> PolicyObjective:
     )
 
 
-def completion_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(R, Lc, D): the hidden states at the positions that predict each completion token."""
+def completion_hidden(model: torch.nn.Module, rollout: Rollout, shared_prefix: bool = False) -> torch.Tensor:
+    """(R, Lc, D): the hidden states at the positions that predict each completion token; with ``shared_prefix`` each
+    distinct prompt runs once (``prefix_sharing.shared_completion_hidden``, equal to the unshared result)."""
+    if shared_prefix:
+        return shared_completion_hidden(model, rollout)
     hidden = last_hidden_states(model, rollout.input_ids, rollout.attention_mask)
     lp = rollout.prompt_ids.shape[1]
     return hidden[:, lp - 1 : -1]
 
 
+def micro_batch_plan(
+    model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig, shared_prefix: bool | None = None
+) -> MicroBatchPlan:
+    """The micro-batches of ``batch`` under ``cfg`` (by ``grad_accumulation`` when set, else by
+    ``micro_batch_tokens``); ``shared_prefix`` None: resolved from ``cfg.prefix_sharing`` for ``model``."""
+    if shared_prefix is None:
+        shared_prefix = resolve_prefix_sharing(model, cfg.prefix_sharing)
+    if cfg.grad_accumulation is not None:
+        return plan_micro_batches(batch.rollout, shared_prefix=shared_prefix, count=cfg.grad_accumulation)
+    return plan_micro_batches(batch.rollout, shared_prefix=shared_prefix, budget=cfg.micro_batch_tokens)
+
+
 @torch.no_grad()
-def sequence_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """(R, Lc) float32 log-probs of the completion tokens under ``model`` (old policy or reference), fused."""
+def sequence_logprobs(
+    model: torch.nn.Module, rollout: Rollout, temperature: float, plan: MicroBatchPlan | None = None
+) -> torch.Tensor:
+    """(R, Lc) float32 log-probs of the completion tokens under ``model`` (old policy or reference), fused, one
+    micro-batch of ``plan`` at a time (None: one unshared pass); columns a micro-batch trims are 0."""
+    if plan is None:
+        plan = plan_micro_batches(rollout, shared_prefix=False, count=1)
     weight, bias = lm_head_weight(model)
-    h = completion_hidden(model, rollout)
-    return token_logprobs(h, weight, rollout.completion_ids, bias=bias, temperature=temperature)
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+    for part in plan.parts:
+        ro = part.rollout(rollout)
+        h = completion_hidden(model, ro, plan.shared_prefix)
+        logp = token_logprobs(h, weight, ro.completion_ids, bias=bias, temperature=temperature)
+        out[part.rows.to(out.device), : part.completion_width] = logp
+    return out
 
 
-def micro_batches(rows: int, n: int) -> list[slice]:
-    size = -(-rows // n) if rows else 0
-    return [slice(i, min(i + size, rows)) for i in range(0, rows, size)] if rows else []
+def policy_step(
+    model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig, plan: MicroBatchPlan | None = None
+) -> dict:
+    """Forward + backward of the loss over ``batch``, one micro-batch of ``plan`` at a time (None:
+    ``micro_batch_plan``); returns metrics.
 
-
-def policy_step(model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig) -> dict:
-    """Forward + backward of the loss over ``batch`` in ``cfg.grad_accumulation`` micro-batches; returns metrics.
-
-    The gradients accumulate in ``.grad``; the caller clips and steps the optimizer.
+    The gradients accumulate in ``.grad``; the caller clips and steps the optimizer. ``batch.old_logp`` /
+    ``batch.ref_logp`` must cover each micro-batch's columns (``sequence_logprobs`` with the same plan does).
     """
+    if plan is None:
+        plan = micro_batch_plan(model, batch, cfg)
     weight, bias = lm_head_weight(model)
     objective = objective_from_config(cfg)
     total_loss = 0.0
     sums: dict[str, float] = {}
     tokens_seen = 0.0
-    for part in micro_batches(len(batch.advantages), cfg.grad_accumulation):
-        ro = batch.rollout.select(torch.arange(part.start, part.stop))
-        mask = batch.loss_mask[part]
-        share = StepShare.of_part(part.stop - part.start, float(mask.sum()), batch.step_rows, batch.step_tokens)
+    for part in plan.parts:
+        ro = part.rollout(batch.rollout)
+        mask = part.columns(batch.loss_mask)
+        share = StepShare.of_part(len(part.rows), float(mask.sum()), batch.step_rows, batch.step_tokens)
         part_objective, scale = objective.for_share(share)
         with checkpointed_forward(model):
-            h = completion_hidden(model, ro)
+            h = completion_hidden(model, ro, plan.shared_prefix)
         loss, metrics = fused_linear_grpo_loss(
             h,
             weight,
             ro.completion_ids,
             mask,
-            batch.advantages[part],
-            old_logp=None if batch.old_logp is None else batch.old_logp[part],
-            ref_logp=None if batch.ref_logp is None else batch.ref_logp[part],
+            batch.advantages[part.rows.to(batch.advantages.device)],
+            old_logp=None if batch.old_logp is None else part.columns(batch.old_logp),
+            ref_logp=None if batch.ref_logp is None else part.columns(batch.ref_logp),
             bias=bias,
             return_entropy=True,
             objective=part_objective,

@@ -3,7 +3,8 @@ progress bar.
 
 A step's record holds its update's metrics (loss, grad_norm, clip fractions, mean ratio / KL / entropy, tokens) as
 ``iteration_metrics`` lays them out: with ``num_iterations`` > 1 optimizer steps on one batch, the last iteration's at
-the top level and every iteration's, in order, under ``"iterations"``.
+the top level and every iteration's, in order, under ``"iterations"``. Its ``seconds`` are split into
+``time_<part>_s`` fields (``step_timer``), which the progress bar shows compactly (``step_breakdown``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from typing import Any
 
 import torch
+
+from rlvr_fast.trainer.step_timer import part_key
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -74,8 +77,30 @@ class MetricsLog:
         return [json.loads(line) for line in open(self.path) if line.strip()]
 
 
+# The progress bar's short names of the step's parts (step_timer.STEP_PARTS and "other"), in the step's order.
+BREAKDOWN_LABELS = {
+    "generation": "gen",
+    "scoring": "score",
+    "fixed_logprobs": "lp",
+    "forward_backward": "fb",
+    "optimizer": "opt",
+    "other": "other",
+}
+
+
+def step_breakdown(record: dict[str, Any], min_seconds: float = 0.05) -> str:
+    """Where a step's seconds went, compactly: 'gen 4.1s fb 6.2s opt 0.3s' (parts under ``min_seconds`` left out;
+    generation and forward+backward always shown)."""
+    parts = []
+    for part, label in BREAKDOWN_LABELS.items():
+        seconds = record.get(part_key(part))
+        if seconds is not None and (seconds >= min_seconds or part in ("generation", "forward_backward")):
+            parts.append(f"{label} {seconds:.1f}s")
+    return " ".join(parts)
+
+
 class Progress:
-    """A tqdm bar showing step, reward, tokens/s and the ETA (silent when disabled or not a terminal-friendly run)."""
+    """A tqdm bar showing step, reward, tokens/s, where the step's seconds went, and the ETA (silent when disabled)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
@@ -84,9 +109,12 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
-    def update(self, reward: float, tokens_per_s: float) -> None:
+    def update(self, record: dict[str, Any]) -> None:
+        """Advance by one step with its metrics record (``Trainer._step_record``)."""
         if self.bar is not None:
-            self.bar.set_postfix(reward=f"{reward:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            self.bar.set_postfix_str(
+                f"reward={record['reward_mean']:.3f} tok_s={record['tokens_per_s']:.0f} {step_breakdown(record)}"
+            )
             self.bar.update(1)
 
     def close(self) -> None:
