@@ -672,6 +672,50 @@ def test_load_state_dict_with_other_masks_raises(device, generator):
         opt.load_state_dict(SparseAdamW([{"params": [p]}, {"params": [q]}], None).state_dict())
 
 
+def test_full_state_layout_round_trips_into_either_layout(device, generator):
+    """The world-size independent layout (full-shape moments, zeros off the mask, and the full-shape mask; what
+    SparseAdamW saves under FSDP2): it loads into a compact optimizer and the compact state loads into a full one,
+    and the runs go on bit for bit; a frozen parameter saves its all-False mask; other masks raise."""
+    masks = make_masks(SPECS, device, generator)
+    straight = make_params(SPECS, torch.float32, device, generator)
+    resumed = [p.clone() for p in straight]
+    grads = [draw_grads(straight, generator, s) for s in range(4)]
+    opt_a = SparseAdamW(straight, masks, backend="torch", lr=1e-2)
+    _run(opt_a, straight, grads)
+
+    opt_b = SparseAdamW(resumed, masks, backend="torch", lr=1e-2, state_layout="full")
+    assert opt_b.state_layout == "full" and opt_a.state_layout == "compact"
+    _run(opt_b, resumed, grads[:2])
+    full = opt_b.state_dict()
+    for i, (p, m) in enumerate(zip(resumed, masks)):
+        state = full["state"][i]
+        kept = effective(m, p)
+        if m is not None and not bool(m.any()):  # frozen: the all-False mask, no moments
+            assert set(state) == {"step", "mask"} and not bool(state["mask"].any())
+            continue
+        assert state["exp_avg"].shape == p.shape and "indices" not in state
+        assert not bool(state["exp_avg_sq"][~kept].any())  # zeros off the mask
+        assert ("mask" in state) == (m is not None and not bool(m.all()))
+    opt_c = SparseAdamW(resumed, masks, backend="torch", lr=1e-2)  # compact, loading the full layout
+    opt_c.load_state_dict(full)
+    opt_d = SparseAdamW(resumed, masks, backend="torch", lr=1e-2, state_layout="full")  # and the reverse
+    opt_d.load_state_dict(opt_c.state_dict())
+    _run(opt_d, resumed, grads[2:])
+    for i, (p, q) in enumerate(zip(straight, resumed)):
+        assert torch.equal(p, q), f"param {i} differs after the round trip through the full layout"
+
+    other = [m if m is None else m.clone() for m in masks]
+    other[0].view(-1)[0] = not bool(other[0].view(-1)[0])
+    with pytest.raises(ValueError, match=r"the saved mask of .* differs from this optimizer's mask"):
+        SparseAdamW(resumed, other, backend="torch", lr=1e-2).load_state_dict(full)
+    other = list(masks)
+    other[6] = torch.ones_like(masks[6])  # frozen in the state dict, trained here
+    with pytest.raises(ValueError, match=r"frozen .* in the state dict but trained here"):
+        SparseAdamW(resumed, other, backend="torch", lr=1e-2).load_state_dict(full)
+    with pytest.raises(ValueError, match=r"state_layout must be one of .*, got 'sharded'"):
+        SparseAdamW(resumed, masks, state_layout="sharded")
+
+
 def test_benchmark_floor_and_lazy_cases():
     from rlvr_fast.benchmark.cases.sparse_adamw import floor_bytes_per_param, sparse_adamw_cases
 

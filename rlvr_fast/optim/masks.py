@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from rlvr_fast.optim.sharding import full_tensor, is_dtensor
 from rlvr_fast.optim.sparsity import _as_compared, _check_states
 
 MASKS_FORMAT = "rlvr_fast.masks/1"  # safetensors metadata "format": bit-packed bool masks, shapes in "shapes"
@@ -248,22 +249,31 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
-    """Save name -> bool mask to a safetensors file (bit-packed; shapes and ``metadata`` in the header)."""
+    """Save name -> bool mask to a safetensors file (bit-packed; shapes and ``metadata`` in the header).
+
+    The file always holds full-shape masks, so it loads at any world size. DTensor masks (sharded like FSDP2
+    parameters) are gathered to their full shapes: then every rank must call save_masks (a collective), rank 0 writes
+    the file and the ranks leave together (a barrier), so no rank reads a half-written file."""
     from safetensors.torch import save_file
 
+    meta = dict(metadata or {})
+    for reserved in ("format", "shapes"):
+        if reserved in meta:
+            raise ValueError(f"save_masks: metadata key {reserved!r} is reserved")
     packed, shapes = {}, {}
     for name, m in masks.items():
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             got = getattr(m, "dtype", type(m))
             raise TypeError(f"save_masks: masks[{name!r}] must be a torch.bool tensor, got {got}")
-        packed[name] = pack_bits(m.detach()).cpu()
+        packed[name] = pack_bits(full_tensor(m.detach())).cpu()
         shapes[name] = list(m.shape)
-    meta = dict(metadata or {})
-    for reserved in ("format", "shapes"):
-        if reserved in meta:
-            raise ValueError(f"save_masks: metadata key {reserved!r} is reserved")
-    meta.update(format=MASKS_FORMAT, shapes=json.dumps(shapes))
-    save_file(packed, path, metadata=meta)
+    gathered = any(is_dtensor(m) for m in masks.values())
+    writer = not gathered or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if writer:
+        meta.update(format=MASKS_FORMAT, shapes=json.dumps(shapes))
+        save_file(packed, path, metadata=meta)
+    if gathered and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def load_masks(path: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

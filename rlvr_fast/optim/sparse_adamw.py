@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from rlvr_fast.backends import BACKENDS, select_backend
+from rlvr_fast.optim.sharding import check_placements, is_dtensor, like_sharded, local_part, local_tensor
 
 OP = "SparseAdamW"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -53,6 +54,12 @@ INT32_POSITIONS = 2**31 - 1  # parameters with more entries than this store int6
 TORCH_CHUNK_ENTRIES = 1 << 19  # the torch path steps this many entries at a time: ~10 MB of streams, cache-resident
 # The per-segment coefficients of one step, in the order the kernel reads them (kernels/sparse_adamw.HYPER_FIELDS).
 HYPER_FIELDS = ("decay", "w1", "beta2", "w2", "step_size", "bc2_sqrt", "eps")
+# What state_dict() saves (docs/design.md §4): "compact" = the live layout (indices + packed moments, rank-local under
+# FSDP2); "full" = full-shape moments (zeros off the mask) and the full-shape mask, DTensors laid out like their
+# parameters under FSDP2, so torch.distributed.checkpoint reshards them to any world size; "auto" = "full" when a
+# parameter is a DTensor, else "compact".
+STATE_LAYOUTS = ("auto", "compact", "full")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -127,6 +134,9 @@ def check_hyperparameters(lr, betas, eps, weight_decay, where: str = OP) -> None
 
 
 def _check_param(p: torch.Tensor, label: str) -> None:
+    if is_dtensor(p):
+        check_placements(p, label, OP)
+        p = local_tensor(p)  # the piece this rank steps
     if p.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{OP}: {label} must be float32 or bfloat16, got dtype {p.dtype}")
     if not p.is_contiguous():
@@ -138,9 +148,16 @@ def _check_param(p: torch.Tensor, label: str) -> None:
 
 
 def _mask_positions(mask, p: torch.Tensor, label: str) -> torch.Tensor | bool | None:
-    """The sorted flat positions a mask keeps, on p's device: None = dense, False = frozen (all-false mask)."""
+    """The sorted flat positions a mask keeps, on p's device: None = dense, False = frozen (all-false mask).
+
+    For a DTensor parameter (FSDP2) the mask has the full shape (or is a DTensor laid out like the parameter); the
+    positions are those of the rank-local piece, flat in its row-major layout. Dense and frozen are decided on the full
+    mask, so every rank agrees; a partly masked parameter keeps indices on every rank, even where its local piece is
+    all kept, or empty (a segment of 0 entries that still counts its steps)."""
     if mask is None:
         return None
+    if is_dtensor(p):
+        return _local_mask_positions(mask, p, label)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{OP}: the mask of {label} must be a bool tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -156,6 +173,28 @@ def _mask_positions(mask, p: torch.Tensor, label: str) -> torch.Tensor | bool | 
         return False
     index_dtype = torch.int32 if p.numel() <= INT32_POSITIONS else torch.int64
     return positions.to(device=p.device, dtype=index_dtype)
+
+
+def _local_mask_positions(mask, p, label: str) -> torch.Tensor | bool | None:
+    """_mask_positions for a DTensor parameter: dense/frozen from the full mask, positions in the local piece."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{OP}: the mask of {label} must be a bool tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{OP}: the mask of {label} must have dtype torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(p.shape):
+        raise ValueError(
+            f"{OP}: the mask of {label} must have the parameter's full shape {tuple(p.shape)} (the same masks at any "
+            f"world size), got {tuple(mask.shape)}"
+        )
+    kept = int(mask.sum())  # a DTensor mask: an all-reduce, the same on every rank
+    if kept == p.numel():
+        return None
+    if kept == 0:
+        return False
+    local = local_tensor(p)
+    positions = local_part(mask, p).reshape(-1).nonzero().squeeze(1)
+    index_dtype = torch.int32 if local.numel() <= INT32_POSITIONS else torch.int64
+    return positions.to(device=local.device, dtype=index_dtype)
 
 
 def _resolve_masks(masks, params: list[torch.Tensor], names: list[str] | None, labels: list[str]) -> list:
@@ -194,12 +233,22 @@ def _resolve_masks(masks, params: list[torch.Tensor], names: list[str] | None, l
 
 @dataclass
 class _Segment:
-    param: torch.Tensor
+    param: torch.Tensor  # the optimizer's parameter: a plain tensor, or a DTensor (FSDP2) whose local piece steps
     group: int  # index into param_groups
     label: str  # for messages
-    count: int  # entries in the state (masked entries, or numel when dense)
+    count: int  # entries in the state (masked entries of the local piece, or its numel when dense)
     dense: bool
     entry_start: int = 0
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The tensor stepped: the parameter, or its rank-local piece, looked up at each step (FSDP2 may re-point a
+        DTensor's local piece, e.g. at lazy init)."""
+        return local_tensor(self.param)
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.param.grad
+        return None if g is None else local_tensor(g)
 
 
 @dataclass
@@ -253,7 +302,7 @@ def _step_torch_chunk(bucket: _Bucket, pieces: list[tuple[_Segment, torch.Tensor
     """One AdamW step on pieces (segment, flat grad, coefficients, lo, hi) of the stepping segments' entries."""
     params, gs, ms, vs, positions = [], [], [], [], []
     for seg, g, _, lo, hi in pieces:
-        flat_p = seg.param.view(-1)
+        flat_p = seg.tensor.view(-1)
         state = slice(seg.entry_start + lo, seg.entry_start + hi)
         if seg.dense:
             pos = None
@@ -279,7 +328,7 @@ def _step_torch_chunk(bucket: _Bucket, pieces: list[tuple[_Segment, torch.Tensor
     torch._foreach_add_(denom, c["eps"])
     torch._foreach_addcdiv_(params, ms, denom, [-s for s in c["step_size"]])
     for (seg, _, _, lo, hi), p32, pos in zip(pieces, params, positions):
-        flat_p = seg.param.view(-1)
+        flat_p = seg.tensor.view(-1)
         if pos is not None:
             flat_p.index_copy_(0, pos, p32.to(flat_p.dtype))  # scatter: only the masked positions are written
         elif p32.data_ptr() != flat_p[lo:hi].data_ptr():
@@ -300,7 +349,7 @@ def _step_triton(
         return t[sel]
 
     sparse_adamw_step(
-        [s.param for s in segments],
+        [s.tensor for s in segments],
         [g if g.is_contiguous() else g.contiguous() for g in grads],  # the kernel indexes the row-major layout
         pick(bucket.entry_start),
         pick(bucket.count),
@@ -324,7 +373,7 @@ def _step_cuda(bucket: _Bucket, sel, segments: list[_Segment], grads: list[torch
     """The same segments, layout and coefficients as the Triton path; the op checks them, builds the launch table
     (addresses + coefficients, one pinned host-to-device copy) and steps every segment in one launch."""
     getattr(torch.ops.rlvr_fast, CUDA_OP)(
-        [s.param for s in segments],
+        [s.tensor for s in segments],
         [g if g.is_contiguous() else g.contiguous() for g in grads],  # the kernel indexes the row-major layout
         bucket.indices,
         bucket.exp_avg,
@@ -364,6 +413,14 @@ class SparseAdamW(torch.optim.Optimizer):
         backend: "auto" | "cuda" | "triton" | "torch" (rlvr_fast.backends): "auto" takes the CUDA C++ kernel for CUDA
             parameters when the extension rlvr_fast._C is built, else the Triton kernel (also for CPU parameters with
             TRITON_INTERPRET=1), else the torch path; an unavailable backend raises.
+        state_layout: what state_dict() saves: "compact" (the live layout above), "full" (full-shape moments, zeros off
+            the mask, plus the full-shape bool "mask"; DTensors laid out like their parameters under FSDP2, which
+            torch.distributed.checkpoint saves sharded and reshards to any world size), or "auto" ("full" when a
+            parameter is a DTensor, else "compact"). load_state_dict() takes either layout.
+
+    FSDP2 (``fully_shard``): parameters may be DTensors (Shard/Replicate placements; uneven shards and empty local
+    pieces included). Masks are still given full-shape (the same masks and mask files at any world size); each rank
+    keeps indices and moments only for the masked entries of its local piece and steps ``to_local()`` in place.
 
     The module docstring gives the semantics and the state layout. Memory: 12 bytes per masked entry (float32 moments +
     int32 index) plus at most 12 * ENTRY_ALIGN bytes of padding and a 4-byte step per parameter; dense parameters take
@@ -379,11 +436,15 @@ class SparseAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        state_layout: str = "auto",
     ):
         check_hyperparameters(lr, betas, eps, weight_decay)
         if backend not in BACKENDS:
             raise ValueError(f"{OP}: backend must be one of {BACKENDS}, got {backend!r}")
+        if state_layout not in STATE_LAYOUTS:
+            raise ValueError(f"{OP}: state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
         self._backend = backend
+        self._state_layout = state_layout
         self._buckets: list[_Bucket] = []
         self._frozen: set[torch.Tensor] = set()
         self._ready = False
@@ -394,6 +455,18 @@ class SparseAdamW(torch.optim.Optimizer):
         resolved = _resolve_masks(masks, params, self._names(), labels)
         self._rebuild({p: {"indices": pos} for p, pos in self._positions(params, resolved, labels)}, params, labels)
         self._ready = True
+        if state_layout == "compact" and any(is_dtensor(p) for p in params):
+            raise ValueError(
+                f"{OP}: state_layout='compact' with DTensor (sharded) parameters: the compact state holds rank-local "
+                f"positions, which no other world size can load; use state_layout='full' or 'auto'"
+            )
+
+    @property
+    def state_layout(self) -> str:
+        """The layout state_dict() saves: "compact" or "full" (``state_layout="auto"`` resolved)."""
+        if self._state_layout != "auto":
+            return self._state_layout
+        return "full" if any(is_dtensor(p) for p in self._params()) else "compact"
 
     # -- parameters and their masks ---------------------------------------------------------------------------------
 
@@ -457,7 +530,8 @@ class SparseAdamW(torch.optim.Optimizer):
             src = sources[p]
             pos = src.get("indices")
             index_dtype = torch.int32 if pos is None else pos.dtype
-            seg = _Segment(p, group_of[p], label_of[p], p.numel() if pos is None else pos.numel(), pos is None)
+            count = local_tensor(p).numel() if pos is None else pos.numel()
+            seg = _Segment(p, group_of[p], label_of[p], count, pos is None)
             keyed[(p.device, p.dtype, index_dtype)].append((seg, src))
 
         buckets = []
@@ -492,7 +566,7 @@ class SparseAdamW(torch.optim.Optimizer):
             for i, (seg, src) in enumerate(items):
                 sl = slice(seg.entry_start, seg.entry_start + seg.count)
                 state = {"step": steps[i]}
-                shape = seg.param.shape if seg.dense else (seg.count,)
+                shape = seg.tensor.shape if seg.dense else (seg.count,)
                 state["exp_avg"] = exp_avg[sl].view(shape)
                 state["exp_avg_sq"] = exp_avg_sq[sl].view(shape)
                 if not seg.dense:
@@ -523,16 +597,16 @@ class SparseAdamW(torch.optim.Optimizer):
     def _step_bucket(self, bucket: _Bucket) -> None:
         segments, grads, rows = [], [], []
         for i, seg in enumerate(bucket.segments):
-            g = seg.param.grad
+            g = seg.grad()
             if g is None:
                 continue
             if g.is_sparse:
                 raise TypeError(f"{OP}: {seg.label} has a sparse gradient; SparseAdamW takes dense gradients")
-            if g.shape != seg.param.shape or g.dtype != seg.param.dtype or g.device != seg.param.device:
+            p = seg.tensor
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise ValueError(
-                    f"{OP}: the grad of {seg.label} must match the parameter (shape {tuple(seg.param.shape)}, dtype "
-                    f"{seg.param.dtype}, device {seg.param.device}), got shape {tuple(g.shape)}, dtype {g.dtype}, "
-                    f"device {g.device}"
+                    f"{OP}: the grad of {seg.label} must match the parameter (shape {tuple(p.shape)}, dtype "
+                    f"{p.dtype}, device {p.device}), got shape {tuple(g.shape)}, dtype {g.dtype}, device {g.device}"
                 )
             segments.append(seg)
             grads.append(g)
@@ -542,6 +616,16 @@ class SparseAdamW(torch.optim.Optimizer):
         sel = torch.tensor(rows, dtype=torch.int64) if len(rows) < len(bucket.segments) else slice(None)
         bucket.steps[sel] += 1.0
         hyper = self._coefficients(bucket, sel)
+        # A sharded parameter's local piece may hold no masked entry (or no entry at all): its step counts (the count
+        # is the parameter's, the same on every rank) but nothing is launched for it (the kernels take count >= 1).
+        keep = [j for j, seg in enumerate(segments) if seg.count > 0]
+        if not keep:
+            return
+        if len(keep) < len(segments):
+            rows = [rows[j] for j in keep]
+            segments, grads = [segments[j] for j in keep], [grads[j] for j in keep]
+            hyper = hyper[:, keep]
+            sel = torch.tensor(rows, dtype=torch.int64)
         _PATHS[bucket.backend](bucket, sel, segments, grads, hyper)
 
     def _coefficients(self, bucket: _Bucket, sel) -> torch.Tensor:
@@ -583,10 +667,92 @@ class SparseAdamW(torch.optim.Optimizer):
     # -- state dict ---------------------------------------------------------------------------------------------------
 
     @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, in ``self.state_layout``: "compact" holds references to the live state (no copy); "full"
+        builds, per parameter, full-shape float32 moments (zeros off the mask) and for masked parameters the
+        full-shape bool "mask", as DTensors laid out like DTensor parameters (8 bytes + 1 per local entry while the
+        dict lives; a dense parameter's moments are the live tensors)."""
+        state_dict = super().state_dict()
+        if self.state_layout == "compact":
+            return state_dict
+        for pid, p in enumerate(self._params()):
+            if pid in state_dict["state"]:
+                state_dict["state"][pid] = self._full_state(p)  # a new dict: the live one stays as it is
+            elif p in self._frozen:  # torch.distributed.checkpoint wants a state for every trainable parameter
+                local = local_tensor(p)
+                mask = torch.zeros(local.shape, dtype=torch.bool, device=local.device)
+                state_dict["state"][pid] = {"step": torch.tensor(0.0), "mask": like_sharded(mask, p)}
+        return state_dict
+
+    def _full_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        live = self.state[p]
+        full = {"step": live["step"]}
+        positions = live.get("indices")
+        local = local_tensor(p)
+        if positions is None:
+            for key in ("exp_avg", "exp_avg_sq"):
+                full[key] = like_sharded(live[key], p)
+            return full
+        positions = positions.long()
+        mask = torch.zeros(local.numel(), dtype=torch.bool, device=local.device)
+        mask[positions] = True
+        full["mask"] = like_sharded(mask.view(local.shape), p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
+            moment[positions] = live[key]
+            full[key] = like_sharded(moment.view(local.shape), p)
+        return full
+
+    def _compact_from_saved(self, p, label: str, ours: torch.Tensor | None, saved: dict) -> dict[str, torch.Tensor]:
+        """The saved moments of ``p`` in the live layout (entries at ``ours``, or every local entry when dense),
+        from either saved layout; a mismatched mask raises."""
+        if "mask" in saved:  # the full layout: full-shape (or DTensor) moments and mask; pick this rank's piece
+            if ours is None:
+                raise ValueError(
+                    f"{OP}.load_state_dict: {label} is dense here but masked in the state dict (the masks must agree)"
+                )
+            mask = local_part(saved["mask"], p)
+            expected = torch.zeros(local_tensor(p).numel(), dtype=torch.bool, device=mask.device)
+            expected[ours.long().to(mask.device)] = True
+            if mask.shape != local_tensor(p).shape or not torch.equal(mask.reshape(-1), expected):
+                raise ValueError(f"{OP}.load_state_dict: the saved mask of {label} differs from this optimizer's mask")
+            positions = ours.long()
+            return {k: local_part(saved[k], p).reshape(-1).to(positions.device)[positions] for k in _MOMENTS}
+        theirs = saved.get("indices")
+        if (ours is None) != (theirs is None):
+            raise ValueError(
+                f"{OP}.load_state_dict: {label} is {'dense' if ours is None else 'masked'} here but "
+                f"{'dense' if theirs is None else 'masked'} in the state dict (the masks must agree)"
+            )
+        if ours is None:  # dense: full-shape moments in either layout (DTensors under FSDP2)
+            moments = {k: local_part(saved[k], p) for k in _MOMENTS}
+            expected = local_tensor(p).numel()
+        else:
+            if is_dtensor(p):
+                raise ValueError(
+                    f"{OP}.load_state_dict: the state of {label} is compact (rank-local indices), which a sharded "
+                    f"parameter cannot map to its shard; save it with state_layout='full'"
+                )
+            if not torch.equal(theirs.to(device=ours.device, dtype=ours.dtype), ours):
+                raise ValueError(
+                    f"{OP}.load_state_dict: the saved indices of {label} differ from this optimizer's mask"
+                )
+            moments = {k: saved[k] for k in _MOMENTS}
+            expected = ours.numel()
+        for key, moment in moments.items():
+            if moment.numel() != expected:
+                raise ValueError(
+                    f"{OP}.load_state_dict: {label} {key} must have {expected} entries, got shape {tuple(moment.shape)}"
+                )
+        return moments
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by SparseAdamW.state_dict(), from any device: the moments are copied, exactly, into
-        this optimizer's float32 buffers on its parameters' devices (torch's loader would cast them to the
-        parameters' dtype). The masks must agree: the saved indices must equal this optimizer's."""
+        """Load a state saved by SparseAdamW.state_dict(), from any device, in either layout ("compact" or "full",
+        the latter also from another world size: full-shape tensors or DTensors are cut to this rank's pieces): the
+        moments are copied, exactly, into this optimizer's float32 buffers on its parameters' devices (torch's loader
+        would cast them to the parameters' dtype). The masks must agree: the saved indices (or mask) must equal this
+        optimizer's."""
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -617,33 +783,21 @@ class SparseAdamW(torch.optim.Optimizer):
             p = id_map[sid]
             label = label_of[p]
             if p in self._frozen:
-                if saved:
+                if saved and ("mask" not in saved or bool(local_part(saved["mask"], p).any())):
                     raise ValueError(
                         f"{OP}.load_state_dict: state for {label}, which this optimizer freezes (all-false mask)"
                     )
                 continue
+            if "mask" in saved and not any(k in saved for k in _MOMENTS):
+                raise ValueError(
+                    f"{OP}.load_state_dict: {label} is frozen (all-false mask) in the state dict but trained here "
+                    f"(the masks must agree)"
+                )
             src = sources[p]
-            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved]
+            missing = [k for k in ("step", *_MOMENTS) if k not in saved]
             if missing:
                 raise ValueError(f"{OP}.load_state_dict: the state of {label} lacks {missing}")
-            ours, theirs = src["indices"], saved.get("indices")
-            if (ours is None) != (theirs is None):
-                raise ValueError(
-                    f"{OP}.load_state_dict: {label} is {'dense' if ours is None else 'masked'} here but "
-                    f"{'dense' if theirs is None else 'masked'} in the state dict (the masks must agree)"
-                )
-            expected = p.numel() if ours is None else ours.numel()
-            for key in ("exp_avg", "exp_avg_sq"):
-                if saved[key].numel() != expected:
-                    raise ValueError(
-                        f"{OP}.load_state_dict: {label} {key} must have {expected} entries, got shape "
-                        f"{tuple(saved[key].shape)}"
-                    )
-            if ours is not None and not torch.equal(theirs.to(device=ours.device, dtype=ours.dtype), ours):
-                raise ValueError(
-                    f"{OP}.load_state_dict: the saved indices of {label} differ from this optimizer's mask"
-                )
-            src.update({k: saved[k] for k in ("step", "exp_avg", "exp_avg_sq")})
+            src.update(self._compact_from_saved(p, label, src["indices"], saved), step=saved["step"])
 
         for g, sg in zip(self.param_groups, saved_groups):
             sg["params"] = g["params"]
@@ -656,13 +810,15 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(backend=self._backend, frozen=list(self._frozen))
+        state.update(backend=self._backend, frozen=list(self._frozen), state_layout=self._state_layout)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         backend, frozen = state.pop("backend", "auto"), state.pop("frozen", [])
+        state_layout = state.pop("state_layout", "auto")
         super().__setstate__(state)
         self._backend, self._frozen, self._ready = backend, set(frozen), True
+        self._state_layout = state_layout
         # The per-parameter state is self-describing ("indices" present = masked): rebuild the flat buffers from it.
         sources = {
             p: {"indices": s.get("indices"), **{k: s[k] for k in ("step", "exp_avg", "exp_avg_sq")}}
