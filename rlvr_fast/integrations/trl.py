@@ -8,13 +8,19 @@ Use ``RLVRFastGRPOTrainer`` in place of ``trl.GRPOTrainer`` (same arguments, plu
   LM head + log-softmax + gather (+ entropy) in chunks, only on the completion positions, never the (N, V) logits.
   TRL's ``_get_per_token_logps_and_entropies`` keeps calling ``model(..., fused_lm_head=True)``; the model answers
   through our head. Old and reference log-probs (num_iterations > 1, beta > 0) go through it too.
-- loss: ``_compute_loss`` runs the backbone once, takes the last hidden states of the completion positions and calls
-  ``rlvr_fast.integrations.policy_loss.hidden_state_policy_loss`` (token_logprobs + grpo_loss, or the fused op), with
-  TRL's normalisers (gradient accumulation, dapo's ``num_items_in_batch``), and logs TRL's metric names (entropy, kl,
-  clip_ratio/low_mean, high_mean, region_mean).
+- loss: ``_compute_loss`` runs the backbone once and, inside the model's forward, takes the last hidden states of the
+  completion positions and calls ``rlvr_fast.integrations.policy_loss.hidden_state_policy_loss`` (token_logprobs +
+  grpo_loss, or the fused op), with TRL's normalisers (gradient accumulation, dapo's ``num_items_in_batch``), and logs
+  TRL's metric names (entropy, kl, clip_ratio/low_mean, high_mean, region_mean).
+- FSDP2 (accelerate's ``fsdp_version=2``): the LM head (tied to the embedding or not) is a parameter of the root
+  module, which FSDP2 all-gathers in the root's pre-forward hook. Both the log-prob head and the loss read
+  ``lm_head.weight`` inside the model's forward, so they get the unsharded weight, only while the root is unsharded,
+  and its gradient accumulates on FSDP2's unsharded parameter, which FSDP2 reduce-scatters after backward (the
+  (tokens x vocab) logits are never formed, on any rank). A head still sharded inside the forward (an lm_head wrapped
+  as its own FSDP unit) and FSDP1 are refused.
 - every GRPOConfig setting that changes the loss is either trained exactly or refused by name
   (``rlvr_fast.integrations.trl_config``); the model is checked too (logit soft-capping / scaling, multimodal, MoE,
-  sharded LM head are refused).
+  a ZeRO-3-sharded LM head are refused).
 - advantages: unchanged unless ``sample_mode`` / ``estimator`` say otherwise (``trl_advantages.AdvantageOptions``).
 - generation, rewards, data, logging, checkpoints: TRL's, untouched.
 
@@ -53,6 +59,7 @@ from rlvr_fast.integrations.trl_rewards import trl_reward_func
 from rlvr_fast.ops.constants import IGNORE_INDEX
 from rlvr_fast.ops.logprobs import token_logprobs
 from rlvr_fast.ops.loss_types import StepShare
+from rlvr_fast.optim.sharding import is_dtensor
 
 SUPPORTED_TRL = ">=1.16,<1.17"
 _HEAD_ATTR = "_rlvr_fast_head"
@@ -95,8 +102,18 @@ def check_trl_version(version: str | None = None) -> str:
 
 
 def _head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight and bias as the model's forward sees them: under FSDP2 the unsharded parameters (the root
+    module's pre-forward all-gathered them), whose gradients FSDP2 reduce-scatters after backward."""
     head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if is_dtensor(weight):
+        raise UnsupportedTRLSetting(
+            f"rlvr_fast's TRL integration found {type(model).__name__}'s lm_head.weight still sharded (a DTensor of "
+            f"placements {tuple(weight.placements)}) inside the model's forward: the LM head is wrapped as its own "
+            f"FSDP unit, whose forward the fused head never calls. Let FSDP2 wrap the decoder layers and the root "
+            f"only (accelerate's TRANSFORMER_BASED_WRAP), so the head belongs to the root"
+        )
+    return weight, bias
 
 
 def _head_context(cast_fp32: bool, device_type: str):
@@ -113,7 +130,9 @@ def install_hidden_state_head(
     backend: str = "auto",
 ) -> None:
     """Make ``model(..., fused_lm_head=True, labels=...)`` return TRL's ``FusedCausalLMOutput`` from ``token_logprobs``,
-    and ``model(..., rlvr_fast_hidden_last=k)`` return the (B, k, D) last hidden states that predict the last k tokens.
+    ``model(..., rlvr_fast_hidden_last=k)`` return the (B, k, D) last hidden states that predict the last k tokens, and
+    ``model(..., rlvr_fast_hidden_last=k, rlvr_fast_head_fn=fn)`` return ``fn(hidden, weight, bias)`` with those
+    hidden states and the LM head's parameters, called inside the forward (where FSDP2 has the head unsharded).
 
     Any other call runs the model's previous forward (generation is unchanged). Like TRL's own head, the forward is
     patched on the instance, so DDP / accelerate wrappers still route through it. Installing twice raises.
@@ -130,7 +149,16 @@ def install_hidden_state_head(
     }
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_lm_head=False, rlvr_fast_hidden_last=None, labels=None, shift_labels=None, **kwargs):
+    def forward(
+        self,
+        *args,
+        fused_lm_head=False,
+        rlvr_fast_hidden_last=None,
+        rlvr_fast_head_fn=None,
+        labels=None,
+        shift_labels=None,
+        **kwargs,
+    ):
         if not fused_lm_head and rlvr_fast_hidden_last is None:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -144,7 +172,8 @@ def install_hidden_state_head(
         hidden = hidden.to(weight.device)
         if rlvr_fast_hidden_last is not None:
             k = int(rlvr_fast_hidden_last)
-            return hidden[:, hidden.shape[1] - k - 1 : -1]
+            hidden = hidden[:, hidden.shape[1] - k - 1 : -1]
+            return hidden if rlvr_fast_head_fn is None else rlvr_fast_head_fn(hidden, weight, bias)
         if shift_labels is None:
             if labels is None:
                 raise ValueError("model(..., fused_lm_head=True) needs labels= (-100 where no log-prob is wanted)")
@@ -181,18 +210,22 @@ def install_hidden_state_head(
 
 
 def _refuse_sharded_head(trainer) -> None:
+    """ZeRO-3 and FSDP1 shard the head in ways the fused head does not gather; FSDP2 is supported (module doc)."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         raise UnsupportedTRLSetting(
             "rlvr_fast's TRL integration reads lm_head.weight directly and does not gather DeepSpeed ZeRO-3 shards; "
-            "use ZeRO stage <= 2 or the stock GRPOTrainer"
+            "use ZeRO stage <= 2, FSDP2 (fsdp_config fsdp_version=2) or the stock GRPOTrainer"
         )
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise UnsupportedTRLSetting(
-            "rlvr_fast's TRL integration does not support FSDP (a sharded lm_head) yet; use DDP or the stock "
-            "GRPOTrainer"
-        )
+        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise UnsupportedTRLSetting(
+                f"rlvr_fast's TRL integration supports FSDP2 only (the head reads the root's unsharded parameters in "
+                f"its forward; tested with fully_shard), got fsdp_version={version}; set fsdp_config "
+                f"fsdp_version=2, or use the stock GRPOTrainer"
+            )
 
 
 class _RLVRFastMixin:
@@ -241,11 +274,6 @@ class _RLVRFastMixin:
                 f"rlvr_fast's TRL integration trains one advantage per completion, got advantages of shape "
                 f"{tuple(advantages.shape)} (per-token advantages from a subclass are not supported)"
             )
-        with self.accelerator.autocast():
-            hidden = model(
-                input_ids=input_ids, attention_mask=attention_mask, rlvr_fast_hidden_last=completion_ids.size(1)
-            )
-        weight, bias = _head_params(self.accelerator.unwrap_model(model))
         cast = bool(self.args.cast_lm_head_to_fp32)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
@@ -255,20 +283,30 @@ class _RLVRFastMixin:
         if mode == "train":
             step_tokens = step_tokens * accumulation / self.args.steps_per_generation
         objective, scale = objective.for_share(StepShare.equal_parts(accumulation, step_tokens))
-        with self.accelerator.autocast(), _head_context(cast, hidden.device.type):
-            loss, metrics = hidden_state_policy_loss(
-                hidden.float() if cast else hidden,
-                weight.float() if cast else weight,
-                completion_ids,
-                mask,
-                advantages,
-                objective,
-                bias=None if bias is None else (bias.float() if cast else bias),
-                old_logp=inputs.get("old_per_token_logps"),
-                ref_logp=inputs.get("ref_per_token_logps") if objective.beta != 0.0 else None,
-                return_entropy=True,
-                backend=self._rlvr_fast_backend,
-                implementation=self._rlvr_fast_implementation,
+
+        def head_loss(hidden, weight, bias):  # called inside the model's forward: FSDP2 has the head unsharded there
+            with _head_context(cast, hidden.device.type):
+                return hidden_state_policy_loss(
+                    hidden.float() if cast else hidden,
+                    weight.float() if cast else weight,
+                    completion_ids,
+                    mask,
+                    advantages,
+                    objective,
+                    bias=None if bias is None else (bias.float() if cast else bias),
+                    old_logp=inputs.get("old_per_token_logps"),
+                    ref_logp=inputs.get("ref_per_token_logps") if objective.beta != 0.0 else None,
+                    return_entropy=True,
+                    backend=self._rlvr_fast_backend,
+                    implementation=self._rlvr_fast_implementation,
+                )
+
+        with self.accelerator.autocast():
+            loss, metrics = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                rlvr_fast_hidden_last=completion_ids.size(1),
+                rlvr_fast_head_fn=head_loss,
             )
         if scale != 1.0:  # HF's own loss scaling is off for GRPOTrainer: the share's scale is TRL's
             loss = loss * scale

@@ -261,8 +261,3 @@ def check_model(model: Any) -> None:
             "rlvr_fast's TRL integration projects through lm_head.weight directly, so an adapter on lm_head would be "
             "ignored; remove 'lm_head' from the PEFT target_modules"
         )
-    if type(head.weight).__name__ == "DTensor":
-        raise UnsupportedTRLSetting(
-            "rlvr_fast's TRL integration does not support a sharded (FSDP2 / DTensor) lm_head yet; use the stock "
-            "GRPOTrainer under FSDP2"
-        )
