@@ -12,7 +12,11 @@ included). Parameters may be float32 or bfloat16; the moments are float32 (torch
 parameters, so on bf16 this is AdamW with an fp32 update and one round-to-nearest-even per step). A parameter whose
 grad is None is skipped (its step count does not advance), as torch.optim.AdamW does.
 
-State layout, per parameter ``p`` (``optimizer.state[p]``), the format state_dict() saves:
+Under FSDP2 parameters may be DTensors: masks are still full-shape, each rank keeps state for the masked entries of its
+local piece and steps ``to_local()``; state_dict() then saves the world-size independent "full" layout (full-shape
+moments and mask, DTensors laid out like the parameters; ``state_layout``, docs/design.md §4).
+
+State layout, per parameter ``p`` (``optimizer.state[p]``), the format state_dict() saves ("compact"):
     "step":        0-d float32 CPU tensor, the number of steps this parameter took (as torch.optim.AdamW).
     "exp_avg":     float32 on p's device; shape (k,) for a masked parameter (k = mask.sum()), p.shape when dense.
     "exp_avg_sq":  likewise.
