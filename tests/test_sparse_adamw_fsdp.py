@@ -153,6 +153,24 @@ def sharded_training_on_rank(rank, world, workdir, backends):
     # A mask file written here (from DTensor masks, gathered; rank 0 writes) for the one-process side.
     params = dict(model.named_parameters())
     dtensor_masks = {n: like_sharded(local_part(m, params[n]), params[n]) for n, m in masks.items()}
+    out["num_masked_from_dtensor_masks"] = SparseAdamW(model.named_parameters(), dtensor_masks).num_masked()
+    out["errors"] = errors = {}
+    try:  # a mask of the local shape, not the full one
+        SparseAdamW(
+            model.named_parameters(), {"embed.weight": local_part(masks["embed.weight"], params["embed.weight"])}
+        )
+    except ValueError as exc:
+        errors["local_mask"] = str(exc)
+    sharded_opt = SparseAdamW(model.named_parameters(), masks, state_layout="full")
+    compact_state = SparseAdamW(full_params(model).values(), list(masks.get(n) for n in params)).state_dict()
+    try:  # the rank-local compact layout cannot be loaded by a sharded optimizer
+        sharded_opt.load_state_dict(compact_state)
+    except ValueError as exc:
+        errors["compact_into_sharded"] = str(exc)
+    try:
+        SparseAdamW(model.named_parameters(), masks, state_layout="compact")
+    except ValueError as exc:
+        errors["compact_layout"] = str(exc)
     save_masks(dtensor_masks, f"{workdir}/masks_ws2.safetensors")
     return out
 
@@ -213,6 +231,14 @@ def test_fsdp2_sparse_adamw_matches_one_process_and_resumes_across_world_sizes(t
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(ref_losses[2:]), rtol=1e-5, atol=1e-6)
     for name, expected in ref_params.items():
         torch.testing.assert_close(model.get_parameter(name).detach(), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+    # DTensor masks (sharded like the parameters) work as the full ones; bad input is named.
+    for out in ranks:
+        assert out["num_masked_from_dtensor_masks"] == out["num_masked"]
+        errors = out["errors"]
+        assert "must have the parameter's full shape (11, 6)" in errors["local_mask"], errors
+        assert "compact (rank-local indices)" in errors["compact_into_sharded"], errors
+        assert "state_layout='compact' with DTensor" in errors["compact_layout"], errors
 
     # Mask files: the one written at world size 2 (from DTensor masks) is the same full masks.
     reloaded = load_masks(f"{workdir}/masks_ws2.safetensors")

@@ -32,6 +32,8 @@ from test_trl_integration import (
     reward_funcs,
 )
 
+from rlvr_fast.integrations import trl as rf_trl
+from rlvr_fast.integrations.trl import UnsupportedTRLSetting
 from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
 
 WORLD = 2
@@ -107,6 +109,8 @@ def train_on_rank(trainer_cls, model_dir, args, rollouts, **options):
     trainer.train()
     head = trainer.model.get_output_embeddings().weight
     assert type(head).__name__ == "DTensor", "the LM head is not sharded after training"
+    with pytest.raises(UnsupportedTRLSetting, match="still sharded"):  # outside the forward: refused, not misread
+        rf_trl._head_params(trainer.model)
     return rec, recorded, trainer.state.log_history
 
 
@@ -164,3 +168,18 @@ def test_patched_matches_stock_under_accelerate_fsdp2(tmp_path, seeded):
     for step, (g0, g1) in enumerate(zip(ranks[0]["fused"][0], ranks[1]["fused"][0])):
         for name, g in g0.items():
             assert torch.equal(g, g1[name]), f"step {step} {name}: the ranks' full gradients differ"
+
+
+def test_fsdp1_is_refused():
+    """FSDP1 (flat parameters) is not what the head was tested with: refused by name, FSDP2 accepted."""
+    from types import SimpleNamespace
+
+    def trainer(version):
+        plugin = SimpleNamespace(fsdp_version=version)
+        return SimpleNamespace(
+            is_fsdp_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+        )
+
+    with pytest.raises(UnsupportedTRLSetting, match="fsdp_version=1"):
+        rf_trl._refuse_sharded_head(trainer(1))
+    rf_trl._refuse_sharded_head(trainer(2))
