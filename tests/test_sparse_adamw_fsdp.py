@@ -9,7 +9,8 @@ What is proved, in one spawned world (tests/gloo_world.py) per test:
   ranks), one whose local piece is fully unmasked, an all-True mask (dense), an all-False mask (frozen);
 - the optimizer state holds only the rank's local masked entries;
 - optimizer state saved through torch.distributed.checkpoint (get/set_optimizer_state_dict) at world size 2 resumes at
-  world size 1 and the reverse, and mask files written at one world size load at the other.
+  world size 1 and the reverse, and mask files written at one world size load at the other;
+- GradSaliency over the sharded gradients picks, on every rank, the full masks one process picks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from rlvr_fast.optim import SparseAdamW, load_masks, save_masks
+from rlvr_fast.optim import GradSaliency, SparseAdamW, load_masks, save_masks
 from rlvr_fast.optim.sharding import full_tensor, like_sharded, local_part, local_tensor
 
 WORLD = 2
@@ -286,10 +287,23 @@ def given_grad_steps(module, backend: str) -> dict[str, torch.Tensor]:
     return full_params(module)
 
 
+def saliency_masks(module) -> dict[str, torch.Tensor]:
+    """GradSaliency over the given gradients of STEPS steps, global top 40%."""
+    saliency = GradSaliency(module.named_parameters(), mode="sq")
+    for step in range(STEPS):
+        for name, p in module.named_parameters():
+            g = given_grads(step)[name].nan_to_num(0.0)  # the planted NaN is for the optimizer's unmasked entry
+            p.grad = like_sharded(local_part(g, p), p)
+        saliency.accumulate()
+    return saliency.masks(density=0.4, scope="global")
+
+
 def given_grads_on_rank(rank, world, backends):
     from torch.distributed.fsdp import fully_shard
 
-    return {backend: given_grad_steps(fully_shard(Params()), backend) for backend in backends}
+    out = {backend: given_grad_steps(fully_shard(Params()), backend) for backend in backends}
+    out["saliency"] = saliency_masks(fully_shard(Params()))
+    return out
 
 
 def test_fsdp2_same_grads_bit_identical_to_one_process_bf16():
@@ -305,3 +319,9 @@ def test_fsdp2_same_grads_bit_identical_to_one_process_bf16():
             for name, value in expected.items():
                 assert value.dtype == SHAPES[name][1]
                 assert torch.equal(out[backend][name], value), (backend, rank, name)
+    # GradSaliency on the sharded gradients picks, on every rank, the full masks one process picks.
+    expected = saliency_masks(Params())
+    for out in ranks:
+        assert out["saliency"].keys() == expected.keys()
+        for name, mask in expected.items():
+            assert torch.equal(out["saliency"][name], mask), name

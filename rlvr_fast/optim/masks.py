@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from rlvr_fast.optim.sharding import full_tensor, is_dtensor
+from rlvr_fast.optim.sharding import full_tensor, is_dtensor, local_tensor
 from rlvr_fast.optim.sparsity import _as_compared, _check_states
 
 MASKS_FORMAT = "rlvr_fast.masks/1"  # safetensors metadata "format": bit-packed bool masks, shapes in "shapes"
@@ -85,6 +85,10 @@ class GradSaliency:
     Usage: ``sal = GradSaliency(model.named_parameters())``; after each warm-up backward ``sal.accumulate()``; then
     ``masks = sal.masks(density=0.1, scope="global")``. Parameters whose grad is None at a step are skipped for it.
     Memory: 4 bytes per parameter while accumulating.
+
+    FSDP2 (DTensor parameters): each rank accumulates the saliency of its local pieces (4 bytes per local entry);
+    ``masks()`` gathers the scores to full shape (a collective: every rank calls it) and returns the same full-shape
+    masks on every rank, the masks one process would pick from the same gradients.
     """
 
     def __init__(
@@ -98,7 +102,7 @@ class GradSaliency:
                 raise TypeError(f"GradSaliency: expected (name, tensor) pairs, got {type(item).__name__}")
         self.mode = mode
         self.params = dict(items)
-        self.scores = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        self.scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.steps = 0
 
     @torch.no_grad()
@@ -106,13 +110,14 @@ class GradSaliency:
         """Add this step's saliency of every parameter that has a grad."""
         for name, p in self.params.items():
             if p.grad is not None:
-                self.scores[name].add_(SALIENCY_MODES[self.mode](p.grad.detach().float()))
+                score = local_tensor(self.scores[name])  # a DTensor's grad is laid out like its parameter
+                score.add_(SALIENCY_MODES[self.mode](local_tensor(p.grad).detach().float()))
         self.steps += 1
 
     def masks(self, density: float, scope: str = "tensor") -> dict[str, torch.Tensor]:
         if self.steps == 0:
             raise ValueError("GradSaliency.masks: no step was accumulated yet (call accumulate() after backward)")
-        return masks_from_scores(self.scores, density, scope)
+        return masks_from_scores({n: full_tensor(s) for n, s in self.scores.items()}, density, scope)
 
 
 def masks_from_scores(
