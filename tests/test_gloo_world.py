@@ -41,5 +41,6 @@ def test_failing_rank_named_in_bounded_time():
 
 
 def test_hung_world_times_out():
-    with pytest.raises(TimeoutError, match=r"ranks \[1\] still running"):
-        run_world(rank_one_hangs, world_size=2, timeout=15)
+    # rank 1 never returns; rank 0 may not have returned either when the machine is busy (spawning takes seconds)
+    with pytest.raises(TimeoutError, match=r"ranks \[(0, )?1\] still running after 30 s"):
+        run_world(rank_one_hangs, world_size=2, timeout=30)
