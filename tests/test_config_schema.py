@@ -200,3 +200,14 @@ def test_scale_none_is_the_choice_not_python_none():
     add_config_arguments(parser)
     assert config_from_args(parser.parse_args(["--scale", "none"])).scale == "none"
     assert config_from_args(parser.parse_args(["--scale", "null"])).scale is None
+
+
+def test_kl_ratio_weighted_reaches_the_objective_and_needs_beta():
+    """TRL's use_bias_correction_kl as a trainer option: it reaches the loss's objective; without a KL term it is
+    refused before the model loads, naming the field."""
+    from rlvr_fast.trainer.policy import objective_from_config
+
+    assert objective_from_config(RLVRConfig(beta=0.04, kl_ratio_weighted=True).validate()).kl_ratio_weighted
+    assert not objective_from_config(RLVRConfig(beta=0.04).validate()).kl_ratio_weighted
+    with pytest.raises(ConfigFieldError, match=r"kl_ratio_weighted=True weights the KL term, which needs beta > 0"):
+        RLVRConfig(kl_ratio_weighted=True).validate()

@@ -127,6 +127,11 @@ class RLVRConfig:
         "KL estimator: k1, k2 or k3 (GRPO's low-variance estimator)",
         choices="rlvr_fast.ops.loss_types:KL_ESTIMATORS",
     )
+    kl_ratio_weighted: bool = _f(
+        False,
+        "weight the KL term by the importance ratio (TRL's use_bias_correction_kl: unbiased when the completions come "
+        "from the old policy, num_iterations > 1); needs beta > 0",
+    )
     importance_sampling: str = _f(
         "token",
         "importance ratio level: token, or sequence (GSPO, Zheng et al. 2025)",
@@ -264,6 +269,8 @@ class RLVRConfig:
             fail(
                 "mask_source", "mask_source is required with optimizer='sparse_adamw' (random:<d>, grad:<d> or a file)"
             )
+        if self.kl_ratio_weighted and self.beta == 0:
+            fail("kl_ratio_weighted", "kl_ratio_weighted=True weights the KL term, which needs beta > 0, got beta=0.0")
         if self.resume and self.overwrite:
             fail("overwrite", "overwrite and resume exclude each other: continue the run in output_dir, or delete it")
         if not self.rewards:

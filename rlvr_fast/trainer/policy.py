@@ -37,6 +37,7 @@ def objective_from_config(cfg: RLVRConfig) -> PolicyObjective:
         loss_type=cfg.loss_type,
         beta=cfg.beta,
         kl=cfg.kl,
+        kl_ratio_weighted=cfg.kl_ratio_weighted,
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
         dual_clip=cfg.dual_clip,
