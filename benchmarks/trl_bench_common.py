@@ -15,9 +15,91 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 RESULT_PREFIX = "RESULT "
+
+
+# ---- the shapes of bench_train_step_vs_trl.py -----------------------------------------------------------------------
+
+# Worked examples of the built-in arithmetic task's kind, as a few-shot system prompt: with SmolLM2's chat template
+# (one token per digit) a step-0 prompt is 332 tokens, against 45 with the template's own short system prompt. The
+# examples are fixed text, not drawn from the task, so both sides and every run see the same prompt.
+FEW_SHOT_EXAMPLES = (
+    ("12 + 29", "12 + 29 = 12 + 30 - 1 = 42 - 1 = 41", "41"),
+    ("47 - 18", "47 - 18 = 47 - 20 + 2 = 27 + 2 = 29", "29"),
+    ("15 * 4", "15 * 4 = 10 * 4 + 5 * 4 = 40 + 20 = 60", "60"),
+    ("3 + 7 * 2", "multiplication first: 7 * 2 = 14, then 3 + 14 = 17", "17"),
+    ("(9 - 4) * 6", "the bracket first: 9 - 4 = 5, then 5 * 6 = 30", "30"),
+)
+FEW_SHOT_SYSTEM_PROMPT = (
+    "You are a careful calculator. Below are worked examples: each question, the working, and the final reply. "
+    "Work the same way in your head, but reply with just the number, nothing else.\n\n"
+    + "\n\n".join(f"Question: What is {q}?\nWorking: {w}.\nReply: {a}" for q, w, a in FEW_SHOT_EXAMPLES)
+)
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One batch shape of the train-step benchmark and the targets of issue 17 for it (ours / TRL's)."""
+
+    prompts: int
+    group: int
+    completion_len: int
+    system_prompt: str | None  # None: the chat template's own (SmolLM2's one-line default)
+    max_prompt_length: int  # our trainer's RLVRConfig.max_prompt_length (TRL does not truncate prompts)
+    targets: dict[str, float]
+    about: str
+
+
+SHAPES = {
+    "default": BenchShape(
+        prompts=4,
+        group=8,
+        completion_len=64,
+        system_prompt=None,
+        max_prompt_length=128,
+        targets={"seconds_ratio": 0.5, "peak_rss_ratio": 0.5},
+        about="the main job's batch: ~45-token chat prompts, 4 prompts x 8 completions x up to 64 tokens",
+    ),
+    "long-prompt": BenchShape(
+        prompts=4,
+        group=8,
+        completion_len=32,
+        system_prompt=FEW_SHOT_SYSTEM_PROMPT,
+        max_prompt_length=512,
+        targets={"seconds_ratio": 0.3},
+        about="a ~330-token few-shot system prompt (FEW_SHOT_EXAMPLES), 4 prompts x 8 completions x up to 32 tokens",
+    ),
+}
+
+
+def chat_messages(user_message: str, system_prompt: str | None) -> list[dict[str, str]]:
+    """The conversation TRL receives for one problem: the messages our ``chat_prompt`` renders."""
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [*system, {"role": "user", "content": user_message}]
+
+
+def check_same_prompt_tokens(tokenizer, user_messages: list[str], system_prompt: str | None) -> int:
+    """Raise unless TRL's tokenisation of each conversation (``apply_chat_template(tokenize=True)`` with a generation
+    prompt, as ``GRPOTrainer`` calls it) equals ours (``chat_prompt``'s text, tokenised without special tokens, as
+    ``HFGeneration`` does); returns the longest prompt's token count."""
+    from rlvr_fast.trainer.data import chat_prompt
+
+    longest = 0
+    for message in user_messages:
+        ours = tokenizer(chat_prompt(tokenizer, message, system_prompt), add_special_tokens=False)["input_ids"]
+        theirs = tokenizer.apply_chat_template(
+            [chat_messages(message, system_prompt)], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"][0]
+        if list(ours) != list(theirs):
+            raise RuntimeError(
+                f"the two sides would see different prompt tokens for {message!r}: ours {len(ours)} tokens, "
+                f"TRL's {len(theirs)}"
+            )
+        longest = max(longest, len(ours))
+    return longest
 
 
 def machine_info() -> dict[str, Any]:
