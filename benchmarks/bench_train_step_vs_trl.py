@@ -27,8 +27,8 @@ What differs by design, recorded in the JSON: our trainer skips the decoder forw
 advantage is 0 when beta = 0 (all-equal groups are common with an exact-answer reward on a 135M model), TRL runs them;
 TRL's GRPOConfig checkpoints activations by default, ours only on a GPU (on the CPU it keeps them and splits the update
 into RLVRConfig.grad_accumulation micro-batches, default 8, where TRL runs the 32 completions at once); on the CPU our
-trainer also fixes glibc's mmap threshold so freed tensors return to the OS (rlvr_fast.trainer.memory). Completion
-lengths depend on sampling and are reported per side.
+trainer also serves every host block from glibc's heap and trims it at the end of each step, as Trainer.train_step
+does (rlvr_fast.trainer.memory). Completion lengths depend on sampling and are reported per side.
 
     python benchmarks/bench_train_step_vs_trl.py                          # the full measurement (minutes)
     python benchmarks/bench_train_step_vs_trl.py --shape long-prompt      # the few-shot shape
@@ -96,6 +96,7 @@ def child_ours(args) -> dict:
 
     from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
     from rlvr_fast.trainer.loop import Trainer
+    from rlvr_fast.trainer.memory import release_free_host_memory
     from rlvr_fast.trainer.update_batch import build_update_batch
 
     with tempfile.TemporaryDirectory() as out:
@@ -113,6 +114,7 @@ def child_ours(args) -> dict:
             advantages = compute_advantages(rewards, cfg).advantages
             batch = build_update_batch(rollout, advantages, apply_difficulty_filter(rewards, cfg), cfg)
             trainer.update(batch)
+            release_free_host_memory()  # as Trainer.train_step ends
             t2 = time.perf_counter()
             steps.append(
                 {

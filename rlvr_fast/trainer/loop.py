@@ -33,7 +33,11 @@ from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_pro
 from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evaluate, evaluation_kwargs
 from rlvr_fast.trainer.finite_guard import checked_update
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
-from rlvr_fast.trainer.memory import enable_activation_checkpointing, return_freed_host_memory
+from rlvr_fast.trainer.memory import (
+    enable_activation_checkpointing,
+    release_free_host_memory,
+    return_freed_host_memory,
+)
 from rlvr_fast.trainer.micro_batches import MicroBatchPlan
 from rlvr_fast.trainer.model import LoadedModel, load_model
 from rlvr_fast.trainer.optimizers import build_optimizer, saliency_warmup, trainable_parameters
@@ -156,6 +160,7 @@ class Trainer:
             kept = apply_difficulty_filter(rewards, self.cfg)
             batch = build_update_batch(rollout, adv.advantages, kept, self.cfg)
         update = checked_update(step, self.update, batch, self.model)  # a NaN/inf stops the run here, step named
+        release_free_host_memory()  # the step's freed host memory back to the OS, where little is live (memory.py)
         return self._step_record(step, rollout, rewards, adv, kept, batch, update, timer.record())
 
     def problems_at(self, step: int, seed: int | None = None) -> list[Problem]:
