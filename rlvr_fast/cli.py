@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rlvr_fast._version import __version__
@@ -56,15 +57,20 @@ def _train(args: argparse.Namespace) -> int:
     from rlvr_fast.trainer.preflight import preflight
 
     cfg = _config(args)
-    try:
-        preflight(cfg)  # everything checkable before the model loads: exit 2 in seconds, not after the load
-    except (ValueError, OSError) as exc:
-        raise ConfigError(str(exc)) from exc
+    if _world_size() == 1:  # under torchrun the Trainer runs it, rank 0 first (only one process prepares the folder)
+        try:
+            preflight(cfg)  # everything checkable before the model loads: exit 2 in seconds, not after the load
+        except (ValueError, OSError) as exc:
+            raise ConfigError(str(exc)) from exc
     try:
         result = train(cfg)
     except NonFiniteError as exc:
         print(f"rlvr-fast train: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
+    if not _is_main_rank():
+        return 0
     print()
     print(
         f"held-out pass@k before and after training ({len(result.after['correct_counts'])} problems x "
@@ -215,7 +221,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _leave_process_group() -> None:
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``rlvr-fast <command>``. Under torchrun (WORLD_SIZE > 1) a rank that raises records its traceback for the
+    elastic agent (``torch.distributed.elastic``'s ``@record``), which stops the other ranks and reports the failed
+    rank's number and error (docs/design.md, "Data parallelism")."""
+    if _world_size() > 1:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

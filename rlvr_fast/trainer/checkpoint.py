@@ -154,16 +154,27 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str, step: int)
             )
 
 
-def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> str:
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    trainer_state: dict,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    optim_state: dict | None = None,
+) -> str:
     """Write ``checkpoints/step-<step>`` (verified) and move ``latest`` to it; keep the KEEP newest up to ``step``.
 
-    ``trainer_state["config"]`` (a dict of RLVRConfig) is hashed into the manifest when present."""
+    ``trainer_state["config"]`` (a dict of RLVRConfig) is hashed into the manifest when present. ``weights`` /
+    ``optim_state``: the model's and optimizer's full state dicts when they are not ``model``'s / ``optimizer``'s own
+    (a sharded model gathers them first: ``trainer/distributed.py``)."""
     root = os.path.join(output_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     remove_partial_checkpoints(output_dir)
-    weights = model_state(model)
+    weights = model_state(model) if weights is None else {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     check_finite_tensors(weights, "model", step)
-    optim_state = optimizer.state_dict()
+    optim_state = optimizer.state_dict() if optim_state is None else optim_state
     check_finite_tensors(dict(_tensors_in(optim_state["state"], "state")), "optimizer", step)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{step:06d}-", dir=root)
@@ -375,9 +386,10 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def load_model_weights(path: str, model: torch.nn.Module) -> None:
+def load_model_weights(path: str, model: torch.nn.Module, load=None) -> None:
     """Load ``path``/model.safetensors into ``model`` strictly: every tensor of the model present (tied weights stored
-    once), none unexpected, shapes equal. Raises CheckpointError naming the path otherwise."""
+    once), none unexpected, shapes equal. Raises CheckpointError naming the path otherwise. ``load(weights)``: how a
+    sharded model takes the checked full tensors (default ``model.load_state_dict``)."""
     file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint {path}: no model.safetensors there")
@@ -401,13 +413,18 @@ def load_model_weights(path: str, model: torch.nn.Module) -> None:
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(misshapen)} of another shape "
             f"{misshapen[:3]}"
         )
+    if load is not None:
+        load(weights)
+        return
     model.load_state_dict(weights, strict=False)  # strictness checked above, tied names excepted
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
-    """Restore model, optimizer and RNG state in place; returns the trainer state (step, ...)."""
-    load_model_weights(path, model)
-    optimizer.load_state_dict(load_nested(os.path.join(path, "optimizer.safetensors")))
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer, load_weights=None, load_optimizer=None) -> dict:
+    """Restore model, optimizer and RNG state in place; returns the trainer state (step, ...). ``load_weights`` /
+    ``load_optimizer``: how a sharded model and its optimizer take the full state dicts (``trainer/distributed.py``)."""
+    load_model_weights(path, model, load_weights)
+    optim_state = load_nested(os.path.join(path, "optimizer.safetensors"))
+    (load_optimizer or optimizer.load_state_dict)(optim_state)
     set_rng_state(load_nested(os.path.join(path, "rng.safetensors")))
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)

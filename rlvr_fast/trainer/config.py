@@ -78,6 +78,13 @@ class RLVRConfig:
         "class), on (refuse a model that cannot) or off",
         choices="rlvr_fast.trainer.prefix_sharing:PREFIX_SHARING_MODES",
     )
+    parallel: str = _f(
+        "fsdp",
+        "data parallelism under torchrun (WORLD_SIZE > 1; unused on one process): fsdp (FSDP2, each decoder layer and "
+        "the root sharded) or ddp (whole model on every rank); the update then runs unshared (prefix_sharing applies "
+        "to the rollout only); docs/design.md, data parallelism",
+        choices="rlvr_fast.trainer.distributed:PARALLEL_MODES",
+    )
 
     # ---- rollout ---------------------------------------------------------------------------------------------------
     group_size: int = _f(8, "G: completions sampled per prompt (GRPO, Shao et al. 2024, arXiv:2402.03300)", ge=1)

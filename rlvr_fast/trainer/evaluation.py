@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -90,22 +91,37 @@ def evaluate(
     system_prompt: str | None,
     format_classes: dict[str, str] | None = None,
     with_calibration: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[dict], dict] | None = None,
 ) -> EvalResult:
+    """The evaluation of ``problems``, generated in calls of EVAL_PROMPTS_PER_CALL problems, call i seeded ``seed + i *
+    EVAL_PROMPTS_PER_CALL``. Split across ranks (``world_size`` > 1): rank r generates calls r, r + world_size, ...,
+    and ``gather`` (the union of the ranks' dicts, e.g. ``DataParallel.gather_dict``) collects them, so every rank
+    returns the one-process result (each call's prompts and seed are the same as on one process)."""
     verifier = reward_fn("correct")
-    counts: list[int] = []
-    texts_all: list[str] = []
-    verdicts: list[float] = []
-    for start in range(0, len(problems), EVAL_PROMPTS_PER_CALL):
+    starts = list(range(0, len(problems), EVAL_PROMPTS_PER_CALL))
+    generated: dict[int, tuple[list[str], list[float]]] = {}
+    for start in starts[rank::world_size]:
         chunk = problems[start : start + EVAL_PROMPTS_PER_CALL]
         prompts = [chat_prompt(tokenizer, p.prompt, system_prompt) for p in chunk]
         rollout = backend.generate(
             prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + start
         )
         answers = [p.answer for p in chunk for _ in range(n)]
-        c = verifier(rollout.texts, answers)
-        texts_all += rollout.texts
+        generated[start] = (rollout.texts, [float(v) for v in verifier(rollout.texts, answers)])
+    if world_size > 1:
+        if gather is None:
+            raise ValueError(f"evaluate: world_size={world_size} needs gather= to collect the ranks' generations")
+        generated = gather(generated)
+    counts: list[int] = []
+    texts_all: list[str] = []
+    verdicts: list[float] = []
+    for start in starts:
+        texts, c = generated[start]
+        texts_all += texts
         verdicts += c
-        counts += [int(sum(c[i * n : (i + 1) * n])) for i in range(len(chunk))]
+        counts += [int(sum(c[i * n : (i + 1) * n])) for i in range(len(texts) // n)]
     n_arr = np.full(len(counts), n)
     c_arr = np.asarray(counts)
     passk = {k: asdict(pass_at_k_summary(n_arr, c_arr, k)) for k in k_values(n)} if counts else {}

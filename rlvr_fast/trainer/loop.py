@@ -8,6 +8,10 @@
 One step (``train_step``) reads top to bottom: rollout -> rewards -> advantages -> difficulty filter -> update batch
 -> update (``num_iterations`` optimizer steps) -> metrics record. Everything random is seeded per step from the run's
 seed, so ``--resume`` reproduces an uninterrupted run.
+
+Under torchrun (``trainer/distributed.py``) each rank generates its share of the step's groups, every rank scores the
+whole step, and the update's normalisers are the whole step's: one process or N, the same step (docs/design.md, "Data
+parallelism"). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from rlvr_fast.ops.group_advantage import GroupAdvantages
 from rlvr_fast.optim import GradSaliency
 from rlvr_fast.rewards import FilterResult
 from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
-from rlvr_fast.trainer.checkpoint import load_checkpoint, save_checkpoint
+from rlvr_fast.trainer.checkpoint import find_resumable, load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
+from rlvr_fast.trainer.distributed import DataParallel
 from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evaluate, evaluation_kwargs
 from rlvr_fast.trainer.finite_guard import checked_update
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
@@ -45,7 +50,7 @@ from rlvr_fast.trainer.policy import micro_batch_plan, policy_step, sequence_log
 from rlvr_fast.trainer.prefix_sharing import resolve_prefix_sharing
 from rlvr_fast.trainer.preflight import preflight
 from rlvr_fast.trainer.report import before_after_rows, table, write_report
-from rlvr_fast.trainer.run_log import MetricsLog, Progress, iteration_metrics, peak_memory_bytes
+from rlvr_fast.trainer.run_log import MetricsLog, Progress, _jsonable, iteration_metrics, peak_memory_bytes
 from rlvr_fast.trainer.schedule import build_scheduler
 from rlvr_fast.trainer.scoring import Rewards, Scorer
 from rlvr_fast.trainer.seeds import derived_seed
@@ -76,10 +81,15 @@ class Trainer:
 
     def __init__(self, cfg: RLVRConfig, loaded: LoadedModel | None = None):
         self.cfg = cfg.validate()
+        self.dp = DataParallel.from_environment(cfg)  # one process, or this rank of a torchrun world
         seed_everything(cfg.seed)
         self.scorer = Scorer(cfg)  # checks reward modes before the model loads
         self.train_problems, self.eval_problems = load_problems(cfg)
-        self.resume_point = preflight(cfg, check_model=loaded is None)  # output folder, resume checks: before loading
+        # output folder, resume checks: before loading; rank 0 prepares the folder, the others then read it
+        self.resume_point = self.dp.main_first(
+            lambda: preflight(cfg, check_model=loaded is None),
+            lambda: find_resumable(cfg.output_dir) if cfg.resume else None,
+        )
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         checkpointing = cfg.gradient_checkpointing
@@ -90,6 +100,8 @@ class Trainer:
         # One setting for the update (here) and the rollout (HFGeneration): auto says once, by model class, when it
         # cannot apply; on refuses such a model now, before any step.
         self.prefix_sharing = resolve_prefix_sharing(self.model, cfg.prefix_sharing)
+        if self.dp.active:  # its decoder pass bypasses the data-parallel wrapper: the update runs unshared
+            self.prefix_sharing = False
         self.generator = HFGeneration(
             self.model, self.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing
         )
@@ -97,6 +109,9 @@ class Trainer:
         self.ref_model = None
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+        device, dtype = self.loaded.device, self.loaded.dtype
+        self.policy = self.dp.wrap(self.model, dtype, device)  # DDP / FSDP2 under torchrun; as is on one process
+        self.ref = self.dp.wrap(self.ref_model, dtype, device, trainable=False) if self.ref_model is not None else None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         if saliency_warmup(cfg) is None:  # otherwise warm_up_masks() builds them
@@ -132,16 +147,12 @@ class Trainer:
         for i in range(rollouts):
             step = -1 - i  # negative steps: seeds of their own, never a training step's
             problems = self.problems_at(i, seed=self.cfg.seed + 7919)
-            rollout = self.rollout(problems, step)
-            rewards = self.scorer(rollout.texts, problems, step)
-            adv = compute_advantages(rewards, self.cfg)
-            kept = apply_difficulty_filter(rewards, self.cfg)
-            batch = build_update_batch(rollout, adv.advantages, kept, self.cfg)
-            plan = micro_batch_plan(self.model, batch, self.cfg, self.prefix_sharing)
+            batch, plan = self.micro_batches(self.step_front(problems, step).batch)
             batch = self.with_fixed_logprobs(batch, plan)
             self.model.zero_grad(set_to_none=True)
             if len(batch.advantages):
-                policy_step(self.model, batch, self.cfg, plan)
+                with self.policy.head_gathered():
+                    policy_step(self.model, batch, self.cfg, plan)
                 saliency.accumulate()
         self.model.zero_grad(set_to_none=True)
         self._build_optimizer(masks=saliency.masks(density, scope="global"))
@@ -151,17 +162,30 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Training step ``step``, top to bottom; returns its metrics record (one line of metrics.jsonl)."""
         timer = self.timer = StepTimer(self.loaded.device)  # the step's seconds by part (step_timer.STEP_PARTS)
-        with timer.part("generation"):
-            problems = self.problems_at(step)
+        front = self.step_front(self.problems_at(step), step)
+        update = checked_update(step, self.update, front.batch, self.model)  # a NaN/inf stops the run here, step named
+        release_free_host_memory()  # the step's freed host memory back to the OS, where little is live (memory.py)
+        return self._step_record(step, front, update, timer.record())
+
+    def step_front(self, problems: list[Problem], step: int) -> StepFront:
+        """Rollout -> rewards -> advantages -> filter -> update batch of the step's ``problems`` (all ranks' prompts).
+
+        This rank samples its share of the groups; the texts are gathered and every rank scores the whole step, so
+        the rewards, advantages (``scale="batch"`` over the whole batch), filter and metrics are the step's; the update
+        batch holds this rank's rows with the step's normalisers (``DataParallel.global_update_batch``)."""
+        with self.timer.part("generation"):
             rollout = self.rollout(problems, step)
-        with timer.part("scoring"):
-            rewards = self.scorer(rollout.texts, problems, step)
+        with self.timer.part("scoring"):
+            texts = self.dp.gather_list(rollout.texts)
+            rewards = self.scorer(texts, problems, step)
             adv = compute_advantages(rewards, self.cfg)
             kept = apply_difficulty_filter(rewards, self.cfg)
-            batch = build_update_batch(rollout, adv.advantages, kept, self.cfg)
-        update = checked_update(step, self.update, batch, self.model)  # a NaN/inf stops the run here, step named
-        release_free_host_memory()  # the step's freed host memory back to the OS, where little is live (memory.py)
-        return self._step_record(step, rollout, rewards, adv, kept, batch, update, timer.record())
+            rows, groups = self.dp.rows(len(texts)), self.dp.rows(len(problems))
+            local_kept = replace(kept, keep=kept.keep[groups])
+            batch = build_update_batch(rollout, adv.advantages[rows], local_kept, self.cfg)
+            batch, batch_stats = self.dp.global_update_batch(batch, rollout)
+            tokens, truncated = self.dp.sum([rollout.completion_mask.sum(), rollout.truncated.sum()])
+        return StepFront(rollout, texts, rewards, adv, kept, batch, batch_stats, tokens, truncated)
 
     def problems_at(self, step: int, seed: int | None = None) -> list[Problem]:
         """The training problems of step ``step`` (a seeded permutation per epoch; ``seed`` defaults to the run's)."""
@@ -170,15 +194,27 @@ class Trainer:
         return [self.train_problems[i] for i in indices]
 
     def rollout(self, problems: list[Problem], step: int) -> Rollout:
-        prompts = [chat_prompt(self.tokenizer, p.prompt, self.cfg.system_prompt) for p in problems]
-        return self.generator.generate(
-            prompts,
-            n=self.cfg.group_size,
-            max_new_tokens=self.cfg.max_completion_length,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            seed=derived_seed(self.cfg.seed, "rollout", step),
-        )
+        """This rank's completions of the step: ``group_size`` per prompt of its share of ``problems`` (all of them on
+        one process), sampled with the step's seed (one per rank under torchrun: ``trainer/distributed.py``)."""
+        seed = derived_seed(self.cfg.seed, "rollout", step)
+        if self.dp.active:
+            seed = derived_seed(self.cfg.seed, "rollout", step, "rank", self.dp.rank)
+        prompts = [chat_prompt(self.tokenizer, p.prompt, self.cfg.system_prompt) for p in self.dp.local(problems)]
+        with self.policy.generation():
+            return self.generator.generate(
+                prompts,
+                n=self.cfg.group_size,
+                max_new_tokens=self.cfg.max_completion_length,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                seed=seed,
+            )
+
+    def micro_batches(self, batch: UpdateBatch) -> tuple[UpdateBatch, MicroBatchPlan]:
+        """The update's micro-batches of ``batch``; under torchrun as many on every rank (filler micro-batches on the
+        ranks with fewer: ``DataParallel.equal_micro_batches``), since each forward/backward holds collectives."""
+        plan = micro_batch_plan(self.model, batch, self.cfg, self.prefix_sharing)
+        return self.dp.equal_micro_batches(batch, plan)
 
     def with_fixed_logprobs(self, batch: UpdateBatch, plan: MicroBatchPlan) -> UpdateBatch:
         """``batch`` with the log-probs that stay fixed through the update: the old policy's (the model before its
@@ -188,10 +224,10 @@ class Trainer:
             return batch
         old_logp = ref_logp = None
         if self.cfg.num_iterations > 1:
-            with self.timer.part("fixed_logprobs"):
+            with self.timer.part("fixed_logprobs"), self.policy.head_gathered():
                 old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature, plan)
         if self.ref_model is not None:
-            with self.timer.part("fixed_logprobs"):
+            with self.timer.part("fixed_logprobs"), self.ref.head_gathered():
                 ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature, plan)
         return replace(batch, old_logp=old_logp, ref_logp=ref_logp)
 
@@ -204,7 +240,7 @@ class Trainer:
                 f"Trainer.update: mask_source={self.cfg.mask_source!r} needs warm_up_masks() before the first update "
                 "(train() calls it)"
             )
-        plan = micro_batch_plan(self.model, batch, self.cfg, self.prefix_sharing)
+        batch, plan = self.micro_batches(batch)
         batch = self.with_fixed_logprobs(batch, plan)
         iterations = []
         for _ in range(self.cfg.num_iterations):
@@ -215,11 +251,14 @@ class Trainer:
         return {**iteration_metrics(iterations), **plan.metrics()}
 
     def _optimizer_step(self, batch: UpdateBatch, plan: MicroBatchPlan) -> dict:
-        with self.timer.part("forward_backward"):
-            out = policy_step(self.model, batch, self.cfg, plan)
+        # FSDP: the whole LM-head weight for the fused ops, for this block only
+        with self.timer.part("forward_backward"), self.policy.head_gathered():
+            out = self.dp.reduce_update_metrics(policy_step(self.model, batch, self.cfg, plan))
         with self.timer.part("optimizer"):
             params = [p for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip else float("inf"))
+            if hasattr(norm, "full_tensor"):  # FSDP: a DTensor (the global norm, over every rank's shards)
+                norm = norm.full_tensor()
             if not torch.isfinite(norm):
                 raise FloatingPointError(f"the gradient norm is {float(norm)}; refusing to step on garbage")
             out["grad_norm"] = float(norm)
@@ -237,7 +276,16 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         """The held-out evaluation of the model as it is now (``evaluation_kwargs``: the same samples' seeds each time,
         so evaluations of one run are paired by problem and sample)."""
-        return evaluate(self.generator, self.tokenizer, self.eval_problems, **evaluation_kwargs(self.cfg))
+        with self.policy.generation():
+            return evaluate(
+                self.generator,
+                self.tokenizer,
+                self.eval_problems,
+                **evaluation_kwargs(self.cfg),
+                rank=self.dp.rank,
+                world_size=self.dp.world_size,
+                gather=self.dp.gather_dict,
+            )
 
     # ---- phase 3: the run --------------------------------------------------------------------------------------------
 
@@ -250,15 +298,17 @@ class Trainer:
         start, before = 0, (eval_dict_from_json(before_eval) if before_eval is not None else None)
         if cfg.resume:
             start, before = self._load_latest_checkpoint()
-        log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), resume_step=start if cfg.resume else None)
+        main = self.dp.is_main  # only rank 0 writes files and shows progress
+        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        log = MetricsLog(metrics_path, resume_step=start if cfg.resume else None) if main else _MemoryLog()
         if before is None:
             before = self.evaluate().to_dict()
-        if not cfg.resume:
+        if not cfg.resume and main:
             with open(os.path.join(cfg.output_dir, "eval_before.json"), "w") as f:
                 json.dump(before, f, indent=1)
             print(f"before training: pass@1 {before['pass_at_k'][1]['mean']:.3f}")
 
-        progress = Progress(cfg.steps, start, cfg.progress)
+        progress = Progress(cfg.steps, start, cfg.progress and main)
         for step in range(start, cfg.steps):
             record = self.train_step(step)
             log.write(record)
@@ -270,37 +320,43 @@ class Trainer:
         progress.close()
 
         after = self.evaluate().to_dict()
-        with open(os.path.join(cfg.output_dir, "eval_after.json"), "w") as f:
-            json.dump(after, f, indent=1)
         metrics = log.read()
         rows = before_after_rows(before, after)
-        extra = {"steps": cfg.steps, "peak_memory_bytes": peak_memory_bytes(self.loaded.device)}
-        write_report(cfg.output_dir, cfg.to_dict(), before, after, metrics, extra)
+        if main:
+            with open(os.path.join(cfg.output_dir, "eval_after.json"), "w") as f:
+                json.dump(after, f, indent=1)
+            extra = {"steps": cfg.steps, "peak_memory_bytes": peak_memory_bytes(self.loaded.device)}
+            write_report(cfg.output_dir, cfg.to_dict(), before, after, metrics, extra)
         return RunResult(cfg.output_dir, before, after, metrics, table(rows))
 
     def _load_latest_checkpoint(self) -> tuple[int, dict]:
         """Restore model, optimizer, schedule and RNG from the checkpoint that preflight verified (the newest good one):
         (its step, the evaluation before)."""
-        state = load_checkpoint(self.resume_point.path, self.model, self.optimizer)
+        load_weights, load_optimizer = self.policy.loaders(self.optimizer)
+        state = load_checkpoint(self.resume_point.path, self.model, self.optimizer, load_weights, load_optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         return state["step"], eval_dict_from_json(state["before_eval"])
 
     def _save_checkpoint(self, step: int, before: dict) -> None:
+        """Rank 0 writes the checkpoint (under FSDP the full state dicts gathered from every rank's shards first), the
+        other ranks wait for it: a resumed run reads a complete checkpoint."""
         trainer_state = {"scheduler": self.scheduler.state_dict(), "before_eval": before, "config": self.cfg.to_dict()}
-        save_checkpoint(self.cfg.output_dir, step, self.model, self.optimizer, trainer_state)
+        weights, optim_state = self.policy.checkpoint_state(self.optimizer)
+        if self.dp.is_main:
+            save_checkpoint(
+                self.cfg.output_dir,
+                step,
+                self.model,
+                self.optimizer,
+                trainer_state,
+                weights=weights,
+                optim_state=optim_state,
+            )
+        self.dp.barrier()
 
-    def _step_record(
-        self,
-        step: int,
-        rollout: Rollout,
-        rewards: Rewards,
-        adv: GroupAdvantages,
-        kept: FilterResult,
-        batch: UpdateBatch,
-        update: dict,
-        times: dict[str, float],
-    ) -> dict:
-        completion_tokens = float(rollout.completion_mask.sum())
+    def _step_record(self, step: int, front: StepFront, update: dict, times: dict[str, float]) -> dict:
+        rewards, adv, kept, batch = front.rewards, front.adv, front.kept, front.batch_stats
+        completion_tokens = front.completion_tokens
         record = {
             "step": step,
             "lr": self.scheduler.get_last_lr()[0],
@@ -313,20 +369,52 @@ class Trainer:
             "advantage_abs_mean": float(adv.advantages.abs().mean()),
             "all_equal_groups": int(adv.all_equal.sum()),
             "groups_filtered": kept.removed,
-            "completions_updated": len(batch.advantages),
-            "zero_advantage_completions_skipped": batch.skipped_rows,
-            "zero_advantage_tokens_skipped": batch.skipped_tokens,
-            "truncated_frac": float(rollout.truncated.float().mean()),
+            "completions_updated": batch["completions_updated"],
+            "zero_advantage_completions_skipped": batch["skipped_rows"],
+            "zero_advantage_tokens_skipped": batch["skipped_tokens"],
+            "truncated_frac": front.truncated / len(front.texts),
             "completion_tokens": completion_tokens,
             "tokens_per_s": completion_tokens / times["seconds"],
             **times,  # seconds, and time_<part>_s for each part of the step (step_timer), which sum to it
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
         }
+        if self.dp.active:
+            record["world_size"] = self.dp.world_size
+            record["parallel"] = self.dp.mode
         if self.cfg.format_classes:  # format frequency of this step's rollouts, and each format's accuracy
-            stats = format_frequency(rollout.texts, self.cfg.format_classes, correct=rewards.correct.tolist())
+            stats = format_frequency(front.texts, self.cfg.format_classes, correct=rewards.correct.tolist())
             record["formats"] = {name: asdict(s) for name, s in stats.items()}
         record.update(update)
         return record
+
+
+@dataclass
+class StepFront:
+    """Everything a step computes before its update (``Trainer.step_front``); rewards, advantages, filter, texts and
+    counts are the whole step's (all ranks'), ``rollout`` and ``batch`` this rank's."""
+
+    rollout: Rollout
+    texts: list[str]
+    rewards: Rewards
+    adv: GroupAdvantages
+    kept: FilterResult
+    batch: UpdateBatch
+    batch_stats: dict  # the step's completions_updated, skipped_rows, skipped_tokens
+    completion_tokens: float
+    truncated: float  # completions without EOS
+
+
+class _MemoryLog:
+    """metrics.jsonl's stand-in on ranks other than 0: the records kept in memory, nothing written."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(json.loads(json.dumps(_jsonable(record))))
+
+    def read(self) -> list[dict]:
+        return list(self.records)
 
 
 def train(cfg: RLVRConfig) -> RunResult:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +106,22 @@ def lm_head_weight(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return head.weight, getattr(head, "bias", None)
 
 
+# model -> the module that computes its hidden states under data parallelism (DDP's or FSDP's wrapper of it)
+_HIDDEN_STATE_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def route_hidden_states(model: torch.nn.Module, run: Callable[..., torch.Tensor]) -> None:
+    """Compute ``model``'s hidden states through ``run(input_ids, attention_mask, position_ids) -> (B, L, D)`` from
+    now on: the data-parallel wrapper (``trainer/distributed.py``), whose forward DDP / FSDP must see."""
+    _HIDDEN_STATE_ROUTES[model] = run
+
+
 def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L, D) final hidden states (after the final norm) from the model's decoder, without the LM head."""
-    decoder = getattr(model, model.base_model_prefix)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding: positions start at 0 per row
+    route = _HIDDEN_STATE_ROUTES.get(model)
+    if route is not None:
+        return route(input_ids, attention_mask, position_ids)
+    decoder = getattr(model, model.base_model_prefix)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state

@@ -23,8 +23,8 @@ class UpdateBatch:
     rollout: Rollout  # the completions that run (kept by the filter, and non-zero advantage unless beta > 0)
     advantages: torch.Tensor  # (R,) float32
     loss_mask: torch.Tensor  # (R, Lc) float32
-    step_rows: int  # completions of the step that count in the normaliser (kept by the filter)
-    step_tokens: float  # their active tokens
+    step_rows: float  # completions of the step that count in the normaliser (kept by the filter); / world size
+    step_tokens: float  # their active tokens; under data parallelism both are the whole step's / the world size
     skipped_rows: int  # kept completions skipped because A == 0 and beta == 0
     skipped_tokens: float
     old_logp: torch.Tensor | None = None  # (R, Lc) when num_iterations > 1, set by the update before its first step

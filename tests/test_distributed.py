@@ -1,0 +1,317 @@
+"""Data-parallel training (rlvr_fast/trainer/distributed.py) on 2 gloo processes: one step at world size 2 equals the
+step at world size 1 on the same global batch (loss, metrics, gradients, updated weights), under FSDP2 and DDP, for
+several loss types, with AdamW and (DDP) SparseAdamW; evaluation split across ranks equals one process's; through
+``torchrun``: a run stopped and resumed equals the uninterrupted one, its checkpoint loads in one-process eval, and a
+failing rank ends the job with its error and rank number in bounded time.
+
+The global batch: one rollout of the step's prompts sampled once (one process), each rank's ``Trainer.rollout``
+returning its share of it (a rank's own sampling uses its own seed, so it would differ from one process's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from gloo_world import run_world
+
+from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
+from rlvr_fast.trainer.config import RLVRConfig
+from rlvr_fast.trainer.distributed import DataParallel, pad_update_batch
+from rlvr_fast.trainer.generation import Rollout
+from rlvr_fast.trainer.loop import Trainer
+from rlvr_fast.trainer.model import LoadedModel
+
+TOKEN_BIAS = {**{str(d): 3.0 for d in range(10)}, "5": 4.5, "<eos>": 1.5}
+TIMING_KEYS = {"seconds", "generation_seconds", "tokens_per_s", "peak_memory_bytes", "world_size", "parallel"}
+
+# (parallel, loss_type, optimizer, tied LM head, extra config): one world runs them all, one after the other
+CASES = [
+    ("fsdp", "grpo", "adamw", True, {}),
+    ("fsdp", "dr_grpo", "adamw", False, {"grad_accumulation": 3, "gradient_checkpointing": True}),
+    ("fsdp", "dapo", "adamw", True, {"beta": 0.1, "num_iterations": 2, "grad_clip": 0.5}),
+    ("ddp", "grpo", "adamw", False, {}),
+    ("ddp", "dapo", "sparse_adamw", True, {"mask_source": "random:0.3", "grad_accumulation": 2}),
+    ("ddp", "dr_grpo", "adamw", True, {"scale": "batch", "filter_all_equal": True}),
+]
+
+
+def write_task(path, n: int, split: str) -> str:
+    with open(path, "w") as f:
+        for i in range(n):
+            a = i % 6
+            f.write(json.dumps({"prompt": f"{split} {i}: {a} + {5 - a} =", "answer": "5"}) + "\n")
+    return str(path)
+
+
+def case_config(folder: str, parallel: str, loss_type: str, optimizer: str, extra: dict) -> RLVRConfig:
+    values = dict(
+        task=write_task(os.path.join(folder, "train.jsonl"), 8, "train"),
+        eval_file=write_task(os.path.join(folder, "eval.jsonl"), 40, "eval"),
+        train_size=8,
+        eval_size=40,
+        group_size=4,
+        prompts_per_step=4,
+        max_prompt_length=32,
+        max_completion_length=6,
+        steps=1,
+        eval_samples=2,
+        lr=1e-2,
+        grad_clip=None,
+        micro_batch_tokens=48,  # several micro-batches by token budget, their counts differing between the ranks
+        checkpoint_every=0,
+        progress=False,
+        rewards={"correct": 1.0, "random": 0.5},  # mixed groups: few zero advantages
+        output_dir=os.path.join(folder, "run"),
+        parallel=parallel,
+        loss_type=loss_type,
+        optimizer=optimizer,
+    )
+    values.update(extra)
+    return RLVRConfig(**values)
+
+
+def case_model(tokenizer, tied: bool):
+    return tiny_causal_lm(tokenizer, token_bias=None if tied else TOKEN_BIAS)
+
+
+def global_rollout(cfg: RLVRConfig, tokenizer, tied: bool) -> Rollout:
+    """The step-0 rollout of the whole step, sampled on one process."""
+    trainer = Trainer(
+        cfg, loaded=LoadedModel(case_model(tokenizer, tied), tokenizer, torch.device("cpu"), torch.float32)
+    )
+    return trainer.rollout(trainer.problems_at(0), 0)
+
+
+def one_step(cfg: RLVRConfig, tokenizer, tied: bool, rollout: Rollout, dp: DataParallel) -> dict:
+    """Step 0 on the given global rollout: (record, updated full weights)."""
+    trainer = Trainer(
+        cfg, loaded=LoadedModel(case_model(tokenizer, tied), tokenizer, torch.device("cpu"), torch.float32)
+    )
+    assert trainer.dp.world_size == dp.world_size
+    rows = trainer.dp.rows(len(rollout.texts))
+    mine = rollout.select(torch.arange(rows.start, rows.stop))
+    trainer.rollout = lambda problems, step: mine
+    # the held-out evaluation of the initial weights: 40 problems, 3 generate calls (2 on rank 0, 1 on rank 1)
+    evaluation = trainer.evaluate().to_dict() if cfg.loss_type == "grpo" else None
+    trainer.warm_up_masks()
+    grads = []  # the gradient each optimizer step applies (whole tensors; FSDP: gathered from the shards)
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        named = [(n, p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None]
+        grads.append({n: (g.full_tensor() if hasattr(g, "full_tensor") else g).clone() for n, g in named})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    record = trainer.train_step(0)
+    weights = {k: v.detach().clone() for k, v in trainer.policy.full_state_dict().items()}
+    return {"record": {k: v for k, v in record.items() if k not in TIMING_KEYS}, "weights": weights, "grads": grads,
+            "eval": evaluation,
+            "world": (record.get("world_size"), record.get("parallel"))}  # fmt: skip
+
+
+def steps_on_rank(rank, world_size, folder, rollouts):
+    tokenizer = char_tokenizer()
+    out = []
+    for i, (parallel, loss_type, optimizer, tied, extra) in enumerate(CASES):
+        cfg = case_config(os.path.join(folder, f"case{i}"), parallel, loss_type, optimizer, extra)
+        cfg.output_dir = os.path.join(folder, f"case{i}", "run2")
+        out.append(one_step(cfg, tokenizer, tied, rollouts[i], DataParallel(world_size=world_size)))
+    return out
+
+
+def test_world_of_two_steps_like_one_process(tmp_path):
+    tokenizer = char_tokenizer()
+    rollouts, expected = [], []
+    for i, (parallel, loss_type, optimizer, tied, extra) in enumerate(CASES):
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        cfg = case_config(str(folder), parallel, loss_type, optimizer, extra)
+        rollout = global_rollout(cfg, tokenizer, tied)
+        rollouts.append(rollout)
+        cfg1 = replace(case_config(str(folder), parallel, loss_type, optimizer, extra), overwrite=True)
+        expected.append(one_step(cfg1, tokenizer, tied, rollout, DataParallel()))
+    got = run_world(steps_on_rank, world_size=2, args=(str(tmp_path), rollouts), timeout=600)
+    for i, case in enumerate(CASES):
+        one, two = expected[i], got[0][i]
+        assert two["world"] == (2, case[0]), case
+        assert one["record"]["completions_updated"] > 0, case
+        for key, value in one["record"].items():
+            if isinstance(value, float):
+                assert abs(two["record"][key] - value) <= 1e-5 * max(1.0, abs(value)), (
+                    case,
+                    key,
+                    value,
+                    two["record"][key],
+                )
+            elif key != "iterations":
+                assert two["record"][key] == value, (case, key)
+        assert len(one["grads"]) == len(two["grads"]) == case[4].get("num_iterations", 1)
+        for g1, g2 in zip(one["grads"], two["grads"]):
+            assert g1.keys() == g2.keys()
+            for name, g in g1.items():
+                assert_close(g2[name], g, rtol=1e-5, atol=1e-7, name=f"{case} grad {name}")
+        # Adam divides by sqrt(v) + eps: where |grad| is near eps, fp32 differences in the gradient move the update by
+        # up to ~1e-3 of lr; the gradients above are the sharp check, the weights that the update was applied
+        assert one["weights"].keys() == two["weights"].keys()
+        for name, w in one["weights"].items():
+            assert_close(two["weights"][name], w, rtol=1e-5, atol=5e-5, name=f"{case} {name}")
+        assert one["eval"] == two["eval"] == got[1][i]["eval"], case  # evaluation split across ranks: the same numbers
+        for name, w in got[1][i]["weights"].items():  # rank 1 holds the same model
+            assert torch.equal(w, two["weights"][name]), name
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_filler_rows_change_no_gradient(tmp_path, loss_type):
+    """The rows a rank pads its update batch with (to run as many micro-batches as the most loaded rank) add nothing:
+    the same loss and gradient with 3 filler rows, over 2 micro-batches; a batch of fillers alone has zero gradient."""
+    from rlvr_fast.trainer.policy import policy_step
+
+    tokenizer = char_tokenizer()
+    cfg = case_config(str(tmp_path), "ddp", loss_type, "adamw", {"grad_accumulation": 2})
+    model = case_model(tokenizer, tied=False)
+    trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+    front = trainer.step_front(trainer.problems_at(0), 0)
+    batch = front.batch
+    assert len(batch.advantages) > 2
+
+    def loss_and_grads(b):
+        model.zero_grad(set_to_none=True)
+        out = policy_step(model, b, cfg)
+        return out["loss"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads(batch)
+    padded = pad_update_batch(batch, front.rollout, len(batch.advantages) + 3)
+    assert len(padded.advantages) == len(batch.advantages) + 3 and float(padded.loss_mask[-3:].sum()) == 0
+    padded_loss, padded_grads = loss_and_grads(padded)
+    assert abs(padded_loss - loss) <= 1e-6 * max(1.0, abs(loss))
+    for name, g in grads.items():
+        assert_close(padded_grads[name], g, rtol=1e-5, atol=1e-8, name=name)
+    empty = replace(batch, rollout=batch.rollout.select(torch.arange(0)), advantages=batch.advantages[:0],
+                    loss_mask=batch.loss_mask[:0])  # fmt: skip
+    only_fillers = pad_update_batch(empty, front.rollout, 2)
+    filler_loss, filler_grads = loss_and_grads(only_fillers)
+    assert filler_loss == 0.0 and all(float(g.abs().max()) == 0.0 for g in filler_grads.values())
+
+
+def test_prompts_per_step_must_split_into_whole_groups_per_rank(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = case_config(str(tmp_path), "fsdp", "grpo", "adamw", {})
+    with pytest.raises(ValueError, match=r"prompts_per_step \(4\) must divide by the world size \(3\)"):
+        DataParallel.from_environment(replace(cfg, device="cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    sparse = replace(cfg, device="cpu", optimizer="sparse_adamw", mask_source="random:0.1")
+    with pytest.raises(ValueError, match=r"optimizer='sparse_adamw' does not run on FSDP-sharded parameters yet"):
+        DataParallel.from_environment(sparse)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Through the real entry point: torchrun --nproc_per_node=2 -m rlvr_fast train
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def torchrun(args: list[str], timeout: float) -> tuple[int, str, float]:
+    """(exit status, stdout + stderr, seconds) of ``torchrun --nproc_per_node=2 -m rlvr_fast <args>`` on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    start = time.monotonic()
+    done = subprocess.run([*command, "rlvr_fast", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - start
+
+
+def saved_tiny_model(folder) -> str:
+    tokenizer = char_tokenizer()
+    path = str(folder / "model")
+    tiny_causal_lm(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_args(tmp_path, model: str, output_dir: str, **flags) -> list[str]:
+    values = dict(
+        model=model,
+        task=write_task(tmp_path / "train.jsonl", 8, "train"),
+        eval_file=write_task(tmp_path / "eval.jsonl", 4, "eval"),
+        train_size=8,
+        eval_size=4,
+        group_size=4,
+        prompts_per_step=2,
+        max_prompt_length=64,
+        max_completion_length=6,
+        eval_samples=2,
+        lr=1e-2,
+        device="cpu",
+        rewards="correct=1.0,random=0.5",
+        progress="false",
+        output_dir=output_dir,
+    )
+    values.update(flags)
+    return ["train", *[f"--{k}={v}" for k, v in values.items()]]
+
+
+def test_torchrun_train_resume_and_one_process_eval(tmp_path):
+    """torchrun --nproc_per_node=2 under FSDP: the records carry the world; stopped after step 2 and resumed, the run
+    equals the uninterrupted one (metrics and final weights); its checkpoint loads in one-process ``rlvr-fast eval``."""
+    from safetensors.torch import load_file
+
+    model = saved_tiny_model(tmp_path)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    rc, out, _ = torchrun(train_args(tmp_path, model, full, steps=3, checkpoint_every=1), timeout=300)
+    assert rc == 0, out
+    rc, out, _ = torchrun(train_args(tmp_path, model, part, steps=2, checkpoint_every=1), timeout=300)
+    assert rc == 0, out
+    rc, out, _ = torchrun(train_args(tmp_path, model, part, steps=3, checkpoint_every=1, resume="true"), timeout=300)
+    assert rc == 0, out
+
+    def records(folder):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS - {"world_size", "parallel"}} for r in lines]
+
+    full_records = records(full)
+    assert [r["step"] for r in full_records] == [0, 1, 2]
+    assert all(r["world_size"] == 2 and r["parallel"] == "fsdp" for r in full_records)
+    assert records(part) == full_records
+    last = os.path.join("checkpoints", "step-000003", "model.safetensors")
+    a, b = load_file(os.path.join(full, last)), load_file(os.path.join(part, last))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    eval_args = train_args(tmp_path, model, str(tmp_path / "eval_out"))[1:]
+    checkpoint = os.path.join(full, "checkpoints", "step-000003")
+    done = subprocess.run(
+        [sys.executable, "-m", "rlvr_fast", "eval", "--checkpoint", checkpoint, *eval_args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")},
+    )
+    assert done.returncode == 0 and "pass@1" in done.stdout, done.stdout + done.stderr
+
+
+def test_failing_rank_ends_the_torchrun_job_naming_it(tmp_path):
+    """One rank's prompt is over max_prompt_length (the ranks sample different prompts): that rank raises while the
+    other waits in a collective; torchrun stops the job, non-zero, naming the rank and its error, in bounded time."""
+    from rlvr_fast.trainer.data import batch_indices
+
+    model = saved_tiny_model(tmp_path)
+    task = tmp_path / "task.jsonl"
+    with open(task, "w") as f:
+        f.write(json.dumps({"prompt": "1 + 4 =", "answer": "5"}) + "\n")
+        f.write(json.dumps({"prompt": "a much longer prompt, " * 4 + "2 + 3 =", "answer": "5"}) + "\n")
+    long_at = batch_indices(2, 2, 0, 0).index(1)  # step 0's order of the two prompts (seed 0): rank long_at has it
+    args = train_args(tmp_path, model, str(tmp_path / "run"), task=str(task), train_size=2, steps=1,
+                      max_prompt_length=40)  # fmt: skip
+    rc, out, seconds = torchrun(args, timeout=240)
+    assert rc != 0
+    assert seconds < 180
+    assert re.search(rf"rank\s*:\s*{long_at}\b", out), out[-3000:]
+    assert "more than max_prompt_length=40" in out, out[-3000:]
