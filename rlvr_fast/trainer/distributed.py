@@ -399,6 +399,21 @@ class DataParallel:
         fillers = [MicroBatch(torch.tensor([n + i]), 0, lc, lp + lc, lp + lc) for i in range(missing)]
         return batch, replace(plan, parts=[*plan.parts, *fillers])
 
+    def reduce_plan_metrics(self, metrics: dict) -> dict:
+        """``MicroBatchPlan.metrics`` over all ranks: decoder positions summed, the padding fraction of the sum;
+        ``micro_batches`` is each rank's count (equal on all ranks, fillers included)."""
+        if not self.active:
+            return metrics
+        computed = metrics["decoder_tokens"]
+        total, unshared, padded = self.sum([computed, metrics["decoder_tokens_unshared"],
+                                            metrics["padding_fraction"] * computed])  # fmt: skip
+        return dict(
+            metrics,
+            decoder_tokens=int(total),
+            decoder_tokens_unshared=int(unshared),
+            padding_fraction=padded / total if total else 0.0,
+        )
+
     def reduce_update_metrics(self, out: dict) -> dict:
         """An optimizer step's metrics over all ranks: the loss (each rank's is P times its share: the mean over ranks)
         and the tokens summed, the per-token means weighted by each rank's tokens (``policy_step``'s own weighting)."""

@@ -248,7 +248,7 @@ class Trainer:
             if len(batch.advantages):  # else nothing can contribute a gradient this step
                 iterations.append(self._optimizer_step(batch, plan))
         self._schedule_step(stepped=bool(iterations))
-        return {**iteration_metrics(iterations), **plan.metrics()}
+        return {**iteration_metrics(iterations), **self.dp.reduce_plan_metrics(plan.metrics())}
 
     def _optimizer_step(self, batch: UpdateBatch, plan: MicroBatchPlan) -> dict:
         # FSDP: the whole LM-head weight for the fused ops, for this block only

@@ -1,0 +1,161 @@
+"""Data-parallel training steps on the CPU (issue 18): throughput of 1 process vs ``torchrun --nproc_per_node=2``, and
+the bytes FSDP2 all-gathers / reduce-scatters (or DDP all-reduces) per step, counted at the collectives, against the
+count on paper (docs/design.md, "Data parallelism").
+
+A random tiny Llama (``--hidden``, ``--layers``; a character tokenizer, no download) trains on the built-in arithmetic
+task; each process times ``Trainer.train_step`` (rollout, scoring, update) over ``--steps`` steps after one warm-up
+step. The collectives are counted by wrapping ``torch.distributed.all_gather_into_tensor``, ``reduce_scatter_tensor``
+and ``all_reduce`` in the worker (FSDP2 and DDP call them through the module's attributes): bytes of the full tensor
+each call moves (gathered output / scattered input / reduced buffer), summed over the measured steps and divided by
+their number.
+
+    python benchmarks/bench_distributed.py                       # fsdp, 2 processes vs 1, JSON in benchmarks/results
+    python benchmarks/bench_distributed.py --parallel ddp --steps 2
+
+On a machine whose cores are shared, 2 processes on 2 cores do not double anything: the numbers say what they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _count_collectives(counts: dict) -> None:
+    import torch.distributed as dist
+
+    def wrap(name: str, size_of):
+        original = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            t = size_of(*args, **kwargs)
+            counts[name] = counts.get(name, 0) + t.numel() * t.element_size()
+            return original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    wrap("all_gather_into_tensor", lambda out, inp, *a, **k: out)
+    wrap("reduce_scatter_tensor", lambda out, inp, *a, **k: inp)
+    wrap("all_reduce", lambda t, *a, **k: t)
+
+
+def _paper_bytes(trainer, micro_batches: float, parallel: str, world: int) -> dict:
+    """The count on paper per step, in the convention of the counters (full tensor sizes, fp32): FSDP all-gathers the
+    whole model for generation, each layer in every micro-batch's forward and backward, the root once for the update;
+    reduce-scatters every parameter's gradient once per micro-batch. DDP all-reduces every gradient per micro-batch."""
+    model = trainer.model
+    decoder = getattr(model, model.base_model_prefix)
+    layer_params = sum(p.numel() for layer in decoder.layers for p in layer.parameters())
+    all_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # DTensor numel is the global size; FSDP pads dim 0 to a multiple of the world size (ignored here)
+    root_params = all_params - layer_params
+    if parallel == "fsdp":
+        gathered = all_params + 2 * micro_batches * layer_params + root_params
+        return {"all_gather_into_tensor": 4 * gathered, "reduce_scatter_tensor": 4 * micro_batches * all_params}
+    return {"all_reduce": 4 * micro_batches * all_params}
+
+
+def worker(args) -> None:
+    import torch
+
+    from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
+    from rlvr_fast.trainer.config import RLVRConfig
+    from rlvr_fast.trainer.loop import Trainer
+    from rlvr_fast.trainer.model import LoadedModel
+
+    torch.set_num_threads(1)
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(tokenizer, hidden=args.hidden, layers=args.layers)
+    cfg = RLVRConfig(
+        task="arithmetic",
+        train_size=64,
+        eval_size=4,
+        group_size=args.group,
+        prompts_per_step=args.prompts,
+        max_prompt_length=128,
+        max_completion_length=args.completion_len,
+        steps=args.steps + 1,
+        progress=False,
+        checkpoint_every=0,
+        grad_clip=1.0,
+        parallel=args.parallel,
+        output_dir=args.output_dir,
+        overwrite=True,
+    )
+    trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+    trainer.train_step(0)  # warm-up (lazy initialisation, allocator)
+    counts: dict = {}
+    _count_collectives(counts)
+    seconds, tokens, micro = 0.0, 0.0, 0.0
+    for step in range(1, args.steps + 1):
+        start = time.perf_counter()
+        record = trainer.train_step(step)
+        seconds += time.perf_counter() - start
+        tokens += record["completion_tokens"]
+        micro += record.get("micro_batches", 0)
+    if trainer.dp.is_main:
+        world = trainer.dp.world_size
+        out = {
+            "world_size": world,
+            "parallel": trainer.dp.mode,
+            "seconds_per_step": seconds / args.steps,
+            "completion_tokens_per_s": tokens / seconds,
+            "measured_bytes_per_step": {k: v / args.steps for k, v in counts.items()},
+        }
+        if world > 1:
+            # micro_batches in the record is rank 0's plan; every rank runs the most loaded rank's count
+            out["paper_bytes_per_step_rank0_plan"] = _paper_bytes(trainer, micro / args.steps, trainer.dp.mode, world)
+        with open(args.result, "w") as f:
+            json.dump(out, f)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--completion-len", type=int, default=16)
+    p.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/...)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    shape = ["--parallel", args.parallel, "--steps", str(args.steps), "--hidden", str(args.hidden), "--layers",
+             str(args.layers), "--prompts", str(args.prompts), "--group", str(args.group), "--completion-len",
+             str(args.completion_len)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2):
+            result, out_dir = os.path.join(tmp, f"w{world}.json"), os.path.join(tmp, f"run{world}")
+            tail = [__file__, "--worker", "--result", result, "--output-dir", out_dir, *shape]
+            launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                            "--standalone", f"--nproc_per_node={world}"]  # fmt: skip
+            subprocess.run([*launcher, *tail], env=env, check=True)
+            with open(result) as f:
+                results.append(json.load(f))
+    report = {"shape": dict(zip(shape[::2], shape[1::2])), "runs": results, "cpu_count": os.cpu_count()}
+    report["speedup_2_vs_1"] = results[1]["completion_tokens_per_s"] / results[0]["completion_tokens_per_s"]
+    path = args.json or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"distributed-{args.parallel}-cpu.json"
+    )
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
