@@ -48,6 +48,9 @@ CASES = [
     ("ddp", "grpo", "adamw", False, {}),
     ("ddp", "dapo", "sparse_adamw", True, {"mask_source": "random:0.3", "grad_accumulation": 2}),
     ("ddp", "dr_grpo", "adamw", True, {"scale": "batch", "filter_all_equal": True}),
+    # rank 1's completions all truncated and masked: it updates nothing but runs filler micro-batches
+    ("fsdp", "grpo", "adamw", False, {"mask_truncated_completions": True, "rank1_truncated": True}),
+    ("ddp", "dapo", "adamw", True, {"mask_truncated_completions": True, "rank1_truncated": True, "beta": 0.1}),
 ]
 
 
@@ -82,7 +85,7 @@ def case_config(folder: str, parallel: str, loss_type: str, optimizer: str, extr
         loss_type=loss_type,
         optimizer=optimizer,
     )
-    values.update(extra)
+    values.update({k: v for k, v in extra.items() if k != "rank1_truncated"})
     return RLVRConfig(**values)
 
 
@@ -144,6 +147,10 @@ def test_world_of_two_steps_like_one_process(tmp_path):
         folder.mkdir()
         cfg = case_config(str(folder), parallel, loss_type, optimizer, extra)
         rollout = global_rollout(cfg, tokenizer, tied)
+        if extra.get("rank1_truncated"):
+            half = len(rollout.texts) // 2
+            rollout.truncated[half:] = True
+            rollout.truncated[:half] = False
         rollouts.append(rollout)
         cfg1 = replace(case_config(str(folder), parallel, loss_type, optimizer, extra), overwrite=True)
         expected.append(one_step(cfg1, tokenizer, tied, rollout, DataParallel()))

@@ -59,6 +59,8 @@ SHARDED_OPTIMIZERS_MISSING = {
     "sparse_adamw": "its masks must follow each parameter's local shard: issue 18 item 3",
     "adamw8bit": "bitsandbytes' 8-bit state is not DTensor-aware",
 }
+# the per-token means policy_step reports (weighted by each rank's tokens when reduced over ranks)
+TOKEN_MEAN_METRICS = ("clip_low_frac", "clip_high_frac", "dual_clip_frac", "mean_ratio", "mean_kl", "mean_entropy")
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a rank that never joins a collective fails the others after this
 
 
@@ -419,12 +421,16 @@ class DataParallel:
         and the tokens summed, the per-token means weighted by each rank's tokens (``policy_step``'s own weighting)."""
         if not self.active:
             return out
-        keys = sorted(k for k in out if k not in ("loss", "tokens_updated", "grad_norm"))
+        # The same vector on every rank: a rank that ran only filler rows has no token means (tokens 0)
+        keys = TOKEN_MEAN_METRICS
         tokens = out.get("tokens_updated", 0.0)
-        summed = self.sum([out["loss"], tokens, *[out[k] * tokens for k in keys]])
+        weighted = [out[k] * tokens if k in out else 0.0 for k in keys]
+        present = [1.0 if k in out else 0.0 for k in keys]
+        summed = self.sum([out["loss"], tokens, *weighted, *present])
         result = dict(out, loss=summed[0] / self.world_size, tokens_updated=summed[1])
-        for k, v in zip(keys, summed[2:]):
-            result[k] = v / summed[1] if summed[1] else 0.0
+        for i, k in enumerate(keys):
+            if summed[2 + len(keys) + i] > 0:  # some rank computed it
+                result[k] = summed[2 + i] / summed[1] if summed[1] else 0.0
         return result
 
 
