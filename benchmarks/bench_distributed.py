@@ -4,8 +4,8 @@ count on paper (docs/design.md, "Data parallelism").
 
 A random tiny Llama (``--hidden``, ``--layers``; a character tokenizer, no download) trains on the built-in arithmetic
 task; each process times ``Trainer.train_step`` (rollout, scoring, update) over ``--steps`` steps after one warm-up
-step. The collectives are counted by wrapping ``torch.distributed.all_gather_into_tensor``, ``reduce_scatter_tensor``
-and ``all_reduce`` in the worker (FSDP2 and DDP call them through the module's attributes): bytes of the full tensor
+step. The collectives are counted by wrapping ``torch.distributed.all_gather_single``, ``reduce_scatter_single`` and
+``all_reduce`` in the worker (FSDP2 and DDP call them through the module's attributes): bytes of the full tensor
 each call moves (gathered output / scattered input / reduced buffer), summed over the measured steps and divided by
 their number.
 
@@ -39,9 +39,18 @@ def _count_collectives(counts: dict) -> None:
 
         setattr(dist, name, counted)
 
-    wrap("all_gather_into_tensor", lambda out, inp, *a, **k: out)
-    wrap("reduce_scatter_tensor", lambda out, inp, *a, **k: inp)
-    wrap("all_reduce", lambda t, *a, **k: t)
+    def argument(position: int, *names: str):
+        def pick(*args, **kwargs):
+            for name in names:
+                if name in kwargs:
+                    return kwargs[name]
+            return args[position]
+
+        return pick
+
+    wrap("all_gather_single", argument(0, "output_tensor", "output"))  # FSDP2's all-gather (torch 2.13): the output
+    wrap("reduce_scatter_single", argument(1, "input_tensor", "input"))  # FSDP2's reduce-scatter: the input
+    wrap("all_reduce", argument(0, "tensor"))  # DDP's gradient buckets, and our metric / normaliser sums
 
 
 def _paper_bytes(trainer, micro_batches: float, parallel: str, world: int) -> dict:
@@ -56,7 +65,7 @@ def _paper_bytes(trainer, micro_batches: float, parallel: str, world: int) -> di
     root_params = all_params - layer_params
     if parallel == "fsdp":
         gathered = all_params + 2 * micro_batches * layer_params + root_params
-        return {"all_gather_into_tensor": 4 * gathered, "reduce_scatter_tensor": 4 * micro_batches * all_params}
+        return {"all_gather_single": 4 * gathered, "reduce_scatter_single": 4 * micro_batches * all_params}
     return {"all_reduce": 4 * micro_batches * all_params}
 
 
