@@ -1,6 +1,6 @@
 """Data-parallel training (rlvr_fast/trainer/distributed.py) on 2 gloo processes: one step at world size 2 equals the
 step at world size 1 on the same global batch (loss, metrics, gradients, updated weights), under FSDP2 and DDP, for
-several loss types, with AdamW and (DDP) SparseAdamW; evaluation split across ranks equals one process's; through
+several loss types, with AdamW and SparseAdamW; evaluation split across ranks equals one process's; through
 ``torchrun``: a run stopped and resumed equals the uninterrupted one, its checkpoint loads in one-process eval, and a
 failing rank ends the job with its error and rank number in bounded time.
 
@@ -48,6 +48,7 @@ CASES = [
     ("ddp", "grpo", "adamw", False, {}),
     ("ddp", "dapo", "sparse_adamw", True, {"mask_source": "random:0.3", "grad_accumulation": 2}),
     ("ddp", "dr_grpo", "adamw", True, {"scale": "batch", "filter_all_equal": True}),
+    ("fsdp", "dapo", "sparse_adamw", False, {"mask_source": "random:0.3"}),
     # rank 1's completions all truncated and masked: it updates nothing but runs filler micro-batches
     ("fsdp", "grpo", "adamw", False, {"mask_truncated_completions": True, "rank1_truncated": True}),
     ("ddp", "dapo", "adamw", True, {"mask_truncated_completions": True, "rank1_truncated": True, "beta": 0.1}),
@@ -133,7 +134,9 @@ def steps_on_rank(rank, world_size, folder, rollouts):
     tokenizer = char_tokenizer()
     out = []
     for i, (parallel, loss_type, optimizer, tied, extra) in enumerate(CASES):
-        cfg = case_config(os.path.join(folder, f"case{i}"), parallel, loss_type, optimizer, extra)
+        data = os.path.join(folder, f"case{i}", f"rank{rank}")  # each rank writes its own copy of the task files
+        os.makedirs(data, exist_ok=True)
+        cfg = case_config(data, parallel, loss_type, optimizer, extra)
         cfg.output_dir = os.path.join(folder, f"case{i}", "run2")
         out.append(one_step(cfg, tokenizer, tied, rollouts[i], DataParallel(world_size=world_size)))
     return out
@@ -226,9 +229,9 @@ def test_prompts_per_step_must_split_into_whole_groups_per_rank(monkeypatch, tmp
     with pytest.raises(ValueError, match=r"prompts_per_step \(4\) must divide by the world size \(3\)"):
         DataParallel.from_environment(replace(cfg, device="cpu"))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    sparse = replace(cfg, device="cpu", optimizer="sparse_adamw", mask_source="random:0.1")
-    with pytest.raises(ValueError, match=r"optimizer='sparse_adamw' does not run on FSDP-sharded parameters yet"):
-        DataParallel.from_environment(sparse)
+    eight_bit = replace(cfg, device="cpu", optimizer="adamw8bit")
+    with pytest.raises(ValueError, match=r"optimizer='adamw8bit' does not run on FSDP-sharded parameters yet"):
+        DataParallel.from_environment(eight_bit)
 
 
 # --------------------------------------------------------------------------------------------------------------------

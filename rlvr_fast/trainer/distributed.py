@@ -56,7 +56,6 @@ PARALLEL_MODES = {
 }
 # optimizers that cannot step FSDP2's DTensor shards yet, and why
 SHARDED_OPTIMIZERS_MISSING = {
-    "sparse_adamw": "its masks must follow each parameter's local shard: issue 18 item 3",
     "adamw8bit": "bitsandbytes' 8-bit state is not DTensor-aware",
 }
 # the per-token means policy_step reports (weighted by each rank's tokens when reduced over ranks)
