@@ -26,7 +26,8 @@ loading), and their ratios ours / TRL's.
 What differs by design, recorded in the JSON: our trainer skips the decoder forward/backward of completions whose
 advantage is 0 when beta = 0 (all-equal groups are common with an exact-answer reward on a 135M model), TRL runs them;
 TRL's GRPOConfig checkpoints activations by default, ours only on a GPU (on the CPU it keeps them and splits the update
-into RLVRConfig.grad_accumulation micro-batches, default 8, where TRL runs the 32 completions at once); on the CPU our
+into micro-batches of whole groups under RLVRConfig.micro_batch_tokens decoder positions, each prompt computed once per
+group (prefix_sharing), where TRL runs the 32 completions with their prompts at once); on the CPU our
 trainer also serves every host block from glibc's heap and trims it at the end of each step, as Trainer.train_step
 does (rlvr_fast.trainer.memory). Completion lengths depend on sampling and are reported per side.
 
@@ -134,6 +135,8 @@ def child_ours(args) -> dict:
         "loaded_peak_rss_bytes": loaded_rss,
         "torch_threads": torch.get_num_threads(),
         "grad_accumulation": cfg.grad_accumulation,
+        "micro_batch_tokens": cfg.micro_batch_tokens,
+        "prefix_sharing": cfg.prefix_sharing,
         "gradient_checkpointing": any(
             getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules()
         ),
