@@ -160,16 +160,9 @@ def _mask_positions(mask, p: torch.Tensor, label: str) -> torch.Tensor | bool | 
     all kept, or empty (a segment of 0 entries that still counts its steps)."""
     if mask is None:
         return None
+    _check_mask(mask, p, label)
     if is_dtensor(p):
-        return _local_mask_positions(mask, p, label)
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{OP}: the mask of {label} must be a bool tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{OP}: the mask of {label} must have dtype torch.bool, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(p.shape):
-        raise ValueError(
-            f"{OP}: the mask of {label} must have the parameter's shape {tuple(p.shape)}, got {tuple(mask.shape)}"
-        )
+        return _local_mask_positions(mask, p)
     positions = mask.reshape(-1).nonzero().squeeze(1)
     if positions.numel() == p.numel():
         return None  # all True: dense, no indices stored
@@ -179,17 +172,23 @@ def _mask_positions(mask, p: torch.Tensor, label: str) -> torch.Tensor | bool | 
     return positions.to(device=p.device, dtype=index_dtype)
 
 
-def _local_mask_positions(mask, p, label: str) -> torch.Tensor | bool | None:
-    """_mask_positions for a DTensor parameter: dense/frozen from the full mask, positions in the local piece."""
+def _check_mask(mask, p: torch.Tensor, label: str) -> None:
+    """A mask is a bool tensor of its parameter's shape; for a DTensor parameter, the full shape (module doc)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{OP}: the mask of {label} must be a bool tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{OP}: the mask of {label} must have dtype torch.bool, got {mask.dtype}")
     if tuple(mask.shape) != tuple(p.shape):
+        which = "full shape" if is_dtensor(p) else "shape"
+        why = " (the same masks at any world size)" if is_dtensor(p) else ""
         raise ValueError(
-            f"{OP}: the mask of {label} must have the parameter's full shape {tuple(p.shape)} (the same masks at any "
-            f"world size), got {tuple(mask.shape)}"
+            f"{OP}: the mask of {label} must have the parameter's {which} {tuple(p.shape)}{why}, "
+            f"got {tuple(mask.shape)}"
         )
+
+
+def _local_mask_positions(mask, p) -> torch.Tensor | bool | None:
+    """_mask_positions for a DTensor parameter: dense/frozen from the full mask, positions in the local piece."""
     kept = int(mask.sum())  # a DTensor mask: an all-reduce, the same on every rank
     if kept == p.numel():
         return None
