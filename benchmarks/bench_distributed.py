@@ -117,7 +117,7 @@ def worker(args) -> None:
             "measured_bytes_per_step": {k: v / args.steps for k, v in counts.items()},
         }
         if world > 1:
-            # micro_batches in the record is rank 0's plan; every rank runs the most loaded rank's count
+            # micro_batches in the record: every rank's count, the filler micro-batches included
             out["paper_bytes_per_step_rank0_plan"] = _paper_bytes(trainer, micro / args.steps, trainer.dp.mode, world)
         with open(args.result, "w") as f:
             json.dump(out, f)

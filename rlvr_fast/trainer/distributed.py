@@ -157,7 +157,19 @@ class FSDPPolicy(ReplicatedPolicy):
             for unit in self._units():
                 unit.set_force_sum_reduction_for_comms(True)
         route_hidden_states(model, self.root)
+        self._prefetch_in_backward_order()
         self._initialise_root(device)
+
+    def _prefetch_in_backward_order(self) -> None:
+        """Backward prefetches the layer before, explicitly. FSDP2's default follows its record of post-forward calls,
+        which keeps the no-grad forwards of generation and of the old-policy pass until the next backward ends: layer
+        0's backward then prefetched the last layer of the last decode step, an all-gather of one whole layer per step
+        that nothing used (measured with benchmarks/bench_distributed.py). Layer 0 names the root, whose parameters
+        the update holds gathered (``head_gathered``): its prefetch is a no-op, and an empty list would mean the
+        default."""
+        self.root.set_modules_to_backward_prefetch([self.layers[-1]] if self.layers else [])
+        for before, layer in zip([self.root, *self.layers[:-1]], self.layers, strict=True):
+            layer.set_modules_to_backward_prefetch([before])
 
     @torch.no_grad()
     def _initialise_root(self, device: torch.device) -> None:
