@@ -1,17 +1,21 @@
-"""Checkpoints in safetensors, written atomically, with everything an exact resume needs.
+"""Checkpoints, written atomically, with everything an exact resume needs; verified before they count.
 
-Layout: ``<output_dir>/checkpoints/step-000010/`` holds ``model.safetensors`` (the policy's weights),
+Two formats share the folder rule, the manifest, verification and resume (``FORMATS``): "safetensors" (one process,
+below) and "dcp" (a torchrun run: every rank writes its own shards through torch.distributed.checkpoint,
+``trainer/sharded_checkpoint.py``). The manifest names the format (one written before the field: "safetensors").
+
+One process: ``<output_dir>/checkpoints/step-000010/`` holds ``model.safetensors`` (the policy's weights),
 ``optimizer.safetensors`` (every tensor of the optimizer's state dict; the non-tensor structure rides in the file's
-metadata as JSON) and ``trainer_state.json`` (step, RNG states, config, metrics needed to continue). A checkpoint is
-written into a temporary folder and renamed into place; ``latest`` (a one-line file, itself replaced atomically) points
-at the newest complete one. An interrupted write therefore never loses the last good checkpoint.
+metadata as JSON), ``rng.safetensors`` and ``trainer_state.json`` (step, schedule, config, the evaluation before). A
+checkpoint is written into a temporary ``.step-*`` folder and renamed into place; ``latest`` (a one-line file, itself
+replaced atomically) points at the newest complete one. An interrupted write therefore never loses the last good one.
 
 Verified before it counts (docs/design.md, "Failure guarantees"): every tensor is checked finite before anything is
-written (a NaN names the step and the tensor), ``manifest.json`` records each file's size and BLAKE2b digest and the
-run's config hash, and the folder is re-read against the manifest before ``latest`` moves to it. Resuming walks the
-checkpoints newest first and takes the first that verifies (``find_resumable``), saying why it skipped any. Partial
-``.step-*`` folders left by a killed write are removed. Loading is strict: a missing, unexpected or misshapen tensor is
-an error.
+written (a NaN names the step and the tensor); ``manifest.json`` records each file's size and BLAKE2b digest, the
+format, the world size and the run's config hash; the folder is re-read against the manifest before ``latest`` moves
+to it (``commit_checkpoint``). Resuming walks the checkpoints newest first and takes the first that verifies
+(``find_resumable``), saying why it skipped any. Partial ``.step-*`` folders left by a killed write are removed.
+Loading is strict: a missing, unexpected or misshapen tensor is an error.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,47 +159,53 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str, step: int)
             )
 
 
-def save_checkpoint(
-    output_dir: str,
-    step: int,
-    model: torch.nn.Module,
-    optimizer,
-    trainer_state: dict,
-    *,
-    weights: dict[str, torch.Tensor] | None = None,
-    optim_state: dict | None = None,
-) -> str:
-    """Write ``checkpoints/step-<step>`` (verified) and move ``latest`` to it; keep the KEEP newest up to ``step``.
-
-    ``trainer_state["config"]`` (a dict of RLVRConfig) is hashed into the manifest when present. ``weights`` /
-    ``optim_state``: the model's and optimizer's full state dicts when they are not ``model``'s / ``optimizer``'s own
-    (a sharded model gathers them first: ``trainer/distributed.py``)."""
+def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> str:
+    """Write ``checkpoints/step-<step>`` of one process (verified) and move ``latest`` to it; keep the KEEP newest up
+    to ``step``. ``trainer_state["config"]`` (a dict of RLVRConfig) is hashed into the manifest when present. A
+    torchrun run writes its shards instead: ``sharded_checkpoint.save_sharded_checkpoint``."""
     root = os.path.join(output_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     remove_partial_checkpoints(output_dir)
-    weights = model_state(model) if weights is None else {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    weights = model_state(model)
     check_finite_tensors(weights, "model", step)
-    optim_state = optimizer.state_dict() if optim_state is None else optim_state
+    optim_state = optimizer.state_dict()
     check_finite_tensors(dict(_tensors_in(optim_state["state"], "state")), "optimizer", step)
-    final = os.path.join(root, f"step-{step:06d}")
-    tmp = tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{step:06d}-", dir=root)
+    tmp = new_partial_folder(root, step)
     config_hash = _config_hash(trainer_state.get("config"))
     try:
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         save_nested(os.path.join(tmp, "optimizer.safetensors"), optim_state)
         save_nested(os.path.join(tmp, "rng.safetensors"), _json_rng(rng_state()))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "config_hash": config_hash, **trainer_state}, f, indent=1)
-        _write_manifest(tmp, step, config_hash)
-        problem = verify_checkpoint(tmp, config_hash=config_hash, deep=False)
-        if problem:
-            raise CheckpointError(f"the checkpoint of step {step} failed verification after writing: {problem}")
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        write_trainer_state(tmp, step, config_hash, trainer_state)
+        write_manifest(tmp, step, config_hash, {name: file_record(os.path.join(tmp, name)) for name in FILES})
+        return commit_checkpoint(tmp, step, config_hash)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def new_partial_folder(root: str, step: int) -> str:
+    """A fresh ``.step-<step>-*`` folder in ``root`` to write a checkpoint into (renamed when complete)."""
+    return tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{step:06d}-", dir=root)
+
+
+def write_trainer_state(folder: str, step: int, config_hash: str | None, trainer_state: dict) -> None:
+    with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+        json.dump({"step": step, "config_hash": config_hash, **trainer_state}, f, indent=1)
+
+
+def commit_checkpoint(tmp: str, step: int, config_hash: str | None) -> str:
+    """The commit of a written checkpoint: ``tmp`` re-read against its manifest, renamed to ``step-<step>``,
+    ``latest`` moved to it, the older ones pruned. Returns the final path; raises CheckpointError (``tmp`` is then
+    the caller's to remove) when the folder does not verify."""
+    problem = verify_checkpoint(tmp, config_hash=config_hash, deep=False)
+    if problem:
+        raise CheckpointError(f"the checkpoint of step {step} failed verification after writing: {problem}")
+    root = os.path.dirname(tmp)
+    final = os.path.join(root, f"step-{step:06d}")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     _write_atomic(os.path.join(root, LATEST), os.path.basename(final) + "\n")
     _prune(root, step)
     return final
@@ -245,13 +256,24 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _write_manifest(folder: str, step: int, config_hash: str | None) -> None:
-    files = {
-        name: {"bytes": os.path.getsize(os.path.join(folder, name)), "blake2b": _digest(os.path.join(folder, name))}
-        for name in FILES
-    }
+def file_record(path: str) -> dict:
+    """A file's entry in the manifest: its size and BLAKE2b digest."""
+    return {"bytes": os.path.getsize(path), "blake2b": _digest(path)}
+
+
+def write_manifest(
+    folder: str,
+    step: int,
+    config_hash: str | None,
+    files: dict[str, dict],
+    *,
+    fmt: str = "safetensors",
+    world_size: int = 1,
+) -> None:
+    """``manifest.json``: the step, config hash, format (``FORMATS``), world size and every file's ``file_record``."""
+    manifest = {"step": step, "config_hash": config_hash, "format": fmt, "world_size": world_size, "files": files}
     with open(os.path.join(folder, MANIFEST), "w") as f:
-        json.dump({"step": step, "config_hash": config_hash, "files": files}, f, indent=1)
+        json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
 
@@ -291,37 +313,78 @@ def verify_checkpoint(path: str, config_hash: str | None = None, deep: bool = Tr
 
 
 def _verify_files(path: str, manifest_path: str, deep: bool) -> str | None:
-    from safetensors import safe_open
-
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
         files = manifest["files"]
+        fmt = FORMATS[manifest.get("format", "safetensors")]  # written before the field: one process's safetensors
+        required = fmt.required_files(manifest)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{manifest_path} is unreadable ({type(exc).__name__}: {exc})"
-    for name in FILES:
-        file = os.path.join(path, name)
+    for name in required:
         if name not in files:
             return f"{manifest_path} does not list {name}"
+    for name, record in files.items():
+        file = os.path.join(path, name)
         if not os.path.isfile(file):
             return f"{file} is missing"
         size = os.path.getsize(file)
-        if size != files[name]["bytes"]:
-            return f"{file} has {size} bytes, the manifest records {files[name]['bytes']} (truncated or replaced)"
-        if deep and _digest(file) != files[name]["blake2b"]:
+        if size != record["bytes"]:
+            return f"{file} has {size} bytes, the manifest records {record['bytes']} (truncated or replaced)"
+        if deep and _digest(file) != record["blake2b"]:
             return f"{file} does not match its digest in the manifest (corrupt)"
         try:
-            if name.endswith(".safetensors"):
-                with safe_open(file, framework="pt") as st:
-                    st.keys()
-            else:
-                with open(file) as f:
-                    state = json.load(f)
-                if state.get("step") != manifest.get("step"):
-                    return f"{file} is of step {state.get('step')}, the manifest of step {manifest.get('step')}"
-        except Exception as exc:  # safetensors raises its own error type; any failure means unusable
+            problem = _read_check(name)(file, manifest)
+        except Exception as exc:  # safetensors / pickle raise their own error types; any failure means unusable
             return f"{file} is unreadable ({type(exc).__name__}: {exc})"
+        if problem:
+            return problem
     return None
+
+
+def _safetensors_readable(file: str, manifest: dict) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as st:
+        st.keys()
+    return None
+
+
+def _trainer_state_readable(file: str, manifest: dict) -> str | None:
+    with open(file) as f:
+        state = json.load(f)
+    if state.get("step") != manifest.get("step"):
+        return f"{file} is of step {state.get('step')}, the manifest of step {manifest.get('step')}"
+    return None
+
+
+def _dcp_metadata_readable(file: str, manifest: dict) -> str | None:
+    from rlvr_fast.trainer.sharded_checkpoint import check_storage_files
+
+    return check_storage_files(os.path.dirname(file), manifest["files"])
+
+
+# How a file of a checkpoint is checked readable, by its name's ending (others: size and digest only)
+READ_CHECKS = {
+    ".safetensors": _safetensors_readable,
+    "trainer_state.json": _trainer_state_readable,
+    ".metadata": _dcp_metadata_readable,  # torch.distributed.checkpoint's index of every shard
+}
+
+
+def _read_check(name: str):
+    for ending, check in READ_CHECKS.items():
+        if name.endswith(ending):
+            return check
+    return lambda file, manifest: None
+
+
+def checkpoint_format(path: str) -> str:
+    """The format of the checkpoint folder ``path``: "dcp" where torch.distributed.checkpoint's ``.metadata`` is,
+    else "safetensors"."""
+    from rlvr_fast.trainer.sharded_checkpoint import DCP_METADATA
+
+    return "dcp" if os.path.isfile(os.path.join(path, DCP_METADATA)) else "safetensors"
 
 
 @dataclass(frozen=True)
@@ -386,10 +449,31 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def load_model_weights(path: str, model: torch.nn.Module, load=None) -> None:
-    """Load ``path``/model.safetensors into ``model`` strictly: every tensor of the model present (tied weights stored
-    once), none unexpected, shapes equal. Raises CheckpointError naming the path otherwise. ``load(weights)``: how a
-    sharded model takes the checked full tensors (default ``model.load_state_dict``)."""
+def check_model_matches(path: str, saved: dict[str, tuple], model_shapes: dict[str, tuple], tied: set[str]) -> None:
+    """Strict loading: every tensor of the model in the checkpoint (tied weights may be stored once), none
+    unexpected, shapes equal. ``saved`` / ``model_shapes``: name -> shape. Raises CheckpointError naming ``path``."""
+    missing = [n for n in model_shapes if n not in saved and n not in tied]
+    unexpected = [n for n in saved if n not in model_shapes]
+    misshapen = [
+        f"{n} {tuple(saved[n])} vs {tuple(shape)}"
+        for n, shape in model_shapes.items()
+        if n in saved and tuple(saved[n]) != tuple(shape)
+    ]
+    if missing or unexpected or misshapen:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model ({len(model_shapes)} tensors): {len(missing)} missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(misshapen)} of another shape "
+            f"{misshapen[:3]}"
+        )
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """The names of parameters that are another parameter (tied weights: stored once in a safetensors file)."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
+def _safetensors_load_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The checked full tensors of ``path``/model.safetensors (the caller puts them into the model)."""
     file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint {path}: no model.safetensors there")
@@ -397,34 +481,70 @@ def load_model_weights(path: str, model: torch.nn.Module, load=None) -> None:
         weights = load_file(file)
     except Exception as exc:  # a truncated / corrupt file: safetensors' own error names no file
         raise CheckpointError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {exc})") from None
-    expected = model.state_dict()
-    # Tied weights were stored once: whatever is missing must be tied to a tensor that was loaded.
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    missing = [n for n in expected if n not in weights and n not in tied]
-    unexpected = [n for n in weights if n not in expected]
-    misshapen = [
-        f"{n} {tuple(weights[n].shape)} vs {tuple(t.shape)}"
-        for n, t in expected.items()
-        if n in weights and weights[n].shape != t.shape
-    ]
-    if missing or unexpected or misshapen:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model ({len(expected)} tensors): {len(missing)} missing "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(misshapen)} of another shape "
-            f"{misshapen[:3]}"
-        )
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    check_model_matches(path, {n: tuple(t.shape) for n, t in weights.items()}, shapes, tied_names(model))
+    return weights
+
+
+def load_model_weights(path: str, model: torch.nn.Module, load=None) -> None:
+    """Load the checkpoint's model weights into the one-process ``model`` strictly (``check_model_matches``), from
+    either format (``FORMATS``): nothing is loaded unless everything matches. ``load(weights)``: how a model takes
+    the checked full tensors of a safetensors checkpoint (default ``model.load_state_dict``)."""
+    weights = FORMATS[checkpoint_format(path)].load_weights(path, model)
+    if weights is None:  # loaded in place
+        return
     if load is not None:
         load(weights)
         return
-    model.load_state_dict(weights, strict=False)  # strictness checked above, tied names excepted
+    model.load_state_dict(weights, strict=False)  # strictness checked, tied names excepted
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer, load_weights=None, load_optimizer=None) -> dict:
-    """Restore model, optimizer and RNG state in place; returns the trainer state (step, ...). ``load_weights`` /
-    ``load_optimizer``: how a sharded model and its optimizer take the full state dicts (``trainer/distributed.py``)."""
-    load_model_weights(path, model, load_weights)
-    optim_state = load_nested(os.path.join(path, "optimizer.safetensors"))
-    (load_optimizer or optimizer.load_state_dict)(optim_state)
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint format: what its manifest must list, how one process loads its model weights."""
+
+    description: str
+    required_files: Callable[[dict], tuple[str, ...]]  # manifest -> the files it must list (each then present)
+    # (path, model) -> checked full tensors for the model, or None when loaded into it in place
+    load_weights: Callable[[str, torch.nn.Module], dict[str, torch.Tensor] | None]
+
+
+def _dcp_required(manifest: dict) -> tuple[str, ...]:
+    from rlvr_fast.trainer.sharded_checkpoint import required_files
+
+    return required_files(int(manifest.get("world_size", 1)))
+
+
+def _dcp_load_weights(path: str, model: torch.nn.Module) -> None:
+    from rlvr_fast.trainer.sharded_checkpoint import load_weights_one_process
+
+    load_weights_one_process(path, model)
+
+
+FORMATS = {
+    "safetensors": CheckpointFormat(
+        "one process: model, optimizer and RNG state as whole tensors in safetensors files",
+        lambda manifest: FILES,
+        _safetensors_load_weights,
+    ),
+    "dcp": CheckpointFormat(
+        "a torchrun run: each rank's shards through torch.distributed.checkpoint, an RNG file per rank",
+        _dcp_required,
+        _dcp_load_weights,
+    ),
+}
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
+    """Restore a one-process checkpoint's model, optimizer and RNG state in place; returns the trainer state (step,
+    ...). A torchrun run's checkpoint resumes through ``sharded_checkpoint.load_sharded_checkpoint``."""
+    if checkpoint_format(path) != "safetensors":
+        raise CheckpointError(
+            f"checkpoint {path} holds a torchrun run's shards (torch.distributed.checkpoint): resume it under torchrun "
+            f"with the world size that wrote it"
+        )
+    load_model_weights(path, model)
+    optimizer.load_state_dict(load_nested(os.path.join(path, "optimizer.safetensors")))
     set_rng_state(load_nested(os.path.join(path, "rng.safetensors")))
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)

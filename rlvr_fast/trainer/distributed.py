@@ -109,16 +109,40 @@ class ReplicatedPolicy:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
-    def checkpoint_state(self, optimizer) -> tuple[dict | None, dict | None]:
-        """(full model state, full optimizer state) for ``save_checkpoint``; None: the model's / optimizer's own."""
-        return None, None
 
-    def loaders(self, optimizer) -> tuple[Callable | None, Callable | None]:
-        """How ``load_checkpoint`` restores full state dicts into this model and optimizer (None: plain loading)."""
-        return None, None
+class ShardedCheckpointing:
+    """The checkpoint methods of a policy under torchrun (``trainer/sharded_checkpoint.py``): each rank's own state
+    dicts for torch.distributed.checkpoint, keyed by parameter name (``torch.distributed.checkpoint.state_dict``);
+    under FSDP2 DTensors of the rank's shards, under DDP the plain (replicated) tensors. Nothing is gathered."""
+
+    model: torch.nn.Module
+
+    def checkpoint_state(self, optimizer, for_loading: bool = False) -> tuple[dict, dict | None]:
+        """(model state dict, optimizer state dict) of this rank. The optimizer's is None while it holds no state
+        (no step yet) unless ``for_loading``: torch builds a missing state with a zero-gradient step, which would
+        advance Adam's step count of the live run; for loading, that state is the template the checkpoint fills."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        weights = get_model_state_dict(self.model)
+        if not optimizer.state and not for_loading:
+            return weights, None
+        return weights, get_optimizer_state_dict(self.model, optimizer)
+
+    def loaders(self, optimizer) -> tuple[Callable, Callable]:
+        """How the state dicts ``checkpoint_state`` made (filled by torch.distributed.checkpoint) go back into the
+        model and optimizer. Collective under FSDP2."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        def load_weights(weights: dict) -> None:
+            set_model_state_dict(self.model, weights)
+
+        def load_optimizer(state: dict) -> None:
+            set_optimizer_state_dict(self.model, optimizer, state)
+
+        return load_weights, load_optimizer
 
 
-class DDPPolicy(ReplicatedPolicy):
+class DDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
     """DDP over ``HiddenStates(model)``: the update's forwards go through it (``route_hidden_states``), its backward
     all-reduces (averages) the gradients."""
 
@@ -136,7 +160,7 @@ class DDPPolicy(ReplicatedPolicy):
         route_hidden_states(model, self.wrapped)
 
 
-class FSDPPolicy(ReplicatedPolicy):
+class FSDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
     """FSDP2 over ``HiddenStates(model)``: ``fully_shard`` on each decoder layer, then on the wrapper (the root: the
     embeddings, final norm and LM head). Gradients are averaged over ranks (a SUM reduce-scatter, then a division:
     gloo has no AVG / PREMUL_SUM).
@@ -216,38 +240,6 @@ class FSDPPolicy(ReplicatedPolicy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-
-    def checkpoint_state(self, optimizer) -> tuple[dict | None, dict | None]:
-        """The full model and optimizer state dicts, gathered from the shards to rank 0 (None elsewhere), the
-        optimizer's keyed by parameter name (torch.distributed.checkpoint.state_dict). Collective."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.model, options=options)
-        optim_state = get_optimizer_state_dict(self.model, optimizer, options=options)
-        return weights, optim_state
-
-    def loaders(self, optimizer) -> tuple[Callable, Callable]:
-        """Full state dicts (read by every rank from the checkpoint) into the shards. Collective."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, strict=False)  # tied weights stored once: checked before
-
-        def load_weights(weights: dict) -> None:
-            set_model_state_dict(self.model, weights, options=options)
-
-        def load_optimizer(state: dict) -> None:
-            set_optimizer_state_dict(self.model, optimizer, state, options=options)
-
-        return load_weights, load_optimizer
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from rlvr_fast.trainer.run_log import MetricsLog, Progress, _jsonable, iteration
 from rlvr_fast.trainer.schedule import build_scheduler
 from rlvr_fast.trainer.scoring import Rewards, Scorer
 from rlvr_fast.trainer.seeds import derived_seed
+from rlvr_fast.trainer.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from rlvr_fast.trainer.step_timer import StepTimer
 from rlvr_fast.trainer.update_batch import UpdateBatch, build_update_batch
 
@@ -331,28 +332,25 @@ class Trainer:
 
     def _load_latest_checkpoint(self) -> tuple[int, dict]:
         """Restore model, optimizer, schedule and RNG from the checkpoint that preflight verified (the newest good one):
-        (its step, the evaluation before)."""
-        load_weights, load_optimizer = self.policy.loaders(self.optimizer)
-        state = load_checkpoint(self.resume_point.path, self.model, self.optimizer, load_weights, load_optimizer)
+        (its step, the evaluation before). Under torchrun each rank restores its own shards and RNG state."""
+        if self.dp.active:
+            state = load_sharded_checkpoint(self.resume_point.path, self.policy, self.optimizer)
+        else:
+            state = load_checkpoint(self.resume_point.path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         return state["step"], eval_dict_from_json(state["before_eval"])
 
     def _save_checkpoint(self, step: int, before: dict) -> None:
-        """Rank 0 writes the checkpoint (under FSDP the full state dicts gathered from every rank's shards first), the
-        other ranks wait for it: a resumed run reads a complete checkpoint."""
+        """The checkpoint after ``step`` steps: one process writes safetensors; under torchrun every rank writes its
+        own shards through torch.distributed.checkpoint and rank 0 commits the folder once all have
+        (``trainer/sharded_checkpoint.py``). Either way it is complete and verified when this returns."""
         trainer_state = {"scheduler": self.scheduler.state_dict(), "before_eval": before, "config": self.cfg.to_dict()}
-        weights, optim_state = self.policy.checkpoint_state(self.optimizer)
-        if self.dp.is_main:
-            save_checkpoint(
-                self.cfg.output_dir,
-                step,
-                self.model,
-                self.optimizer,
-                trainer_state,
-                weights=weights,
-                optim_state=optim_state,
-            )
-        self.dp.barrier()
+        if self.dp.active:
+            trainer_state["parallel"] = self.dp.mode
+            save_sharded_checkpoint(self.cfg.output_dir, step, self.policy, self.optimizer, trainer_state)
+        else:
+            save_checkpoint(self.cfg.output_dir, step, self.model, self.optimizer, trainer_state)
+        _kill_if_asked(self.dp.rank, step)
 
     def _step_record(self, step: int, front: StepFront, update: dict, times: dict[str, float]) -> dict:
         rewards, adv, kept, batch = front.rewards, front.adv, front.kept, front.batch_stats
@@ -415,6 +413,18 @@ class _MemoryLog:
 
     def read(self) -> list[dict]:
         return list(self.records)
+
+
+# Fault injection for the tests (tests/test_distributed.py): "<rank>:<step>" makes that rank SIGKILL itself right
+# after the checkpoint of that step is in place, as a crash or the OOM killer would; the job must resume from it.
+KILL_AFTER_CHECKPOINT = "RLVR_FAST_TEST_KILL_AFTER_CHECKPOINT"
+
+
+def _kill_if_asked(rank: int, step: int) -> None:
+    if os.environ.get(KILL_AFTER_CHECKPOINT) == f"{rank}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(cfg: RLVRConfig) -> RunResult:

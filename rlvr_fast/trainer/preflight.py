@@ -3,7 +3,8 @@
 ``preflight(cfg)`` runs in ``rlvr-fast train`` / ``eval`` before the 20-50 s model load and again (cheaply: checkpoint
 verification is cached) at the top of ``Trainer``: the config schema, the model source, the data, the reward modes,
 the optimizer's requirements, the output folder rule and, with ``--resume``, the checkpoint to resume from and whether
-this config may continue it. Every failure is a ValueError naming the field (``rlvr-fast`` exits with status 2).
+this config (and world size: ``sharded_checkpoint.check_world_size``) may continue it. Every failure is a ValueError
+naming the field (``rlvr-fast`` exits with status 2).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from rlvr_fast.trainer.checkpoint import (
     verify_checkpoint,
 )
 from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
+from rlvr_fast.trainer.distributed import environment_world_size
 from rlvr_fast.trainer.output_dir import prepare_output_dir
 from rlvr_fast.trainer.schema import ConfigFieldError, field_specs
+from rlvr_fast.trainer.sharded_checkpoint import DCP_METADATA, check_world_size
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -117,6 +120,7 @@ def resume_point(cfg: RLVRConfig, log=None) -> ResumePoint:
             log(f"resume: set aside as {set_aside(bad)}")
         _write_atomic(os.path.join(cfg.output_dir, "checkpoints", LATEST), os.path.basename(point.path) + "\n")
         log(f"resume: falling back to {point.path}")
+    check_world_size(point.path, point.state, environment_world_size())  # exact only on the world that wrote it
     changed = changed_run_fields(point.state.get("config", {}), cfg)
     if changed:
         raise ConfigFieldError(
@@ -154,8 +158,11 @@ def preflight_eval(cfg: RLVRConfig, checkpoint: str | None) -> None:
         return
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"--checkpoint {checkpoint}: not a folder")
-    if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
-        raise CheckpointError(f"--checkpoint {checkpoint}: no model.safetensors there")
+    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in ("model.safetensors", DCP_METADATA)):
+        raise CheckpointError(
+            f"--checkpoint {checkpoint}: no model.safetensors (one process) nor {DCP_METADATA} (a torchrun run's "
+            f"torch.distributed.checkpoint) there"
+        )
     problem = verify_checkpoint(checkpoint, deep=True)
     if problem is not None:
         raise CheckpointError(f"--checkpoint {checkpoint} failed verification: {problem}")
