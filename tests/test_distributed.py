@@ -1,8 +1,9 @@
 """Data-parallel training (rlvr_fast/trainer/distributed.py) on 2 gloo processes: one step at world size 2 equals the
 step at world size 1 on the same global batch (loss, metrics, gradients, updated weights), under FSDP2 and DDP, for
 several loss types, with AdamW and SparseAdamW; evaluation split across ranks equals one process's; through
-``torchrun``: a run stopped and resumed equals the uninterrupted one, its checkpoint loads in one-process eval, and a
-failing rank ends the job with its error and rank number in bounded time.
+``torchrun``: a run killed after a checkpoint and resumed equals the uninterrupted one, its checkpoint
+(torch.distributed.checkpoint) loads in one-process eval, and a failing rank ends the job with its error and rank
+number in bounded time.
 
 The global batch: one rollout of the step's prompts sampled once (one process), each rank's ``Trainer.rollout``
 returning its share of it (a rank's own sampling uses its own seed, so it would differ from one process's)."""
@@ -239,9 +240,9 @@ def test_prompts_per_step_must_split_into_whole_groups_per_rank(monkeypatch, tmp
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def torchrun(args: list[str], timeout: float) -> tuple[int, str, float]:
+def torchrun(args: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
     """(exit status, stdout + stderr, seconds) of ``torchrun --nproc_per_node=2 -m rlvr_fast <args>`` on the CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
@@ -280,17 +281,23 @@ def train_args(tmp_path, model: str, output_dir: str, **flags) -> list[str]:
     return ["train", *[f"--{k}={v}" for k, v in values.items()]]
 
 
-def test_torchrun_train_resume_and_one_process_eval(tmp_path):
-    """torchrun --nproc_per_node=2 under FSDP: the records carry the world; stopped after step 2 and resumed, the run
-    equals the uninterrupted one (metrics and final weights); its checkpoint loads in one-process ``rlvr-fast eval``."""
-    from safetensors.torch import load_file
+def test_torchrun_train_killed_resumed_and_one_process_eval(tmp_path):
+    """torchrun --nproc_per_node=2 under FSDP: the records carry the world; every checkpoint is torch.distributed.
+    checkpoint's (each rank's shard file, an RNG file per rank, no whole-model file). A job whose rank 1 is SIGKILLed
+    right after the checkpoint of step 2 landed, resumed with --resume, equals the uninterrupted run (metrics and final
+    weights); the checkpoint loads in one-process ``rlvr-fast eval`` (no torchrun)."""
+    from rlvr_fast.trainer.checkpoint import latest_checkpoint, load_model_weights
+    from rlvr_fast.trainer.loop import KILL_AFTER_CHECKPOINT
 
     model = saved_tiny_model(tmp_path)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     rc, out, _ = torchrun(train_args(tmp_path, model, full, steps=3, checkpoint_every=1), timeout=300)
     assert rc == 0, out
-    rc, out, _ = torchrun(train_args(tmp_path, model, part, steps=2, checkpoint_every=1), timeout=300)
-    assert rc == 0, out
+    kill = {KILL_AFTER_CHECKPOINT: "1:2"}
+    rc, out, _ = torchrun(train_args(tmp_path, model, part, steps=3, checkpoint_every=1), timeout=300, env=kill)
+    assert rc != 0 and "SIGKILL" in out, out[-3000:]
+    assert latest_checkpoint(part).endswith("step-000002")
+    assert not os.path.exists(os.path.join(part, "checkpoints", "step-000003"))
     rc, out, _ = torchrun(train_args(tmp_path, model, part, steps=3, checkpoint_every=1, resume="true"), timeout=300)
     assert rc == 0, out
 
@@ -303,14 +310,17 @@ def test_torchrun_train_resume_and_one_process_eval(tmp_path):
     assert [r["step"] for r in full_records] == [0, 1, 2]
     assert all(r["world"] == (2, "fsdp") for r in full_records)
     assert records(part) == full_records
-    last = os.path.join("checkpoints", "step-000003", "model.safetensors")
-    a, b = load_file(os.path.join(full, last)), load_file(os.path.join(part, last))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = os.path.join("checkpoints", "step-000003")
+    assert sorted(os.listdir(os.path.join(full, last))) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+        "manifest.json", "rng-rank0.safetensors", "rng-rank1.safetensors", "trainer_state.json"]  # fmt: skip
+    a, b = tiny_causal_lm(char_tokenizer(), seed=1), tiny_causal_lm(char_tokenizer(), seed=2)
+    load_model_weights(os.path.join(full, last), a)
+    load_model_weights(os.path.join(part, last), b)
+    assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
 
     eval_args = train_args(tmp_path, model, str(tmp_path / "eval_out"))[1:]
-    checkpoint = os.path.join(full, "checkpoints", "step-000003")
     done = subprocess.run(
-        [sys.executable, "-m", "rlvr_fast", "eval", "--checkpoint", checkpoint, *eval_args],
+        [sys.executable, "-m", "rlvr_fast", "eval", "--checkpoint", os.path.join(full, last), *eval_args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -297,7 +298,9 @@ def load_weights_one_process(path: str, model: torch.nn.Module) -> None:
     check_model_matches(path, saved, {n: tuple(t.shape) for n, t in current.items()}, tied_names(model))
     template = {n: torch.empty_like(t) for n, t in current.items() if n in saved}
     try:
-        dcp.load({MODEL_KEY: template}, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # torch warns that no process group is there: one process is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({MODEL_KEY: template}, checkpoint_id=path, no_dist=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: its shards are unreadable ({type(exc).__name__}: {exc})") from None
     with torch.no_grad():
