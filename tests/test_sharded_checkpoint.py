@@ -4,7 +4,8 @@ gloo processes (one spawned world for the whole module):
 - every rank writes its own shard file and RNG file, nothing else (no safetensors of the whole model);
 - exact resume on the same world size, through the Trainer's own save and load: a fresh trainer (other initial weights)
   resumed from step 2 holds the same weights, optimizer state (SparseAdamW under FSDP2 in its full layout, under DDP
-  in its compact one) and RNG state on each rank, and its next step equals the uninterrupted run's bit for bit;
+  in its compact one; AdamW saved before its first step: no state, and none made by the save) and RNG state on each
+  rank (each rank's own), and its next step equals the uninterrupted run's bit for bit;
 - a write that fails midway on one rank fails the save on both ranks (no hang) and leaves the previous checkpoint, and
   a NaN in one rank's shard is refused on both ranks naming the step, tensor and rank;
 - in the parent (one process): a corrupt, truncated or missing shard file, or a broken ``.metadata``, is refused naming
@@ -14,6 +15,7 @@ gloo processes (one spawned world for the whole module):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import replace
@@ -27,13 +29,16 @@ from test_distributed import TOKEN_BIAS, case_config, compared
 from rlvr_fast.optim.sharding import local_tensor
 from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
-from rlvr_fast.trainer.loop import Trainer
+from rlvr_fast.trainer.loop import Trainer, seed_everything
 from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.preflight import resume_point
-from rlvr_fast.trainer.sharded_checkpoint import DCP_METADATA
+from rlvr_fast.trainer.sharded_checkpoint import DCP_METADATA, check_world_size
 
-# (parallel, optimizer, tied LM head); the first case also takes the faults
-CASES = [("fsdp", "sparse_adamw", True), ("ddp", "sparse_adamw", False)]
+# (parallel, optimizer, tied LM head, a step before the checkpoints); the first case also takes the faults. The last
+# saves AdamW before its first step: no optimizer state yet (only its hyper-parameters are saved, see
+# ShardedCheckpointing.checkpoint_state), and saving must not give it one (Adam's step count would be off by one)
+CASES = [("fsdp", "sparse_adamw", True, True), ("ddp", "sparse_adamw", False, True), ("fsdp", "adamw", False, False)]
+CASE_IDS = [f"{p}-{o}" + ("" if stepped else "-before-any-step") for p, o, _, stepped in CASES]
 BEFORE = {"pass_at_k": {1: {"mean": 0.25}}}  # the evaluation before, as the trainer stores it
 
 
@@ -116,21 +121,23 @@ def faults_on_rank(trainer: Trainer, rank: int, root: str) -> dict:
 
 def checkpoints_on_rank(rank, world_size, folder):
     out = []
-    for i, (parallel, optimizer, tied) in enumerate(CASES):
+    for i, (parallel, optimizer, tied, stepped) in enumerate(CASES):
         cfg = config(os.path.join(folder, f"case{i}"), rank, parallel, optimizer)
         root = os.path.join(cfg.output_dir, "checkpoints")
         a = trainer_for(cfg, tied, seed=0)
         a.warm_up_masks()
-        a.train_step(0)
+        if stepped:
+            a.train_step(0)
         a._save_checkpoint(1, BEFORE)
         case = {"faults": faults_on_rank(a, rank, root) if i == 0 else None}
-        a.train_step(1)
+        seed_everything(1000 + rank)  # a state of each rank's own: the checkpoint must keep every rank's
         a._save_checkpoint(2, BEFORE)
         case["files"] = sorted(os.listdir(os.path.join(root, "step-000002")))
         case["saved"] = local_state(a)
         case["full_weights"] = {k: v.clone() for k, v in a.policy.full_state_dict().items()}
         uninterrupted = compared(a.train_step(2))
         weights_after = local_state(a)["weights"]
+        case["adam_steps"] = sorted({float(s["step"]) for s in a.optimizer.state.values() if "step" in s})
 
         b = trainer_for(replace(cfg, resume=True), tied, seed=7)  # other initial weights: the checkpoint must win
         b.warm_up_masks()
@@ -165,21 +172,31 @@ def test_every_rank_writes_its_own_shards(world):
         ]
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{p}-{o}" for p, o, _ in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
 def test_resume_on_the_same_world_size_is_exact(world, case):
-    _, results = world
+    folder, results = world
+    stepped = CASES[case][3]
+    sparse = CASES[case][1] == "sparse_adamw"  # SparseAdamW holds its state from the start
     for rank in (0, 1):
         got = results[rank][case]
         saved, loaded = got["saved"], got["loaded"]
         assert saved["weights"].keys() == loaded["weights"].keys()
         for name, w in saved["weights"].items():
             assert torch.equal(loaded["weights"][name], w), (rank, name)
-        assert saved["optim"].keys() == loaded["optim"].keys() and saved["optim"]
+        assert saved["optim"].keys() == loaded["optim"].keys()
+        assert bool(saved["optim"]) == (stepped or sparse)
         for name, t in saved["optim"].items():
             assert torch.equal(loaded["optim"][name], t), (rank, name)
         assert torch.equal(loaded["rng"], saved["rng"]), rank
         assert got["same_step"] and got["same_weights"], rank
         assert got["lr"][0] == got["lr"][1]
+        if not sparse:
+            assert got["adam_steps"] == [1.0 + stepped]  # the checkpoints added no step
+    assert not torch.equal(results[0][case]["saved"]["rng"], results[1][case]["saved"]["rng"])  # one per rank
+    with open(folder / f"case{case}" / "run" / "checkpoints" / "step-000002" / "trainer_state.json") as f:
+        state = json.load(f)
+    assert (state["world_size"], state["parallel"]) == (2, CASES[case][0])
+    assert ("optimizer_param_groups" in state) == (not stepped and not sparse)
 
 
 def test_a_failed_write_or_a_nan_on_one_rank_fails_the_save_on_both_and_keeps_the_last_checkpoint(world):
@@ -196,7 +213,7 @@ def test_a_failed_write_or_a_nan_on_one_rank_fails_the_save_on_both_and_keeps_th
 def copied_run(world, tmp_path, monkeypatch, case: int = 0):
     folder, _ = world
     shutil.copytree(folder / f"case{case}" / "run", tmp_path / "run")
-    parallel, optimizer, _ = CASES[case]
+    parallel, optimizer, _, _ = CASES[case]
     cfg = config(str(folder / f"case{case}"), 0, parallel, optimizer)
     monkeypatch.setenv("WORLD_SIZE", "2")  # the checks of rank 0 of a resumed world of 2
     return replace(cfg, output_dir=str(tmp_path / "run"), resume=True)
@@ -230,9 +247,12 @@ def test_another_world_size_is_refused_by_name(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) and this run has 1.*--nproc_per_node=2"):
         resume_point(cfg, log=lambda m: None)
+    # and the reverse: a one-process checkpoint (no world size recorded) under torchrun
+    with pytest.raises(CheckpointError, match=r"written by 1 process\(es\) and this run has 2.*or without torchrun"):
+        check_world_size("step-000001", {"step": 1}, 2)
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{p}-{o}" for p, o, _ in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
 def test_one_process_loads_the_weights_strictly(world, case):
     folder, results = world
     path = folder / f"case{case}" / "run" / "checkpoints" / "step-000002"
