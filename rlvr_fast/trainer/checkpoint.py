@@ -34,15 +34,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlvr_fast.trainer import dcp_layout
+from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
+
 LATEST = "latest"
 KEEP = 2  # complete checkpoints kept on disk
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
 PARTIAL_PREFIX = ".step-"  # a checkpoint being written (renamed to step-N when complete)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (incomplete, corrupt, of another run or model); the message names the path."""
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -359,16 +358,14 @@ def _trainer_state_readable(file: str, manifest: dict) -> str | None:
 
 
 def _dcp_metadata_readable(file: str, manifest: dict) -> str | None:
-    from rlvr_fast.trainer.sharded_checkpoint import check_storage_files
-
-    return check_storage_files(os.path.dirname(file), manifest["files"])
+    return dcp_layout.check_storage_files(os.path.dirname(file), manifest["files"])
 
 
 # How a file of a checkpoint is checked readable, by its name's ending (others: size and digest only)
 READ_CHECKS = {
     ".safetensors": _safetensors_readable,
     "trainer_state.json": _trainer_state_readable,
-    ".metadata": _dcp_metadata_readable,  # torch.distributed.checkpoint's index of every shard
+    dcp_layout.DCP_METADATA: _dcp_metadata_readable,  # torch.distributed.checkpoint's index of every shard
 }
 
 
@@ -382,9 +379,7 @@ def _read_check(name: str):
 def checkpoint_format(path: str) -> str:
     """The format of the checkpoint folder ``path``: "dcp" where torch.distributed.checkpoint's ``.metadata`` is,
     else "safetensors"."""
-    from rlvr_fast.trainer.sharded_checkpoint import DCP_METADATA
-
-    return "dcp" if os.path.isfile(os.path.join(path, DCP_METADATA)) else "safetensors"
+    return "dcp" if os.path.isfile(os.path.join(path, dcp_layout.DCP_METADATA)) else "safetensors"
 
 
 @dataclass(frozen=True)
@@ -449,29 +444,6 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def check_model_matches(path: str, saved: dict[str, tuple], model_shapes: dict[str, tuple], tied: set[str]) -> None:
-    """Strict loading: every tensor of the model in the checkpoint (tied weights may be stored once), none
-    unexpected, shapes equal. ``saved`` / ``model_shapes``: name -> shape. Raises CheckpointError naming ``path``."""
-    missing = [n for n in model_shapes if n not in saved and n not in tied]
-    unexpected = [n for n in saved if n not in model_shapes]
-    misshapen = [
-        f"{n} {tuple(saved[n])} vs {tuple(shape)}"
-        for n, shape in model_shapes.items()
-        if n in saved and tuple(saved[n]) != tuple(shape)
-    ]
-    if missing or unexpected or misshapen:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model ({len(model_shapes)} tensors): {len(missing)} missing "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(misshapen)} of another shape "
-            f"{misshapen[:3]}"
-        )
-
-
-def tied_names(model: torch.nn.Module) -> set[str]:
-    """The names of parameters that are another parameter (tied weights: stored once in a safetensors file)."""
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-
-
 def _safetensors_load_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The checked full tensors of ``path``/model.safetensors (the caller puts them into the model)."""
     file = os.path.join(path, "model.safetensors")
@@ -509,18 +481,6 @@ class CheckpointFormat:
     load_weights: Callable[[str, torch.nn.Module], dict[str, torch.Tensor] | None]
 
 
-def _dcp_required(manifest: dict) -> tuple[str, ...]:
-    from rlvr_fast.trainer.sharded_checkpoint import required_files
-
-    return required_files(int(manifest.get("world_size", 1)))
-
-
-def _dcp_load_weights(path: str, model: torch.nn.Module) -> None:
-    from rlvr_fast.trainer.sharded_checkpoint import load_weights_one_process
-
-    load_weights_one_process(path, model)
-
-
 FORMATS = {
     "safetensors": CheckpointFormat(
         "one process: model, optimizer and RNG state as whole tensors in safetensors files",
@@ -529,8 +489,8 @@ FORMATS = {
     ),
     "dcp": CheckpointFormat(
         "a torchrun run: each rank's shards through torch.distributed.checkpoint, an RNG file per rank",
-        _dcp_required,
-        _dcp_load_weights,
+        lambda manifest: dcp_layout.required_files(int(manifest.get("world_size", 1))),
+        dcp_layout.load_weights_one_process,
     ),
 }
 

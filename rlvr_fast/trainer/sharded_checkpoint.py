@@ -26,7 +26,7 @@ Resume is exact on the world size that wrote the checkpoint (each rank restores 
 its own RNG state); another world size is refused by preflight (``check_world_size``): DCP would reshard the tensors
 exactly, but each rank samples its share of the step with its own seed, so the continued run would be neither run.
 One process (``rlvr-fast eval --checkpoint``) reads the model's tensors whole, without a process group
-(``load_weights_one_process``).
+(``dcp_layout.load_weights_one_process``; ``dcp_layout`` holds what needs no process group).
 """
 
 from __future__ import annotations
@@ -34,16 +34,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from typing import Any
 
 import torch
 
 from rlvr_fast.trainer.checkpoint import (
-    CheckpointError,
     _config_hash,
     _json_rng,
-    check_model_matches,
     commit_checkpoint,
     file_record,
     load_nested,
@@ -52,23 +49,11 @@ from rlvr_fast.trainer.checkpoint import (
     rng_state,
     save_nested,
     set_rng_state,
-    tied_names,
     write_manifest,
     write_trainer_state,
 )
-
-DCP_METADATA = ".metadata"  # torch.distributed.checkpoint.filesystem's index file
-MODEL_KEY, OPTIM_KEY = "model", "optim"  # the two parts of the saved state dict (DCP flattens to "model.<name>")
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank}.safetensors"
-
-
-def required_files(world_size: int) -> tuple[str, ...]:
-    """The files a DCP checkpoint's manifest must list (the shard files besides: whatever ``.metadata`` names)."""
-    return (DCP_METADATA, "trainer_state.json", *(rng_file(r) for r in range(world_size)))
-
+from rlvr_fast.trainer.dcp_layout import DCP_METADATA, MODEL_KEY, OPTIM_KEY, rng_file, saved_model_shapes
+from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
 
 # ---- collectives ----------------------------------------------------------------------------------------------------
 
@@ -156,12 +141,17 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
         raise FloatingPointError(poisoned[0])
 
     root = os.path.join(output_dir, "checkpoints")
-    tmp = None
+    tmp = problem = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        remove_partial_checkpoints(output_dir)
-        tmp = new_partial_folder(root, step)
-    tmp = _from_main(tmp)
+        try:
+            os.makedirs(root, exist_ok=True)
+            remove_partial_checkpoints(output_dir)
+            tmp = new_partial_folder(root, step)
+        except OSError as exc:  # told to every rank below, rather than leaving them in the broadcast
+            problem = f"the checkpoint of step {step} was not written: rank 0: {type(exc).__name__}: {exc}"
+    tmp, problem = _from_main((tmp, problem))
+    if problem is not None:
+        raise CheckpointError(problem)
     try:
         dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True))
         save_nested(os.path.join(tmp, rng_file(rank)), _json_rng(rng_state()))
@@ -205,41 +195,6 @@ def _reason(exc: BaseException, rank: int) -> str:
 
 
 # ---- verification ---------------------------------------------------------------------------------------------------
-
-
-def _read_metadata(path: str):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return FileSystemReader(path).read_metadata()
-    except Exception as exc:  # a truncated / corrupt index: torch's own error names no file
-        file = os.path.join(path, DCP_METADATA)
-        raise CheckpointError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {exc})") from None
-
-
-def check_storage_files(folder: str, files: dict[str, dict]) -> str | None:
-    """None when every byte range ``.metadata`` names lies in a file of the manifest (``files``: name -> record),
-    else the first file that does not hold it."""
-    metadata = _read_metadata(folder)
-    for index, info in (metadata.storage_data or {}).items():
-        file = os.path.join(folder, info.relative_path)
-        if info.relative_path not in files:
-            return f"{file}, which holds {index.fqn} ({DCP_METADATA}), is not in the manifest"
-        if info.offset + info.length > files[info.relative_path]["bytes"]:
-            return f"{file} is shorter than the bytes of {index.fqn} that {DCP_METADATA} places in it"
-    return None
-
-
-def saved_model_shapes(path: str) -> dict[str, tuple]:
-    """name -> global shape of every model tensor in the DCP checkpoint at ``path``."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    prefix = MODEL_KEY + "."
-    return {
-        key[len(prefix) :]: tuple(md.size)
-        for key, md in _read_metadata(path).state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
-    }
 
 
 def check_world_size(path: str, state: dict, world_size: int) -> None:
@@ -286,23 +241,3 @@ def load_sharded_checkpoint(path: str, policy, optimizer) -> dict:
         )
     set_rng_state(load_nested(os.path.join(path, rng_file(dist.get_rank()))))
     return state
-
-
-def load_weights_one_process(path: str, model: torch.nn.Module) -> None:
-    """The model's weights of a DCP checkpoint into the one-process ``model`` (no process group; each tensor read
-    whole from the ranks' shards), strictly (``check_model_matches``): nothing is loaded unless all of it reads."""
-    import torch.distributed.checkpoint as dcp
-
-    saved = saved_model_shapes(path)
-    current = model.state_dict()
-    check_model_matches(path, saved, {n: tuple(t.shape) for n, t in current.items()}, tied_names(model))
-    template = {n: torch.empty_like(t) for n, t in current.items() if n in saved}
-    try:
-        with warnings.catch_warnings():  # torch warns that no process group is there: one process is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({MODEL_KEY: template}, checkpoint_id=path, no_dist=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: its shards are unreadable ({type(exc).__name__}: {exc})") from None
-    with torch.no_grad():
-        for name, t in template.items():
-            current[name].copy_(t)

@@ -1,0 +1,80 @@
+"""What the checkpoint folder of a torchrun run holds (torch.distributed.checkpoint, "DCP"; written by
+``trainer/sharded_checkpoint.py``), and what needs no process group: the files a manifest must list, the check that
+DCP's ``.metadata`` index places every shard in a listed file, the model's tensor shapes, and the one-process read of
+the model's weights (``rlvr-fast eval --checkpoint``)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
+
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint.filesystem's index file
+MODEL_KEY, OPTIM_KEY = "model", "optim"  # the two parts of the saved state dict (DCP flattens to "model.<name>")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def required_files(world_size: int) -> tuple[str, ...]:
+    """The files a DCP checkpoint's manifest must list (the shard files besides: whatever ``.metadata`` names)."""
+    return (DCP_METADATA, "trainer_state.json", *(rng_file(r) for r in range(world_size)))
+
+
+def read_metadata(path: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(path).read_metadata()
+    except Exception as exc:  # a truncated / corrupt index: torch's own error names no file
+        file = os.path.join(path, DCP_METADATA)
+        raise CheckpointError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def check_storage_files(folder: str, files: dict[str, dict]) -> str | None:
+    """None when every byte range ``.metadata`` names lies in a file of the manifest (``files``: name -> record),
+    else the first file that does not hold it."""
+    metadata = read_metadata(folder)
+    for index, info in (metadata.storage_data or {}).items():
+        file = os.path.join(folder, info.relative_path)
+        if info.relative_path not in files:
+            return f"{file}, which holds {index.fqn} ({DCP_METADATA}), is not in the manifest"
+        if info.offset + info.length > files[info.relative_path]["bytes"]:
+            return f"{file} is shorter than the bytes of {index.fqn} that {DCP_METADATA} places in it"
+    return None
+
+
+def saved_model_shapes(path: str) -> dict[str, tuple]:
+    """name -> global shape of every model tensor in the DCP checkpoint at ``path``."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = MODEL_KEY + "."
+    return {
+        key[len(prefix) :]: tuple(md.size)
+        for key, md in read_metadata(path).state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
+    }
+
+
+def load_weights_one_process(path: str, model: torch.nn.Module) -> None:
+    """The model's weights of a DCP checkpoint into the one-process ``model`` (no process group; each tensor read
+    whole from the ranks' shards), strictly (``check_model_matches``): nothing is loaded unless all of it reads."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = saved_model_shapes(path)
+    current = model.state_dict()
+    check_model_matches(path, saved, {n: tuple(t.shape) for n, t in current.items()}, tied_names(model))
+    template = {n: torch.empty_like(t) for n, t in current.items() if n in saved}
+    try:
+        with warnings.catch_warnings():  # torch warns that no process group is there: one process is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({MODEL_KEY: template}, checkpoint_id=path, no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: its shards are unreadable ({type(exc).__name__}: {exc})") from None
+    with torch.no_grad():
+        for name, t in template.items():
+            current[name].copy_(t)
