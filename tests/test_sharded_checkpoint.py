@@ -29,10 +29,10 @@ from test_distributed import TOKEN_BIAS, case_config, compared
 from rlvr_fast.optim.sharding import local_tensor
 from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
+from rlvr_fast.trainer.dcp_layout import DCP_METADATA, check_world_size
 from rlvr_fast.trainer.loop import Trainer, seed_everything
 from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.preflight import resume_point
-from rlvr_fast.trainer.sharded_checkpoint import DCP_METADATA, check_world_size
 
 # (parallel, optimizer, tied LM head, a step before the checkpoints); the first case also takes the faults. The last
 # saves AdamW before its first step: no optimizer state yet (only its hyper-parameters are saved, see

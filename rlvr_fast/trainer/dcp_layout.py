@@ -1,7 +1,7 @@
 """What the checkpoint folder of a torchrun run holds (torch.distributed.checkpoint, "DCP"; written by
 ``trainer/sharded_checkpoint.py``), and what needs no process group: the files a manifest must list, the check that
-DCP's ``.metadata`` index places every shard in a listed file, the model's tensor shapes, and the one-process read of
-the model's weights (``rlvr-fast eval --checkpoint``)."""
+DCP's ``.metadata`` index places every shard in a listed file, the model's tensor shapes, the world-size rule of
+resume, and the one-process read of the model's weights (``rlvr-fast eval --checkpoint``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def rng_file(rank: int) -> str:
 def required_files(world_size: int) -> tuple[str, ...]:
     """The files a DCP checkpoint's manifest must list (the shard files besides: whatever ``.metadata`` names)."""
     return (DCP_METADATA, "trainer_state.json", *(rng_file(r) for r in range(world_size)))
+
+
+def check_world_size(path: str, state: dict, world_size: int) -> None:
+    """Refuse to resume ``path`` (trainer state ``state``) with another world size than the one that wrote it."""
+    saved = int(state.get("world_size", 1))
+    if saved != world_size:
+        raise CheckpointError(
+            f"--resume: checkpoint {path} was written by {saved} process(es) and this run has {world_size}: a resumed "
+            f"run continues the same run only on the world size that wrote it (each rank samples its share of a step "
+            f"with its own seed and restores its own RNG state); run with torchrun --nproc_per_node={saved}"
+            + (" (or without torchrun)" if saved == 1 else "")
+            + ", or start a new run from its weights"
+        )
 
 
 def read_metadata(path: str):

@@ -3,7 +3,7 @@
 ``preflight(cfg)`` runs in ``rlvr-fast train`` / ``eval`` before the 20-50 s model load and again (cheaply: checkpoint
 verification is cached) at the top of ``Trainer``: the config schema, the model source, the data, the reward modes,
 the optimizer's requirements, the output folder rule and, with ``--resume``, the checkpoint to resume from and whether
-this config (and world size: ``sharded_checkpoint.check_world_size``) may continue it. Every failure is a ValueError
+this config (and world size: ``dcp_layout.check_world_size``) may continue it. Every failure is a ValueError
 naming the field (``rlvr-fast`` exits with status 2).
 """
 
@@ -26,10 +26,10 @@ from rlvr_fast.trainer.checkpoint import (
     verify_checkpoint,
 )
 from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
+from rlvr_fast.trainer.dcp_layout import DCP_METADATA, check_world_size
 from rlvr_fast.trainer.distributed import environment_world_size
 from rlvr_fast.trainer.output_dir import prepare_output_dir
 from rlvr_fast.trainer.schema import ConfigFieldError, field_specs
-from rlvr_fast.trainer.sharded_checkpoint import DCP_METADATA, check_world_size
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 

@@ -23,8 +23,9 @@ and moves ``latest`` (``checkpoint.commit_checkpoint``), and tells every rank th
 leaves the last good checkpoint and at most a partial ``.step-*`` folder, removed on resume.
 
 Resume is exact on the world size that wrote the checkpoint (each rank restores its shards, its optimizer state and
-its own RNG state); another world size is refused by preflight (``check_world_size``): DCP would reshard the tensors
-exactly, but each rank samples its share of the step with its own seed, so the continued run would be neither run.
+its own RNG state); another world size is refused by preflight (``dcp_layout.check_world_size``): DCP would reshard
+the tensors exactly, but each rank samples its share of the step with its own seed, so the continued run would be
+neither run.
 One process (``rlvr-fast eval --checkpoint``) reads the model's tensors whole, without a process group
 (``dcp_layout.load_weights_one_process``; ``dcp_layout`` holds what needs no process group).
 """
@@ -52,7 +53,14 @@ from rlvr_fast.trainer.checkpoint import (
     write_manifest,
     write_trainer_state,
 )
-from rlvr_fast.trainer.dcp_layout import DCP_METADATA, MODEL_KEY, OPTIM_KEY, rng_file, saved_model_shapes
+from rlvr_fast.trainer.dcp_layout import (
+    DCP_METADATA,
+    MODEL_KEY,
+    OPTIM_KEY,
+    check_world_size,
+    rng_file,
+    saved_model_shapes,
+)
 from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
 
 # ---- collectives ----------------------------------------------------------------------------------------------------
@@ -195,19 +203,6 @@ def _reason(exc: BaseException, rank: int) -> str:
 
 
 # ---- verification ---------------------------------------------------------------------------------------------------
-
-
-def check_world_size(path: str, state: dict, world_size: int) -> None:
-    """Refuse to resume ``path`` (trainer state ``state``) with another world size than the one that wrote it."""
-    saved = int(state.get("world_size", 1))
-    if saved != world_size:
-        raise CheckpointError(
-            f"--resume: checkpoint {path} was written by {saved} process(es) and this run has {world_size}: a resumed "
-            f"run continues the same run only on the world size that wrote it (each rank samples its share of a step "
-            f"with its own seed and restores its own RNG state); run with torchrun --nproc_per_node={saved}"
-            + (" (or without torchrun)" if saved == 1 else "")
-            + ", or start a new run from its weights"
-        )
 
 
 # ---- load -----------------------------------------------------------------------------------------------------------
