@@ -240,14 +240,19 @@ def test_prompts_per_step_must_split_into_whole_groups_per_rank(monkeypatch, tmp
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def torchrun(args: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
-    """(exit status, stdout + stderr, seconds) of ``torchrun --nproc_per_node=2 -m rlvr_fast <args>`` on the CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+KILLED_AFTER_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "killed_after_checkpoint.py")
+
+
+def torchrun(args: list[str], timeout: float, kill_after: tuple[int, int] | None = None) -> tuple[int, str, float]:
+    """(exit status, stdout + stderr, seconds) of ``torchrun --nproc_per_node=2 -m rlvr_fast <args>`` on the CPU;
+    ``kill_after`` (rank, step): that rank SIGKILLs itself right after the checkpoint of that step is in place."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    program = ["-m", "rlvr_fast"] if kill_after is None else [KILLED_AFTER_CHECKPOINT, *map(str, kill_after)]
     start = time.monotonic()
-    done = subprocess.run([*command, "rlvr_fast", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([*command, *program, *args], env=env, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr, time.monotonic() - start
 
 
@@ -287,14 +292,14 @@ def test_torchrun_train_killed_resumed_and_one_process_eval(tmp_path):
     right after the checkpoint of step 2 landed, resumed with --resume, equals the uninterrupted run (metrics and final
     weights); the checkpoint loads in one-process ``rlvr-fast eval`` (no torchrun)."""
     from rlvr_fast.trainer.checkpoint import latest_checkpoint, load_model_weights
-    from rlvr_fast.trainer.loop import KILL_AFTER_CHECKPOINT
 
     model = saved_tiny_model(tmp_path)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     rc, out, _ = torchrun(train_args(tmp_path, model, full, steps=3, checkpoint_every=1), timeout=300)
     assert rc == 0, out
-    kill = {KILL_AFTER_CHECKPOINT: "1:2"}
-    rc, out, _ = torchrun(train_args(tmp_path, model, part, steps=3, checkpoint_every=1), timeout=300, env=kill)
+    rc, out, _ = torchrun(
+        train_args(tmp_path, model, part, steps=3, checkpoint_every=1), timeout=300, kill_after=(1, 2)
+    )
     assert rc != 0 and "SIGKILL" in out, out[-3000:]
     assert latest_checkpoint(part).endswith("step-000002")
     assert not os.path.exists(os.path.join(part, "checkpoints", "step-000003"))

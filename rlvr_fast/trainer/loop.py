@@ -350,7 +350,6 @@ class Trainer:
             save_sharded_checkpoint(self.cfg.output_dir, step, self.policy, self.optimizer, trainer_state)
         else:
             save_checkpoint(self.cfg.output_dir, step, self.model, self.optimizer, trainer_state)
-        _kill_if_asked(self.dp.rank, step)
 
     def _step_record(self, step: int, front: StepFront, update: dict, times: dict[str, float]) -> dict:
         rewards, adv, kept, batch = front.rewards, front.adv, front.kept, front.batch_stats
@@ -413,18 +412,6 @@ class _MemoryLog:
 
     def read(self) -> list[dict]:
         return list(self.records)
-
-
-# Fault injection for the tests (tests/test_distributed.py): "<rank>:<step>" makes that rank SIGKILL itself right
-# after the checkpoint of that step is in place, as a crash or the OOM killer would; the job must resume from it.
-KILL_AFTER_CHECKPOINT = "RLVR_FAST_TEST_KILL_AFTER_CHECKPOINT"
-
-
-def _kill_if_asked(rank: int, step: int) -> None:
-    if os.environ.get(KILL_AFTER_CHECKPOINT) == f"{rank}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(cfg: RLVRConfig) -> RunResult:
