@@ -361,12 +361,19 @@ class DataParallel:
 
             dist.barrier()
 
-    def main_first(self, fn: Callable[[], object], others: Callable[[], object]):
-        """``fn()`` on rank 0, then (after a barrier) ``others()`` on the other ranks; returns this rank's value. For
-        what only one process may do to the file system (preparing the output folder, choosing the checkpoint)."""
+    def main_decides(self, fn: Callable[[], object]):
+        """``fn()`` on rank 0 only, its value broadcast to every rank. For what only one process may do to the file
+        system (preparing the output folder) or need do (choosing and verifying the checkpoint to resume: one rank
+        reads and hashes every file, not each of them). A rank 0 that raises ends the job (torchrun stops the
+        others)."""
         value = fn() if self.is_main else None
-        self.barrier()
-        return value if self.is_main else others()
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def global_update_batch(self, batch, rollout):
         """(``batch`` with the whole step's normalisers divided by the world size (the ranks' gradients are averaged:

@@ -31,7 +31,7 @@ from rlvr_fast.ops.group_advantage import GroupAdvantages
 from rlvr_fast.optim import GradSaliency
 from rlvr_fast.rewards import FilterResult
 from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
-from rlvr_fast.trainer.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+from rlvr_fast.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
 from rlvr_fast.trainer.distributed import DataParallel
@@ -86,11 +86,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.scorer = Scorer(cfg)  # checks reward modes before the model loads
         self.train_problems, self.eval_problems = load_problems(cfg)
-        # output folder, resume checks: before loading; rank 0 prepares the folder, the others then read it
-        self.resume_point = self.dp.main_first(
-            lambda: preflight(cfg, check_model=loaded is None),
-            lambda: find_resumable(cfg.output_dir) if cfg.resume else None,
-        )
+        # output folder, resume checks: before loading; rank 0 prepares the folder and verifies the checkpoint
+        self.resume_point = self.dp.main_decides(lambda: preflight(cfg, check_model=loaded is None))
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         checkpointing = cfg.gradient_checkpointing
