@@ -11,6 +11,7 @@ their number.
 
     python benchmarks/bench_distributed.py                       # fsdp, 2 processes vs 1, JSON in benchmarks/results
     python benchmarks/bench_distributed.py --parallel ddp --steps 2
+    python benchmarks/bench_distributed.py --prefix-sharing off      # the update without the shared prefix
 
 On a machine whose cores are shared, 2 processes on 2 cores do not double anything: the numbers say what they are.
 """
@@ -55,16 +56,19 @@ def _count_collectives(counts: dict) -> None:
 
 def _paper_bytes(trainer, micro_batches: float, parallel: str, world: int) -> dict:
     """The count on paper per step, in the convention of the counters (full tensor sizes, fp32): FSDP all-gathers the
-    whole model for generation, each layer in every micro-batch's forward and backward, the root once for the update;
-    reduce-scatters every parameter's gradient once per micro-batch. DDP all-reduces every gradient per micro-batch."""
+    whole model for generation, each layer at each of its calls in every micro-batch's forward and again in its
+    backward (two calls with the shared prefix: the prompts, then the completions; one without), the root once for
+    the update; reduce-scatters every parameter's gradient once per micro-batch. DDP all-reduces every gradient per
+    micro-batch."""
     model = trainer.model
     decoder = getattr(model, model.base_model_prefix)
     layer_params = sum(p.numel() for layer in decoder.layers for p in layer.parameters())
     all_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     # DTensor numel is the global size; FSDP pads dim 0 to a multiple of the world size (ignored here)
     root_params = all_params - layer_params
+    calls = 2 if trainer.prefix_sharing else 1  # decoder calls per micro-batch forward (distributed.py module doc)
     if parallel == "fsdp":
-        gathered = all_params + 2 * micro_batches * layer_params + root_params
+        gathered = all_params + 2 * calls * micro_batches * layer_params + root_params
         return {"all_gather_single": 4 * gathered, "reduce_scatter_single": 4 * micro_batches * all_params}
     return {"all_reduce": 4 * micro_batches * all_params}
 
@@ -93,6 +97,7 @@ def worker(args) -> None:
         checkpoint_every=0,
         grad_clip=1.0,
         parallel=args.parallel,
+        prefix_sharing=args.prefix_sharing,
         output_dir=args.output_dir,
         overwrite=True,
     )
@@ -100,20 +105,26 @@ def worker(args) -> None:
     trainer.train_step(0)  # warm-up (lazy initialisation, allocator)
     counts: dict = {}
     _count_collectives(counts)
-    seconds, tokens, micro = 0.0, 0.0, 0.0
+    seconds, tokens, micro, decoder_tokens, update_seconds = 0.0, 0.0, 0.0, 0.0, 0.0
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         record = trainer.train_step(step)
         seconds += time.perf_counter() - start
         tokens += record["completion_tokens"]
         micro += record.get("micro_batches", 0)
+        decoder_tokens += record.get("decoder_tokens", 0)
+        update_seconds += record["time_forward_backward_s"]
     if trainer.dp.is_main:
         world = trainer.dp.world_size
         out = {
             "world_size": world,
             "parallel": trainer.dp.mode,
+            "prefix_sharing_update": trainer.prefix_sharing,
             "seconds_per_step": seconds / args.steps,
+            "forward_backward_seconds_per_step": update_seconds / args.steps,
             "completion_tokens_per_s": tokens / seconds,
+            "micro_batches_per_step": micro / args.steps,  # rank 0's count (every rank runs as many)
+            "decoder_tokens_per_step": decoder_tokens / args.steps,  # all ranks' positions, fillers included
             "measured_bytes_per_step": {k: v / args.steps for k, v in counts.items()},
         }
         if world > 1:
@@ -132,6 +143,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--completion-len", type=int, default=16)
+    p.add_argument("--prefix-sharing", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/...)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -142,7 +154,7 @@ def main() -> None:
         return
     shape = ["--parallel", args.parallel, "--steps", str(args.steps), "--hidden", str(args.hidden), "--layers",
              str(args.layers), "--prompts", str(args.prompts), "--group", str(args.group), "--completion-len",
-             str(args.completion_len)]  # fmt: skip
+             str(args.completion_len), "--prefix-sharing", args.prefix_sharing]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     results = []
@@ -157,8 +169,9 @@ def main() -> None:
                 results.append(json.load(f))
     report = {"shape": dict(zip(shape[::2], shape[1::2])), "runs": results, "cpu_count": os.cpu_count()}
     report["speedup_2_vs_1"] = results[1]["completion_tokens_per_s"] / results[0]["completion_tokens_per_s"]
+    sharing = "" if args.prefix_sharing == "auto" else f"-prefix-{args.prefix_sharing}"
     path = args.json or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"distributed-{args.parallel}-cpu.json"
+        os.path.dirname(os.path.abspath(__file__)), "results", f"distributed-{args.parallel}{sharing}-cpu.json"
     )
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -1,21 +1,30 @@
 """Data-parallel training (rlvr_fast/trainer/distributed.py) on 2 gloo processes: one step at world size 2 equals the
 step at world size 1 on the same global batch (loss, metrics, gradients, updated weights), under FSDP2 and DDP, for
-several loss types, with AdamW and SparseAdamW; evaluation split across ranks equals one process's; through
-``torchrun``: a run killed after a checkpoint and resumed equals the uninterrupted one, its checkpoint
-(torch.distributed.checkpoint) loads in one-process eval, and a failing rank ends the job with its error and rank
-number in bounded time.
+several loss types, with AdamW and SparseAdamW, with the shared-prefix update, activation checkpointing and filler
+micro-batches; evaluation split across ranks equals one process's; through ``torchrun``: a run killed after a
+checkpoint and resumed equals the uninterrupted one, its checkpoint (torch.distributed.checkpoint) loads in one-process
+eval, and a failing rank ends the job with its error and rank number in bounded time.
 
 The global batch: one rollout of the step's prompts sampled once (one process), each rank's ``Trainer.rollout``
-returning its share of it (a rank's own sampling uses its own seed, so it would differ from one process's)."""
+returning its share of it (a rank's own sampling uses its own seed, so it would differ from one process's).
+
+The world runs the update with the shared prefix (each distinct prompt once per micro-batch, both decoder passes inside
+the wrapper's forward); the one-process reference runs it unshared (each completion with its prompt), so the check does
+not lean on the shared path it tests: a decoder layer whose gradient the wrapper dropped or counted twice gives another
+gradient. Under FSDP each parameter's gradient must also reach reduce-scatter exactly once per backward, though each
+decoder layer runs twice in its forward (the prompts, then the completions)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -31,8 +40,8 @@ from rlvr_fast.trainer.model import LoadedModel
 
 TOKEN_BIAS = {**{str(d): 3.0 for d in range(10)}, "5": 4.5, "<eos>": 1.5}
 TIMING_KEYS = {"seconds", "generation_seconds", "tokens_per_s", "peak_memory_bytes", "world_size", "parallel"}
-# how the update was cut into micro-batches: one process shares prompt prefixes in the update, a world does not, and
-# pads the ranks to the same count of micro-batches
+# how the update was cut into micro-batches: the one-process reference runs unshared (its token budget packs other
+# micro-batches than the world's shared ones), and the world pads its ranks to the same count with filler micro-batches
 PLAN_KEYS = {"micro_batches", "decoder_tokens", "decoder_tokens_unshared", "padding_fraction"}
 
 
@@ -41,19 +50,23 @@ def compared(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in TIMING_KEYS | PLAN_KEYS and not k.startswith("time_")}
 
 
-# (parallel, loss_type, optimizer, tied LM head, extra config): one world runs them all, one after the other
+# (parallel, loss_type, optimizer, tied LM head, extra config): one world runs them all, one after the other. The world
+# shares prompt prefixes in the update (prefix_sharing auto, or on where given: both pick it for these models); with a
+# token budget of 48 the ranks' micro-batch counts differ, so a rank runs filler micro-batches in most cases
 CASES = [
-    ("fsdp", "grpo", "adamw", True, {}),
+    ("fsdp", "grpo", "adamw", True, {"prefix_sharing": "on"}),
     ("fsdp", "dr_grpo", "adamw", False, {"grad_accumulation": 3, "gradient_checkpointing": True}),
     ("fsdp", "dapo", "adamw", True, {"beta": 0.1, "num_iterations": 2, "grad_clip": 0.5}),
-    ("ddp", "grpo", "adamw", False, {}),
+    ("ddp", "grpo", "adamw", False, {"prefix_sharing": "on", "gradient_checkpointing": True}),
     ("ddp", "dapo", "sparse_adamw", True, {"mask_source": "random:0.3", "grad_accumulation": 2}),
     ("ddp", "dr_grpo", "adamw", True, {"scale": "batch", "filter_all_equal": True}),
     ("fsdp", "dapo", "sparse_adamw", False, {"mask_source": "random:0.3"}),
-    # rank 1's completions all truncated and masked: it updates nothing but runs filler micro-batches
-    ("fsdp", "grpo", "adamw", False, {"mask_truncated_completions": True, "rank1_truncated": True}),
-    ("ddp", "dapo", "adamw", True, {"mask_truncated_completions": True, "rank1_truncated": True, "beta": 0.1}),
-]
+    # rank 1's completions all truncated and masked: it updates nothing but runs filler micro-batches (checkpointed)
+    ("fsdp", "grpo", "adamw", False,
+     {"mask_truncated_completions": True, "rank1_truncated": True, "gradient_checkpointing": True}),
+    ("ddp", "dapo", "adamw", True,
+     {"mask_truncated_completions": True, "rank1_truncated": True, "beta": 0.1, "gradient_checkpointing": True}),
+]  # fmt: skip
 
 
 def write_task(path, n: int, split: str) -> str:
@@ -103,12 +116,36 @@ def global_rollout(cfg: RLVRConfig, tokenizer, tied: bool) -> Rollout:
     return trainer.rollout(trainer.problems_at(0), 0)
 
 
+@contextlib.contextmanager
+def fsdp_reduce_counts() -> Iterator[Counter]:
+    """Within the block, how many times FSDP2 reduce-scatters each parameter's gradient (by name): FSDP2's
+    ``foreach_reduce``, which a unit's post-backward calls with the parameters that hold a gradient (torch 2.13)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as param_group
+
+    counts: Counter = Counter()
+    original = param_group.foreach_reduce
+
+    def counted(fsdp_params, *args, **kwargs):
+        counts.update(p._param_fqn for p in fsdp_params)
+        return original(fsdp_params, *args, **kwargs)
+
+    param_group.foreach_reduce = counted
+    try:
+        yield counts
+    finally:
+        param_group.foreach_reduce = original
+
+
 def one_step(cfg: RLVRConfig, tokenizer, tied: bool, rollout: Rollout, dp: DataParallel) -> dict:
-    """Step 0 on the given global rollout: (record, updated full weights)."""
+    """Step 0 on the given global rollout: the record, updated full weights, the gradients each optimizer step applied,
+    the micro-batch plans (shared prefix or not, filler micro-batches appended) and, under FSDP, how often each
+    parameter's gradient was reduce-scattered. One process (the reference) runs the update unshared."""
     trainer = Trainer(
         cfg, loaded=LoadedModel(case_model(tokenizer, tied), tokenizer, torch.device("cpu"), torch.float32)
     )
     assert trainer.dp.world_size == dp.world_size
+    if not dp.active:
+        trainer.prefix_sharing = False  # the reference: each completion with its prompt (module doc)
     rows = trainer.dp.rows(len(rollout.texts))
     mine = rollout.select(torch.arange(rows.start, rows.stop))
     trainer.rollout = lambda problems, step: mine
@@ -124,10 +161,22 @@ def one_step(cfg: RLVRConfig, tokenizer, tied: bool, rollout: Rollout, dp: DataP
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
-    record = trainer.train_step(0)
+    plans = []  # (shared prefix, micro-batches, of which fillers) of each update
+    plan_micro_batches = trainer.micro_batches
+
+    def recording_plan(batch):
+        batch_out, plan = plan_micro_batches(batch)
+        fillers = sum(1 for part in plan.parts if int(part.rows.min()) >= len(batch.advantages))
+        plans.append((plan.shared_prefix, len(plan.parts), fillers))
+        return batch_out, plan
+
+    trainer.micro_batches = recording_plan
+    with fsdp_reduce_counts() as reduces:
+        record = trainer.train_step(0)
     weights = {k: v.detach().clone() for k, v in trainer.policy.full_state_dict().items()}
+    trainable = sorted(n for n, p in trainer.policy.root.named_parameters()) if trainer.dp.mode == "fsdp" else []
     return {"record": compared(record), "weights": weights, "grads": grads,
-            "eval": evaluation,
+            "eval": evaluation, "plans": plans, "reduces": dict(reduces), "fsdp_parameters": trainable,
             "world": (record.get("world_size"), record.get("parallel"))}  # fmt: skip
 
 
@@ -187,8 +236,22 @@ def test_world_of_two_steps_like_one_process(tmp_path):
         for name, w in one["weights"].items():
             assert_close(two["weights"][name], w, rtol=1e-5, atol=5e-5, name=f"{case} {name}")
         assert one["eval"] == two["eval"] == got[1][i]["eval"], case  # evaluation split across ranks: the same numbers
+        # the world shared the prompts in every update, the reference did not
+        assert [plan[0] for plan in one["plans"]] == [False], case
+        iterations = case[4].get("num_iterations", 1)
+        for rank in (0, 1):
+            plans = got[rank][i]["plans"]
+            assert [plan[0] for plan in plans] == [True], (case, rank)
+            if case[0] == "fsdp":  # each parameter's gradient reduce-scattered once per backward, none left out
+                backwards = plans[0][1] * iterations
+                names = got[rank][i]["fsdp_parameters"]
+                assert got[rank][i]["reduces"] == dict.fromkeys(names, backwards), (case, rank)
         for name, w in got[1][i]["weights"].items():  # rank 1 holds the same model
             assert torch.equal(w, two["weights"][name]), name
+    # filler micro-batches ran with the shared prefix under both wrappers, with and without activation checkpointing
+    fillers = {(case[0], bool(case[4].get("gradient_checkpointing"))) for i, case in enumerate(CASES)
+               if any(got[rank][i]["plans"][0][2] for rank in (0, 1))}  # fmt: skip
+    assert fillers == {(mode, checkpointed) for mode in ("fsdp", "ddp") for checkpointed in (False, True)}, fillers
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])

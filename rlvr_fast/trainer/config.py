@@ -81,8 +81,8 @@ class RLVRConfig:
     parallel: str = _f(
         "fsdp",
         "data parallelism under torchrun (WORLD_SIZE > 1; unused on one process): fsdp (FSDP2, each decoder layer and "
-        "the root sharded) or ddp (whole model on every rank); the update then runs unshared (prefix_sharing applies "
-        "to the rollout only); docs/design.md, data parallelism",
+        "the root sharded) or ddp (whole model on every rank), prefix_sharing included; docs/design.md, data "
+        "parallelism",
         choices="rlvr_fast.trainer.distributed:PARALLEL_MODES",
     )
 

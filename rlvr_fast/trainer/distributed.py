@@ -22,20 +22,30 @@ What each rank does in a step (``Trainer.train_step``):
 - every forward/backward has collectives (DDP's all-reduce; FSDP's all-gathers and reduce-scatters), so every rank
   runs the same number of micro-batches: a rank whose micro-batch plan has fewer than the most loaded rank's appends
   filler micro-batches of one filler row each (loss mask 0, advantage 0: no gradient, and every loss type's partial
-  normaliser is unchanged by rows without tokens, ``rlvr_fast.ops.loss_types``); the shared-prefix update runs its
-  decoder outside the wrapper, so under torchrun the update is unshared (the rollout still shares prefixes);
+  normaliser is unchanged by rows without tokens, ``rlvr_fast.ops.loss_types``), trimmed and costed like any other
+  (shared prefix or not);
 - the metrics are global (sums and token-weighted means over ranks); only rank 0 writes metrics.jsonl, the
   evaluations, the report, checkpoints and the progress bar.
 
 The model. The policy's forward in the update goes through one module, ``HiddenStates`` (decoder + LM head, whose
-forward returns the last hidden states), which DDP wraps or which is FSDP2's root (each decoder layer its own FSDP
-unit, the embeddings / final norm / LM head in the root's); ``model.last_hidden_states`` routes the policy through it
-(``route_hidden_states``), so DDP sees every forward and FSDP's root hooks run. The fused ops read the LM-head weight
-outside any forward: under FSDP the root's parameters are unsharded for the duration of the update
-(``head_gathered``: ``unshard()``, no resharding between micro-batches, ``reshard()`` after), and the weight's gradient
-goes through the root's reduce-scatter at the end of each backward; the (tokens x vocab) logits are never formed.
-Generation and evaluation run with every FSDP unit unsharded (``generation``): a decode step has no collective, so
-ranks that stop sampling at different steps cannot deadlock.
+forward computes the last hidden states), which DDP wraps or which is FSDP2's root (each decoder layer its own FSDP
+unit, the embeddings / final norm / LM head in the root's); ``model.hidden_states_pass`` routes the policy through it
+(``route_hidden_states``), so DDP sees every forward and FSDP's root hooks run. The shared-prefix update
+(``prefix_sharing.shared_prefix_hidden``) runs both of its decoder passes (the distinct prompts, recording each
+layer's keys and values; then the completions against them) inside ONE forward of the wrapper: DDP's reducer sees one
+forward per micro-batch and every parameter's gradient once (autograd sums a layer's two uses before its gradient hook
+fires). Under FSDP2 each decoder layer then runs twice per forward; FSDP2 supports that (each call all-gathers the
+layer and reshards it after; in the backward the completions' calls run first, then the prompts'), and because a
+layer's parameters are used by both calls, autograd hands FSDP their gradient only after both backward calls: the
+post-backward of the completions' call finds no gradient and only reshards, that of the prompts' call reduce-scatters
+the whole gradient, once (tests/test_distributed.py counts it). The cost: each layer is all-gathered four times per
+micro-batch (twice forward, twice backward) instead of twice, against fewer, cheaper micro-batches; no layer stays
+unsharded longer than one call. The fused ops read the LM-head weight outside any forward: under FSDP the root's
+parameters are unsharded for the duration of the update (``head_gathered``: ``unshard()``, no resharding between
+micro-batches, ``reshard()`` after), and the weight's gradient goes through the root's reduce-scatter at the end of
+each backward; the (tokens x vocab) logits are never formed. Generation and evaluation run with every FSDP unit
+unsharded (``generation``): a decode step has no collective, so ranks that stop sampling at different steps cannot
+deadlock.
 """
 
 from __future__ import annotations
@@ -69,18 +79,22 @@ def environment_world_size() -> int:
 
 
 class HiddenStates(torch.nn.Module):
-    """The policy (a transformers causal LM) as one module whose forward returns the (B, L, D) last hidden states:
-    the unit DDP wraps and FSDP2's root. It holds the whole causal LM, so the LM head (tied or not) is among its
-    parameters (DDP synchronises its gradient; FSDP shards it in the root's group)."""
+    """The policy (a transformers causal LM) as one module whose forward computes its last hidden states: the unit DDP
+    wraps and FSDP2's root. It holds the whole causal LM, so the LM head (tied or not) is among its parameters (DDP
+    synchronises its gradient; FSDP shards it in the root's group).
+
+    ``forward(compute, *inputs)`` returns ``compute(policy, *inputs)``: one decoder call
+    (``model.decoder_hidden_states``) or the shared prefix's two (``prefix_sharing.shared_prefix_hidden``: the
+    prompts, then the completions against their keys and values). Either way DDP and the FSDP root see ONE forward per
+    micro-batch, with every decoder call inside it: DDP's reducer is armed for that forward's backward, FSDP's root
+    hooks run around it, and each decoder layer's own FSDP hooks run at each of its calls."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.policy = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
-        decoder = getattr(self.policy, self.policy.base_model_prefix)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
+    def forward(self, compute: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
+        return compute(self.policy, *inputs)
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -199,8 +213,10 @@ class FSDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
     def _initialise_root(self, device: torch.device) -> None:
         """One tiny forward through the root, so FSDP takes it as the root (FSDP2 picks the first module to run
         forward; generation calls the causal LM itself, whose layers would otherwise claim it). Collective."""
+        from rlvr_fast.trainer.model import decoder_hidden_states
+
         ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.root(ids, torch.ones_like(ids), torch.zeros_like(ids))
+        self.root(decoder_hidden_states, ids, torch.ones_like(ids), torch.zeros_like(ids))
         self.root.reshard()
 
     def _units(self) -> list:
@@ -403,12 +419,12 @@ class DataParallel:
         missing = self.max(len(plan.parts)) - len(plan.parts)
         if missing <= 0:
             return batch, plan
-        from rlvr_fast.trainer.micro_batches import MicroBatch
+        from rlvr_fast.trainer.micro_batches import row_micro_batches
 
         n = len(batch.advantages)
         batch = pad_update_batch(batch, batch.rollout, n + missing)
-        lp, lc = batch.rollout.prompt_ids.shape[1], batch.rollout.completion_ids.shape[1]
-        fillers = [MicroBatch(torch.tensor([n + i]), 0, lc, lp + lc, lp + lc) for i in range(missing)]
+        rows = list(range(n, n + missing))
+        fillers = row_micro_batches(batch.rollout, rows, shared_prefix=plan.shared_prefix)
         return batch, replace(plan, parts=[*plan.parts, *fillers])
 
     def reduce_plan_metrics(self, metrics: dict) -> dict:

@@ -96,10 +96,9 @@ class Trainer:
         if self.loaded.device.type == "cpu":
             return_freed_host_memory()
         # One setting for the update (here) and the rollout (HFGeneration): auto says once, by model class, when it
-        # cannot apply; on refuses such a model now, before any step.
+        # cannot apply; on refuses such a model now, before any step. Under torchrun too: the shared passes run inside
+        # the data-parallel wrapper's forward (distributed.HiddenStates)
         self.prefix_sharing = resolve_prefix_sharing(self.model, cfg.prefix_sharing)
-        if self.dp.active:  # its decoder pass bypasses the data-parallel wrapper: the update runs unshared
-            self.prefix_sharing = False
         self.generator = HFGeneration(
             self.model, self.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing
         )

@@ -102,6 +102,13 @@ def plan_micro_batches(
     return MicroBatchPlan(parts, shared_prefix, unshared)
 
 
+def row_micro_batches(rollout: Rollout, rows: list[int], *, shared_prefix: bool) -> list[MicroBatch]:
+    """One micro-batch per row of ``rows`` (of ``rollout``), trimmed and costed like a planned one (the filler
+    micro-batches a rank appends under torchrun: ``DataParallel.equal_micro_batches``)."""
+    lengths = _Lengths.of(rollout)
+    return [lengths.micro_batch(torch.tensor([row]), shared_prefix) for row in rows]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Lengths and costs
 # --------------------------------------------------------------------------------------------------------------------

@@ -111,17 +111,32 @@ _HIDDEN_STATE_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def route_hidden_states(model: torch.nn.Module, run: Callable[..., torch.Tensor]) -> None:
-    """Compute ``model``'s hidden states through ``run(input_ids, attention_mask, position_ids) -> (B, L, D)`` from
-    now on: the data-parallel wrapper (``trainer/distributed.py``), whose forward DDP / FSDP must see."""
+    """Compute ``model``'s hidden states through ``run(compute, *inputs)`` from now on, where ``run`` calls
+    ``compute(model, *inputs)`` inside its own forward: the data-parallel wrapper (``trainer/distributed.py``,
+    ``HiddenStates``), whose forward DDP / FSDP must see."""
     _HIDDEN_STATE_ROUTES[model] = run
+
+
+def hidden_states_pass(model: torch.nn.Module, compute: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
+    """``compute(model, *inputs)``: a forward of ``model``'s decoder (one call or several, e.g. the shared prefix's
+    prompt pass and completion pass), run inside the data-parallel wrapper's forward when ``route_hidden_states`` set
+    one, so that DDP and FSDP see one forward per call of this function; else called directly."""
+    route = _HIDDEN_STATE_ROUTES.get(model)
+    if route is not None:
+        return route(compute, *inputs)
+    return compute(model, *inputs)
+
+
+def decoder_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """(B, L, D) final hidden states (after the final norm) of one decoder call, without the LM head."""
+    decoder = getattr(model, model.base_model_prefix)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
 
 
 def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L, D) final hidden states (after the final norm) from the model's decoder, without the LM head."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding: positions start at 0 per row
-    route = _HIDDEN_STATE_ROUTES.get(model)
-    if route is not None:
-        return route(input_ids, attention_mask, position_ids)
-    decoder = getattr(model, model.base_model_prefix)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
+    return hidden_states_pass(model, decoder_hidden_states, input_ids, attention_mask, position_ids)

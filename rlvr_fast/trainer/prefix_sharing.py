@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlvr_fast.trainer.model import hidden_states_pass
+
 logger = logging.getLogger(__name__)
 
 # Attention kernels whose masking of a (queries, prefix + queries) block from a 2D padding mask was checked equal to
@@ -227,9 +229,27 @@ def shared_prefix_hidden(
         prompt_index: (R,) int64, the prompt row of each completion.
 
     Equals ``policy.completion_hidden`` on the rollout whose row r is (prompt_ids[prompt_index[r]], completion r), and
-    so do its gradients (module doc).
+    so do its gradients (module doc). Under torchrun both decoder passes run inside one forward of the data-parallel
+    wrapper (``model.hidden_states_pass``; docs/design.md, "Data parallelism").
     """
     _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
+    return hidden_states_pass(
+        model, _shared_prefix_passes, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index
+    )
+
+
+def _shared_prefix_passes(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+) -> torch.Tensor:
+    """The two decoder passes of ``shared_prefix_hidden`` (inputs checked): the prompts, recording each layer's keys
+    and values, then the completions reading them. Each decoder layer is called twice; under FSDP2 each call gathers
+    the layer's parameters, and the layer's gradient, summed by autograd over both calls, is reduce-scattered once
+    (docs/design.md, "Data parallelism")."""
     p = prompt_ids.shape[1]
     decoder = _decoder(model)
     cache_arg = cache_argument(decoder)
