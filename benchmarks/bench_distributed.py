@@ -5,13 +5,17 @@ count on paper (docs/design.md, "Data parallelism").
 A random tiny Llama (``--hidden``, ``--layers``; a character tokenizer, no download) trains on the built-in arithmetic
 task; each process times ``Trainer.train_step`` (rollout, scoring, update) over ``--steps`` steps after one warm-up
 step. The collectives are counted by wrapping ``torch.distributed.all_gather_single``, ``reduce_scatter_single`` and
-``all_reduce`` in the worker (FSDP2 and DDP call them through the module's attributes): bytes of the full tensor
-each call moves (gathered output / scattered input / reduced buffer), summed over the measured steps and divided by
-their number.
+``all_reduce`` in the worker (FSDP2 calls them through the module's attributes): bytes of the full tensor each call
+moves (gathered output / scattered input / reduced buffer), summed over the measured steps and divided by their
+number. DDP's gradient all-reduces run inside its C++ reducer, which these counters do not see: under ``ddp`` only the
+count on paper is given for them.
+
+``--shared-update off`` runs the update without the shared prefix (the rollout unchanged, so the update batches are
+the same as with it); ``--random-reward W`` adds the random reward mode so that every step has groups to update.
 
     python benchmarks/bench_distributed.py                       # fsdp, 2 processes vs 1, JSON in benchmarks/results
     python benchmarks/bench_distributed.py --parallel ddp --steps 2
-    python benchmarks/bench_distributed.py --prefix-sharing off      # the update without the shared prefix
+    python benchmarks/bench_distributed.py --shared-update off       # the update without the shared prefix
 
 On a machine whose cores are shared, 2 processes on 2 cores do not double anything: the numbers say what they are.
 """
@@ -96,12 +100,14 @@ def worker(args) -> None:
         progress=False,
         checkpoint_every=0,
         grad_clip=1.0,
+        rewards={"correct": 1.0, **({"random": args.random_reward} if args.random_reward else {})},
         parallel=args.parallel,
-        prefix_sharing=args.prefix_sharing,
         output_dir=args.output_dir,
         overwrite=True,
     )
     trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+    if args.shared_update == "off":  # the update only: the rollout (and so the update batch) stays the same
+        trainer.prefix_sharing = False
     trainer.train_step(0)  # warm-up (lazy initialisation, allocator)
     counts: dict = {}
     _count_collectives(counts)
@@ -143,7 +149,18 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--completion-len", type=int, default=16)
-    p.add_argument("--prefix-sharing", default="auto", choices=["auto", "on", "off"])
+    p.add_argument(
+        "--random-reward",
+        type=float,
+        default=0.0,
+        help="weight of the random reward mode beside correct (> 0: groups of unequal rewards, an update every step)",
+    )
+    p.add_argument(
+        "--shared-update",
+        default="on",
+        choices=["on", "off"],
+        help="the update with the shared prefix (on: as prefix_sharing=auto resolves for the model) or without",
+    )
     p.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/...)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -154,7 +171,8 @@ def main() -> None:
         return
     shape = ["--parallel", args.parallel, "--steps", str(args.steps), "--hidden", str(args.hidden), "--layers",
              str(args.layers), "--prompts", str(args.prompts), "--group", str(args.group), "--completion-len",
-             str(args.completion_len), "--prefix-sharing", args.prefix_sharing]  # fmt: skip
+             str(args.completion_len), "--shared-update", args.shared_update, "--random-reward",
+             str(args.random_reward)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     results = []
@@ -169,7 +187,9 @@ def main() -> None:
                 results.append(json.load(f))
     report = {"shape": dict(zip(shape[::2], shape[1::2])), "runs": results, "cpu_count": os.cpu_count()}
     report["speedup_2_vs_1"] = results[1]["completion_tokens_per_s"] / results[0]["completion_tokens_per_s"]
-    sharing = "" if args.prefix_sharing == "auto" else f"-prefix-{args.prefix_sharing}"
+    sharing = ("" if args.shared_update == "on" else "-unshared-update") + (
+        "-random-reward" if args.random_reward else ""
+    )
     path = args.json or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"distributed-{args.parallel}{sharing}-cpu.json"
     )

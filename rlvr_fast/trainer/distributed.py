@@ -237,6 +237,13 @@ class FSDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
                 unit.reshard()
             for unit in self.layers:
                 unit.set_reshard_after_forward(True, recurse=False)
+            # FSDP2 records every forward call (each decode step's, here) to prefetch the unit before the current one
+            # in the next backward; left over, the first layer's pre-backward all-gathers the last layer generation
+            # ran, for nothing, once per step (bench_distributed counted it). Clear that record (a no-op otherwise:
+            # every unit is resharded and idle here); a torch without the method keeps the extra all-gather.
+            reset = getattr(self.root, "reset_iter_state", None)
+            if reset is not None:
+                reset()
 
     @contextlib.contextmanager
     def head_gathered(self) -> Iterator[None]:
