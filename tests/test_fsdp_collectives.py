@@ -1,8 +1,9 @@
 """The bytes FSDP2 moves in a training step at world size 2 equal the count on paper (docs/design.md, "Data
-parallelism"): generation gathers the whole model once, each micro-batch gathers every decoder layer in its forward and
-again in its backward, the update gathers the root (embeddings, final norm, LM head) once, and every parameter's
-gradient is reduce-scattered once per micro-batch. Nothing else: a stray prefetch (FSDP2's default backward prefetch
-followed the no-grad forwards of generation and gathered one whole layer per step that nothing used) fails here.
+parallelism"): generation gathers the whole model once, each micro-batch gathers every decoder layer at each of its
+calls in the forward (two with the shared prefix: the prompts, then the completions) and again in the backward, the
+update gathers the root (embeddings, final norm, LM head) once, and every parameter's gradient is reduce-scattered
+once per micro-batch. Nothing else: a stray prefetch (FSDP2's default backward prefetch followed the no-grad forwards
+of generation and gathered one whole layer per step that nothing used) fails here.
 
 The counter and the count on paper are the ones benchmarks/bench_distributed.py reports."""
 

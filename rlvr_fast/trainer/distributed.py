@@ -204,7 +204,9 @@ class FSDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
         0's backward then prefetched the last layer of the last decode step, an all-gather of one whole layer per step
         that nothing used (measured with benchmarks/bench_distributed.py). Layer 0 names the root, whose parameters
         the update holds gathered (``head_gathered``): its prefetch is a no-op, and an empty list would mean the
-        default."""
+        default. With the shared prefix the backward runs the layers' completion calls, then their prompt calls: the
+        last layer's prompt call is then gathered by its own pre-backward, not prefetched (the same bytes, counted by
+        tests/test_fsdp_collectives.py)."""
         self.root.set_modules_to_backward_prefetch([self.layers[-1]] if self.layers else [])
         for before, layer in zip([self.root, *self.layers[:-1]], self.layers, strict=True):
             layer.set_modules_to_backward_prefetch([before])
@@ -237,13 +239,6 @@ class FSDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
                 unit.reshard()
             for unit in self.layers:
                 unit.set_reshard_after_forward(True, recurse=False)
-            # FSDP2 records every forward call (each decode step's, here) to prefetch the unit before the current one
-            # in the next backward; left over, the first layer's pre-backward all-gathers the last layer generation
-            # ran, for nothing, once per step (bench_distributed counted it). Clear that record (a no-op otherwise:
-            # every unit is resharded and idle here); a torch without the method keeps the extra all-gather.
-            reset = getattr(self.root, "reset_iter_state", None)
-            if reset is not None:
-                reset()
 
     @contextlib.contextmanager
     def head_gathered(self) -> Iterator[None]:
