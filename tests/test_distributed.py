@@ -174,9 +174,9 @@ def one_step(cfg: RLVRConfig, tokenizer, tied: bool, rollout: Rollout, dp: DataP
     with fsdp_reduce_counts() as reduces:
         record = trainer.train_step(0)
     weights = {k: v.detach().clone() for k, v in trainer.policy.full_state_dict().items()}
-    trainable = sorted(n for n, p in trainer.policy.root.named_parameters()) if trainer.dp.mode == "fsdp" else []
+    fsdp_parameters = sorted(n for n, _ in trainer.policy.root.named_parameters()) if trainer.dp.mode == "fsdp" else []
     return {"record": compared(record), "weights": weights, "grads": grads,
-            "eval": evaluation, "plans": plans, "reduces": dict(reduces), "fsdp_parameters": trainable,
+            "eval": evaluation, "plans": plans, "reduces": dict(reduces), "fsdp_parameters": fsdp_parameters,
             "world": (record.get("world_size"), record.get("parallel"))}  # fmt: skip
 
 
