@@ -129,6 +129,25 @@ def test_one_token_completions_and_one_prompt(tokenizer, generator):
     assert_same_update(model, rollout, loss_options(rollout, "dapo", 0.0, generator, False), torch.float64)
 
 
+@pytest.mark.parametrize("max_completion", [1, 4])
+def test_same_decoder_calls_whatever_the_completion_width(tokenizer, generator, max_completion):
+    """Each decoder layer runs twice forward and twice backward (the prompts, then the completions), one-column
+    completions included: under torchrun each call of an FSDP unit is a collective, so a micro-batch of one-token
+    completions on one rank only must not skip a call (it did, and the world hung)."""
+    model = build_model(tokenizer, "llama", torch.float32)
+    rollout = random_rollout(tokenizer, PROMPTS, group_size=2, max_completion=max_completion, generator=generator)
+    assert rollout.completion_ids.shape[1] == max_completion
+    layers = list(model.model.layers)
+    forward, backward = [0] * len(layers), [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_, i=i: forward.__setitem__(i, forward[i] + 1))
+        layer.register_full_backward_hook(lambda *_, i=i: backward.__setitem__(i, backward[i] + 1))
+    hidden = shared_completion_hidden(model, rollout)
+    assert hidden.shape[1] == max_completion
+    hidden.square().sum().backward()
+    assert forward == backward == [2] * len(layers)
+
+
 def test_old_policy_logprobs_pass_without_grad(tokenizer, generator):
     """The old-policy / reference passes run under no_grad; the shared hidden states are those of the unshared."""
     model = build_model(tokenizer, "qwen2", torch.float32)

@@ -15,7 +15,7 @@ and the completion columns past its longest completion (right) are dropped; posi
 changes nothing but the work.
 
 Decoder positions computed by a micro-batch of R rows, U distinct prompts, P prompt and Lc completion columns after
-trimming: shared prefix U*P + R*(Lc - 1) (``prefix_sharing.shared_prefix_hidden``: each prompt once, the last
+trimming: shared prefix U*P + R*max(Lc - 1, 1) (``prefix_sharing.shared_prefix_hidden``: each prompt once, the last
 completion token predicts nothing); unshared R*(P + Lc). Padding: the computed positions whose mask is 0.
 """
 
@@ -145,7 +145,7 @@ class _Lengths:
         real_prompt = self.prompt_mask[rows, start:]
         if shared_prefix:  # each distinct prompt once; completions without their last column
             _, first = _unique_first(self.group[rows])
-            real = int(real_prompt[first].sum()) + int(self.completion_mask[rows, : c - 1].sum())
+            real = int(real_prompt[first].sum()) + int(self.completion_mask[rows, : max(c - 1, 1)].sum())
         else:
             real = int(real_prompt.sum()) + int(self.completion_mask[rows, :c].sum())
         return MicroBatch(rows, start, c, tokens, tokens - real)
@@ -162,8 +162,8 @@ def _unique_first(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _cost(groups: torch.Tensor, p: int, c: int, rows: int, shared_prefix: bool) -> int:
     """Decoder positions of a micro-batch of ``rows`` rows over P = ``p`` prompt and Lc = ``c`` completion columns
     (module doc)."""
-    if shared_prefix:
-        return len(torch.unique(groups)) * p + rows * (c - 1)
+    if shared_prefix:  # the completion pass runs even at c == 1, on one column (prefix_sharing.shared_prefix_hidden)
+        return len(torch.unique(groups)) * p + rows * max(c - 1, 1)
     return rows * (p + c)
 
 
@@ -197,7 +197,7 @@ def _pack_groups(lengths: _Lengths, shared_prefix: bool, budget: int) -> list[to
 
 def _split_group(rows: torch.Tensor, p: int, c: int, shared_prefix: bool, budget: int) -> list[torch.Tensor]:
     """A group over the budget in the fewest near-equal row parts that each fit (a row that alone exceeds it: alone)."""
-    per_row = (c - 1) if shared_prefix else (p + c)
+    per_row = max(c - 1, 1) if shared_prefix else (p + c)
     fixed = p if shared_prefix else 0
     fits = max((budget - fixed) // per_row, 1) if per_row else len(rows)
     parts = -(-len(rows) // fits)

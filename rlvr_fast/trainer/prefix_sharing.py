@@ -265,18 +265,20 @@ def _shared_prefix_passes(
         )
         first = prompt_out.last_hidden_state[:, -1].index_select(0, prompt_index).unsqueeze(1)  # (R, 1, D)
         lc = completion_ids.shape[1]
-        if lc == 1:
-            return first
+        # The last completion token predicts nothing, so the pass runs the first lc - 1. With lc == 1 it still runs,
+        # on the one token, its output cut to nothing: every call of this function makes the same decoder calls
+        # whatever the data, since under torchrun each call of an FSDP unit is a collective that all ranks must join.
+        width = max(lc - 1, 1)
         mask = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask.to(prompt_mask.dtype)], dim=1)
-        mask = mask[:, :-1]  # the last completion token predicts nothing
+        mask = mask[:, : p + width]
         completion_out = decoder(
-            input_ids=completion_ids[:, :-1],
+            input_ids=completion_ids[:, :width],
             attention_mask=mask,
             position_ids=positions_from_mask(mask)[:, p:],
             use_cache=False,
             **{cache_arg: _prefix_cache(recorded, prompt_index)},
         )
-    return torch.cat([first, completion_out.last_hidden_state], dim=1)
+    return torch.cat([first, completion_out.last_hidden_state[:, : lc - 1]], dim=1)
 
 
 def _check_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index) -> None:
@@ -351,4 +353,4 @@ def decoder_tokens(rollout) -> dict[str, int]:
     rows, lc = rollout.completion_ids.shape
     shared = SharedPrompts.from_rows(rollout.prompt_ids, rollout.prompt_mask)
     u, p = shared.prompt_ids.shape
-    return {"unshared": rows * (rollout.prompt_ids.shape[1] + lc), "shared": u * p + rows * (lc - 1)}
+    return {"unshared": rows * (rollout.prompt_ids.shape[1] + lc), "shared": u * p + rows * max(lc - 1, 1)}
