@@ -458,15 +458,11 @@ def _safetensors_load_weights(path: str, model: torch.nn.Module) -> dict[str, to
     return weights
 
 
-def load_model_weights(path: str, model: torch.nn.Module, load=None) -> None:
+def load_model_weights(path: str, model: torch.nn.Module) -> None:
     """Load the checkpoint's model weights into the one-process ``model`` strictly (``check_model_matches``), from
-    either format (``FORMATS``): nothing is loaded unless everything matches. ``load(weights)``: how a model takes
-    the checked full tensors of a safetensors checkpoint (default ``model.load_state_dict``)."""
+    either format (``FORMATS``): nothing is loaded unless everything matches."""
     weights = FORMATS[checkpoint_format(path)].load_weights(path, model)
     if weights is None:  # loaded in place
-        return
-    if load is not None:
-        load(weights)
         return
     model.load_state_dict(weights, strict=False)  # strictness checked, tied names excepted
 

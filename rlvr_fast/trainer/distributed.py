@@ -260,6 +260,24 @@ class FSDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
 
 
+def all_gather_objects(value) -> list:
+    """``value`` of every rank, by rank (all-gather of Python objects). Collective."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def broadcast_from_main(value):
+    """Rank 0's ``value`` on every rank (broadcast of a Python object). Collective."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @dataclass(frozen=True)
 class DataParallel:
     """Who this process is in the run, and the collectives the trainer needs. ``world_size == 1``: every method is the
@@ -338,21 +356,13 @@ class DataParallel:
         """The ranks' lists concatenated in rank order (all-gather of Python objects)."""
         if not self.active:
             return list(items)
-        import torch.distributed as dist
-
-        parts: list = [None] * self.world_size
-        dist.all_gather_object(parts, list(items))
-        return [x for part in parts for x in part]
+        return [x for part in all_gather_objects(list(items)) for x in part]
 
     def gather_dict(self, local: dict) -> dict:
         """The union of the ranks' dicts (keys disjoint)."""
         if not self.active:
             return dict(local)
-        import torch.distributed as dist
-
-        parts: list = [None] * self.world_size
-        dist.all_gather_object(parts, local)
-        return {k: v for part in parts for k, v in part.items()}
+        return {k: v for part in all_gather_objects(local) for k, v in part.items()}
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over ranks (float64 all-reduce)."""
@@ -385,13 +395,7 @@ class DataParallel:
         reads and hashes every file, not each of them). A rank 0 that raises ends the job (torchrun stops the
         others)."""
         value = fn() if self.is_main else None
-        if not self.active:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_from_main(value) if self.active else value
 
     def global_update_batch(self, batch, rollout):
         """(``batch`` with the whole step's normalisers divided by the world size (the ranks' gradients are averaged:

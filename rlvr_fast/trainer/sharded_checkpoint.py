@@ -61,28 +61,8 @@ from rlvr_fast.trainer.dcp_layout import (
     rng_file,
     saved_model_shapes,
 )
+from rlvr_fast.trainer.distributed import all_gather_objects, broadcast_from_main
 from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
-
-# ---- collectives ----------------------------------------------------------------------------------------------------
-
-
-def _gather(value: Any) -> list:
-    """``value`` of every rank, by rank (all-gather of Python objects)."""
-    import torch.distributed as dist
-
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, value)
-    return parts
-
-
-def _from_main(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
 
 # ---- save -----------------------------------------------------------------------------------------------------------
 
@@ -144,7 +124,7 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
         extra["optimizer_param_groups"] = _json_param_groups(optimizer)
     else:
         state[OPTIM_KEY] = optim_state
-    poisoned = [p for p in _gather(_non_finite(state, step, rank)) if p]
+    poisoned = [p for p in all_gather_objects(_non_finite(state, step, rank)) if p]
     if poisoned:
         raise FloatingPointError(poisoned[0])
 
@@ -157,7 +137,7 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
             tmp = new_partial_folder(root, step)
         except OSError as exc:  # told to every rank below, rather than leaving them in the broadcast
             problem = f"the checkpoint of step {step} was not written: rank 0: {type(exc).__name__}: {exc}"
-    tmp, problem = _from_main((tmp, problem))
+    tmp, problem = broadcast_from_main((tmp, problem))
     if problem is not None:
         raise CheckpointError(problem)
     try:
@@ -166,7 +146,7 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
         report = (None, {name: file_record(os.path.join(tmp, name)) for name in _own_files(tmp, rank)})
     except (Exception, CheckpointException) as exc:  # (a BaseException) agreed on below: no rank waits for another
         report = (_reason(exc, rank), {})
-    reports = _gather(report)
+    reports = all_gather_objects(report)
     errors = list(dict.fromkeys(error for error, _ in reports if error))  # DCP's failure: the same on every rank
     verdict = f"the checkpoint of step {step} was not written: {'; '.join(errors)}" if errors else None
     final = None
@@ -183,7 +163,7 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
             verdict = f"the checkpoint of step {step} was not committed: {type(exc).__name__}: {exc}"
     if rank == 0 and verdict is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-    verdict, final = _from_main((verdict, final))
+    verdict, final = broadcast_from_main((verdict, final))
     if verdict is not None:
         raise CheckpointError(verdict)
     return final
@@ -200,9 +180,6 @@ def _reason(exc: BaseException, rank: int) -> str:
         error = wrapped[0] if isinstance(wrapped, tuple) else wrapped  # (exception, traceback summary)
         parts.append(f"rank {failed}: {type(error).__name__}: {error}")
     return "; ".join(parts)
-
-
-# ---- verification ---------------------------------------------------------------------------------------------------
 
 
 # ---- load -----------------------------------------------------------------------------------------------------------
