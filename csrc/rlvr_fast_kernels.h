@@ -105,8 +105,8 @@ enum {
   RF_GA_WARP_MAX_GROUP = 2048,  /* larger groups take a whole block each */
   RF_GA_BATCH_MAX_BLOCKS = 1024 /* scale="batch" (a grid-wide reduction): at most this many co-resident blocks */
 };
-/* Floats of scratch the batch scale needs (four per block: count, mean, M2, pad). */
-#define RF_GA_SCRATCH_FLOATS (4 * RF_GA_BATCH_MAX_BLOCKS)
+/* Floats of scratch the batch scale needs (eight per block: count, mean, M2, scale, unit, pad). */
+#define RF_GA_SCRATCH_FLOATS (8 * RF_GA_BATCH_MAX_BLOCKS)
 
 typedef struct RfGroupAdvantageArgs {
   const void* rewards;  /* (n_groups * group_size,) of rewards_dtype */

@@ -2,8 +2,9 @@
 
 Each program owns BLOCK_GROUPS groups laid out as a (BLOCK_GROUPS, BLOCK_G) tile (one group per row), so a group's
 reductions (mean, Bessel std, min/max for the all-equal test, solve rate) are row reductions in registers. With
-scale="batch" every program first reduces the whole batch itself (two passes, sum then squared deviations): the batch
-holds at most a few hundred thousand rewards, so the redundant reads cost microseconds and save a second launch.
+scale="batch" every program first reduces the whole batch itself (three passes: min / max, sum, squared
+deviations): the batch holds at most a few hundred thousand rewards, so the redundant reads cost microseconds and save
+a second launch.
 
 The estimator, scale and sample-mode codes come from ``rlvr_fast.ops.constants`` (Triton-free), as the op's do.
 """
@@ -49,6 +50,17 @@ _BATCH_BLOCK = 1024  # chunk of the batch-wide reduction for scale="batch"
 
 
 @triton.jit
+def _unit_of(peak, IS_F64: tl.constexpr):
+    """2^floor(log2(peak)) for peak >= 1, else 1: the exponent bits of ``peak`` (rlvr_fast.ops.group_advantage.unit_of;
+    exact, and values / unit lie in (-2, 2), so no sum, mean or deviation of finite rewards overflows)."""
+    if IS_F64:
+        unit = (peak.to(tl.int64, bitcast=True) & 0x7FF0000000000000).to(tl.float64, bitcast=True)
+    else:
+        unit = (peak.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.maximum(unit, 1.0)
+
+
+@triton.jit
 def _group_advantage_fwd_kernel(
     rewards_ptr,  # (n_groups * group_size,) any float dtype
     correct_ptr,  # (n_groups * group_size,) float32 0/1, or a dummy when HAS_CORRECT is False
@@ -87,19 +99,26 @@ def _group_advantage_fwd_kernel(
     valid = in_bounds & (tl.abs(r) < float("inf"))
     r = tl.where(valid, r, 0.0)
     count = tl.sum(valid.to(tl.float32), axis=1)
-    mean = tl.sum(r, axis=1) / tl.maximum(count, 1.0)
-    dev = tl.where(valid, r - mean[:, None], 0.0)
-    # Scale-invariant std: deviations divided by the group's largest |deviation| before squaring (no overflow for
-    # any finite reward; the reference's _sample_std does the same).
+    r_max = tl.max(tl.where(valid, r, -float("inf")), axis=1)
+    r_min = tl.min(tl.where(valid, r, float("inf")), axis=1)
+    all_equal = (r_max == r_min) | (count < 2.0)
+    # Every statistic in units of the group's power-of-two unit (~ its largest |reward|): no sum, mean or deviation
+    # overflows for any finite reward, and for rewards below 2 in magnitude the unit is 1 (nothing changes).
+    unit = _unit_of(tl.max(tl.abs(r), axis=1), IS_F64)
+    u = r / unit[:, None]
+    lo = r_min / unit
+    hi = r_max / unit
+    mean = tl.sum(u, axis=1) / tl.maximum(count, 1.0)
+    mean = tl.where(count > 0.0, tl.minimum(tl.maximum(mean, lo), hi), 0.0)  # rounding never leaves [min, max]
+    dev = tl.where(valid, u - mean[:, None], 0.0)
+    # Scale-invariant std: deviations divided by the group's largest |deviation| before squaring (the reference's
+    # _exact_stats does the same).
     top = tl.max(tl.abs(dev), axis=1)
     safe = tl.where(top > 0.0, top, 1.0)
     # not named x: the scale='batch' loops below reuse x for (BATCH_BLOCK,) chunks, and a compiled loop-carried
     # variable may not change shape (the interpreter does not notice)
     scaled = dev / safe[:, None]
     std = tl.where(top > 0.0, safe * tl.sqrt(tl.sum(scaled * scaled, axis=1) / tl.maximum(count - 1.0, 1.0)), 0.0)
-    r_max = tl.max(tl.where(valid, r, -float("inf")), axis=1)
-    r_min = tl.min(tl.where(valid, r, float("inf")), axis=1)
-    all_equal = (r_max == r_min) | (count < 2.0)
 
     if HAS_CORRECT:
         c = tl.load(correct_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
@@ -111,43 +130,54 @@ def _group_advantage_fwd_kernel(
 
     if ESTIMATOR == C_GRPO:
         if SCALE == C_SCALE_GROUP:
-            adv = dev / (std[:, None] + eps)
+            adv = dev / (std + eps / unit)[:, None]
         elif SCALE == C_SCALE_BATCH:
-            total = tl.zeros([BATCH_BLOCK], dtype=r.dtype)
+            # pass 1: count, min and max of the batch (its unit); pass 2: the mean in that unit; pass 3: the squared
+            # deviations divided by the largest one (max - mean or mean - min)
             n_total = tl.zeros([BATCH_BLOCK], dtype=tl.float32)
+            b_lo = tl.full([BATCH_BLOCK], float("inf"), dtype=r.dtype)
+            b_hi = tl.full([BATCH_BLOCK], -float("inf"), dtype=r.dtype)
             n_all = n_groups * group_size
             for start in range(0, n_all, BATCH_BLOCK):
                 idx = start + tl.arange(0, BATCH_BLOCK)
                 x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(r.dtype)
                 ok = (idx < n_all) & (tl.abs(x) < float("inf"))
-                total += tl.where(ok, x, 0.0)
                 n_total += ok.to(tl.float32)
+                b_lo = tl.minimum(b_lo, tl.where(ok, x, float("inf")))
+                b_hi = tl.maximum(b_hi, tl.where(ok, x, -float("inf")))
             n_batch = tl.sum(n_total, axis=0)
-            batch_mean = tl.sum(total, axis=0) / tl.maximum(n_batch, 1.0)
-            peak = tl.zeros([BATCH_BLOCK], dtype=r.dtype)  # largest |deviation|, then squares scaled by it
+            batch_min = tl.min(b_lo, axis=0)
+            batch_max = tl.max(b_hi, axis=0)
+            b_unit = _unit_of(tl.where(n_batch > 0.0, tl.maximum(-batch_min, batch_max), 0.0), IS_F64)
+            total = tl.zeros([BATCH_BLOCK], dtype=r.dtype)
             for start in range(0, n_all, BATCH_BLOCK):
                 idx = start + tl.arange(0, BATCH_BLOCK)
                 x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(r.dtype)
                 ok = (idx < n_all) & (tl.abs(x) < float("inf"))
-                peak = tl.maximum(peak, tl.where(ok, tl.abs(x - batch_mean), 0.0))
-            batch_top = tl.max(peak, axis=0)
+                total += tl.where(ok, x / b_unit, 0.0)
+            b_low = batch_min / b_unit
+            b_high = batch_max / b_unit
+            batch_mean = tl.sum(total, axis=0) / tl.maximum(n_batch, 1.0)
+            batch_mean = tl.where(n_batch > 0.0, tl.minimum(tl.maximum(batch_mean, b_low), b_high), 0.0)
+            batch_top = tl.where(n_batch > 0.0, tl.maximum(b_high - batch_mean, batch_mean - b_low), 0.0)
             batch_safe = tl.where(batch_top > 0.0, batch_top, 1.0)
             sq = tl.zeros([BATCH_BLOCK], dtype=r.dtype)
             for start in range(0, n_all, BATCH_BLOCK):
                 idx = start + tl.arange(0, BATCH_BLOCK)
                 x = tl.load(rewards_ptr + idx, mask=idx < n_all, other=0.0).to(r.dtype)
                 ok = (idx < n_all) & (tl.abs(x) < float("inf"))
-                d = tl.where(ok, (x - batch_mean) / batch_safe, 0.0)
+                d = tl.where(ok, (x / b_unit - batch_mean) / batch_safe, 0.0)
                 sq += d * d
             batch_std = batch_safe * tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n_batch - 1.0, 1.0))
             batch_std = tl.where(batch_top > 0.0, batch_std, 0.0)
-            adv = dev / (batch_std + eps)
+            # (batch std + eps) in each group's unit (a ratio of powers of two: exact)
+            adv = dev / ((batch_std + eps / b_unit) * (b_unit / unit))[:, None]
         else:
-            adv = dev
+            adv = dev * unit[:, None]
     elif ESTIMATOR == C_DR_GRPO:
-        adv = dev
-    elif ESTIMATOR == C_RLOO:  # r_i - mean_{j != i} = n/(n-1) (r_i - mean)
-        adv = dev * (count / tl.maximum(count - 1.0, 1.0))[:, None]
+        adv = dev * unit[:, None]
+    elif ESTIMATOR == C_RLOO:  # r_i - mean_{j != i} = n/(n-1) (r_i - mean), back to reward units last
+        adv = dev * (count / tl.maximum(count - 1.0, 1.0))[:, None] * unit[:, None]
     elif ESTIMATOR == C_PSR:
         adv = c
     elif ESTIMATOR == C_NSR:
@@ -165,8 +195,8 @@ def _group_advantage_fwd_kernel(
 
     tl.store(adv_ptr + offsets, adv, mask=in_bounds)
     row_ok = groups < n_groups
-    tl.store(mean_ptr + groups, mean, mask=row_ok)
-    tl.store(std_ptr + groups, std, mask=row_ok)
+    tl.store(mean_ptr + groups, mean * unit, mask=row_ok)
+    tl.store(std_ptr + groups, std * unit, mask=row_ok)  # inf where the std itself is beyond float32's range
     tl.store(all_equal_ptr + groups, all_equal.to(tl.int8), mask=row_ok)
     if HAS_CORRECT:
         tl.store(solve_ptr + groups, n_correct / tl.maximum(count, 1.0), mask=row_ok)

@@ -108,3 +108,21 @@ def select_backend(
     if triton_ok and triton_unavailable_reason(device) is None:
         return "triton"
     return "torch"
+
+
+def check_backend_name(where: str, backend) -> str:
+    """``backend`` checked to be one of ``BACKENDS`` (a ValueError naming ``where`` otherwise)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_backend_available(where: str, backend: str, device: torch.device, ops: dict[str, str | None]) -> None:
+    """Raise now, as the first call of each op would, when ``backend`` cannot run the ops ``ops`` (op name -> its CUDA
+    op, or None) on ``device``: for wrappers (the TRL trainer) that would otherwise find out after generation."""
+    check_backend_name(where, backend)
+    for op, cuda_op in ops.items():
+        try:
+            select_backend(backend, device, op=op, cuda_op=cuda_op)
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(f"{where}: backend={backend!r} cannot run {op} on {device}: {exc}") from exc

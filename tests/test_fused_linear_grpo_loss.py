@@ -82,7 +82,8 @@ def draw(B, T, D, V, gen, device, *, dtype=torch.float32, bias=True, nan_padding
     if B >= 2:
         for row in zero_adv_rows:
             adv[row] = 0.0
-    old = logp - drift - 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    # a log-probability is <= 0 (old_logp > OLD_LOGP_MAX at a counted token is rejected)
+    old = (logp - drift - 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
     ref = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
     targets = torch.where(mask, targets, IGNORE_INDEX)
     if nan_padding:
@@ -353,35 +354,27 @@ def test_all_masked_gives_zero_loss_and_gradients(loss_type, backend, device, ge
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_untargeted_tokens_that_count(backend, device, generator):
-    """mask = 1 where the target is -100: the reference gives such a token logp = 0 (a constant); it enters the loss
-    and the metrics, gets no gradient, and a NaN in its hidden state reaches nothing."""
+def test_untargeted_tokens_that_count_are_refused(backend, device, generator):
+    """mask != 0 where the target is -100 (issue 24): such a token had logp = 0 by convention and entered the loss and
+    its normaliser as a token predicted with certainty. The reference and the op now refuse it, naming the
+    (row, position) pairs; with mask 0 there the same targets are padding and pass."""
     batch = draw(4, 10, 8, 23, generator, device, nan_padding=False)
     batch["mask"] = batch["mask"].clone()
-    batch["mask"][0, 1] = True
+    batch["mask"][0, 1] = batch["mask"][2, 0] = True
     batch["targets"] = batch["targets"].clone()
     batch["targets"][0, 1] = batch["targets"][2, 0] = IGNORE_INDEX
-    expected = run(
-        fused_linear_grpo_loss_reference,
-        batch,
-        beta=0.1,
-        return_entropy=True,
-        loss_type="grpo",
-        importance_sampling="sequence",
+    kw = dict(beta=0.1, return_entropy=True, loss_type="grpo", importance_sampling="sequence")
+    pattern = r"ignore index -100 \(padding\) at 2 \(row, position\) where mask != 0: \(0, 1\), \(2, 0\)"
+    with pytest.raises(ValueError, match=pattern):
+        run(fused_linear_grpo_loss_reference, batch, **kw)
+    with pytest.raises(ValueError, match=pattern):
+        run(fused_linear_grpo_loss, batch, backend=backend, config=SMALL, **kw)
+    batch["mask"][0, 1] = batch["mask"][2, 0] = False
+    assert_matches(
+        run(fused_linear_grpo_loss, batch, backend=backend, config=SMALL, **kw),
+        run(fused_linear_grpo_loss_reference, batch, **kw),
+        backend,
     )
-    batch["hidden"] = batch["hidden"].clone()
-    batch["hidden"][0, 1] = batch["hidden"][2, 0] = float("nan")
-    out = run(
-        fused_linear_grpo_loss,
-        batch,
-        beta=0.1,
-        return_entropy=True,
-        loss_type="grpo",
-        importance_sampling="sequence",
-        backend=backend,
-        config=SMALL,
-    )
-    assert_matches(out, expected, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -596,6 +589,13 @@ def test_default_chunk_budgets():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _with(x: torch.Tensor, row: int, position: int, value) -> torch.Tensor:
+    """A copy of ``x`` with ``x[row, position] = value``."""
+    x = x.clone()
+    x[row, position] = value
+    return x
+
+
 def _bad_calls(device):
     B, T, D, V = 3, 5, 4, 11
     good = dict(
@@ -634,6 +634,30 @@ def _bad_calls(device):
             r"advantages must be \(B,\) = \(3,\)",
         ),
         ("hidden 2-D", call(hidden=torch.randn(B * T, D, device=device)), ValueError, r"hidden must be \(B, T, D\)"),
+        (  # issue 24: NaN mask weights, NaN / positive old_logp where the mask counts, ignore-index targets there
+            "NaN mask weight",
+            call(mask=_with(torch.ones(B, T, device=device), 1, 2, math.nan)),
+            ValueError,
+            r"mask weights must be >= 0, got 0 negative \(min .*\) and 1 NaN/inf .* mask\[1, 2\] = nan",
+        ),
+        (
+            "NaN old_logp",
+            call(old_logp=_with(-torch.ones(B, T, device=device), 2, 4, math.nan)),
+            ValueError,
+            r"old_logp must be a log-probability \(<= 0.0001, not NaN\) .* got 1 such tokens: old_logp\[2, 4\] = nan",
+        ),
+        (
+            "positive old_logp",
+            call(old_logp=_with(-torch.ones(B, T, device=device), 0, 3, 0.5)),
+            ValueError,
+            r"old_logp must be a log-probability .* old_logp\[0, 3\] = 0.5",
+        ),
+        (
+            "ignore-index target under mask 1",
+            call(targets=_with(good["targets"], 1, 0, IGNORE_INDEX)),
+            ValueError,
+            r"targets hold the ignore index -100 \(padding\) at 1 \(row, position\) where mask != 0: \(1, 0\)",
+        ),
         ("D mismatch", call(weight=torch.randn(V, D + 1, device=device)), ValueError, r"weight must be \(V, D\)"),
         (
             "target out of range",
@@ -664,7 +688,11 @@ def _bad_calls(device):
         ("weight device", call(weight=torch.empty(V, D, device="meta")), ValueError, "weight is on meta"),
         (
             "empty vocabulary",
-            call(weight=torch.randn(0, D, device=device), targets=torch.full((B, T), -100, device=device)),
+            call(
+                weight=torch.randn(0, D, device=device),
+                targets=torch.full((B, T), -100, device=device),
+                mask=torch.zeros(B, T, device=device),  # padding everywhere: no ignore-index target counts
+            ),
             ValueError,
             "V >= 1",
         ),

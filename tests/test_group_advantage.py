@@ -371,3 +371,106 @@ def test_estimator_table_is_documented():
     for name, est in ESTIMATORS.items():
         assert name in doc and "arXiv" in est.paper
     assert not math.isnan(group_advantages(torch.ones(1), 1).advantages.item())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24: rewards near float32's maximum; requires_grad
+# --------------------------------------------------------------------------------------------------------------------
+
+F32_MAX = torch.finfo(torch.float32).max
+NEAR_MAX_BACKENDS = ["reference", *FUSED_BACKENDS]
+
+
+def _advantages(backend, rewards, group_size, device, **kw):
+    if backend == "reference":
+        return group_advantages_reference(rewards, group_size, **kw)
+    return group_advantages(rewards.to(device), group_size, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", NEAR_MAX_BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: the std output overflows to inf
+def test_issue_cases_near_float32_max(backend, device):
+    """[3e38, -3e38] gave [0, -0] under grpo (the std 4.2e38 overflowed); [3.4e38, 3.3e38] gave NaN under grpo and
+    -inf under dr_grpo (the sum 6.7e38 overflowed)."""
+    got = _advantages(backend, torch.tensor([3e38, -3e38]), 2, device).advantages.cpu()
+    assert_close(got.double(), torch.tensor([0.5**0.5, -(0.5**0.5)], dtype=torch.float64), rtol=1e-5, name="grpo")
+    r = torch.tensor([3.4e38, 3.3e38])
+    for scale in ("group", "batch"):
+        out = _advantages(backend, r, 2, device, scale=scale)
+        assert_close(out.advantages.cpu().double(), torch.tensor([0.5**0.5, -(0.5**0.5)]).double(), rtol=1e-5)
+        assert_close(out.mean.cpu().double(), r.double().mean().reshape(1), rtol=1e-6, name="mean")
+    dev = (r.double() - r.double().mean()).float()  # +-5e36, representable
+    got = _advantages(backend, r, 2, device, estimator="dr_grpo").advantages.cpu()
+    assert_close(got, dev, rtol=1e-6, name="dr_grpo")
+
+
+@pytest.mark.parametrize("backend", NEAR_MAX_BACKENDS)
+@pytest.mark.parametrize("estimator,scale", [("dr_grpo", None), ("rloo", None), ("grpo", "none")])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: the overflow being tested
+def test_unrepresentable_differences_raise(estimator, scale, backend, device):
+    """dr_grpo / rloo / grpo-none return r_i - mean (rloo: r_i - mean of the others), a difference of two finite
+    rewards that can exceed float32's range (4.5e38 here): every backend refuses it by name instead of returning inf."""
+    r = torch.tensor([1.0, 2.0, 3.0, 3.4e38, -3.4e38, -3.4e38])  # group 1's first member: 3.4e38 + 2.3e38
+    with pytest.raises(ValueError, match=rf"estimator='{estimator}'.* advantages\[3\] \(flat index; group 1.*beyond"):
+        _advantages(backend, r, 3, device, estimator=estimator, scale=scale)
+    # a representable difference at the very edge is returned, finite and exact
+    out = _advantages(backend, torch.tensor([F32_MAX, -F32_MAX]), 2, device, estimator="dr_grpo")
+    assert out.advantages.cpu().tolist() == [F32_MAX, -F32_MAX]
+
+
+def _near_max_rewards(n_groups, group_size, gen, magnitude):
+    """Random rewards within [-magnitude, magnitude]: per group, spread across the range, clustered near +-magnitude
+    (the case where the sum overflows), or with an all-equal group at the maximum."""
+    kind = torch.randint(0, 3, (n_groups, 1), generator=gen)
+    spread = (torch.rand(n_groups, group_size, generator=gen, dtype=torch.float64) * 2 - 1) * magnitude
+    sign = torch.where(torch.rand(n_groups, 1, generator=gen) < 0.5, -1.0, 1.0).double()
+    near = sign * magnitude * (1 - 0.05 * torch.rand(n_groups, group_size, generator=gen, dtype=torch.float64))
+    equal = sign * magnitude * torch.ones(n_groups, group_size, dtype=torch.float64)
+    r = torch.where(kind == 0, spread, torch.where(kind == 1, near, equal))
+    return r.float().reshape(-1)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("group_size", [3, 5, 7])
+@pytest.mark.parametrize("estimator,scale", ESTIMATOR_SCALES)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_random_rewards_near_float32_max(estimator, scale, group_size, backend, device, generator):
+    """Every estimator and scale, odd group sizes: the fused backends equal the exact reference on rewards up to
+    float32's maximum, finite wherever the result is representable; where an unnormalised difference is not, every
+    backend raises alike."""
+    n_groups = 6
+    correct = torch.randint(0, 2, (n_groups * group_size,), generator=generator).bool()
+    for magnitude in (F32_MAX, 1e38, 0.26 * F32_MAX):  # the last: differences stay within range (|A| <= 4x max|r|)
+        rewards = _near_max_rewards(n_groups, group_size, generator, magnitude)
+        kw = dict(estimator=estimator, scale=scale, correct=correct)
+        try:
+            ref = group_advantages_reference(rewards, group_size, **kw)
+        except ValueError as exc:
+            assert magnitude > 0.25 * F32_MAX and "beyond float32's range" in str(exc)
+            with pytest.raises(ValueError, match="beyond float32's range"):
+                group_advantages(rewards.to(device), group_size, backend=backend, **kw)
+            continue
+        out = group_advantages(rewards.to(device), group_size, backend=backend, **kw)
+        assert torch.isfinite(out.advantages).all(), f"{backend} magnitude {magnitude:.3g}"
+        assert torch.isfinite(out.mean).all()
+        if (ESTIMATORS[estimator].centred and estimator != "grpo") or scale == "none":
+            # differences: relative to the largest |reward| of the group
+            big = rewards.double().abs().reshape(-1, group_size).amax(dim=1, keepdim=True)
+            err = (out.advantages.cpu().double().reshape(-1, group_size) - ref.advantages.reshape(-1, group_size)).abs()
+            assert bool((err <= 1e-5 * big).all()), f"{backend} {estimator} magnitude {magnitude:.3g}"
+        else:
+            assert_close(out.advantages.cpu().double(), ref.advantages, rtol=1e-4, atol=1e-4, name=backend)
+        assert_close(out.mean.cpu().double(), ref.mean, rtol=1e-5, name="mean")
+        assert torch.equal(out.all_equal.cpu(), ref.all_equal)
+
+
+@pytest.mark.parametrize("backend", NEAR_MAX_BACKENDS)
+def test_advantages_never_require_grad(backend, device):
+    """Issue 24: torch returned advantages with requires_grad=True (from rewards that require it), Triton False.
+    Advantages are constants of the policy gradient: no backend records a graph through them."""
+    rewards = torch.tensor([0.0, 1.0, 1.0, 3.0], device=device if backend != "reference" else "cpu")
+    rewards.requires_grad_(True)
+    for estimator in ("grpo", "dr_grpo"):
+        out = _advantages(backend, rewards, 2, device, estimator=estimator)
+        assert not out.advantages.requires_grad and not out.mean.requires_grad and not out.std.requires_grad
+        assert out.advantages.grad_fn is None

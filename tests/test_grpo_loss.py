@@ -56,7 +56,9 @@ def draw_batch(B, T, gen, device, *, dtype=torch.float32, mask_dtype=torch.bool,
         drift[4] = 0.0  # and a row that mostly stays inside the clip range
     if B >= 2:
         adv[-1] = 0.0  # e.g. an all-equal group under grpo, NSR's correct samples
-    old = logp - drift - 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    # a log-probability is <= 0 (the losses reject old_logp > OLD_LOGP_MAX at counted tokens): the clamp touches only
+    # tokens of the rows whose drift raises old above a near-certain logp
+    old = (logp - drift - 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
     ref = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
     entropy = torch.rand(B, T, generator=gen, dtype=torch.float64) * 3.0
     if poison_padding:
@@ -579,7 +581,7 @@ def test_k3_is_accurate_for_tiny_d_in_fp32(backend, device, generator):
 @pytest.mark.parametrize("importance_sampling", sorted(IS_LEVELS))
 @pytest.mark.parametrize("kl", sorted(KL_ESTIMATORS))
 def test_nan_at_active_positions_propagates_like_the_reference(kl, importance_sampling, backend, device, generator):
-    """Padding garbage never leaks (covered everywhere above); a NaN at an active token of logp / old / ref reaches the
+    """Padding garbage never leaks (covered everywhere above); a NaN at an active token of logp / ref reaches the
     loss and exactly the gradients the reference's autograd reaches. A NaN advantage is rejected by both (issue 16)."""
     B, T = 4, 16
     batch = draw_batch(B, T, generator, device)
@@ -588,7 +590,14 @@ def test_nan_at_active_positions_propagates_like_the_reference(kl, importance_sa
     for fn, extra in ((grpo_loss_reference, {}), (grpo_loss, {"backend": backend})):
         with pytest.raises(ValueError, match=r"advantages must be finite, got NaN/inf at rows \[0\]"):
             run(fn, batch, beta=0.1, kl=kl, importance_sampling=importance_sampling, loss_type="grpo", **extra)
-    for field, where in (("logp", (0, 0)), ("old", (0, 0)), ("ref", (0, 0))):
+    # a NaN old_logp at an active token is an input error (issue 24): rejected by both, naming the position
+    batch = draw_batch(B, T, generator, device)
+    batch["old"] = batch["old"].clone()
+    batch["old"][0, 0] = float("nan")
+    for fn, extra in ((grpo_loss_reference, {}), (grpo_loss, {"backend": backend})):
+        with pytest.raises(ValueError, match=r"old_logp must be a log-probability .* old_logp\[0, 0\] = nan"):
+            run(fn, batch, beta=0.1, kl=kl, importance_sampling=importance_sampling, loss_type="grpo", **extra)
+    for field, where in (("logp", (0, 0)), ("ref", (0, 0))):
         batch = draw_batch(B, T, generator, device)
         batch[field] = batch[field].clone()
         batch[field][where] = float("nan")
@@ -658,8 +667,45 @@ def _bad_inputs(B=3, T=5):
         ({"loss_type": "dr_grpo", "max_completion_length": 8.0}, TypeError, r"max_completion_length must be an int"),
         ({"max_completion_length": 8}, ValueError, r"max_completion_length=8 is used only by loss types \['dr_grpo'\]"),
         ({"backend": "cuda_graph"}, ValueError, r"backend must be one of"),
+        # issue 24: NaN mask weights; NaN or positive old_logp where the mask counts, named by position
+        (
+            {"mask": _with(torch.ones(B, T), 1, 2, float("nan"))},
+            ValueError,
+            r"mask weights must be >= 0, got 0 negative \(min .*\) and 1 NaN/inf .* mask\[1, 2\] = nan",
+        ),
+        ({"mask": _with(torch.ones(B, T), 0, 0, float("inf"))}, ValueError, r"1 NaN/inf .*mask\[0, 0\] = inf"),
+        (
+            {"old_logp": _with(-torch.rand(B, T), 2, 4, float("nan"))},
+            ValueError,
+            r"old_logp must be a log-probability \(<= 0.0001, not NaN\) at every token with mask != 0, got 1 such "
+            r"tokens: old_logp\[2, 4\] = nan",
+        ),
+        ({"old_logp": _with(-torch.rand(B, T), 0, 3, 0.5)}, ValueError, r"got 1 such tokens: old_logp\[0, 3\] = 0.5"),
+        ({"old_logp": _with(-torch.rand(B, T), 1, 1, 2e-4)}, ValueError, r"old_logp\[1, 1\] = 0.0002"),
     ]
     return good, cases
+
+
+def _with(x: torch.Tensor, row: int, position: int, value) -> torch.Tensor:
+    """A copy of ``x`` with ``x[row, position] = value``."""
+    x = x.clone()
+    x[row, position] = value
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_old_logp_is_checked_only_where_the_mask_counts(backend, device):
+    """old_logp within OLD_LOGP_MAX of 0 (rounding of a near-certain token's log-prob) is accepted; on padding
+    (mask 0) it may hold anything, NaN and positive values included (issue 24)."""
+    B, T = 3, 5
+    logp = -torch.rand(B, T, device=device)
+    mask = torch.ones(B, T, device=device)
+    mask[2, 3:] = 0.0
+    old = _with(_with(_with(-torch.rand(B, T, device=device), 0, 0, 5e-5), 2, 3, float("nan")), 2, 4, 3.0)
+    adv = torch.randn(B, device=device)
+    loss, _ = grpo_loss(logp, old, None, adv, mask, backend=backend)
+    ref, _ = grpo_loss_reference(logp, old, None, adv, mask)
+    assert torch.isfinite(loss) and torch.allclose(loss.double().cpu(), ref.cpu(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", range(len(_bad_inputs()[1])))

@@ -76,7 +76,7 @@ def loss_options(rollout, loss_type, beta, generator, off_policy):
     rows, lc = rollout.completion_ids.shape
     advantages = torch.randn(rows, generator=generator)
     advantages[1] = 0.0  # a zero-advantage completion (skipped LM-head work in the fused op when beta == 0)
-    near = -1.0 + 0.3 * torch.randn(rows, lc, generator=generator)
+    near = (-1.0 + 0.3 * torch.randn(rows, lc, generator=generator)).clamp(max=0.0)  # log-probs are <= 0
     return dict(
         advantages=advantages,
         old_logp=near if off_policy else None,  # num_iterations > 1: ratios away from 1, some clipped

@@ -28,6 +28,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from rlvr_fast.backends import BackendUnavailableError
 from rlvr_fast.integrations import trl as rf_trl
 from rlvr_fast.integrations.policy_loss import hidden_state_policy_loss
 from rlvr_fast.integrations.trl import (
@@ -694,3 +695,22 @@ def test_readme_example_trains(tmp_path, model_dir):
     )
     assert isinstance(out["trainer"], RLVRFastGRPOTrainer)
     assert len(out["rewards"]) == 1 and 0.0 <= out["rewards"][0] <= 2.0
+
+
+def test_backend_and_implementation_are_checked_at_construction(tmp_path, model_dir, tokenizer, dataset):
+    """Issue 24: backend="junk" was accepted at construction, and an unavailable backend failed only at the first
+    loss call, after generation. Both now fail while the trainer is built: a bad name before any model loads."""
+    kwargs = dict(reward_funcs=reward_funcs(), train_dataset=dataset, processing_class=tokenizer)
+    missing = str(tmp_path / "not-a-model")  # a refusal that comes first never gets to load it
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'triton', 'torch'\), got 'junk'"):
+        RLVRFastGRPOTrainer(model=missing, args=grpo_config(tmp_path, 0), backend="junk", **kwargs)
+    with pytest.raises(ValueError, match=r"implementation must be None or one of .*got 'junk'"):
+        RLVRFastGRPOTrainer(model=missing, args=grpo_config(tmp_path, 0), implementation="junk", **kwargs)
+    # a valid name the machine cannot run (the loss ops have no CUDA C++ kernel; the model is on the CPU)
+    with pytest.raises(BackendUnavailableError, match=r"backend='cuda' cannot run token_logprobs on cpu"):
+        RLVRFastGRPOTrainer(model=model_dir, args=grpo_config(tmp_path, 0), backend="cuda", **kwargs)
+    trainer = GRPOTrainer(model=model_dir, args=grpo_config(tmp_path, 0), **kwargs)
+    for bad, error in (("junk", ValueError), ("cuda", BackendUnavailableError)):
+        with pytest.raises(error, match="backend"):
+            patch_grpo_trainer(trainer, backend=bad)
+        assert type(trainer) is GRPOTrainer  # a refused trainer stays the stock one

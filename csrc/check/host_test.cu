@@ -145,11 +145,93 @@ void test_segment_lookup() {
   EXPECT(rf_sparse_adamw_flags(0, 4096, 8192, 4) == 0, "masked segments gather");
 }
 
+// The kernel's per-group statistics (pass 0-2 of group_statistics) on the host, one lane: the values in units of
+// unit_of(max |r|), the mean clamped to [min, max], the scale-invariant std.
+rf::group_advantage::Pass1 host_group_statistics(const std::vector<float>& r) {
+  using namespace rf;
+  float count = 0.0f, lo = INFINITY, hi = -INFINITY;
+  for (float x : r) count = add(count, 1.0f), lo = fminf(lo, x), hi = fmaxf(hi, x);
+  const float unit = group_advantage::unit_of(fmaxf(-lo, hi));
+  float sum = 0.0f;
+  for (float x : r) sum = add(sum, div(x, unit));
+  const float lo_u = div(lo, unit), hi_u = div(hi, unit);
+  const float mean = fminf(fmaxf(div(sum, count), lo_u), hi_u);
+  const float top = fmaxf(sub(hi_u, mean), sub(mean, lo_u));
+  float sq = 0.0f;
+  for (float x : r) sq = add(sq, group_advantage::squared_ratio(sub(div(x, unit), mean), top > 0.0f ? top : 1.0f));
+  group_advantage::Pass1 p;
+  p.stats = group_advantage::GroupStats{count, mean, group_advantage::bessel_std(sq, count, top), unit, hi == lo};
+  p.n_correct = 0.0f, p.m2 = sq, p.scale = top;
+  return p;
+}
+
+// Issue 24 item 5: finite rewards near float32's maximum give finite, correct advantages (the sums, means, stds and
+// deviations of the kernel are all taken in units of a power of two near the largest |reward|).
+void test_near_float_max() {
+  using rf::group_advantage::advantage_of;
+  using rf::group_advantage::unit_of;
+  EXPECT(unit_of(0.0f) == 1.0f && unit_of(0.75f) == 1.0f && unit_of(1.0f) == 1.0f && unit_of(3.0f) == 2.0f,
+         "unit_of small");
+  EXPECT(unit_of(3.4e38f) == std::ldexp(1.0f, 127) && unit_of(1e-40f) == 1.0f, "unit_of at the extremes");
+  struct Case {
+    std::vector<float> r;
+  };
+  const Case cases[] = {{{3e38f, -3e38f}}, {{3.4e38f, 3.3e38f}}, {{3.4e38f, -3.4e38f, 1.0f}},
+                        {{3.4028235e38f, 3.4028235e38f, 3.4028235e38f}}, {{1.0f, 0.0f, 0.0f, 2.0f, 5.0f}}};
+  for (const Case& cs : cases) {
+    const std::vector<float>& r = cs.r;
+    const rf::group_advantage::Pass1 p = host_group_statistics(r);
+    const auto& st = p.stats;
+    double mu = 0.0;
+    for (float x : r) mu += x;
+    mu /= r.size();
+    double q = 0.0;
+    for (float x : r) q += (x - mu) * (x - mu);
+    const double sd = std::sqrt(q / (r.size() - 1));
+    const double mean = static_cast<double>(st.mean) * st.unit;
+    EXPECT(std::isfinite(mean) && std::fabs(mean - mu) <= 1e-6 * std::fabs(r[0]), "mean %g vs %g", mean, mu);
+    for (float x : r) {
+      const float dev = rf::sub(rf::div(x, st.unit), st.mean);
+      const float a = advantage_of(RF_GA_GRPO, RF_GA_SCALE_GROUP, RF_GA_SAMPLE_ALL, dev, 0.0f, st,
+                                   rf::add(st.std, rf::div(1e-6f, st.unit)), 1.0f, 0.1f);
+      const double want = st.all_equal ? 0.0 : (x - mu) / (sd + 1e-6);
+      EXPECT(std::isfinite(a) && std::fabs(a - want) <= 1e-5 * (1.0 + std::fabs(want)), "grpo adv %g vs %g (r=%g)",
+             a, want, x);
+      const float b = advantage_of(RF_GA_DR_GRPO, RF_GA_SCALE_NONE, RF_GA_SAMPLE_ALL, dev, 0.0f, st, 1.0f, 1.0f,
+                                   0.1f);
+      const double want_b = st.all_equal ? 0.0 : x - mu;
+      // a difference beyond float32's range is inf (the op raises on it); every other one is finite and right
+      if (std::fabs(want_b) < 3.4e38)
+        EXPECT(std::isfinite(b) && std::fabs(b - want_b) <= 1e-6 * std::fabs(r[0]), "dr_grpo %g vs %g", b, want_b);
+    }
+  }
+  // Chan's combination of groups in different units, with means of opposite signs near the maximum
+  rf::group_advantage::Moments acc{0.0f, 0.0f, 0.0f, 0.0f, 1.0f};
+  const std::vector<std::vector<float>> parts = {{3.4e38f, 3.3e38f}, {-3.4e38f, -3.0e38f}, {1.0f, 2.0f}};
+  std::vector<double> all;
+  for (const auto& part : parts) {
+    const rf::group_advantage::Pass1 p = host_group_statistics(part);
+    acc = rf::group_advantage::combine(acc, {p.stats.count, p.stats.mean, p.m2, p.scale, p.stats.unit});
+    all.insert(all.end(), part.begin(), part.end());
+  }
+  double mu = 0.0, q = 0.0;
+  for (double x : all) mu += x;
+  mu /= all.size();
+  for (double x : all) q += (x - mu) * (x - mu);
+  const double sd = std::sqrt(q / (all.size() - 1));
+  const double got = static_cast<double>(rf::group_advantage::bessel_std(acc.m2, acc.n, acc.scale)) * acc.unit;
+  EXPECT(std::fabs(got - sd) <= 1e-5 * sd, "batch std near the maximum %g vs %g", got, sd);
+  const float den = rf::group_advantage::batch_denominator_in(
+      rf::group_advantage::bessel_std(acc.m2, acc.n, acc.scale), acc.unit, 1e-6f, 1.0f);
+  const float a = rf::div(0.5f, den);  // the reward 2 of the group {1, 2} (dev 0.5 in its unit of 1)
+  EXPECT(std::isfinite(a) && std::fabs(a - 0.5 / sd) <= 1e-5 * (0.5 / sd) + 1e-45, "batch adv %g vs %g", a, 0.5 / sd);
+}
+
 void test_advantage_formulas() {
   using rf::group_advantage::advantage_of;
   using rf::group_advantage::GroupStats;
   // Group [1, 0, 0, 0]: mean 0.25, Bessel std 0.5; eps 0.5 -> the success gets 0.75 / 1.0 = 0.75.
-  const GroupStats st{4.0f, 0.25f, 0.5f, false};
+  const GroupStats st{4.0f, 0.25f, 0.5f, 1.0f, false};
   EXPECT(advantage_of(RF_GA_GRPO, RF_GA_SCALE_GROUP, RF_GA_SAMPLE_ALL, 0.75f, 0.0f, st, 1.0f, 9.0f, 0.1f) == 0.75f,
          "grpo group");
   EXPECT(advantage_of(RF_GA_GRPO, RF_GA_SCALE_BATCH, RF_GA_SAMPLE_ALL, 0.75f, 0.0f, st, 1.0f, 3.0f, 0.1f) == 0.25f,
@@ -171,7 +253,7 @@ void test_advantage_formulas() {
   EXPECT(advantage_of(RF_GA_DR_GRPO, RF_GA_SCALE_NONE, RF_GA_SAMPLE_NEGATIVE, 0.75f, 0.0f, st, 1.0f, 1.0f, 0.1f) ==
              0.0f,
          "negative_only clamps 0.75");
-  const GroupStats flat{4.0f, 2.0f, 0.0f, true};
+  const GroupStats flat{4.0f, 2.0f, 0.0f, 2.0f, true};
   for (int e = RF_GA_GRPO; e <= RF_GA_RLOO; ++e) {
     EXPECT(advantage_of(e, e == RF_GA_GRPO ? RF_GA_SCALE_GROUP : RF_GA_SCALE_NONE, RF_GA_SAMPLE_ALL, 0.0f, 1.0f,
                         flat, 1e-6f, 1.0f, 0.1f) == 0.0f,
@@ -189,7 +271,7 @@ void test_advantage_formulas() {
       const int n = 2 + static_cast<int>(rng() % 500);
       std::vector<float> x(n);
       for (float& xi : x) xi = normal(rng);
-      rf::group_advantage::Moments acc{0.0f, 0.0f, 0.0f, 0.0f};
+      rf::group_advantage::Moments acc{0.0f, 0.0f, 0.0f, 0.0f, 1.0f};
       for (int lo = 0; lo < n;) {
         const int step = 1 + static_cast<int>(rng() % 40);
         const int hi = lo + step > n ? n : lo + step;
@@ -201,7 +283,7 @@ void test_advantage_formulas() {
         const float unit = top > 0.0f ? top : 1.0f;
         float m2 = 0.0f;
         for (int i = lo; i < hi; ++i) m2 += ((x[i] - mean) / unit) * ((x[i] - mean) / unit);
-        acc = rf::group_advantage::combine(acc, {static_cast<float>(hi - lo), mean, m2, top});
+        acc = rf::group_advantage::combine(acc, {static_cast<float>(hi - lo), mean, m2, top, 1.0f});
         lo = hi;
       }
       double mean = 0.0, m2 = 0.0;
@@ -217,6 +299,7 @@ void test_advantage_formulas() {
              std_got, std_ref, magnitude);
     }
   }
+  test_near_float_max();
   EXPECT(rf::group_advantage::bessel_std(0.0f, 1.0f, 0.0f) == 0.0f &&
              rf::group_advantage::bessel_std(0.0f, 0.0f, 0.0f) == 0.0f,
          "std of fewer than 2 values is 0");

@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
         "rlvr_fast.integrations.trl needs TRL: pip install 'rlvr_fast[trl]' (supported: trl>=1.16,<1.17)"
     ) from exc
 
+from rlvr_fast.backends import check_backend_available, check_backend_name
 from rlvr_fast.integrations import policy_loss
 from rlvr_fast.integrations.policy_loss import IMPLEMENTATIONS, hidden_state_policy_loss
 from rlvr_fast.integrations.trl_advantages import AdvantageOptions, recompute_advantages
@@ -57,6 +58,7 @@ from rlvr_fast.integrations.trl_config import (
 )
 from rlvr_fast.integrations.trl_rewards import trl_reward_func
 from rlvr_fast.ops.constants import IGNORE_INDEX
+from rlvr_fast.ops.group_advantage import CUDA_OP as GROUP_ADVANTAGE_CUDA_OP
 from rlvr_fast.ops.logprobs import token_logprobs
 from rlvr_fast.ops.loss_types import StepShare
 from rlvr_fast.optim.sharding import is_dtensor
@@ -246,6 +248,8 @@ class _RLVRFastMixin:
 
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         check_model(policy)
+        device = next(policy.parameters()).device
+        check_backend_available("RLVRFastGRPOTrainer", backend, device, _TRAINER_OPS)
         self._rlvr_fast_options = options.validate(self)
         self._rlvr_fast_backend = backend
         self._rlvr_fast_implementation = implementation or policy_loss.DEFAULT_IMPLEMENTATION
@@ -380,6 +384,26 @@ class _RLVRFastMixin:
         return output
 
 
+# The ops the trainer runs with ``backend`` (op name -> its CUDA C++ op, None where there is none): checked at
+# construction so that an unavailable backend fails before any generation, not at the first loss.
+_TRAINER_OPS: dict[str, str | None] = {
+    "token_logprobs": None,
+    "fused_linear_grpo_loss": None,
+    "grpo_loss": None,
+    "group_advantages": GROUP_ADVANTAGE_CUDA_OP,
+}
+
+
+def _check_options(backend, implementation) -> None:
+    """The wrapper's own options, by name and value (the advantage options are checked by ``_options``)."""
+    check_backend_name("RLVRFastGRPOTrainer", backend)
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"RLVRFastGRPOTrainer: implementation must be None or one of {sorted(IMPLEMENTATIONS)}, "
+            f"got {implementation!r}"
+        )
+
+
 def _options(sample_mode: str, estimator: str | None, lam: float, verifier: str | None) -> AdvantageOptions:
     return AdvantageOptions(estimator=estimator, sample_mode=sample_mode, lam=lam, verifier=verifier).validate()
 
@@ -412,6 +436,7 @@ class RLVRFastGRPOTrainer(_RLVRFastMixin, GRPOTrainer):
     ):
         check_trl_version()
         options = _options(sample_mode, estimator, lam, verifier)
+        _check_options(backend, implementation)  # before TRL loads any model
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None:
             check_grpo_config(config)  # fail before TRL loads the policy and the reference model
@@ -445,6 +470,7 @@ def patch_grpo_trainer(
         raise RuntimeError("patch_grpo_trainer: this trainer already uses rlvr_fast's loss")
     check_trl_version()
     options = _options(sample_mode, estimator, lam, verifier)
+    _check_options(backend, implementation)
     check_grpo_config(trainer.args)
     original = type(trainer)
     trainer.__class__ = _patched_class(original)

@@ -11,6 +11,12 @@ from __future__ import annotations
 # Hugging Face's cross-entropy convention).
 IGNORE_INDEX = -100
 
+# Largest old_logp the losses accept. A log-probability is <= 0; every usual way of computing one (log_softmax,
+# logits - logsumexp with the running maximum) rounds to <= 0 too, but a sampler computing logsumexp in float32
+# around logits of ~1e3 can round a near-certain token's log-prob up by ~ulp(1e3) = 6e-5. Beyond this it is not a
+# log-probability (a probability, a logit, a sign error) and the ratio exp(logp - old_logp) would be silently wrong.
+OLD_LOGP_MAX = 1e-4
+
 # Advantage estimator, scale and sample-mode codes (rlvr_fast.ops.group_advantage's ESTIMATORS ``code``, SCALES and
 # SAMPLE_MODE_CODES; the group-advantage kernel's constexprs; csrc/ switches on the same numbers). The centred
 # estimators come first: ADV_RLOO is the last of them.

@@ -111,9 +111,20 @@ def _check_linear_inputs(hidden, weight, targets, mask, advantages, bias) -> Non
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,)):
         raise ValueError(f"{OP}: bias must be (V,) = ({V},) or None, got {getattr(bias, 'shape', bias)}")
     valid = targets != IGNORE_INDEX
-    if bool(((targets < 0) | (targets >= V))[valid].any()):
-        bad = targets[valid & ((targets < 0) | (targets >= V))][0].item()
+    out_of_range = valid & ((targets < 0) | (targets >= V))
+    # a padding target where the mask counts the token: its logp is 0 by convention, so it would enter the loss (and
+    # its normaliser) as a token the policy predicted with certainty. Both counts in one reduction, one host sync.
+    ignored = ~valid & (mask != 0)
+    n_out, n_ignored = torch.stack([out_of_range.sum(), ignored.sum()]).tolist()
+    if n_out:
+        bad = targets[out_of_range][0].item()
         raise ValueError(f"{OP}: targets must be in [0, V={V}) or {IGNORE_INDEX} (padding), found {bad}")
+    if n_ignored:
+        where = ", ".join(f"({b}, {t})" for b, t in ignored.nonzero()[:5].tolist())
+        raise ValueError(
+            f"{OP}: targets hold the ignore index {IGNORE_INDEX} (padding) at {n_ignored} (row, position) where mask "
+            f"!= 0: {where}; a padding position must have mask 0"
+        )
 
 
 def fused_linear_grpo_loss_reference(

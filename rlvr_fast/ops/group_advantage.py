@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -57,12 +58,19 @@ TRITON_MAX_GROUP_SIZE = 65536
 
 
 class AdvantageStats(NamedTuple):
-    """Per-group quantities an estimator's formula may use; every tensor is (groups, G) or (groups, 1)."""
+    """Per-group quantities an estimator's formula may use; every tensor is (groups, G) or (groups, 1).
 
-    rewards: torch.Tensor  # (groups, G) rewards, 0 where invalid
-    dev: torch.Tensor  # (groups, G) r_i - mean_g, 0 where invalid
-    std: torch.Tensor  # (groups, 1) Bessel std over the group's valid rewards
-    denominator: torch.Tensor | float  # grpo's divisor chosen by ``scale``: std + eps, batch std + eps, or 1
+    Rewards, deviations and stds are held in units of the group's ``unit`` (a power of two near its largest |reward|,
+    ``unit_of``), so that no intermediate overflows for any finite reward; dividing by a power of two is exact, so for
+    rewards of ordinary size the results are bit for bit those of the unscaled formulas. A formula returns the
+    advantage in reward units: ``dev * unit`` for the unnormalised estimators, ``dev / denominator`` for grpo.
+    """
+
+    rewards: torch.Tensor  # (groups, G) rewards / unit, 0 where invalid
+    dev: torch.Tensor  # (groups, G) (r_i - mean_g) / unit, 0 where invalid
+    std: torch.Tensor  # (groups, 1) Bessel std over the group's valid rewards / unit
+    denominator: torch.Tensor  # (groups, 1) grpo's divisor chosen by ``scale``, / unit: std + eps, batch std + eps, 1
+    unit: torch.Tensor  # (groups, 1) the group's power-of-two unit
     count: torch.Tensor  # (groups, 1) number of valid rewards
     correct: torch.Tensor | None  # (groups, G) 0/1 verdicts
     eps: float
@@ -87,8 +95,9 @@ class Estimator:
 
 
 def _rloo_formula(s: AdvantageStats) -> torch.Tensor:
-    # r_i - mean_{j != i} r_j == n/(n-1) * (r_i - mean); n < 2 is zeroed by the centred rule.
-    return s.dev * (s.count / (s.count - 1.0).clamp_min(1.0))
+    # r_i - mean_{j != i} r_j == n/(n-1) * (r_i - mean); n < 2 is zeroed by the centred rule. Back to reward units
+    # last, so only a result that is itself beyond the float's range overflows.
+    return s.dev * (s.count / (s.count - 1.0).clamp_min(1.0)) * s.unit
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -109,7 +118,7 @@ ESTIMATORS: dict[str, Estimator] = {
             centred=True,
             needs_correct=False,
             scales=("none",),
-            formula=lambda s: s.dev,
+            formula=lambda s: s.dev * s.unit,
             paper="Liu et al. 2025, arXiv:2503.20783",
         ),
         Estimator(
@@ -270,7 +279,9 @@ def _check_inputs(
     if eps < 0:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
-    flat = rewards.reshape(-1)
+    # Advantages are constants of the policy gradient: no backend tracks gradients through them (the Triton and CUDA
+    # kernels cannot, so neither do the torch path and the reference), whatever the rewards' requires_grad says.
+    flat = rewards.detach().reshape(-1)
     if not flat.is_floating_point():
         flat = flat.to(torch.float32)
     flat = flat.contiguous()
@@ -290,7 +301,7 @@ def _check_inputs(
             )
         c = None
     else:
-        c = correct if isinstance(correct, torch.Tensor) else torch.as_tensor(correct, device=rewards.device)
+        c = correct.detach() if isinstance(correct, torch.Tensor) else torch.as_tensor(correct, device=rewards.device)
         if c.device != rewards.device:
             raise ValueError(f"{OP}: correct is on {c.device} but rewards are on {rewards.device}")
         if c.numel() != n:
@@ -307,21 +318,79 @@ def _check_inputs(
 _INTEGRAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def unnormalised(chk: _Checked) -> bool:
+    """The estimator returns differences of rewards (dr_grpo, rloo, grpo with scale="none"): the only advantages that
+    can exceed float32's range (|r_i - mean_g| up to twice the largest |reward|; rloo's n/(n-1) up to twice more).
+    Normalised ones are bounded by sqrt(G) (grpo) or by 1 and lam (psr, nsr, w_reinforce)."""
+    return chk.estimator.name in ("dr_grpo", "rloo") or (chk.estimator.name == "grpo" and chk.scale == "none")
+
+
+def check_representable(advantages: torch.Tensor, chk: _Checked) -> None:
+    """Raise ValueError when an unnormalised estimator's advantage is beyond float32's range (the advantages' dtype):
+    such a difference of two finite rewards has no float32 value, and a clamped or inf advantage would silently train
+    on a wrong number. One reduction and one host sync, only for those estimators."""
+    if not unnormalised(chk) or advantages.numel() == 0:
+        return
+    as_f32 = advantages.reshape(-1).to(torch.float32)
+    bad = ~torch.isfinite(as_f32)
+    if not bool(bad.any()):
+        return
+    first = int(bad.nonzero()[0, 0])
+    g = first // chk.group_size
+    members = chk.rewards[g * chk.group_size : (g + 1) * chk.group_size].double()
+    members = members[torch.isfinite(members)]
+    f32_max = torch.finfo(torch.float32).max
+    raise ValueError(
+        f"{OP}: estimator={chk.estimator.name!r} (scale={chk.scale!r}) advantages are differences of rewards, and "
+        f"advantages[{first}] (flat index; group {g}, rewards in [{float(members.min()):.4g}, "
+        f"{float(members.max()):.4g}]) is beyond float32's range (|A| <= {f32_max:.4g}); {int(bad.sum())} such in "
+        f"all. Rescale the rewards, or use estimator='grpo' with scale='group' or 'batch', whose advantages are "
+        f"finite for every finite reward"
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 1. The reference: the specification, a literal per-group loop in float64
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _sample_std(vals: list[float], mean: float) -> float:
-    """Bessel-corrected std, scale-invariant: deviations are divided by their largest magnitude before squaring, so
-    finite rewards of any size (1e200 in float64, 1e20 in float32) never overflow the squares."""
-    if len(vals) < 2:
-        return 0.0
-    devs = [v - mean for v in vals]
-    top = max(abs(d) for d in devs)
-    if top == 0:
-        return 0.0
-    return top * math.sqrt(sum((d / top) ** 2 for d in devs) / (len(vals) - 1))
+def _as_float(x: Fraction) -> float:
+    """``x`` rounded to the nearest float; +-inf beyond the float's range (as float arithmetic would give)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+class _ExactStats(NamedTuple):
+    """A set of rewards' statistics in exact rational arithmetic (no rounding, no overflow)."""
+
+    mean: Fraction
+    devs: list[Fraction]  # r_i - mean, exactly
+    top: Fraction  # largest |deviation| (0 when all equal or empty)
+    std_over_top: float  # the Bessel std / top (in [0, sqrt(n)]; 0 when top is 0 or below 2 values)
+
+    @property
+    def std(self) -> float:
+        return _as_float(self.top) * self.std_over_top
+
+    def scaled(self, d: Fraction, eps: float) -> float:
+        """d / (std + eps), computed as (d / top) / (std / top + eps / top): every term is a ratio of size <= sqrt(n)
+        (eps / top may underflow to 0, its limit), so finite rewards of any size give a finite quotient."""
+        if self.top == 0:
+            return 0.0  # every deviation is 0 (the centred rule zeroes it anyway)
+        return _as_float(d / self.top) / (self.std_over_top + _as_float(Fraction(eps) / self.top))
+
+
+def _exact_stats(vals: list[float]) -> _ExactStats:
+    exact = [Fraction(v) for v in vals]
+    mean = sum(exact, Fraction(0)) / len(exact) if exact else Fraction(0)
+    devs = [x - mean for x in exact]
+    top = max((abs(d) for d in devs), default=Fraction(0))
+    ratio = 0.0
+    if len(vals) >= 2 and top > 0:
+        ratio = math.sqrt(_as_float(sum(((d / top) ** 2 for d in devs), Fraction(0)) / (len(vals) - 1)))
+    return _ExactStats(mean, devs, top, ratio)
 
 
 def group_advantages_reference(
@@ -335,15 +404,16 @@ def group_advantages_reference(
     correct=None,
     invalid: str = "raise",
 ) -> GroupAdvantages:
-    """docs/design.md §1 written out per group in float64. Slow on purpose: read it, test against it."""
+    """docs/design.md §1 written out per group, in exact rational arithmetic (``fractions.Fraction``) rounded once to
+    float64 at the end of each formula: no intermediate rounds or overflows, for any finite reward. Slow on purpose:
+    read it, test against it. Raises like ``group_advantages`` where an advantage is beyond float32's range."""
     chk = _check_inputs(rewards, group_size, estimator, scale, eps, lam, sample_mode, correct, invalid)
     r = chk.rewards.double().cpu()
     c = None if chk.correct is None else chk.correct.double().cpu()
     valid = torch.isfinite(r)
     n_groups, G = chk.n_groups, chk.group_size
 
-    batch_vals = [float(v) for v in r[valid]]
-    batch_std = _sample_std(batch_vals, sum(batch_vals) / max(len(batch_vals), 1))
+    batch = _exact_stats([float(v) for v in r[valid]])
 
     adv = torch.zeros(n_groups * G, dtype=torch.float64)
     mean = torch.zeros(n_groups, dtype=torch.float64)
@@ -356,24 +426,28 @@ def group_advantages_reference(
         members = [g * G + j for j in range(G) if valid[g * G + j]]
         vals = [float(r[i]) for i in members]
         n = len(vals)
-        m = sum(vals) / n if n else 0.0
-        s = _sample_std(vals, m)
+        st = _exact_stats(vals)  # exact rationals: the mean of 3.4e38 and 3.3e38 does not overflow
         equal = n < 2 or max(vals) == min(vals)
-        mean[g], std[g], all_equal[g] = m, s, equal
+        mean[g], std[g], all_equal[g] = float(st.mean), st.std, equal
         if c is not None:
             verdicts = [float(c[i]) for i in members]
             solve[g] = sum(verdicts) / n if n else 0.0
             all_correct[g] = n > 0 and all(v == 1 for v in verdicts)
             all_wrong[g] = n > 0 and all(v == 0 for v in verdicts)
-        for i in members:
-            ri = float(r[i])
+        for k, i in enumerate(members):
+            d = st.devs[k]  # r_i - mean_g, exact
             if chk.estimator.name == "grpo":
-                denom = {"group": s + eps, "batch": batch_std + eps, "none": 1.0}[chk.scale]
-                a = (ri - m) / denom
+                if chk.scale == "group":
+                    a = st.scaled(d, eps)
+                elif chk.scale == "batch":
+                    a = batch.scaled(d, eps)
+                else:
+                    a = _as_float(d)
             elif chk.estimator.name == "dr_grpo":
-                a = ri - m
+                a = _as_float(d)
             elif chk.estimator.name == "rloo":
-                a = ri - (sum(vals) - ri) / (n - 1) if n > 1 else 0.0
+                ri = Fraction(vals[k])
+                a = _as_float(ri - (sum(map(Fraction, vals)) - ri) / (n - 1)) if n > 1 else 0.0
             elif chk.estimator.name == "psr":
                 a = float(c[i])
             elif chk.estimator.name == "nsr":
@@ -387,6 +461,7 @@ def group_advantages_reference(
             elif sample_mode == "negative_only":
                 a = min(a, 0.0)
             adv[i] = a
+    check_representable(adv, chk)
     has_c = c is not None
     return GroupAdvantages(
         advantages=adv.reshape(chk.out_shape),
@@ -406,9 +481,23 @@ def group_advantages_reference(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# The exponent field of each float dtype the statistics are computed in: masking a value's bits with it gives the
+# largest power of two <= |value| (for a normal value), with no rounding anywhere.
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
+def unit_of(peak: torch.Tensor) -> torch.Tensor:
+    """The power-of-two unit rewards are divided by: 2^floor(log2(peak)) for ``peak`` >= 1 (the largest |reward| of a
+    group, or of the batch), else 1. Rewards / unit lie in (-2, 2), so sums of G of them, their mean, deviations
+    and their scaled squares stay finite for every finite reward, and the division is exact (a power of two), so
+    rewards below 2 in magnitude are computed exactly as without it. The Triton and CUDA kernels take the same bits."""
+    int_dtype, mask = _EXPONENT_BITS[peak.dtype]
+    return (peak.view(int_dtype) & mask).view(peak.dtype).clamp_min(1.0)
+
+
 def _scaled_std(dev: torch.Tensor, count: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, 1) Bessel std of each row of deviations ``dev`` (rows, G) (zeros where masked), computed scale-invariantly
-    like the reference's ``_sample_std``: divided by the row's largest |deviation| before squaring. ``top``: that
+    like the reference's ``_exact_stats``: divided by the row's largest |deviation| before squaring. ``top``: that
     largest |deviation| (rows, 1) when the caller has it (max - mean, mean - min: the same subtractions, so the same
     value as ``dev.abs().amax``, one pass fewer)."""
     if top is None:
@@ -416,6 +505,35 @@ def _scaled_std(dev: torch.Tensor, count: torch.Tensor, top: torch.Tensor | None
     safe = torch.where(top > 0, top, torch.ones_like(top))
     x = dev / safe
     return safe * ((x * x).sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)).sqrt() * (top > 0)
+
+
+class _Moments(NamedTuple):
+    """Mean and Bessel std of rows of values, in units of ``unit`` (all (rows, 1))."""
+
+    unit: torch.Tensor
+    mean: torch.Tensor  # mean / unit, clamped to [min, max] / unit (rounding never leaves the range)
+    dev: torch.Tensor  # (rows, G) (value - mean) / unit, 0 where masked
+    std: torch.Tensor  # Bessel std / unit
+    r_min: torch.Tensor  # smallest valid value (inf for an empty row), in value units
+    r_max: torch.Tensor
+
+
+def _moments(r: torch.Tensor, count: torch.Tensor, valid: torch.Tensor | None) -> _Moments:
+    """Row statistics of ``r`` (rows, G) (0 where ``valid`` is False; ``valid`` None: all valid), overflow-free."""
+    if valid is None:
+        r_min, r_max = torch.aminmax(r, dim=1, keepdim=True)
+    else:
+        r_min = torch.where(valid, r, math.inf).amin(dim=1, keepdim=True)
+        r_max = torch.where(valid, r, -math.inf).amax(dim=1, keepdim=True)
+    unit = unit_of(r.abs().amax(dim=1, keepdim=True))
+    u = r / unit
+    lo, hi = r_min / unit, r_max / unit
+    nonempty = count > 0
+    mean = u.sum(dim=1, keepdim=True) / count.clamp_min(1.0)
+    mean = torch.where(nonempty, torch.minimum(torch.maximum(mean, lo), hi), 0.0)
+    dev = u - mean if valid is None else torch.where(valid, u - mean, 0.0)
+    top = torch.where(nonempty, torch.maximum(hi - mean, mean - lo), 0.0)  # an empty row has lo = inf
+    return _Moments(unit, mean, dev, _scaled_std(dev, count, top), r_min, r_max)
 
 
 def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvantages:
@@ -428,33 +546,29 @@ def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvan
         r = torch.where(valid, r, 0.0)
         vf = valid.to(torch.float32)
         count = vf.sum(dim=1, keepdim=True)
-        mean = r.sum(dim=1, keepdim=True) / count.clamp_min(1.0)
-        dev = (r - mean) * vf
-        r_min = torch.where(valid, r, math.inf).amin(dim=1, keepdim=True)
-        r_max = torch.where(valid, r, -math.inf).amax(dim=1, keepdim=True)
     else:  # every reward is finite (checked): the plain, faster path
         valid = vf = None
         count = torch.full((chk.n_groups, 1), float(G), device=r.device)
-        mean = r.mean(dim=1, keepdim=True)
-        dev = r - mean
-        r_min, r_max = torch.aminmax(r, dim=1, keepdim=True)
-    all_equal = (r_max == r_min) | (count < 2)
-    top = torch.where(count > 0, torch.maximum(r_max - mean, mean - r_min), 0.0)  # an empty group has r_min = inf
-    std = _scaled_std(dev, count, top)
+    m = _moments(r, count, valid)
+    all_equal = (m.r_max == m.r_min) | (count < 2)
 
     if chk.scale == "batch":
-        finite = r if vf is None else r[valid]
-        if finite.numel() > 1:
-            n_finite = torch.full((), float(finite.numel()), dtype=compute, device=r.device)
-            batch_std = _scaled_std((finite - finite.mean()).reshape(1, -1), n_finite).reshape(())
-        else:
-            batch_std = torch.zeros((), dtype=compute, device=r.device)
-        denominator = batch_std + eps
-    else:
-        denominator = {"group": std + eps, "none": 1.0}[chk.scale]
+        finite = (r if vf is None else r[valid]).reshape(1, -1)
+        if finite.numel():
+            n_finite = torch.full((1, 1), float(finite.numel()), dtype=compute, device=r.device)
+            b = _moments(finite, n_finite, None)
+            # (batch std + eps) in each group's unit; both units are powers of two, so the ratio is exact
+            denominator = (b.std + eps / b.unit) * (b.unit / m.unit)
+        else:  # every reward masked out: every advantage is 0 whatever the denominator
+            denominator = eps / m.unit
+    elif chk.scale == "group":
+        denominator = m.std + eps / m.unit
+    else:  # "none": dev / (1 / unit) == dev * unit exactly
+        denominator = 1.0 / m.unit
+    r, dev, std, mean = r / m.unit, m.dev, m.std, m.mean
 
     c = None if chk.correct is None else chk.correct.view(chk.n_groups, G)
-    adv = chk.estimator.formula(AdvantageStats(r, dev, std, denominator, count, c, eps, lam))
+    adv = chk.estimator.formula(AdvantageStats(r, dev, std, denominator, m.unit, count, c, eps, lam))
     if chk.estimator.centred:
         adv = torch.where(all_equal, 0.0, adv)
     adv = SAMPLE_MODES[chk.sample_mode](adv)
@@ -472,8 +586,8 @@ def _group_advantages_torch(chk: _Checked, eps: float, lam: float) -> GroupAdvan
     f32 = torch.float32
     return GroupAdvantages(
         advantages=adv.to(f32).reshape(chk.out_shape),
-        mean=mean.squeeze(1).to(f32),
-        std=std.squeeze(1).to(f32),
+        mean=(mean * m.unit).squeeze(1).to(f32),
+        std=(std * m.unit).squeeze(1).to(f32),  # inf where the std itself exceeds the float's range
         all_equal=all_equal.squeeze(1),
         solve_rate=None if solve is None else solve.to(f32),
         all_correct=all_correct,
@@ -624,4 +738,6 @@ def group_advantages(
     )
     if chk.n_groups == 0:  # nothing to launch; the torch path returns correctly shaped empty tensors
         return _group_advantages_torch(chk, eps, lam)
-    return _PATHS[chosen](chk, float(eps), float(lam))
+    out = _PATHS[chosen](chk, float(eps), float(lam))
+    check_representable(out.advantages, chk)
+    return out

@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from rlvr_fast.backends import select_backend
 from rlvr_fast.ops.checks import accumulation_dtype, real_tensor
 from rlvr_fast.ops.constants import (
+    OLD_LOGP_MAX,
     STAT_CLIP_HIGH,
     STAT_CLIP_LOW,
     STAT_DUAL_CLIP,
@@ -122,16 +123,54 @@ class CheckedLoss:
         return self.objective.denominator(self.logp.shape[0], token_count)
 
 
-def _check_values(where: str, mask: torch.Tensor, advantages: torch.Tensor) -> None:
-    """A negative mask weight flips the sign of its tokens' gradient and a NaN / inf advantage poisons every parameter
-    through the backward: both are rejected by name (one host sync each)."""
-    if not mask.dtype == torch.bool and bool((mask < 0).any()):
-        raise ValueError(
-            f"{where}: mask weights must be >= 0, got {int((mask < 0).sum())} negative (min {float(mask.min())})"
-        )
-    if advantages.is_floating_point() and not bool(torch.isfinite(advantages).all()):
+def _positions(bad: torch.Tensor, values: torch.Tensor, name: str, limit: int = 5) -> str:
+    """The first ``limit`` (row, position) pairs where ``bad`` (B, T) holds, with ``name``'s values there."""
+    idx = bad.nonzero()[:limit].tolist()
+    return ", ".join(f"{name}[{b}, {t}] = {float(values[b, t]):.6g}" for b, t in idx)
+
+
+def _check_values(
+    where: str, mask: torch.Tensor, advantages: torch.Tensor, old_logp: torch.Tensor | None = None
+) -> None:
+    """Values no loss can be computed from, rejected by name and position:
+
+    - a negative mask weight flips the sign of its tokens' gradient, a NaN / inf one poisons the loss;
+    - a NaN / inf advantage poisons every parameter through the backward;
+    - at a token that counts (mask != 0), a NaN old_logp, or one above ``OLD_LOGP_MAX`` (a log-probability is <= 0:
+      a positive one is a probability or a logit passed by mistake), gives a wrong ratio exp(logp - old_logp).
+      Positions with mask 0 are padding and may hold anything.
+
+    All four counts come from one fused reduction and one host sync; the positions are looked up only on failure."""
+    counts = []
+    float_mask = mask.dtype != torch.bool
+    if float_mask:
+        counts += [(mask < 0).sum(), (~torch.isfinite(mask)).sum()]
+    float_adv = advantages.is_floating_point()
+    if float_adv:
+        counts.append((~torch.isfinite(advantages)).sum())
+    bad_old = None
+    if old_logp is not None:
+        bad_old = (mask != 0) & (torch.isnan(old_logp) | (old_logp > OLD_LOGP_MAX))
+        counts.append(bad_old.sum())
+    if not counts:
+        return
+    got = torch.stack([c.to(torch.int64) for c in counts]).tolist()
+    if float_mask:
+        negative, non_finite = got.pop(0), got.pop(0)
+        if negative or non_finite:
+            bad = (mask < 0) | ~torch.isfinite(mask)
+            raise ValueError(
+                f"{where}: mask weights must be >= 0, got {negative} negative (min {float(mask.nan_to_num().min())}) "
+                f"and {non_finite} NaN/inf (weights must be finite too); first at {_positions(bad, mask, 'mask')}"
+            )
+    if float_adv and got.pop(0):
         bad = (~torch.isfinite(advantages)).nonzero()[:, 0].tolist()
         raise ValueError(f"{where}: advantages must be finite, got NaN/inf at rows {bad[:5]}")
+    if bad_old is not None and got.pop(0):
+        raise ValueError(
+            f"{where}: old_logp must be a log-probability (<= {OLD_LOGP_MAX}, not NaN) at every token with mask != 0, "
+            f"got {int(bad_old.sum())} such tokens: {_positions(bad_old, old_logp, 'old_logp')}"
+        )
 
 
 def check_loss_inputs(
@@ -170,7 +209,7 @@ def check_loss_inputs(
     for name, x in (*per_token.items(), ("advantages", advantages)):
         if x is not None and x.device != logp.device:
             raise ValueError(f"{where}: {name} is on {x.device} but logp is on {logp.device}")
-    _check_values(where, mask, advantages)
+    _check_values(where, mask, advantages, old_logp)
     if objective.beta != 0.0 and ref_logp is None:
         raise ValueError(
             f"{where}: beta={objective.beta} > 0 needs ref_logp (the reference model's per-token log-probs, (B, T)), "
