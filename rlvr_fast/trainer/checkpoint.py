@@ -15,7 +15,10 @@ written (a NaN names the step and the tensor); ``manifest.json`` records each fi
 format, the world size and the run's config hash; the folder is re-read against the manifest before ``latest`` moves
 to it (``commit_checkpoint``). Resuming walks the checkpoints newest first and takes the first that verifies
 (``find_resumable``), saying why it skipped any. Partial ``.step-*`` folders left by a killed write are removed.
-Loading is strict: a missing, unexpected or misshapen tensor is an error.
+A write that fails (a full disk, a read-only folder) raises one ``CheckpointWriteError`` naming the step, the folder,
+the cause and the last good checkpoint; its partial folder is removed and ``latest`` stays (``write_failure``).
+Loading is strict: a missing, unexpected or misshapen tensor is an error. Nothing read runs code: safetensors and JSON
+hold none, and a DCP checkpoint's pickles are read by ``safe_unpickle``.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rlvr_fast.trainer import dcp_layout
-from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
+from rlvr_fast.trainer.strict_loading import CheckpointError, CheckpointWriteError, check_model_matches, tied_names
 
 LATEST = "latest"
 KEEP = 2  # complete checkpoints kept on disk
@@ -161,26 +165,55 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str, step: int)
 def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> str:
     """Write ``checkpoints/step-<step>`` of one process (verified) and move ``latest`` to it; keep the KEEP newest up
     to ``step``. ``trainer_state["config"]`` (a dict of RLVRConfig) is hashed into the manifest when present. A
-    torchrun run writes its shards instead: ``sharded_checkpoint.save_sharded_checkpoint``."""
+    torchrun run writes its shards instead: ``sharded_checkpoint.save_sharded_checkpoint``. Raises FloatingPointError
+    (nothing written) for a non-finite tensor, CheckpointWriteError (``write_failure``) when the write fails."""
     root = os.path.join(output_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    remove_partial_checkpoints(output_dir)
     weights = model_state(model)
     check_finite_tensors(weights, "model", step)
     optim_state = optimizer.state_dict()
     check_finite_tensors(dict(_tensors_in(optim_state["state"], "state")), "optimizer", step)
-    tmp = new_partial_folder(root, step)
     config_hash = _config_hash(trainer_state.get("config"))
+    tmp = None
     try:
+        os.makedirs(root, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+        tmp = new_partial_folder(root, step)
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         save_nested(os.path.join(tmp, "optimizer.safetensors"), optim_state)
         save_nested(os.path.join(tmp, "rng.safetensors"), _json_rng(rng_state()))
         write_trainer_state(tmp, step, config_hash, trainer_state)
         write_manifest(tmp, step, config_hash, {name: file_record(os.path.join(tmp, name)) for name in FILES})
         return commit_checkpoint(tmp, step, config_hash)
+    except WRITE_ERRORS as exc:  # a full disk, a read-only folder: one line naming all of it, no traceback
+        _remove(tmp)
+        raise write_failure(output_dir, step, f"{type(exc).__name__}: {exc}") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+# What a failed write raises (a full disk, a read-only or vanished folder): safetensors' own error for its files,
+# OSError for the rest, CheckpointError for a folder that does not verify after writing
+WRITE_ERRORS = (OSError, SafetensorError, CheckpointError)
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_failure(output_dir: str, step: int, cause: str) -> CheckpointWriteError:
+    """The error of a checkpoint of ``step`` that could not be written (its partial folder already removed): names
+    the step, the folder, ``cause`` and the last good checkpoint, which ``latest`` still points at."""
+    folder = os.path.join(output_dir, "checkpoints", f"step-{step:06d}")
+    try:
+        last = latest_checkpoint(output_dir)
+    except OSError:
+        last = None
+    kept = f"the last good checkpoint, {last}, is intact" if last else "there is no earlier checkpoint"
+    return CheckpointWriteError(
+        f"the checkpoint of step {step} was not written to {folder}: {cause}; {kept} (its partial folder was removed)"
+    )
 
 
 def new_partial_folder(root: str, step: int) -> str:
@@ -205,7 +238,11 @@ def commit_checkpoint(tmp: str, step: int, config_hash: str | None) -> str:
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+    try:
+        _write_atomic(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+    except BaseException:  # latest not moved (a full disk): the step was not written, as if it failed before
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     _prune(root, step)
     return final
 
@@ -325,6 +362,8 @@ def _verify_files(path: str, manifest_path: str, deep: bool) -> str | None:
             return f"{manifest_path} does not list {name}"
     for name, record in files.items():
         file = os.path.join(path, name)
+        if os.path.basename(name) != name or name in (".", ".."):  # every file of a checkpoint is in its folder
+            return f"{manifest_path} lists {name!r}, which is not a file of the checkpoint's folder"
         if not os.path.isfile(file):
             return f"{file} is missing"
         size = os.path.getsize(file)
@@ -334,6 +373,8 @@ def _verify_files(path: str, manifest_path: str, deep: bool) -> str | None:
             return f"{file} does not match its digest in the manifest (corrupt)"
         try:
             problem = _read_check(name)(file, manifest)
+        except CheckpointError as exc:  # names the file and why (e.g. an index that would run code: refused)
+            return str(exc)
         except Exception as exc:  # safetensors / pickle raise their own error types; any failure means unusable
             return f"{file} is unreadable ({type(exc).__name__}: {exc})"
         if problem:
@@ -427,11 +468,16 @@ def set_aside(path: str) -> str:
 
 def _write_atomic(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no stray temporary file; ``path`` is as it was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def latest_checkpoint(output_dir: str) -> str | None:

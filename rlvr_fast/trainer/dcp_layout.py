@@ -6,10 +6,10 @@ resume, and the one-process read of the model's weights (``rlvr-fast eval --chec
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
+from rlvr_fast.trainer.safe_unpickle import UnsafePickleError, dcp_load, read_index
 from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
 
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint.filesystem's index file
@@ -39,12 +39,14 @@ def check_world_size(path: str, state: dict, world_size: int) -> None:
 
 
 def read_metadata(path: str):
-    from torch.distributed.checkpoint import FileSystemReader
-
+    """DCP's index of the checkpoint at ``path``, unpickled by ``safe_unpickle`` (a pickle that names anything but
+    the index's own types is refused, never run). Raises CheckpointError naming the file."""
+    file = os.path.join(path, DCP_METADATA)
     try:
-        return FileSystemReader(path).read_metadata()
+        return read_index(path)
+    except UnsafePickleError as exc:  # names the file and the global it refused
+        raise CheckpointError(str(exc)) from None
     except Exception as exc:  # a truncated / corrupt index: torch's own error names no file
-        file = os.path.join(path, DCP_METADATA)
         raise CheckpointError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {exc})") from None
 
 
@@ -76,16 +78,12 @@ def saved_model_shapes(path: str) -> dict[str, tuple]:
 def load_weights_one_process(path: str, model: torch.nn.Module) -> None:
     """The model's weights of a DCP checkpoint into the one-process ``model`` (no process group; each tensor read
     whole from the ranks' shards), strictly (``check_model_matches``): nothing is loaded unless all of it reads."""
-    import torch.distributed.checkpoint as dcp
-
     saved = saved_model_shapes(path)
     current = model.state_dict()
     check_model_matches(path, saved, {n: tuple(t.shape) for n, t in current.items()}, tied_names(model))
     template = {n: torch.empty_like(t) for n, t in current.items() if n in saved}
     try:
-        with warnings.catch_warnings():  # torch warns that no process group is there: one process is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({MODEL_KEY: template}, checkpoint_id=path, no_dist=True)
+        dcp_load({MODEL_KEY: template}, path, no_dist=True)  # no pickle of it runs code (safe_unpickle)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: its shards are unreadable ({type(exc).__name__}: {exc})") from None
     with torch.no_grad():

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from rlvr_fast.trainer.prefix_sampling import sample_shared_prefix, unreproduced_generation_settings
+from rlvr_fast.trainer.prefix_sampling import diverged_rows, sample_shared_prefix, unreproduced_generation_settings
 from rlvr_fast.trainer.prefix_sharing import resolve_prefix_sharing
 
 
@@ -47,6 +47,22 @@ class Rollout:
             self.truncated[rows],
             [self.texts[i] for i in idx],
         )
+
+
+def finite_scores_check():
+    """A logits processor list for ``generate`` (applied after its own warpers) that raises DivergedSamplingError
+    when a row's scores give no finite distribution: softmax is finite exactly when the row's largest score is (a NaN
+    or +inf anywhere, or every token at -inf, makes it not). One max per row and decode step."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteScores(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            top = scores.amax(dim=-1)
+            if not bool(torch.isfinite(top).all()):
+                raise diverged_rows(torch.softmax(scores.float(), dim=-1))
+            return scores
+
+    return LogitsProcessorList([FiniteScores()])
 
 
 class GenerationBackend(Protocol):
@@ -124,6 +140,7 @@ class HFGeneration:
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            logits_processor=finite_scores_check(),  # NaN/inf logits: DivergedSamplingError, not multinomial's
             do_sample=True,
             temperature=temperature,
             top_p=top_p,

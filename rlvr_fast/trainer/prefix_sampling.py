@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from rlvr_fast.trainer.finite_guard import DivergedSamplingError
 from rlvr_fast.trainer.prefix_sharing import cache_argument, positions_from_mask
 
 # GenerationConfig fields that make ``generate`` add a logits processor or stopping rule this sampler does not apply;
@@ -82,18 +83,25 @@ def sampling_warpers(temperature: float, top_p: float):
     return warpers
 
 
+def diverged_rows(probs: torch.Tensor) -> DivergedSamplingError:
+    """The error for next-token probabilities (N, V) with inf / NaN in some row: names the first such row."""
+    bad = int((~torch.isfinite(probs).all(dim=-1)).nonzero()[0])
+    return DivergedSamplingError(
+        f"sampling: the next-token probabilities of row {bad} contain inf or NaN: the policy diverged (its weights "
+        f"give NaN/inf logits: a learning rate too large, or no grad_clip?)"
+    )
+
+
 def draw_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """(N,) int64 tokens drawn from softmax(scores) (N, V) by inverse CDF at ``uniforms`` (N,) in [0, 1).
 
     Token v is drawn for u in [cdf[v-1], cdf[v]) / cdf[V-1]: with probability softmax(scores)[v]; tokens of probability
-    0 (filtered by top-p) never. Raises RuntimeError on inf / NaN probabilities, as ``torch.multinomial`` does.
+    0 (filtered by top-p) never. Raises DivergedSamplingError (a RuntimeError, as ``torch.multinomial``'s) on inf /
+    NaN probabilities: the policy diverged (the trainer names the step: ``finite_guard.rollout_of_step``).
     """
     probs = torch.softmax(scores.float(), dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # as torch.multinomial in generate: never sample from NaN
-        bad = int((~torch.isfinite(probs).all(dim=-1)).nonzero()[0])
-        raise RuntimeError(
-            f"sampling: the next-token probabilities of row {bad} contain inf or NaN (diverged weights or logits?)"
-        )
+    if not bool(torch.isfinite(probs).all()):  # never sample from NaN
+        raise diverged_rows(probs)
     cdf = probs.double().cumsum(dim=-1)
     target = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)

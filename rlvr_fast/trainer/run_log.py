@@ -54,18 +54,68 @@ def iteration_metrics(iterations: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+METRICS_FILE = "metrics.jsonl"  # in the run's output_dir
+
+
+class MetricsLogError(ValueError):
+    """A metrics.jsonl damaged before its last line (a crash cuts short only the last): names the file and line."""
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step", -1), int):
+        return None
+    return record
+
+
+def read_metrics_lines(path: str) -> tuple[list[tuple[str, dict]], str | None]:
+    """The records of ``path`` as (line without its newline, record), and a note when its last line was a partial
+    record and was left out (None otherwise).
+
+    A crash or a full disk can cut short only the last line (the log is appended to); that line is left out, the
+    note naming the file and line. A line before the last that is no JSON object raises MetricsLogError."""
+    with open(path, encoding="utf-8", errors="replace") as f:  # a cut-short UTF-8 character: unparseable, not fatal
+        numbered = [(n, line) for n, line in enumerate(f.read().split("\n"), start=1) if line.strip()]
+    records, note = [], None
+    for i, (n, line) in enumerate(numbered):
+        record = _record(line)
+        if record is not None:
+            records.append((line, record))
+        elif i == len(numbered) - 1:
+            note = f"{path} line {n} is a partial record (a write cut short by a crash or a full disk): left out"
+        else:
+            raise MetricsLogError(
+                f"{path} line {n} is not a JSON record ({line[:60]!r}) and is not the last line, which a crash would "
+                f"cut short: the log is damaged; repair or remove that line, or start a new run (another output_dir)"
+            )
+    return records, note
+
+
+def check_metrics_log(output_dir: str) -> None:
+    """Before a resumed run loads its model: its metrics.jsonl readable (``read_metrics_lines``; no file is fine)."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if os.path.exists(path):
+        read_metrics_lines(path)
+
+
 class MetricsLog:
     """Appends one line per step to ``metrics.jsonl``. On resume, lines after the resumed step are dropped first,
-    so the file reads exactly as an uninterrupted run's would."""
+    so the file reads exactly as an uninterrupted run's would; a last line cut short by a crash is dropped, with a
+    message (``log``; stderr by default) naming the file and line."""
 
-    def __init__(self, path: str, resume_step: int | None = None):
+    def __init__(self, path: str, resume_step: int | None = None, log=None):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if resume_step is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) < resume_step]
+            records, note = read_metrics_lines(path)
+            if note is not None:
+                (log or (lambda msg: print(msg, file=sys.stderr)))(f"resume: {note}")
+            kept = [line + "\n" for line, record in records if record.get("step", -1) < resume_step]
             with open(path, "w") as f:
                 f.writelines(kept)
 

@@ -50,6 +50,7 @@ from rlvr_fast.trainer.checkpoint import (
     rng_state,
     save_nested,
     set_rng_state,
+    write_failure,
     write_manifest,
     write_trainer_state,
 )
@@ -62,7 +63,8 @@ from rlvr_fast.trainer.dcp_layout import (
     saved_model_shapes,
 )
 from rlvr_fast.trainer.distributed import all_gather_objects, broadcast_from_main
-from rlvr_fast.trainer.strict_loading import CheckpointError, check_model_matches, tied_names
+from rlvr_fast.trainer.safe_unpickle import dcp_load
+from rlvr_fast.trainer.strict_loading import CheckpointWriteError, check_model_matches, tied_names
 
 # ---- save -----------------------------------------------------------------------------------------------------------
 
@@ -107,7 +109,7 @@ def _json_param_groups(optimizer) -> list[dict]:
 def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, trainer_state: dict) -> str:
     """Write ``checkpoints/step-<step>`` of a torchrun run (module doc) and move ``latest`` to it. Collective: every
     rank calls it; every rank returns the final path or raises the same error (FloatingPointError for a non-finite
-    tensor, CheckpointError for a failed write, naming the rank).
+    tensor, CheckpointWriteError for a failed write, naming the rank, the folder and the last good checkpoint).
 
     ``policy``: the rank's ``DDPPolicy`` / ``FSDPPolicy`` (``checkpoint_state``: this rank's state dicts).
     ``trainer_state``: what rank 0 writes to trainer_state.json (schedule, evaluation before, config)."""
@@ -136,10 +138,10 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
             remove_partial_checkpoints(output_dir)
             tmp = new_partial_folder(root, step)
         except OSError as exc:  # told to every rank below, rather than leaving them in the broadcast
-            problem = f"the checkpoint of step {step} was not written: rank 0: {type(exc).__name__}: {exc}"
+            problem = str(write_failure(output_dir, step, f"rank 0: {type(exc).__name__}: {exc}"))
     tmp, problem = broadcast_from_main((tmp, problem))
     if problem is not None:
-        raise CheckpointError(problem)
+        raise CheckpointWriteError(problem)
     try:
         dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True))
         save_nested(os.path.join(tmp, rng_file(rank)), _json_rng(rng_state()))
@@ -148,7 +150,7 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
         report = (_reason(exc, rank), {})
     reports = all_gather_objects(report)
     errors = list(dict.fromkeys(error for error, _ in reports if error))  # DCP's failure: the same on every rank
-    verdict = f"the checkpoint of step {step} was not written: {'; '.join(errors)}" if errors else None
+    verdict = "; ".join(errors) if errors else None  # the cause; rank 0 words the error below
     final = None
     if rank == 0 and verdict is None:
         try:
@@ -160,12 +162,13 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
             write_manifest(tmp, step, config_hash, files, fmt="dcp", world_size=world)
             final = commit_checkpoint(tmp, step, config_hash)
         except Exception as exc:
-            verdict = f"the checkpoint of step {step} was not committed: {type(exc).__name__}: {exc}"
+            verdict = f"rank 0, committing it: {type(exc).__name__}: {exc}"
     if rank == 0 and verdict is not None:
         shutil.rmtree(tmp, ignore_errors=True)
+        verdict = str(write_failure(output_dir, step, verdict))  # names the folder and the last good checkpoint
     verdict, final = broadcast_from_main((verdict, final))
     if verdict is not None:
-        raise CheckpointError(verdict)
+        raise CheckpointWriteError(verdict)
     return final
 
 
@@ -189,7 +192,6 @@ def load_sharded_checkpoint(path: str, policy, optimizer) -> dict:
     """Restore this rank's model shards, optimizer state and RNG state from the DCP checkpoint ``path`` (collective);
     returns the trainer state. Strict: the checkpoint's model tensors must be the model's, of the same shapes."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
@@ -201,7 +203,7 @@ def load_sharded_checkpoint(path: str, policy, optimizer) -> dict:
     template = {MODEL_KEY: model_state}
     if optim_state is not None:
         template[OPTIM_KEY] = optim_state
-    dcp.load(template, checkpoint_id=path)
+    dcp_load(template, path)  # .metadata and non-tensor values read without running pickled code (safe_unpickle)
     load_model, load_optimizer = policy.loaders(optimizer)
     load_model(template[MODEL_KEY])
     if optim_state is not None:

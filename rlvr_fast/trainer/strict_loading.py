@@ -11,6 +11,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (incomplete, corrupt, of another run or model); the message names the path."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (a full disk, a read-only folder, a failed DCP write): the message names
+    the step, the folder, the cause and the last good checkpoint, which stays as it was. ``rlvr-fast train`` prints it
+    in one line and exits 1."""
+
+
 def check_model_matches(path: str, saved: dict[str, tuple], model_shapes: dict[str, tuple], tied: set[str]) -> None:
     """Strict loading: every tensor of the model in the checkpoint (tied weights may be stored once), none
     unexpected, shapes equal. ``saved`` / ``model_shapes``: name -> shape. Raises CheckpointError naming ``path``."""
