@@ -142,3 +142,117 @@ def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path, no_model_l
     locked.chmod(0o500)
     with pytest.raises(ConfigFieldError, match=r"not writable"):
         check_writable(str(locked / "run"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24 item 2: --overwrite deletes only what a run writes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def overwrite(folder) -> list[str]:
+    """``prepare_output_dir(..., overwrite=True)`` on ``folder``; returns its messages (the lock it takes released)."""
+    from rlvr_fast.trainer.output_dir import prepare_output_dir
+    from rlvr_fast.trainer.run_lock import release_run_lock
+
+    messages = []
+    try:
+        assert prepare_output_dir(str(folder), resume=False, overwrite=True, log=messages.append) == "overwritten"
+    finally:
+        release_run_lock(str(folder))
+    return messages
+
+
+def test_overwrite_leaves_the_users_files_beside_a_run_and_names_them(tmp_path):
+    """The issue's repro: report.md beside src/, data/ and thesis.tex; --overwrite deleted all of them."""
+    out = tmp_path / "thesis"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "main.py").write_text("print('mine')\n")
+    (out / "data").mkdir()
+    (out / "data" / "dataset.jsonl").write_text("{}\n")
+    (out / "thesis.tex").write_text("\\section{mine}\n")
+    (out / "report.md").write_text("# an earlier report\n")
+    fake_earlier_run(out)
+    messages = overwrite(out)
+    assert (out / "src" / "main.py").read_text() == "print('mine')\n"
+    assert (out / "data" / "dataset.jsonl").read_text() == "{}\n"
+    assert (out / "thesis.tex").exists()
+    assert not (out / "report.md").exists() and not (out / "checkpoints").exists()
+    assert not (out / "metrics.jsonl").exists()
+    left = [m for m in messages if "left" in m]
+    assert len(left) == 1 and all(name in left[0] for name in ("data", "src", "thesis.tex")), messages
+    assert any("deleted" in m and "report.md" in m and "checkpoints" in m for m in messages), messages
+
+
+def test_overwrite_keeps_foreign_entries_of_checkpoints(tmp_path):
+    """checkpoints/ is deleted only when everything in it is checkpoint.py's; other entries stay, named."""
+    out = tmp_path / "run"
+    out.mkdir()
+    fake_earlier_run(out)
+    ckpt = out / "checkpoints"
+    (ckpt / "step-000002.bad").mkdir()  # set aside on resume
+    (ckpt / ".step-000005-abc").mkdir()  # a partial write
+    (ckpt / ".tmp-xyz").write_text("step-000004\n")  # latest's replacement in flight
+    (ckpt / "my_notes.txt").write_text("mine")
+    (ckpt / "other_tool").mkdir()
+    messages = overwrite(out)
+    assert sorted(os.listdir(ckpt)) == ["my_notes.txt", "other_tool"]
+    assert any("checkpoints/my_notes.txt" in m and "checkpoints/other_tool" in m for m in messages), messages
+
+
+def test_overwrite_never_follows_a_symlink_out_of_the_folder(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "ckpts" / "step-000001").mkdir(parents=True)
+    (outside / "ckpts" / "step-000001" / "model.safetensors").write_text("weights")
+    (outside / "report.md").write_text("someone else's report")
+    (outside / "precious").mkdir()
+    (outside / "precious" / "a.txt").write_text("a")
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-000003").mkdir()
+    (out / "checkpoints" / "step-000009").symlink_to(outside / "precious")  # not ours: left
+    (out / "report.md").symlink_to(outside / "report.md")  # a run's name: the link goes, its target stays
+    (out / "metrics.jsonl").symlink_to(outside / "ckpts")
+    messages = overwrite(out)
+    assert (outside / "ckpts" / "step-000001" / "model.safetensors").read_text() == "weights"
+    assert (outside / "report.md").read_text() == "someone else's report"
+    assert (outside / "precious" / "a.txt").read_text() == "a"
+    assert not os.path.lexists(out / "report.md") and not os.path.lexists(out / "metrics.jsonl")
+    assert os.listdir(out / "checkpoints") == ["step-000009"]
+    assert any("checkpoints/step-000009" in m for m in messages), messages
+
+    linked = tmp_path / "linked"  # checkpoints/ itself a symlink: unlinked, the folder it points to untouched
+    linked.mkdir()
+    (linked / "checkpoints").symlink_to(outside / "ckpts")
+    overwrite(linked)
+    assert not os.path.lexists(linked / "checkpoints")
+    assert (outside / "ckpts" / "step-000001" / "model.safetensors").read_text() == "weights"
+
+
+def test_run_artifacts_name_everything_a_run_writes(tmp_path):
+    """RUN_ARTIFACTS is the single list: a real run (and a study's additions) writes nothing outside it, so
+    --overwrite can clear every run it refuses."""
+    from rlvr_fast.study.updates import MASK_FILES, UPDATE_FILE
+    from rlvr_fast.trainer.output_dir import CHECKPOINT_ENTRY, RUN_ARTIFACTS
+
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path, output_dir=str(out), checkpoint_every=1, rewards={"random": 1.0})
+    Trainer(cfg, loaded=tiny_loaded()).train()
+    assert set(os.listdir(out)) <= set(RUN_ARTIFACTS), sorted(set(os.listdir(out)) - set(RUN_ARTIFACTS))
+    assert {"metrics.jsonl", "report.md", "checkpoints"} <= set(os.listdir(out))
+    assert all(CHECKPOINT_ENTRY.fullmatch(name) for name in os.listdir(out / "checkpoints"))
+    for name in (UPDATE_FILE, *MASK_FILES.values()):  # study/updates.py writes them via <name>.tmp
+        assert name in RUN_ARTIFACTS and name + ".tmp" in RUN_ARTIFACTS, name
+
+
+def test_a_dangling_symlink_output_dir_is_refused_before_the_model_loads(tmp_path, local_model, no_model_load, capsys):
+    """Issue 24: it passed check_writable and failed late, at the first write."""
+    from rlvr_fast.trainer.output_dir import check_writable
+
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigFieldError, match=r"output_dir .*dangling.*symlink to .*gone.*does not exist") as info:
+        check_writable(str(dangling))
+    assert info.value.field == "output_dir"
+    argv = late_failure_cases(tmp_path, local_model)["empty eval file"][0][:-2]  # the base arguments
+    code, err = main_exit(["train", *argv, "--output_dir", str(dangling)], capsys)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
