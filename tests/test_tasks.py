@@ -5,6 +5,7 @@ JSONL loading reports malformed lines with their numbers (docs/design.md §8).""
 from __future__ import annotations
 
 import json
+import os
 import re
 from fractions import Fraction
 
@@ -160,8 +161,11 @@ def test_config_errors():
         ArithmeticConfig(leaf_weights={"prime": 1.0}).check()
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("impossible")
-    with pytest.raises(ValueError, match="found only"):
-        generate_problems("tiny", 200)  # 11 x 11 distinct additions exist
+    with pytest.raises(ValueError, match="at most 121 distinct expressions, fewer than the 200 requested"):
+        generate_problems("tiny", 200)  # 11 x 11 distinct additions exist: refused before drawing
+    nonnegative = ArithmeticConfig(1, 1, 0, 10, ("-",), {"int": 1.0}, nonnegative=True)  # 66 of the 121 are >= 0
+    with pytest.raises(ValueError, match="found only 66 distinct expressions of the 100 requested"):
+        generate_problems(nonnegative, 100)
     with pytest.raises(ValueError, match="n must be"):
         generate_problems("tiny", -1)
 
@@ -246,3 +250,69 @@ def test_jsonl_invalid_utf8_and_custom_fields(tmp_path):
     assert recs == [{"question": "q"}]
     with pytest.raises(JSONLFormatError, match=r"<jsonl>, line 1: missing field\(s\) \['question'\]"):
         parse_jsonl_lines(['{"prompt": "q"}'], required=("question",))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 24: templates, sizes and files that used to give a traceback, a hang or unbounded memory
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template, named",
+    [
+        ("{expression}{0}", r"\['\{0\}'\]"),
+        ("{expression}{foo}", r"\['\{foo\}'\]"),
+        ("{expression[0]}", r"\['\{expression\[0\]\}'\]"),
+        ("What is {expression", "expected '}'"),
+        ("{expression!x}", "Unknown conversion"),
+        ("{expression:{width}}", "width"),
+    ],
+)
+def test_templates_with_other_fields_are_a_value_error(template, named):
+    """Issue 24: '{expression}{0}' raised IndexError and '{expression}{foo}' KeyError at the first render."""
+    with pytest.raises(ValueError, match=rf"only field is '\{{expression\}}', got .*{named}"):
+        render_prompt("1 + 1", template)
+    assert render_prompt("1 + 1", "{{literal}} {expression:>6}") == "{literal}  1 + 1"
+
+
+def test_expression_space_size_is_exact_without_limits_and_refuses_at_once():
+    from rlvr_fast.tasks.arithmetic import expression_space_size
+
+    tiny = get_preset("tiny")
+    assert expression_space_size(tiny) == 121 == len(generate_problems(tiny, 121))  # all of them, found
+    two_ops = ArithmeticConfig(1, 2, 0, 2, ("+", "*"), {"int": 1.0})
+    assert expression_space_size(two_ops) == 2 * 3**2 + 2 * 4 * 3**3
+    assert len(generate_problems(two_ops, expression_space_size(two_ops))) == 234
+    with pytest.raises(ValueError, match=r"at most 121 distinct expressions, fewer than the 100 requested besides"):
+        generate_problems("tiny", 100, exclude=[f"{a} + 0" for a in range(30)])
+
+
+def test_jsonl_refuses_what_is_not_a_regular_file(tmp_path):
+    """Issue 24: --task /dev/zero grew to 24 GB before the kernel killed it; a FIFO blocks the open."""
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for path, kind in [("/dev/zero", "a character device"), (fifo, "a FIFO"), (tmp_path, "a folder")]:
+        with pytest.raises(ValueError, match=f"expected a regular JSONL file, got {kind}"):
+            load_jsonl(path)
+
+
+def test_jsonl_lines_are_bounded_nested_and_unicode_checked(tmp_path):
+    from rlvr_fast.tasks.jsonl import MAX_LINE_BYTES
+
+    path = tmp_path / "t.jsonl"
+    fits = b'{"prompt": "' + b"x" * (MAX_LINE_BYTES - 30) + b'", "answer": "1"}'
+    path.write_bytes(fits + b"\n" + b'{"prompt": "' + b"y" * MAX_LINE_BYTES + b'", "answer": "1"}\n')
+    with pytest.raises(JSONLFormatError, match=r"t\.jsonl, line 2: line longer than 1048576 bytes \(.*1 MiB\)"):
+        load_jsonl(path)
+    path.write_bytes(fits + b"\n")
+    assert len(load_jsonl(path)[0]["prompt"]) == MAX_LINE_BYTES - 30  # a line of exactly the limit is read
+    path.write_text('{"prompt": "a", "answer": "1"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(JSONLFormatError, match=r"line 2: invalid JSON: nested too deeply"):
+        load_jsonl(path)
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "a", "answer": "1", "meta": {"\\udc80": 1}}\n')
+    with pytest.raises(
+        JSONLFormatError, match=r"line 2: field 'meta'\['\\udc80'\] \(its name\) holds a lone surrogate"
+    ):
+        load_jsonl(path)
+    with pytest.raises(JSONLFormatError, match=r"line 1: field 'prompt' holds a lone surrogate \\ud800"):
+        parse_jsonl_lines(['{"prompt": "q \\ud800", "answer": "1"}'])

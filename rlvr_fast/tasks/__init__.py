@@ -6,12 +6,13 @@ from rlvr_fast.tasks.arithmetic import (
     PRESETS,
     ArithmeticConfig,
     Expression,
+    expression_space_size,
     format_answer,
     get_preset,
     sample_expression,
 )
-from rlvr_fast.tasks.jsonl import JSONLFormatError, load_jsonl, parse_jsonl_lines, save_jsonl
-from rlvr_fast.tasks.prompts import PROMPT_TEMPLATES, render_prompt
+from rlvr_fast.tasks.jsonl import JSONLFormatError, load_jsonl, load_jsonl_numbered, parse_jsonl_lines, save_jsonl
+from rlvr_fast.tasks.prompts import PROMPT_TEMPLATES, check_template, render_prompt
 from rlvr_fast.tasks.splits import generate_problems, make_splits
 
 __all__ = [
@@ -21,10 +22,13 @@ __all__ = [
     "ArithmeticConfig",
     "Expression",
     "JSONLFormatError",
+    "check_template",
+    "expression_space_size",
     "format_answer",
     "generate_problems",
     "get_preset",
     "load_jsonl",
+    "load_jsonl_numbered",
     "make_splits",
     "parse_jsonl_lines",
     "render_prompt",

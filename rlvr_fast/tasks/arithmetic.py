@@ -18,6 +18,7 @@ number of steps, the operand range, the operations and the leaf kinds. ``PRESETS
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ __all__ = [
     "PRESETS",
     "ArithmeticConfig",
     "Expression",
+    "expression_space_size",
     "format_answer",
     "get_preset",
     "sample_expression",
@@ -217,6 +219,26 @@ def sample_expression(
         f"(max_digits={cfg.max_digits}, nonnegative={cfg.nonnegative}, "
         f"integer_values={cfg.integer_values}); loosen them"
     )
+
+
+def _leaf_texts(kind: str, cfg: ArithmeticConfig) -> int:
+    """How many distinct texts a leaf of ``kind`` can have under ``cfg``."""
+    if kind == "int":
+        return cfg.operand_max - cfg.operand_min + 1
+    if kind == "fraction":
+        return sum(b - 1 for b in range(2, cfg.max_denominator + 1))
+    top = max(cfg.operand_min, min(cfg.operand_max, cfg.max_square_base if kind == "square" else cfg.max_cube_base))
+    return top - cfg.operand_min + 1
+
+
+def expression_space_size(cfg: ArithmeticConfig) -> int:
+    """An upper bound on the number of distinct expression texts ``cfg`` can produce: over every step count k,
+    Catalan(k) tree shapes x ops^k x leaf texts^(k+1). Exact when no limit (max_digits, nonnegative, integer_values)
+    rejects a tree; the generator refuses a request above it at once instead of drawing until its budget runs out."""
+    cfg.check()
+    leaves = sum(_leaf_texts(kind, cfg) for kind, w in cfg.leaf_weights.items() if w > 0)
+    shapes = {k: math.comb(2 * k, k) // (k + 1) for k in range(cfg.min_steps, cfg.max_steps + 1)}  # Catalan numbers
+    return sum(count * len(cfg.ops) ** k * leaves ** (k + 1) for k, count in shapes.items())
 
 
 def format_answer(x: Fraction) -> str:

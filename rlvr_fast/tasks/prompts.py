@@ -7,7 +7,9 @@ trainer applies the model's chat template).
 
 from __future__ import annotations
 
-__all__ = ["PROMPT_TEMPLATES", "render_prompt"]
+import string
+
+__all__ = ["PROMPT_TEMPLATES", "check_template", "render_prompt"]
 
 PROMPT_TEMPLATES: dict[str, str] = {
     # short on purpose: small instruct models follow short instructions best
@@ -23,13 +25,26 @@ PROMPT_TEMPLATES: dict[str, str] = {
 }
 
 
+def check_template(template: str) -> str:
+    """The format string of ``template`` (a name in ``PROMPT_TEMPLATES`` or a format string): it must parse, and its
+    only replacement field must be ``{expression}``, used at least once (``{0}``, ``{foo}``, ``{expression[0]}`` and an
+    unbalanced ``{`` are refused with a ValueError here, not an IndexError / KeyError at the first render)."""
+    fmt = PROMPT_TEMPLATES.get(template, template)
+    expected = f"prompt template must be one of {sorted(PROMPT_TEMPLATES)} or a format string whose only field is "
+    expected += f"'{{expression}}', got {template!r}"
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
+        others = sorted({name for name in fields if name != "expression"}, key=str)
+        if others or not fields:
+            found = f"the field(s) {['{' + n + '}' for n in others]}" if others else "no {expression}"
+            raise ValueError(f"{expected} ({found})")
+        fmt.format(expression="1 + 1")  # a bad conversion (!x) or a field nested in a format spec fails here
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise ValueError(exc.args[0] if str(exc).startswith(expected) else f"{expected} ({exc})") from None
+    return fmt
+
+
 def render_prompt(expression: str, template: str = "boxed") -> str:
     """The prompt for ``expression`` with a named template from ``PROMPT_TEMPLATES`` (or a format string holding
-    ``{expression}``)."""
-    fmt = PROMPT_TEMPLATES.get(template, template)
-    if "{expression}" not in fmt:
-        raise ValueError(
-            f"render_prompt: template must be one of {sorted(PROMPT_TEMPLATES)} or a format string with "
-            f"'{{expression}}', got {template!r}"
-        )
-    return fmt.format(expression=expression)
+    ``{expression}``; checked by ``check_template``)."""
+    return check_template(template).format(expression=expression)

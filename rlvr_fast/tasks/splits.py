@@ -11,7 +11,13 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from rlvr_fast.tasks.arithmetic import ArithmeticConfig, format_answer, get_preset, sample_expression
+from rlvr_fast.tasks.arithmetic import (
+    ArithmeticConfig,
+    expression_space_size,
+    format_answer,
+    get_preset,
+    sample_expression,
+)
 from rlvr_fast.tasks.prompts import render_prompt
 
 __all__ = ["generate_problems", "make_splits"]
@@ -42,14 +48,22 @@ def generate_problems(
     wrong label for the ``incorrect_label`` reward mode. Expressions in ``exclude`` are skipped.
 
     Raises:
-        ValueError: fewer than ``n`` distinct expressions were found in ``max_draws`` draws (default ``20 n + 1000``):
-            the configuration's space is too small for the request.
+        ValueError: the configuration has fewer distinct expressions than ``n`` plus those excluded (refused before
+            drawing: ``arithmetic.expression_space_size``), or fewer than ``n`` were found in ``max_draws`` draws
+            (default ``20 n + 1000``): the configuration's limits leave too few for the request.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"generate_problems: n must be an int >= 0, got {n!r}")
     cfg = _config(config)
-    rng = _rng(seed, split)
     seen = set(exclude)
+    room = expression_space_size(cfg)
+    if n + len(seen) > room:
+        excluded = f" besides the {len(seen)} excluded" if seen else ""
+        raise ValueError(
+            f"generate_problems: the configuration has at most {room} distinct expressions, fewer than the {n} "
+            f"requested{excluded}; widen the configuration (more steps, a larger operand range, more operations)"
+        )
+    rng = _rng(seed, split)
     out: list[dict[str, Any]] = []
     budget = 20 * n + 1000 if max_draws is None else max_draws
     for _ in range(budget):
