@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from typing import NoReturn
 
 from rlvr_fast._version import __version__
 
@@ -42,6 +44,36 @@ class ConfigError(Exception):
     """A bad option: reported in one line, exit status 2, no traceback."""
 
 
+# Under torchrun, how long a rank other than 0 keeps a refusal to itself: every rank reaches the same verdict on the
+# same config, rank 0 says it and exits, and torchrun's agent (polling every 0.1 s) stops the others before this ends.
+NON_MAIN_RANK_GRACE_S = 5.0
+
+
+def refuse(prog: str, message: str) -> NoReturn:
+    """Print ``<prog>: error: <message>`` in one line and exit with status 2 (no traceback, no usage text).
+
+    Under torchrun (WORLD_SIZE > 1) rank 0 prints it at once; another rank prints it, tagged with its rank, only if
+    it is still running after ``NON_MAIN_RANK_GRACE_S`` (a verdict of its own: rank 0 went on), so a world of N
+    processes says a shared refusal once, not N times."""
+    line = f"{prog}: error: {message}"
+    if _world_size() > 1 and not _is_main_rank():
+        time.sleep(NON_MAIN_RANK_GRACE_S)
+        line = f"[rank {os.environ.get('RANK')}] {line}"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors under torchrun are one line per world (``refuse``), without the usage text each
+    rank would print; on one process argparse's own report (usage, then the error; exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        if _world_size() > 1:
+            refuse(self.prog, message)
+        super().error(message)
+
+
 def _config(args: argparse.Namespace):
     from rlvr_fast.trainer.config import config_from_args
 
@@ -52,19 +84,26 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rlvr_fast.trainer.capacity import check_world
     from rlvr_fast.trainer.finite_guard import NonFiniteError
     from rlvr_fast.trainer.loop import train
     from rlvr_fast.trainer.preflight import preflight
+    from rlvr_fast.trainer.strict_loading import CheckpointWriteError
 
     cfg = _config(args)
-    if _world_size() == 1:  # under torchrun the Trainer runs it, rank 0 first (only one process prepares the folder)
-        try:
-            preflight(cfg)  # everything checkable before the model loads: exit 2 in seconds, not after the load
-        except (ValueError, OSError) as exc:
-            raise ConfigError(str(exc)) from exc
+    # Everything checkable before the model loads: exit 2 in seconds, not after the load. Under torchrun rank 0 alone
+    # runs it (only one process prepares the folder), before it joins the process group: a refusal is then one line
+    # from rank 0, and torchrun stops the other ranks, which wait for rank 0 in the group's rendezvous.
+    try:
+        if _is_main_rank():
+            preflight(cfg)
+        else:
+            check_world(cfg)  # what each rank checks alone before joining the group: refused by rank 0 too
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from exc
     try:
         result = train(cfg)
-    except NonFiniteError as exc:
+    except (NonFiniteError, CheckpointWriteError) as exc:  # a diverged run, a checkpoint a full disk refused
         print(f"rlvr-fast train: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -83,12 +122,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from rlvr_fast.trainer.checkpoint import CheckpointError
-    from rlvr_fast.trainer.evaluate_cli import run_eval
+    from rlvr_fast.trainer.evaluate_cli import explicit_fields, run_eval
     from rlvr_fast.trainer.preflight import preflight_eval
 
     cfg = _config(args)
+    try:  # a checkpoint's run decides the held-out split unless the command line says otherwise (and it says which)
+        cfg = preflight_eval(cfg, args.checkpoint, explicit=explicit_fields(args))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from exc
     try:
-        preflight_eval(cfg, args.checkpoint)
         result = run_eval(cfg, checkpoint=args.checkpoint)
     except (CheckpointError, OSError) as exc:  # a checkpoint of another model is refused after the load, strictly
         raise ConfigError(str(exc)) from exc
@@ -213,7 +255,7 @@ COMMANDS = [_add_train, _add_eval, _add_study, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlvr-fast", description="Fast RLVR (GRPO-family) training and its kernels.")
+    parser = _Parser(prog="rlvr-fast", description="Fast RLVR (GRPO-family) training and its kernels.")
     parser.add_argument("--version", action="version", version=f"rlvr_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
@@ -228,10 +270,9 @@ def _world_size() -> int:
 
 def _leave_process_group() -> None:
     if _world_size() > 1:
-        import torch.distributed as dist
+        from rlvr_fast.trainer.distributed import leave_process_group
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 def _is_main_rank() -> bool:
@@ -241,11 +282,25 @@ def _is_main_rank() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """``rlvr-fast <command>``. Under torchrun (WORLD_SIZE > 1) a rank that raises records its traceback for the
     elastic agent (``torch.distributed.elastic``'s ``@record``), which stops the other ranks and reports the failed
-    rank's number and error (docs/design.md, "Data parallelism")."""
+    rank's number and error (docs/design.md, "Data parallelism"). A rank that joined the process group does not return:
+    it ends with its exit status without the interpreter's finalization (``distributed.exit_without_finalizing``)."""
     if _world_size() > 1:
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        return record(_main)(argv)
+        from rlvr_fast.trainer.distributed import exit_status, exit_without_finalizing, joined_process_group
+
+        try:
+            code = record(_main)(argv)
+        except BaseException as exc:
+            if not joined_process_group():
+                raise
+            code = exit_status(exc)
+        if not joined_process_group():
+            return code
+        # a rank that joined the group ends here, before the interpreter's finalization, in which the group's gloo
+        # threads (alive past destroy_process_group) could abort it (``exit_without_finalizing``)
+        _leave_process_group()
+        exit_without_finalizing(0 if code is None else code)
     return _main(argv)
 
 
@@ -255,7 +310,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        parser.exit(2, f"rlvr-fast {args.command}: error: {exc}\n")
+        refuse(f"rlvr-fast {args.command}", str(exc))
 
 
 if __name__ == "__main__":

@@ -295,11 +295,22 @@ def test_interrupted_arm_resumes_to_the_uninterrupted_numbers(tmp_path, tok, mon
     assert fa["update_sparsity"]["overlap"] == fb["update_sparsity"]["overlap"]
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the diverging arm overflows on purpose
-def test_failing_arm_is_reported_and_the_others_kept(tmp_path, tok):
+def test_failing_arm_is_reported_and_the_others_kept(tmp_path, tok, monkeypatch):
+    from rlvr_fast.trainer.finite_guard import NonFiniteError
+
+    # An lr that diverges is refused when the study is planned (lr <= 1), so the arm's update fails by hand: the arm
+    # with lr 0.5 raises in its first update, as a run whose weights blew up would.
+    update = Trainer.update
+
+    def diverging_update(self, *args, **kwargs):
+        if self.cfg.lr == 0.5:
+            raise NonFiniteError("step 0: the loss is nan (injected by the test)")
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "update", diverging_update)
     arms = tmp_path / "arms.yaml"
     arms.write_text(
-        "diverges:\n  lr: 1.0e+30\n"  # passes validation; the weights blow up at the first update
+        "diverges:\n  lr: 0.5\n"
         "reuse_diverged:\n  overrides: {optimizer: sparse_adamw}\n  mask_from: diverges\n  group: optimizer\n"
     )
     plan = tiny_plan(str(tmp_path), ["correct", "diverges", "reuse_diverged"], seeds=1, arms_file=str(arms))

@@ -352,7 +352,7 @@ def test_flags_with_hyphens_and_the_new_fields(capsys):
     "overrides,match",
     [
         (dict(group_size=0), r"RLVRConfig.group_size must be >= 1, got 0"),
-        (dict(temperature=0.0), r"RLVRConfig.temperature must be > 0, got 0.0"),
+        (dict(temperature=0.0), r"RLVRConfig.temperature must be >= 0.0001, got 0.0"),
         (dict(estimator="ppo"), r"RLVRConfig.estimator must be one of .*got 'ppo'"),
         (dict(estimator="rloo", scale="batch"), r"scale='batch' does not apply to estimator='rloo'"),
         (dict(loss_type="cispo"), r"RLVRConfig.loss_type must be one of .*got 'cispo'"),

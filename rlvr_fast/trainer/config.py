@@ -24,6 +24,11 @@ ATTENTION = {"sdpa": "torch scaled_dot_product_attention", "eager": "plain matmu
 DTYPES = {"auto": "float32 on the CPU, bfloat16 on a GPU", "float32": "float32", "bfloat16": "bfloat16"}
 DEVICES = {"auto": "cuda when available", "cpu": "the CPU", "cuda": "the current CUDA device"}
 
+# Bounds that are facts, not taste (each field's help says why).
+MIN_TEMPERATURE = 1e-4  # a logit gap of 0.01 (bf16 resolves no finer at |logit| ~ 2) is 100 nats at T = 1e-4: argmax
+MAX_LR = 1.0  # Adam-family step ~ lr per weight: beyond 1 the first step replaces the weights
+MAX_SEED = 2**64 - 1  # torch.manual_seed / torch.Generator.manual_seed raise beyond it ("Overflow when unpacking")
+
 
 def _f(default, help: str, **kw):
     if isinstance(default, (dict, list)):
@@ -57,6 +62,13 @@ class RLVRConfig:
     train_size: int = _f(80, "number of training problems drawn from the task (or the first N lines of a JSONL)", ge=1)
     eval_size: int = _f(40, "number of held-out problems for evaluation (never shared with training)", ge=1)
     eval_file: str | None = _f(None, "JSONL of held-out problems (default: a split of the built-in task)")
+    allow_eval_overlap: bool = _f(
+        False,
+        "accept held-out problems that are also training problems (the same prompt text once whitespace is "
+        "normalised; answers not compared): without it such an overlap is refused, naming the count, examples and "
+        "both files",
+        on_resume="may_change",
+    )
     system_prompt: str | None = _f(
         None, "system message for chat models (default: the tokenizer's own)", allow_empty=True
     )
@@ -93,7 +105,12 @@ class RLVRConfig:
     )
     max_prompt_length: int = _f(128, "prompts longer than this many tokens are rejected with an error", ge=1)
     max_completion_length: int = _f(32, "new tokens sampled per completion; also dr_grpo's normaliser", ge=1)
-    temperature: float = _f(1.0, "sampling temperature (the loss uses the same temperature on the logits)", gt=0)
+    temperature: float = _f(
+        1.0,
+        "sampling temperature (the loss uses the same temperature on the logits); at least 1e-4: below it sampling "
+        "is already argmax for any logit gap bf16 logits resolve, and logits / T soon overflow float32",
+        ge=MIN_TEMPERATURE,
+    )
     top_p: float = _f(1.0, "nucleus sampling threshold", gt=0, le=1)
     mask_truncated_completions: bool = _f(
         False, "drop completions that hit max_completion_length without EOS from the loss (DAPO, arXiv:2503.14476)"
@@ -176,7 +193,13 @@ class RLVRConfig:
     mask_source: str | None = _f(
         None, "sparse_adamw's mask: random:<density>, grad:<density> (|grad| over warm-up steps) or a mask file"
     )
-    lr: float = _f(2e-5, "peak learning rate", gt=0)
+    lr: float = _f(
+        2e-5,
+        "peak learning rate; at most 1: Adam-family updates move each weight by about lr per step whatever the "
+        "gradient's scale, so lr > 1 moves every weight by more than its typical size in one step",
+        gt=0,
+        le=MAX_LR,
+    )
     lr_schedule: str = _f(
         "constant", "constant, linear or cosine decay after warm-up", choices="rlvr_fast.trainer.schedule:SCHEDULES"
     )
@@ -206,14 +229,21 @@ class RLVRConfig:
     # ---- evaluation (docs/design.md §7) -------------------------------------------------------------------
     eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)", ge=0, on_resume="may_change")
     eval_samples: int = _f(4, "n: completions per held-out problem for pass@k (Chen et al. 2021)", ge=1)
-    eval_temperature: float = _f(1.0, "sampling temperature of the evaluation", gt=0)
+    eval_temperature: float = _f(
+        1.0, "sampling temperature of the evaluation (at least 1e-4, as temperature)", ge=MIN_TEMPERATURE
+    )
     format_classes: dict = _f({}, "format classes to track, name -> regex, e.g. {boxed: '\\\\boxed'}")
     eval_calibration: bool = _f(
         False, "compute calibration (ECE, Brier, AUROC) from stated <confidence> tags even without the brier reward"
     )
 
     # ---- run ----------------------------------------------------------------------------------------------------
-    seed: int = _f(0, "seed of data order, sampling and every reward mode", ge=0)
+    seed: int = _f(
+        0,
+        "seed of data order, sampling and every reward mode; at most 2**64 - 1 (torch.manual_seed's range)",
+        ge=0,
+        le=MAX_SEED,
+    )
     output_dir: str = _f(
         "runs/rlvr", "where metrics.jsonl, checkpoints, plots and report.md go", on_resume="may_change"
     )
@@ -288,11 +318,19 @@ class RLVRConfig:
         for name, params in self.reward_params.items():
             if not isinstance(params, dict):
                 fail("reward_params", f"reward_params[{name!r}] must be a mapping of parameters, got {params!r}")
+        from rlvr_fast.eval.formats import UNMATCHED
+
         for name, pattern in self.format_classes.items():
+            if name == UNMATCHED:  # the report's own bucket of completions no class matched
+                fail(
+                    "format_classes",
+                    f"format_classes: class names must be other than {UNMATCHED!r} (the report's bucket of the "
+                    f"completions no class matched), got {name!r}",
+                )
             if not isinstance(pattern, str):
                 fail("format_classes", f"format_classes[{name!r}] must be a regex string, got {pattern!r}")
             try:
-                re.compile(pattern)
+                re.compile(pattern, re.MULTILINE)  # as rlvr_fast.eval.formats compiles it
             except re.error as exc:
                 fail("format_classes", f"format_classes[{name!r}] is not a valid regex ({exc}): {pattern!r}")
         return self

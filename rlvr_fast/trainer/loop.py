@@ -33,10 +33,10 @@ from rlvr_fast.rewards import FilterResult
 from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
 from rlvr_fast.trainer.checkpoint import load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
-from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, load_problems
+from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, check_prompt_lengths, load_problems
 from rlvr_fast.trainer.distributed import DataParallel
 from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evaluate, evaluation_kwargs
-from rlvr_fast.trainer.finite_guard import checked_update
+from rlvr_fast.trainer.finite_guard import checked_update, rollout_of_step
 from rlvr_fast.trainer.generation import HFGeneration, Rollout
 from rlvr_fast.trainer.memory import (
     enable_activation_checkpointing,
@@ -50,6 +50,7 @@ from rlvr_fast.trainer.policy import micro_batch_plan, policy_step, sequence_log
 from rlvr_fast.trainer.prefix_sharing import resolve_prefix_sharing
 from rlvr_fast.trainer.preflight import preflight
 from rlvr_fast.trainer.report import before_after_rows, table, write_report
+from rlvr_fast.trainer.run_lock import release_run_lock
 from rlvr_fast.trainer.run_log import MetricsLog, Progress, _jsonable, iteration_metrics, peak_memory_bytes
 from rlvr_fast.trainer.schedule import build_scheduler
 from rlvr_fast.trainer.scoring import Rewards, Scorer
@@ -90,6 +91,8 @@ class Trainer:
         self.resume_point = self.dp.main_decides(lambda: preflight(cfg, check_model=loaded is None))
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        if loaded is not None:  # preflight measured the prompts with the model's tokenizer only when it loads the model
+            check_prompt_lengths(cfg, self.tokenizer, self.train_problems + self.eval_problems)
         checkpointing = cfg.gradient_checkpointing
         if checkpointing if checkpointing is not None else self.loaded.device.type == "cuda":
             enable_activation_checkpointing(self.model)
@@ -197,7 +200,7 @@ class Trainer:
         if self.dp.active:
             seed = derived_seed(self.cfg.seed, "rollout", step, "rank", self.dp.rank)
         prompts = [chat_prompt(self.tokenizer, p.prompt, self.cfg.system_prompt) for p in self.dp.local(problems)]
-        with self.policy.generation():
+        with self.policy.generation(), rollout_of_step(step):  # NaN/inf logits: DivergedSamplingError naming the step
             return self.generator.generate(
                 prompts,
                 n=self.cfg.group_size,
@@ -289,7 +292,14 @@ class Trainer:
     def train(self, before_eval: dict | None = None) -> RunResult:
         """Train and evaluate. ``before_eval``: the base model's evaluation computed elsewhere with the same
         ``evaluation_kwargs`` and problems (e.g. shared by the arms of a study), used instead of evaluating again;
-        ignored on resume (the checkpoint holds the run's own)."""
+        ignored on resume (the checkpoint holds the run's own). The output folder's lock (taken by preflight,
+        ``run_lock``) is released when it returns or raises."""
+        try:
+            return self._train(before_eval)
+        finally:
+            release_run_lock(self.cfg.output_dir)
+
+    def _train(self, before_eval: dict | None) -> RunResult:
         cfg = self.cfg
         self.warm_up_masks()
         start, before = 0, (eval_dict_from_json(before_eval) if before_eval is not None else None)

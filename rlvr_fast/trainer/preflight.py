@@ -9,12 +9,14 @@ naming the field (``rlvr-fast`` exits with status 2).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import re
 import sys
 
+from rlvr_fast.trainer.capacity import check_machine
 from rlvr_fast.trainer.checkpoint import (
     LATEST,
     CheckpointError,
@@ -29,6 +31,7 @@ from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
 from rlvr_fast.trainer.dcp_layout import DCP_METADATA, check_world_size
 from rlvr_fast.trainer.distributed import environment_world_size
 from rlvr_fast.trainer.output_dir import prepare_output_dir
+from rlvr_fast.trainer.run_log import check_metrics_log
 from rlvr_fast.trainer.schema import ConfigFieldError, field_specs
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -78,9 +81,30 @@ def check_optimizer(cfg: RLVRConfig) -> None:
             raise ConfigFieldError("mask_source", str(exc)) from None
 
 
-def check_data(cfg: RLVRConfig) -> None:
-    """Load the problems (cheap) and the reward modes; neither may be empty or unknown."""
-    from rlvr_fast.trainer.data import load_problems
+@functools.lru_cache(maxsize=2)
+def tokenizer_for_checks(model: str):
+    """``model``'s tokenizer alone (a few seconds, cached per process; the weights are not read), or None where it
+    cannot be had cheaply: a local folder without tokenizer files (the model load then reports the folder)."""
+    from transformers import AutoTokenizer
+
+    if model == DEFAULT_MODEL:
+        from rlvr_fast.trainer.model import default_model_location
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as load_model: the GGUF is local
+        folder, gguf = default_model_location()
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    if os.path.isdir(model) and not any(
+        os.path.isfile(os.path.join(model, name)) for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None
+    return AutoTokenizer.from_pretrained(model)
+
+
+def check_data(cfg: RLVRConfig, *, measure_prompts: bool = True) -> None:
+    """Load the problems (cheap) and the reward modes; neither may be empty or unknown. With ``measure_prompts``
+    (the model is not loaded yet), every prompt is also measured in tokens with the model's tokenizer alone
+    (``data.check_prompt_lengths``: file and line of one over ``max_prompt_length``)."""
+    from rlvr_fast.trainer.data import check_prompt_lengths, load_problems
     from rlvr_fast.trainer.scoring import Scorer
 
     Scorer(cfg)
@@ -92,6 +116,10 @@ def check_data(cfg: RLVRConfig) -> None:
         raise ConfigFieldError(
             "task", f"RLVRConfig.task: {len(train)} problems, fewer than prompts_per_step={cfg.prompts_per_step}"
         )
+    if measure_prompts:
+        tokenizer = tokenizer_for_checks(cfg.model)
+        if tokenizer is not None:
+            check_prompt_lengths(cfg, tokenizer, [*train, *evaluation])
 
 
 def changed_run_fields(saved: dict, cfg: RLVRConfig) -> list[str]:
@@ -129,6 +157,7 @@ def resume_point(cfg: RLVRConfig, log=None) -> ResumePoint:
             f"{[n for n, s in field_specs(RLVRConfig).items() if s.may_change_on_resume]} may change on resume; "
             f"start a new run (another output_dir, or --overwrite true) to change the others",
         )
+    check_metrics_log(cfg.output_dir)  # a log damaged before its last line: refused before the model loads
     return point
 
 
@@ -143,19 +172,33 @@ def preflight(cfg: RLVRConfig, *, check_model: bool = True, log=None) -> ResumeP
     cfg.validate()
     if check_model:
         check_model_source(cfg.model)
+    check_machine(cfg, check_model=check_model)  # device, world, attention, sequence length, rollout memory
     check_optimizer(cfg)
-    check_data(cfg)
-    prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_data(cfg, measure_prompts=check_model)  # a caller that loaded the model measures with its tokenizer
+    prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=log)  # locks it first
     return resume_point(cfg, log) if cfg.resume else None
 
 
-def preflight_eval(cfg: RLVRConfig, checkpoint: str | None) -> None:
-    """``rlvr-fast eval``'s checks: config, model source, data, and a checkpoint that verifies (when given)."""
+def preflight_eval(
+    cfg: RLVRConfig, checkpoint: str | None, *, explicit: frozenset[str] = frozenset(), log=print
+) -> RLVRConfig:
+    """``rlvr-fast eval``'s checks: config, model source, a checkpoint that verifies (when given), and the data.
+    Returns the config to evaluate with: with a checkpoint, its run's task, split and seed
+    (``evaluate_cli.checkpoint_eval_config``) replace those of ``cfg`` not named in ``explicit``, said by ``log``."""
     cfg.validate()
     check_model_source(cfg.model)
+    if checkpoint is not None:
+        check_eval_checkpoint(checkpoint)
+        from rlvr_fast.trainer.evaluate_cli import checkpoint_eval_config
+
+        cfg = checkpoint_eval_config(cfg, checkpoint, explicit, log)
+    check_machine(cfg, training=False)  # device, attention kernel, sequence length, evaluation memory
     check_data(cfg)
-    if checkpoint is None:
-        return
+    return cfg
+
+
+def check_eval_checkpoint(checkpoint: str) -> None:
+    """A checkpoint folder to evaluate: it holds weights (either format) and verifies deeply."""
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"--checkpoint {checkpoint}: not a folder")
     if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in ("model.safetensors", DCP_METADATA)):

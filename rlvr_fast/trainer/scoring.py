@@ -13,6 +13,7 @@ import torch
 from rlvr_fast.rewards import REWARD_MODES, compose, reward_fn
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.data import Problem
+from rlvr_fast.trainer.schema import ConfigFieldError
 
 
 @dataclass
@@ -25,22 +26,46 @@ class Rewards:
     errors: int  # samples a user reward function failed on (handled by its failure policy)
 
 
+def mode_params(cfg: RLVRConfig, name: str) -> dict:
+    """The keyword parameters of reward mode ``name`` in this run: ``reward_params[name]`` (every key one the mode
+    takes, else ConfigFieldError naming the mode, the keys and the known ones) and the run's seed for a seeded mode."""
+    params = dict(cfg.reward_params.get(name, {}))
+    known = REWARD_MODES[name].defaults
+    unknown = sorted(k for k in params if k not in known)
+    if unknown:
+        raise ConfigFieldError(
+            "reward_params",
+            f"RLVRConfig.reward_params[{name!r}]: unknown parameter(s) {unknown} of reward mode {name!r}; expected "
+            f"keys from {sorted(known)}",
+        )
+    if "seed" in known:
+        params.setdefault("seed", cfg.seed)  # every seeded mode follows the run's seed unless told otherwise
+    return params
+
+
 class Scorer:
     """``Scorer(cfg)(texts, problems, step) -> Rewards``; the reward modes are checked when it is built."""
 
     def __init__(self, cfg: RLVRConfig):
         unknown = sorted(set(cfg.rewards) - set(REWARD_MODES))
         if unknown:
-            raise ValueError(f"RLVRConfig.rewards: unknown reward modes {unknown}; known: {sorted(REWARD_MODES)}")
+            raise ConfigFieldError(
+                "rewards", f"RLVRConfig.rewards: unknown reward modes {unknown}; known: {sorted(REWARD_MODES)}"
+            )
         stray = sorted(set(cfg.reward_params) - set(cfg.rewards))
         if stray:
-            raise ValueError(f"RLVRConfig.reward_params has parameters for modes not in rewards: {stray}")
+            raise ConfigFieldError(
+                "reward_params",
+                f"RLVRConfig.reward_params has parameters for modes not in rewards: {stray} (rewards: "
+                f"{sorted(cfg.rewards)})",
+            )
         terms = []
         for name, weight in cfg.rewards.items():
-            params = dict(cfg.reward_params.get(name, {}))
-            if "seed" in REWARD_MODES[name].defaults:
-                params.setdefault("seed", cfg.seed)  # every seeded mode follows the run's seed unless told otherwise
-            terms.append((weight, reward_fn(name, **params)))
+            params = mode_params(cfg, name)
+            try:
+                terms.append((weight, reward_fn(name, **params)))
+            except (TypeError, ValueError) as exc:  # a parameter out of range or of the wrong type
+                raise ConfigFieldError("reward_params", f"RLVRConfig.reward_params[{name!r}]: {exc}") from None
         self.reward = compose(terms)
         self.verifier = reward_fn("correct")
         self.cfg = cfg
