@@ -7,7 +7,8 @@ torch.distributed.checkpoint) is tested on a machine without GPUs.
 ``fn(rank, world_size, *args)`` must be importable by name (a module-level function of a test module): the processes
 are spawned, not forked. Each process sees the environment torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and joins the default process group (gloo) before ``fn`` runs; the group
-is destroyed after. Returns ``fn``'s return values by rank (anything ``torch.save`` can hold).
+is destroyed after, and the process ends without the interpreter's finalization (``exit_without_finalizing``).
+Returns ``fn``'s return values by rank (anything ``torch.save`` can hold).
 
 A rank that raises fails the call with that rank's number and traceback, and the other ranks are killed (they may be
 waiting on a collective the failed rank never joins); a world that does not finish within ``timeout`` seconds is killed
@@ -25,6 +26,8 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+from rlvr_fast.trainer.distributed import exit_without_finalizing
 
 
 def free_port() -> int:
@@ -60,6 +63,11 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args: tuple, results) 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # the result into the pipe, then end before the interpreter's finalization, where the group's gloo threads (alive
+    # past destroy_process_group) can abort the process (rlvr_fast.trainer.distributed.exit_without_finalizing)
+    results.close()
+    results.join_thread()
+    exit_without_finalizing(0)
 
 
 def run_world(fn, world_size: int = 2, args: tuple = (), timeout: float = 180.0) -> list:

@@ -287,6 +287,27 @@ def test_filler_rows_change_no_gradient(tmp_path, loss_type):
     assert filler_loss == 0.0 and all(float(g.abs().max()) == 0.0 for g in filler_grads.values())
 
 
+_MARKERS: list = []  # a world rank's finalization marker, freed (and written) only by the interpreter's finalization
+
+
+def plant_finalization_marker(rank, world_size, path):
+    from torchrun_probe import FinalizationMarker
+
+    _MARKERS.append(FinalizationMarker(path))
+    dist_sum = torch.ones(1)
+    torch.distributed.all_reduce(dist_sum)  # a collective: the group's gloo threads are busy once
+    return float(dist_sum)
+
+
+def test_gloo_world_ranks_end_before_interpreter_finalization(tmp_path):
+    """run_world's ranks end like a torchrun rank (test_torchrun_ranks_end_before_interpreter_finalization): after the
+    group is destroyed and the result sent, without the interpreter's finalization (run_world has joined them when it
+    returns)."""
+    marker = str(tmp_path / "finalized.txt")
+    assert run_world(plant_finalization_marker, world_size=2, args=(marker,), timeout=120) == [2.0, 2.0]
+    assert not os.path.exists(marker), finalized(marker)
+
+
 def test_prompts_per_step_must_split_into_whole_groups_per_rank(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
     cfg = case_config(str(tmp_path), "fsdp", "grpo", "adamw", {})
@@ -304,16 +325,28 @@ def test_prompts_per_step_must_split_into_whole_groups_per_rank(monkeypatch, tmp
 
 
 KILLED_AFTER_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "killed_after_checkpoint.py")
+TORCHRUN_PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrun_probe.py")
 
 
-def torchrun(args: list[str], timeout: float, kill_after: tuple[int, int] | None = None) -> tuple[int, str, float]:
+def torchrun(
+    args: list[str],
+    timeout: float,
+    kill_after: tuple[int, int] | None = None,
+    probe: tuple[str, int] | None = None,
+) -> tuple[int, str, float]:
     """(exit status, stdout + stderr, seconds) of ``torchrun --nproc_per_node=2 -m rlvr_fast <args>`` on the CPU;
-    ``kill_after`` (rank, step): that rank SIGKILLs itself right after the checkpoint of that step is in place."""
+    ``kill_after`` (rank, step): that rank SIGKILLs itself right after the checkpoint of that step is in place;
+    ``probe`` (marker file, failing rank or -1): through tests/torchrun_probe.py (a rank whose interpreter finalizes
+    writes to the marker file; the failing rank raises in step 0's reward)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    program = ["-m", "rlvr_fast"] if kill_after is None else [KILLED_AFTER_CHECKPOINT, *map(str, kill_after)]
+    program = ["-m", "rlvr_fast"]
+    if kill_after is not None:
+        program = [KILLED_AFTER_CHECKPOINT, *map(str, kill_after)]
+    elif probe is not None:
+        program = [TORCHRUN_PROBE, *map(str, probe)]
     start = time.monotonic()
     done = subprocess.run([*command, *program, *args], env=env, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr, time.monotonic() - start
@@ -397,21 +430,66 @@ def test_torchrun_train_killed_resumed_and_one_process_eval(tmp_path):
     assert done.returncode == 0 and "pass@1" in done.stdout, done.stdout + done.stderr
 
 
-def test_failing_rank_ends_the_torchrun_job_naming_it(tmp_path):
-    """One rank's prompt is over max_prompt_length (the ranks sample different prompts): that rank raises while the
-    other waits in a collective; torchrun stops the job, non-zero, naming the rank and its error, in bounded time."""
-    from rlvr_fast.trainer.data import batch_indices
+def finalized(marker: str) -> str:
+    with open(marker) as f:
+        return f.read()
 
+
+def test_failing_rank_ends_the_torchrun_job_naming_it(tmp_path):
+    """One rank raises mid-run (in step 0's reward, a hook of the test's: tests/torchrun_probe.py) while the other
+    waits in a collective; torchrun stops the job, non-zero, naming the rank and its error, in bounded time. The
+    failing rank ends without the interpreter's finalization (see the test below), the other is stopped by torchrun."""
     model = saved_tiny_model(tmp_path)
-    task = tmp_path / "task.jsonl"
-    with open(task, "w") as f:
-        f.write(json.dumps({"prompt": "1 + 4 =", "answer": "5"}) + "\n")
-        f.write(json.dumps({"prompt": "a much longer prompt, " * 4 + "2 + 3 =", "answer": "5"}) + "\n")
-    long_at = batch_indices(2, 2, 0, 0).index(1)  # step 0's order of the two prompts (seed 0): rank long_at has it
-    args = train_args(tmp_path, model, str(tmp_path / "run"), task=str(task), train_size=2, steps=1,
-                      max_prompt_length=40)  # fmt: skip
-    rc, out, seconds = torchrun(args, timeout=240)
+    marker = str(tmp_path / "finalized.txt")
+    args = train_args(tmp_path, model, str(tmp_path / "run"), train_size=2, steps=1)
+    rc, out, seconds = torchrun(args, timeout=240, probe=(marker, 1))
     assert rc != 0
     assert seconds < 180
-    assert re.search(rf"rank\s*:\s*{long_at}\b", out), out[-3000:]
-    assert "more than max_prompt_length=40" in out, out[-3000:]
+    assert re.search(r"rank\s*:\s*1\b", out), out[-3000:]
+    assert "injected reward failure on rank 1" in out, out[-3000:]
+    assert not os.path.exists(marker), finalized(marker)
+
+
+def test_torchrun_ranks_end_before_interpreter_finalization(tmp_path):
+    """Each rank of a torchrun job ends (``os._exit`` with its status, after its atexit handlers and a flush of stdout
+    and stderr) before the interpreter's finalization. The process group's gloo threads outlive
+    ``destroy_process_group`` (torch 2.13: FSDP2's sharded parameters keep the group alive), and one that touches a
+    tensor's Python object during finalization aborts the rank ("terminate called without an active exception",
+    SIGABRT): a finished job then failed now and then on a loaded machine. A rank that finalized writes to the
+    marker file (tests/torchrun_probe.py); rank 0's report still reaches stdout."""
+    model = saved_tiny_model(tmp_path)
+    marker = str(tmp_path / "finalized.txt")
+    args = train_args(tmp_path, model, str(tmp_path / "run"), steps=1)
+    rc, out, _ = torchrun(args, timeout=300, probe=(marker, -1))
+    assert rc == 0, out[-3000:]
+    assert "held-out pass@k before and after training" in out, out[-3000:]
+    assert not os.path.exists(marker), finalized(marker)
+
+
+def test_a_hidden_state_route_keeps_neither_its_model_nor_its_wrapper_alive():
+    """``route_hidden_states`` routes a model's decoder passes through its wrapper while the wrapper's owner keeps it,
+    and holds neither: the wrapper holds the model, so a strong route would keep both (and a process group) alive for
+    the life of the process (fails with the route held strongly)."""
+    import gc
+    import weakref
+
+    from rlvr_fast.trainer.model import hidden_states_pass, route_hidden_states
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, compute, *inputs):
+            self.calls += 1
+            return compute(self.model, *inputs)
+
+    model = torch.nn.Linear(3, 2)
+    wrapper = Wrapper(model)
+    route_hidden_states(model, wrapper)
+    x = torch.randn(4, 3)
+    assert torch.equal(hidden_states_pass(model, lambda m, t: m(t), x), model(x)) and wrapper.calls == 1
+    model_ref, wrapper_ref = weakref.ref(model), weakref.ref(wrapper)
+    del model, wrapper
+    gc.collect()
+    assert model_ref() is None and wrapper_ref() is None

@@ -52,9 +52,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 
@@ -71,6 +73,9 @@ SHARDED_OPTIMIZERS_MISSING = {
 # the per-token means policy_step reports (weighted by each rank's tokens when reduced over ranks)
 TOKEN_MEAN_METRICS = ("clip_low_frac", "clip_high_frac", "dual_clip_frac", "mean_ratio", "mean_kl", "mean_entropy")
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a rank that never joins a collective fails the others after this
+# whether this process joined the default process group itself (DataParallel.from_environment): its gloo threads
+# then live until the process ends (``exit_without_finalizing``)
+_JOINED = {"group": False}
 
 
 def environment_world_size() -> int:
@@ -260,6 +265,55 @@ class FSDPPolicy(ShardedCheckpointing, ReplicatedPolicy):
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
 
 
+def joined_process_group() -> bool:
+    """Whether this process joined a process group (``DataParallel.from_environment``), destroyed since or not."""
+    return _JOINED["group"]
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if one is initialised (no barrier: on an error path the peers may be gone,
+    and a barrier would wait for them until ``COLLECTIVE_TIMEOUT``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status, and the message on stderr, that the interpreter gives an exception ending the program."""
+    if isinstance(exc, SystemExit):
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    return 1
+
+
+def exit_without_finalizing(code: int) -> NoReturn:
+    """End this process with status ``code`` as the interpreter would (atexit handlers run, stdout and stderr
+    flushed), but skipping the interpreter's finalization. Never returns.
+
+    Why: a rank's gloo threads outlive ``destroy_process_group``, which joins them only when nothing else holds the
+    group: under torch 2.13 an ``nn.Parameter`` of a DTensor (FSDP2's sharded parameters) is never freed and holds
+    it, and so does DDP's wrapper (``model.route_hidden_states`` keeps it for the life of the process). The group's
+    worker and transport threads then run on into the interpreter's finalization. A worker that drops the last
+    work's tensors then needs the GIL; a thread asking for it during finalization is ended by ``pthread_exit``, whose
+    unwinding through C++ code aborts the process: "terminate called without an active exception", SIGABRT, a
+    successful rank reported as failed (seen under load; tests/test_distributed.py,
+    ``test_torchrun_ranks_end_before_interpreter_finalization``).
+    ``os._exit`` ends every thread at once, before any of that."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()  # what the interpreter runs first at exit: logging.shutdown, worker pools, ...
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
 def all_gather_objects(value) -> list:
     """``value`` of every rank, by rank (all-gather of Python objects). Collective."""
     import torch.distributed as dist
@@ -317,6 +371,7 @@ class DataParallel:
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+            _JOINED["group"] = True
         if dist.get_world_size() != world:
             raise RuntimeError(f"WORLD_SIZE is {world} but the process group has {dist.get_world_size()} ranks")
         return cls(world_size=world, rank=dist.get_rank(), local_rank=local_rank, mode=cfg.parallel)

@@ -170,22 +170,26 @@ def lm_head_weight(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return head.weight, getattr(head, "bias", None)
 
 
-# model -> the module that computes its hidden states under data parallelism (DDP's or FSDP's wrapper of it)
+# model -> a weak reference to the module that computes its hidden states under data parallelism (DDP's or FSDP's
+# wrapper of it). Weak both ways: the wrapper holds the model, so a strong value would keep its own key (and the
+# model, the wrapper and its process group) alive for the whole process.
 _HIDDEN_STATE_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def route_hidden_states(model: torch.nn.Module, run: Callable[..., torch.Tensor]) -> None:
     """Compute ``model``'s hidden states through ``run(compute, *inputs)`` from now on, where ``run`` calls
     ``compute(model, *inputs)`` inside its own forward: the data-parallel wrapper (``trainer/distributed.py``,
-    ``HiddenStates``), whose forward DDP / FSDP must see."""
-    _HIDDEN_STATE_ROUTES[model] = run
+    ``HiddenStates``), whose forward DDP / FSDP must see. The route lasts as long as its owner keeps ``run`` (the
+    policy object of ``DataParallel.wrap``)."""
+    _HIDDEN_STATE_ROUTES[model] = weakref.ref(run)
 
 
 def hidden_states_pass(model: torch.nn.Module, compute: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
     """``compute(model, *inputs)``: a forward of ``model``'s decoder (one call or several, e.g. the shared prefix's
     prompt pass and completion pass), run inside the data-parallel wrapper's forward when ``route_hidden_states`` set
     one, so that DDP and FSDP see one forward per call of this function; else called directly."""
-    route = _HIDDEN_STATE_ROUTES.get(model)
+    ref = _HIDDEN_STATE_ROUTES.get(model)
+    route = ref() if ref is not None else None
     if route is not None:
         return route(compute, *inputs)
     return compute(model, *inputs)
