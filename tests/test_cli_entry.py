@@ -87,7 +87,8 @@ def test_a_refusal_under_torchrun_is_one_line(tmp_path):
     """A pre-load refusal (a file where output_dir should be): one line from the world, not a traceback from every
     rank (a bad flag, the other path to a refusal, is the in-process test below)."""
     (tmp_path / "afile").write_text("x")
-    err = torchrun_refusal(tmp_path, ["--output_dir", "afile", "--device", "cpu"])
+    model = saved_tiny_model(tmp_path)  # not the default model: the README's test install leaves it out
+    err = torchrun_refusal(tmp_path, ["--model", model, "--output_dir", "afile", "--device", "cpu"])
     assert_one_line(err, "rlvr-fast train: error: RLVRConfig.output_dir 'afile' exists and is not a folder")
 
 
