@@ -251,3 +251,107 @@ def test_bad_data_is_one_line_and_exit_2_before_the_model_loads(tmp_path, tiny_m
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (what, err)
         assert re.search(pattern, err), (what, err)
         assert time.monotonic() - start < 30, what
+
+
+# ---- issue 24 re-probe: eval --checkpoint evaluates the checkpoint's model; templates are never formatted ---------
+
+
+def checkpoint_with_state(folder, state: dict) -> str:
+    """A checkpoint that verifies, in ``folder``, holding ``state`` as its trainer state."""
+    model = torch.nn.Linear(2, 2)
+    return save_checkpoint(str(folder), 1, model, torch.optim.AdamW(model.parameters()), state)
+
+
+def test_eval_checkpoint_uses_the_saved_model_and_its_generation_lengths(tmp_path, capsys, monkeypatch, tiny_model):
+    """Re-probe F5: without --model, eval loaded the default SmolLM2 and then failed the strict weight load."""
+    import rlvr_fast.trainer.evaluate_cli as evaluate_cli
+
+    trained = RLVRConfig(model=tiny_model, max_prompt_length=64, max_completion_length=16, top_p=0.9)
+    checkpoint = checkpoint_with_state(tmp_path / "run", {"config": trained.to_dict()})
+    seen = []
+    monkeypatch.setattr(evaluate_cli, "run_eval", lambda cfg, checkpoint=None: seen.append(cfg) or "scored")
+    code, out, err = cli(["eval", "--checkpoint", checkpoint, "--eval_samples", "2"], capsys)
+    assert code == 0, err
+    assert (seen[0].model, seen[0].max_prompt_length, seen[0].max_completion_length, seen[0].top_p) == (
+        tiny_model, 64, 16, 0.9)  # fmt: skip
+    assert seen[0].eval_samples == 2  # an evaluation setting: the user's
+    assert f"eval: using the checkpoint's model={tiny_model!r}, task='arithmetic'" in out
+    assert "max_prompt_length=64, max_completion_length=16, top_p=0.9" in out and "eval_samples" not in out
+
+    code, out, err = cli(["eval", "--checkpoint", checkpoint, "--max_prompt_length", "100"], capsys)
+    assert code == 0, err
+    assert seen[1].max_prompt_length == 100 and "using max_prompt_length=100 from the command line" in out
+
+
+def test_eval_checkpoint_with_a_missing_saved_model_names_it(tmp_path, capsys, no_model_load):
+    gone = str(tmp_path / "gone-model")
+    os.makedirs(gone)  # validate() does not look at the folder; the model-source check does, once it is gone
+    checkpoint = checkpoint_with_state(tmp_path / "run", {"config": {**RLVRConfig(model=gone).to_dict()}})
+    os.rmdir(gone)
+    code, _, err = cli(["eval", "--checkpoint", checkpoint, "--device", "cpu"], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "RLVRConfig.model" in err and gone in err and "trainer_state.json" in err
+
+
+def test_eval_checkpoint_of_another_model_shape_is_refused_before_the_model_loads(
+    tmp_path, tiny_model, capsys, no_model_load
+):
+    other = tmp_path / "other"
+    tokenizer = char_tokenizer()
+    tiny_causal_lm(tokenizer, layers=3).save_pretrained(str(other))
+    tokenizer.save_pretrained(str(other))
+    checkpoint = checkpoint_with_state(tmp_path / "run", {"config": RLVRConfig(model=str(other)).to_dict()})
+    capsys.readouterr()  # the save's progress bar
+    code, _, err = cli(["eval", "--model", tiny_model, "--checkpoint", checkpoint], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"RLVRConfig.model {tiny_model!r}: expected the checkpoint's model {str(other)!r}" in err
+    assert "layers=2" in err and "layers=3" in err
+
+
+@pytest.mark.parametrize("config", [[1, 2], "seed: 1"])
+def test_eval_checkpoint_whose_config_is_not_a_mapping_is_refused(
+    tmp_path, tiny_model, capsys, monkeypatch, config, no_model_load
+):
+    """It evaluated with this command's defaults: another split, silently."""
+    import rlvr_fast.trainer.checkpoint as checkpoint_module
+
+    with monkeypatch.context() as patch:  # save_checkpoint hashes a mapping; a hand-made state need not be one
+        patch.setattr(checkpoint_module, "_config_hash", lambda config: None)
+        checkpoint = checkpoint_with_state(tmp_path / "run", {"config": config})
+    code, _, err = cli(["eval", "--model", tiny_model, "--checkpoint", checkpoint], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "the checkpoint's config is unreadable" in err and f"got {type(config).__name__}" in err
+
+
+@pytest.mark.parametrize("template", ["{expression:>99999999999}", "{expression!r}", "{expression:{expression}}"])
+def test_a_format_spec_in_the_template_is_refused_unformatted(tmp_path, tiny_model, capsys, template, no_model_load):
+    """Re-probe F6: the template was formatted with the user's spec: MemoryError, a traceback and exit 1."""
+    argv = ["train", "--model", tiny_model, "--output_dir", str(tmp_path / "out"), "--prompt_template", template]
+    code, _, err = cli(argv, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "RLVRConfig.prompt_template" in err and "the bare '{expression}'" in err and repr(template) in err
+
+    saved = {**RLVRConfig(model=tiny_model).to_dict(), "prompt_template": template}  # a tampered trainer_state.json
+    checkpoint = checkpoint_with_state(tmp_path / "run", {"config": saved})
+    code, _, err = cli(["eval", "--checkpoint", checkpoint], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "RLVRConfig.prompt_template" in err and "trainer_state.json" in err
+
+
+def test_a_file_shorter_than_its_size_is_used_whole_and_said_once(tmp_path, capsys):
+    cfg = jsonl_config(tmp_path, train_size=1_000_000_000, eval_size=1_000_000)
+    train, evaluation = load_problems(cfg)
+    load_problems(cfg)  # the preflight and the run load twice: one notice each
+    assert (len(train), len(evaluation)) == (12, 4)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert f"RLVRConfig.train_size=1000000000 asks for more problems than task {cfg.task} has" in lines[0]
+    assert "all 12 of its problem lines" in lines[0]
+    assert f"RLVRConfig.eval_size=1000000 asks for more problems than eval_file {cfg.eval_file}" in lines[1]
+    load_problems(jsonl_config(tmp_path))  # exactly the file's size: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_an_empty_eval_file_reads_as_a_path():
+    with pytest.raises(ConfigFieldError, match=r"^RLVRConfig.eval_file must be a non-empty path or None, got ''$"):
+        RLVRConfig(eval_file="").validate()

@@ -264,15 +264,20 @@ def test_jsonl_invalid_utf8_and_custom_fields(tmp_path):
         ("{expression}{foo}", r"\['\{foo\}'\]"),
         ("{expression[0]}", r"\['\{expression\[0\]\}'\]"),
         ("What is {expression", "expected '}'"),
-        ("{expression!x}", "Unknown conversion"),
+        ("{expression!x}", r"\['\{expression!x\}'\] carry a conversion or format spec"),
         ("{expression:{width}}", "width"),
+        # the issue 24 re-probe: the spec was used to format a test string: MemoryError, not a refusal
+        ("{expression:>99999999999}", r"\['\{expression:>99999999999\}'\] carry"),
+        ("{expression!r}", r"\['\{expression!r\}'\] carry"),
+        ("{expression:>6}", r"\['\{expression:>6\}'\] carry"),
     ],
 )
 def test_templates_with_other_fields_are_a_value_error(template, named):
-    """Issue 24: '{expression}{0}' raised IndexError and '{expression}{foo}' KeyError at the first render."""
-    with pytest.raises(ValueError, match=rf"only field is '\{{expression\}}', got .*{named}"):
+    """Issue 24: '{expression}{0}' raised IndexError and '{expression}{foo}' KeyError at the first render; a format
+    spec or conversion is refused from the parse alone, never tried."""
+    with pytest.raises(ValueError, match=rf"only field is the bare '\{{expression\}}' .*, got .*{named}"):
         render_prompt("1 + 1", template)
-    assert render_prompt("1 + 1", "{{literal}} {expression:>6}") == "{literal}  1 + 1"
+    assert render_prompt("1 + 1", "{{literal}} {expression} }}") == "{literal} 1 + 1 }"
 
 
 def test_expression_space_size_is_exact_without_limits_and_refuses_at_once():

@@ -27,20 +27,27 @@ PROMPT_TEMPLATES: dict[str, str] = {
 
 def check_template(template: str) -> str:
     """The format string of ``template`` (a name in ``PROMPT_TEMPLATES`` or a format string): it must parse, and its
-    only replacement field must be ``{expression}``, used at least once (``{0}``, ``{foo}``, ``{expression[0]}`` and an
-    unbalanced ``{`` are refused with a ValueError here, not an IndexError / KeyError at the first render)."""
+    only replacement field must be the bare ``{expression}``, used at least once. ``{0}``, ``{foo}``,
+    ``{expression[0]}``, an unbalanced ``{``, a conversion (``{expression!r}``) and a format spec
+    (``{expression:>99999999999}``, which would allocate that many characters) are refused with a ValueError here,
+    from the parse alone: the user's format string is never formatted before it passes (``{{`` / ``}}`` stay literal
+    braces)."""
     fmt = PROMPT_TEMPLATES.get(template, template)
     expected = f"prompt template must be one of {sorted(PROMPT_TEMPLATES)} or a format string whose only field is "
-    expected += f"'{{expression}}', got {template!r}"
+    expected += f"the bare '{{expression}}' (no conversion, no format spec), got {template!r:.200}"
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
-        others = sorted({name for name in fields if name != "expression"}, key=str)
-        if others or not fields:
-            found = f"the field(s) {['{' + n + '}' for n in others]}" if others else "no {expression}"
-            raise ValueError(f"{expected} ({found})")
-        fmt.format(expression="1 + 1")  # a bad conversion (!x) or a field nested in a format spec fails here
-    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
-        raise ValueError(exc.args[0] if str(exc).startswith(expected) else f"{expected} ({exc})") from None
+        parsed = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(fmt) if name is not None]
+    except ValueError as exc:  # an unbalanced brace
+        raise ValueError(f"{expected} ({exc})") from None
+    others = sorted({name for name, _, _ in parsed if name != "expression"}, key=str)
+    decorated = [f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}" for name, spec, conv in parsed]
+    decorated = [d for d in decorated if d != "{expression}"]
+    if others:
+        raise ValueError(f"{expected} (the field(s) {['{' + n + '}' for n in others]})")
+    if decorated:
+        raise ValueError(f"{expected} (the field(s) {decorated[:3]!r:.200} carry a conversion or format spec)")
+    if not parsed:
+        raise ValueError(f"{expected} (no {{expression}})")
     return fmt
 
 

@@ -13,6 +13,7 @@ that are also training problems (``check_held_out``; ``allow_eval_overlap`` acce
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ def load_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
             field="eval_file" if cfg.eval_file else "task",
             sources=(cfg.task if cfg.task != "arithmetic" else built_in, cfg.eval_file or built_in),
         )
+    _say_short_files(cfg, train, evaluation)  # last: a refused config stays one line
     return train, evaluation
 
 
@@ -116,6 +118,24 @@ def _file_problems(field: str, path: str, size: int) -> list[Problem]:
     except OSError as exc:
         raise ConfigFieldError(field, f"RLVRConfig.{field} {path!r}: cannot read it ({exc.strerror or exc})") from None
     return [_problem(r, f"{path}, line {line}") for line, r in numbered[:size]]
+
+
+_NOTICED: set[str] = set()  # the preflight loads the problems, then the run again: say each notice once
+
+
+def _say_short_files(cfg: RLVRConfig, train: Sequence[Problem], evaluation: Sequence[Problem]) -> None:
+    """One line on stderr (once per process) for each file with fewer problems than its size asks for: it is used
+    whole, as "the first N lines" says, but a run of 8 problems asked for 10^9 should not pass unremarked."""
+    files = [("task", cfg.task, "train_size", cfg.train_size, train)] if cfg.task != "arithmetic" else []
+    files += [("eval_file", cfg.eval_file, "eval_size", cfg.eval_size, evaluation)] if cfg.eval_file else []
+    for field, path, size_field, size, problems in files:
+        message = (
+            f"data: RLVRConfig.{size_field}={size} asks for more problems than {field} {path} has: using all "
+            f"{len(problems)} of its problem lines"
+        )
+        if len(problems) < size and message not in _NOTICED:
+            _NOTICED.add(message)
+            print(message, file=sys.stderr)
 
 
 def _problem(record: dict, where: str) -> Problem:

@@ -183,15 +183,15 @@ def preflight_eval(
     cfg: RLVRConfig, checkpoint: str | None, *, explicit: frozenset[str] = frozenset(), log=print
 ) -> RLVRConfig:
     """``rlvr-fast eval``'s checks: config, model source, a checkpoint that verifies (when given), and the data.
-    Returns the config to evaluate with: with a checkpoint, its run's task, split and seed
+    Returns the config to evaluate with: with a checkpoint, its run's model, task, split and seed
     (``evaluate_cli.checkpoint_eval_config``) replace those of ``cfg`` not named in ``explicit``, said by ``log``."""
     cfg.validate()
-    check_model_source(cfg.model)
     if checkpoint is not None:
         check_eval_checkpoint(checkpoint)
         from rlvr_fast.trainer.evaluate_cli import checkpoint_eval_config
 
-        cfg = checkpoint_eval_config(cfg, checkpoint, explicit, log)
+        cfg = checkpoint_eval_config(cfg, checkpoint, explicit, log)  # its model, too, unless --model is given
+    check_model_source(cfg.model)
     check_machine(cfg, training=False)  # device, attention kernel, sequence length, evaluation memory
     check_data(cfg)
     return cfg
