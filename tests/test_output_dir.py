@@ -4,6 +4,7 @@ the model loaded (now before it, exit 2, the field named), and a NaN/inf update 
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,7 +171,7 @@ def test_overwrite_leaves_the_users_files_beside_a_run_and_names_them(tmp_path):
     (out / "data").mkdir()
     (out / "data" / "dataset.jsonl").write_text("{}\n")
     (out / "thesis.tex").write_text("\\section{mine}\n")
-    (out / "report.md").write_text("# an earlier report\n")
+    (out / "report.md").write_text("# rlvr_fast run report\n\nthe earlier run's\n")
     fake_earlier_run(out)
     messages = overwrite(out)
     assert (out / "src" / "main.py").read_text() == "print('mine')\n"
@@ -207,21 +208,22 @@ def test_overwrite_never_follows_a_symlink_out_of_the_folder(tmp_path):
     (outside / "precious").mkdir()
     (outside / "precious" / "a.txt").write_text("a")
     out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "step-000003").mkdir()
+    out.mkdir()
+    fake_earlier_run(out)
     (out / "checkpoints" / "step-000009").symlink_to(outside / "precious")  # not ours: left
     (out / "report.md").symlink_to(outside / "report.md")  # a run's name: the link goes, its target stays
-    (out / "metrics.jsonl").symlink_to(outside / "ckpts")
+    (out / "eval_before.json").symlink_to(outside / "ckpts")
     messages = overwrite(out)
     assert (outside / "ckpts" / "step-000001" / "model.safetensors").read_text() == "weights"
     assert (outside / "report.md").read_text() == "someone else's report"
     assert (outside / "precious" / "a.txt").read_text() == "a"
-    assert not os.path.lexists(out / "report.md") and not os.path.lexists(out / "metrics.jsonl")
+    assert not os.path.lexists(out / "report.md") and not os.path.lexists(out / "eval_before.json")
     assert os.listdir(out / "checkpoints") == ["step-000009"]
     assert any("checkpoints/step-000009" in m for m in messages), messages
 
     linked = tmp_path / "linked"  # checkpoints/ itself a symlink: unlinked, the folder it points to untouched
     linked.mkdir()
+    (linked / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
     (linked / "checkpoints").symlink_to(outside / "ckpts")
     overwrite(linked)
     assert not os.path.lexists(linked / "checkpoints")
@@ -256,3 +258,133 @@ def test_a_dangling_symlink_output_dir_is_refused_before_the_model_loads(tmp_pat
     argv = late_failure_cases(tmp_path, local_model)["empty eval file"][0][:-2]  # the base arguments
     code, err = main_exit(["train", *argv, "--output_dir", str(dangling)], capsys)
     assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24, the verifier's three: --overwrite deletes by content, with evidence of a run; messages once
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def refused(folder, overwrite_it=True) -> str:
+    """``prepare_output_dir`` on ``folder``, which must refuse it; returns the message (no lock left held)."""
+    from rlvr_fast.trainer.output_dir import prepare_output_dir
+    from rlvr_fast.trainer.run_lock import holds_run_lock
+
+    with pytest.raises(ConfigFieldError) as info:
+        prepare_output_dir(str(folder), resume=False, overwrite=overwrite_it, log=lambda m: None)
+    assert info.value.field == "output_dir" and not holds_run_lock(str(folder))
+    return str(info.value)
+
+
+def tree(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes) and every folder (-> b"<dir>"), the lock file aside."""
+    out = {}
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            rel = os.path.relpath(path, folder)
+            if name != ".rlvr-fast.lock":
+                out[rel] = b"<dir>" if os.path.isdir(path) else Path(path).read_bytes()
+    return out
+
+
+def test_overwrite_deletes_nothing_of_a_folder_without_a_run(tmp_path):
+    """The verifier's repro: a user's report.md (no run there) was taken for an earlier run and deleted."""
+    out = tmp_path / "ow2"
+    (out / "src").mkdir(parents=True)
+    (out / "report.md").write_text("my report\n")
+    for overwrite_it in (True, False):
+        message = refused(out, overwrite_it)
+        assert "report.md" in message and "no run of rlvr_fast" in message and "move them" in message, message
+    assert (out / "report.md").read_text() == "my report\n" and (out / "src").is_dir()
+
+    users = tmp_path / "users"  # run-named files of the user's, content not a run's: no evidence, nothing deleted
+    users.mkdir()
+    (users / "metrics.jsonl").write_text("loss 0.3\nloss 0.2\n")
+    (users / "eval_before.json").write_text(json.dumps({"accuracy": 0.5}))
+    (users / "reward_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG, but not a run's plot
+    before = tree(users)
+    assert "no run of rlvr_fast" in refused(users)
+    assert tree(users) == before
+
+
+def test_overwrite_refuses_a_users_file_with_a_runs_name_beside_a_run(tmp_path):
+    """Beside a real run, a user's report.md would be deleted by name (or written over by the new run): refused,
+    named, nothing deleted."""
+    out = tmp_path / "run"
+    out.mkdir()
+    fake_earlier_run(out)
+    (out / "report.md").write_text("my report\n")
+    before = tree(out)
+    message = refused(out)
+    assert "report.md (not what report.py writes)" in message and "deleted nothing" in message, message
+    assert tree(out) == before
+
+
+def test_a_users_file_inside_a_checkpoint_folder_survives_and_is_named(tmp_path):
+    """checkpoints/step-000004/ of a real run plus a user's file: no longer exactly its manifest's files, so not
+    ours; the new run would prune or replace that folder, so --overwrite refuses, naming the folder and the file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    fake_earlier_run(out)
+    (out / "checkpoints" / "step-000004" / "notes.txt").write_text("mine")
+    before = tree(out)
+    message = refused(out)
+    assert "checkpoints/step-000004" in message and "notes.txt" in message, message
+    assert tree(out) == before
+
+
+def test_a_users_step_folder_in_checkpoints_survives(tmp_path):
+    """checkpoints/step-7/ (a user's, by its name a checkpoint's) was rmtree'd; now a step folder goes only when it
+    is a checkpoint of ours. Partial .step-* folders go when they hold only files checkpoint code writes."""
+    out = tmp_path / "run"
+    out.mkdir()
+    fake_earlier_run(out)
+    ckpt = out / "checkpoints"
+    (ckpt / "step-7").mkdir()
+    (ckpt / "step-7" / "weights.bin").write_text("mine")
+    (ckpt / ".step-000005-abc").mkdir()  # a killed write: no manifest yet
+    for name in ("model.safetensors", "trainer_state.json", "__0_0.distcp", ".metadata.tmp"):
+        (ckpt / ".step-000005-abc" / name).write_text("partial")
+    messages = overwrite(out)
+    assert sorted(os.listdir(ckpt)) == ["step-7"] and (ckpt / "step-7" / "weights.bin").read_text() == "mine"
+    assert any("left" in m and "checkpoints/step-7" in m for m in messages), messages
+    assert not (out / "metrics.jsonl").exists()
+
+    (ckpt / ".step-000006-def").mkdir()  # a "partial" holding a user's file: the new run would delete it
+    (ckpt / ".step-000006-def" / "notes.txt").write_text("mine")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    assert "checkpoints/.step-000006-def" in refused(out)
+    assert (ckpt / ".step-000006-def" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_deletes_all_of_a_real_run(tmp_path):
+    """Every file a real run writes passes its content check (RUN_ARTIFACTS' registry): --overwrite leaves nothing,
+    and the report's title is the one report.py writes."""
+    from rlvr_fast.trainer.output_dir import REPORT_TITLE
+
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path, output_dir=str(out), checkpoint_every=1, rewards={"random": 1.0})
+    Trainer(cfg, loaded=tiny_loaded()).train()
+    assert (out / "report.md").read_text().splitlines()[0] == REPORT_TITLE
+    (out / "checkpoints" / ".step-000009-killed").mkdir()  # a write killed before its first file
+    messages = overwrite(out)
+    assert os.listdir(out) == [], os.listdir(out)
+    assert len(messages) == 1 and "deleted" in messages[0], messages
+
+
+def test_overwrite_messages_print_once_through_the_cli(tmp_path, local_model, no_model_load, capsys):
+    """preflight runs in cli.py and again in Trainer.__init__: the second pass repeated (or, by content, refused)
+    what the first had done; now it says nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    fake_earlier_run(out)
+    (out / "checkpoints" / "my_notes.txt").write_text("mine")
+    (out / "src").mkdir()
+    argv = late_failure_cases(tmp_path, local_model)["empty eval file"][0][:-2]  # the base arguments
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past both preflights
+        main(["train", *argv, "--output_dir", str(out), "--overwrite", "true"])
+    err = capsys.readouterr().err
+    assert err.count("--overwrite: deleted") == 1 and err.count("--overwrite: left") == 1, err
+    assert "checkpoints/my_notes.txt" in err and "src" in err
+    assert (out / "checkpoints" / "my_notes.txt").read_text() == "mine"

@@ -13,10 +13,11 @@ still holding the lock, then closes it; an opener that was waiting on the old fi
 the path and starts again (so two processes can never each lock a different inode).
 
 Re-entrant per process: ``rlvr-fast train`` runs preflight in cli.py and again in ``Trainer.__init__``; the second
-acquisition is a no-op. Under torchrun only rank 0 prepares the folder (``DataParallel.main_decides``), so rank 0
-holds the lock; releasing on another rank does nothing. On a file system without flock (some network or FUSE mounts)
-it falls back, with a warning, to the recorded PID: refused while that PID is alive on this host or the lock is
-another host's (delete the file if that run is gone).
+acquisition is a no-op, and ``RunLock.prepared`` tells it what the first one did to the folder (nothing else can
+have written there since), so ``--overwrite``'s messages print once. Under torchrun only rank 0 prepares the folder
+(``DataParallel.main_decides``), so rank 0 holds the lock; releasing on another rank does nothing. On a file system
+without flock (some network or FUSE mounts) it falls back, with a warning, to the recorded PID: refused while that
+PID is alive on this host or the lock is another host's (delete the file if that run is gone).
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class RunLock:
         self.path = os.path.join(output_dir, LOCK_FILE)
         self.fd: int | None = None
         self.owner_pid = os.getpid()  # a forked child inherits the object, never the right to delete the file
+        # What this process did to the folder while holding this lock (output_dir.prepare_output_dir's outcome): a
+        # second preflight in the same process (cli.py, then Trainer) repeats nothing. Gone with the lock.
+        self.prepared: dict = {}
 
     def acquire(self, log=None) -> None:
         log = log or _stderr
@@ -193,6 +197,12 @@ def release_run_lock(output_dir: str) -> None:
     lock = _HELD.pop(os.path.realpath(output_dir), None)
     if lock is not None:
         lock.release()
+
+
+def held_lock(output_dir: str) -> RunLock | None:
+    """This process's lock on ``output_dir`` while it holds it, else None."""
+    lock = _HELD.get(os.path.realpath(output_dir))
+    return lock if lock is not None and lock.held() else None
 
 
 def holds_run_lock(output_dir: str) -> bool:
