@@ -49,29 +49,31 @@ class ConfigError(Exception):
 NON_MAIN_RANK_GRACE_S = 5.0
 
 
-def refuse(prog: str, message: str) -> NoReturn:
-    """Print ``<prog>: error: <message>`` in one line and exit with status 2 (no traceback, no usage text).
-
-    Under torchrun (WORLD_SIZE > 1) rank 0 prints it at once; another rank prints it, tagged with its rank, only if
-    it is still running after ``NON_MAIN_RANK_GRACE_S`` (a verdict of its own: rank 0 went on), so a world of N
-    processes says a shared refusal once, not N times."""
-    line = f"{prog}: error: {message}"
+def say_once(line: str) -> None:
+    """Write ``line`` to stderr once per world: at once on rank 0 (or without torchrun); on another rank, tagged with
+    its rank, only if it is still running after ``NON_MAIN_RANK_GRACE_S`` (a verdict of its own: rank 0 went on).
+    Every rank reaches the same verdict on the same config or the same shared failure, so a world of N processes says
+    it once, not N times."""
     if _world_size() > 1 and not _is_main_rank():
         time.sleep(NON_MAIN_RANK_GRACE_S)
         line = f"[rank {os.environ.get('RANK')}] {line}"
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def refuse(prog: str, message: str, hint: str = "") -> NoReturn:
+    """Print ``<prog>: error: <message>`` (and a short ``hint``) in one line once per world (``say_once``) and exit
+    with status 2 (no traceback, no usage text)."""
+    say_once(f"{prog}: error: {message}" + (f" {hint}" if hint else ""))
     sys.exit(2)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, whose errors under torchrun are one line per world (``refuse``), without the usage text each
-    rank would print; on one process argparse's own report (usage, then the error; exit 2)."""
+    """argparse's parser (the top level and every command's), whose errors are one line (``refuse``: exit 2, once per
+    torchrun world) pointing at --help, instead of argparse's usage block of every option followed by the error."""
 
     def error(self, message: str) -> NoReturn:
-        if _world_size() > 1:
-            refuse(self.prog, message)
-        super().error(message)
+        refuse(self.prog, message, hint=f"({self.prog} --help lists every option)")
 
 
 def _config(args: argparse.Namespace):
@@ -104,7 +106,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except (NonFiniteError, CheckpointWriteError) as exc:  # a diverged run, a checkpoint a full disk refused
-        print(f"rlvr-fast train: error: {exc}", file=sys.stderr)
+        # every rank raises it (the checks agree across the world): rank 0 says it, once per world
+        say_once(f"rlvr-fast train: error: {exc}")
         return 1
     finally:
         _leave_process_group()
@@ -257,9 +260,10 @@ COMMANDS = [_add_train, _add_eval, _add_study, _add_bench]
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlvr-fast", description="Fast RLVR (GRPO-family) training and its kernels.")
     parser.add_argument("--version", action="version", version=f"rlvr_fast {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
+    parser.commands = sub.choices  # name -> that command's parser, which reports its errors (``_main``)
     return parser
 
 
@@ -306,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser (argparse's own would name only "rlvr-fast")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rlvr_fast import cli
 from rlvr_fast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +122,68 @@ def test_a_world_refusal_is_said_by_rank_0_or_late_by_its_own_rank(rank, monkeyp
     assert info.value.code == 2 and err.count("\n") == 1, err
     prefix = "" if rank == "0" else "[rank 1] "
     assert err.startswith(f"{prefix}rlvr-fast train: error: RLVRConfig.prompts_per_step must divide by the world size")
+
+
+@pytest.mark.parametrize(
+    "argv,prog,message",
+    [
+        (["train", "--temperature", "1e-300"], "rlvr-fast train", "argument --temperature: RLVRConfig.temperature"),
+        (["train", "--temperature", "nan"], "rlvr-fast train", "argument --temperature: RLVRConfig.temperature"),
+        (["train", "--lr", "1e30"], "rlvr-fast train", "argument --lr: RLVRConfig.lr"),
+        (["train", "--seed", str(2**64)], "rlvr-fast train", "argument --seed: RLVRConfig.seed"),
+        (["train", "--seed", "-1"], "rlvr-fast train", "argument --seed: RLVRConfig.seed"),
+        (["train", "--eval_size", "0"], "rlvr-fast train", "argument --eval_size/--eval-size: RLVRConfig.eval_size"),
+        (["eval", "--eval_size", "0"], "rlvr-fast eval", "argument --eval_size/--eval-size: RLVRConfig.eval_size"),
+        (["study", "--set", "lr"], "rlvr-fast study", "argument --set: expected key=value, got 'lr'"),
+        (["train", "--no_such_flag", "3"], "rlvr-fast train", "unrecognized arguments: --no_such_flag 3"),
+        (["trian"], "rlvr-fast", "argument command: invalid choice: 'trian'"),
+        ([], "rlvr-fast", "the following arguments are required: command"),
+    ],
+)
+def test_a_flag_error_is_one_line_on_one_process(argv, prog, message, capsys, monkeypatch):
+    """Issue 24 re-probe: an error the argument parser catches printed argparse's usage block (47 lines for train:
+    every option) before its one error line. Now any command's parser error is that line alone, exit 2, naming the
+    command and pointing at its --help."""
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == "", captured
+    assert captured.err.count("\n") == 1 and "usage:" not in captured.err, captured.err
+    assert captured.err.startswith(f"{prog}: error: {message}"), captured.err
+    assert captured.err.rstrip().endswith(f"({prog} --help lists every option)"), captured.err
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_checkpoint_write_error_under_torchrun_is_said_by_rank_0(rank, monkeypatch, capsys, tmp_path):
+    """Issue 24 re-probe: a checkpoint a full disk refused (every rank raises it) printed the same error line once per
+    rank. Rank 0 says it at once; another rank keeps quiet for the grace period in which torchrun stops it after rank
+    0's exit status 1, and only then says it, tagged with its rank. Both exit 1."""
+    from rlvr_fast.trainer import capacity, loop, preflight
+    from rlvr_fast.trainer.strict_loading import CheckpointWriteError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(preflight, "preflight", lambda cfg: None)
+    monkeypatch.setattr(capacity, "check_world", lambda cfg: None)
+
+    def full_disk(cfg):
+        raise CheckpointWriteError("checkpoint step 4 to out/checkpoints/step-4: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(loop, "train", full_disk)
+    said_before_sleeping = []
+
+    def sleep(seconds):  # torchrun would stop this rank here; record what it had said by then
+        said_before_sleeping.append((seconds, capsys.readouterr().err))
+
+    monkeypatch.setattr("rlvr_fast.cli.time.sleep", sleep)
+    code = main(["train", "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    line = "rlvr-fast train: error: checkpoint step 4 to out/checkpoints/step-4: [Errno 28] No space left on device"
+    assert code == 1
+    if rank == "0":
+        assert err == line + "\n" and said_before_sleeping == []
+    else:
+        assert said_before_sleeping == [(cli.NON_MAIN_RANK_GRACE_S, "")]
+        assert err == f"[rank 1] {line}\n"

@@ -82,9 +82,9 @@ def draw(B, T, D, V, gen, device, *, dtype=torch.float32, bias=True, nan_padding
     if B >= 2:
         for row in zero_adv_rows:
             adv[row] = 0.0
-    # a log-probability is <= 0 (old_logp > OLD_LOGP_MAX at a counted token is rejected)
+    # a log-probability is <= 0 (old_logp, and ref_logp when beta > 0, > OLD_LOGP_MAX at a counted token is rejected)
     old = (logp - drift - 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
-    ref = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = (logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
     targets = torch.where(mask, targets, IGNORE_INDEX)
     if nan_padding:
         hidden = torch.where(mask[..., None], hidden, float("nan"))
@@ -378,6 +378,36 @@ def test_untargeted_tokens_that_count_are_refused(backend, device, generator):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_or_positive_old_and_ref_logp_are_refused_where_counted(backend, device, generator):
+    """Issue 24 re-probe: under mask != 0, old_logp = -inf gave loss inf (negative advantage), ref_logp NaN gave NaN
+    gradients, -inf loss inf, and +5 was accepted (beta > 0). The reference and the op refuse each by name and
+    (row, position); the same values on padding pass, and so does ref_logp's at beta = 0 (only mean_kl reads it)."""
+    batch = draw(4, 10, 8, 23, generator, device, nan_padding=False)
+    counted = batch["mask"].nonzero()[-1].tolist()  # a counted token of the last row (negative advantage below)
+    padding = (~batch["mask"]).nonzero()[0].tolist()
+    batch["adv"] = -batch["adv"].abs() - 0.5
+    kw = dict(beta=0.1, loss_type="grpo", config=SMALL)
+    for field, name, value in (
+        ("old", "old_logp", -math.inf),
+        ("ref", "ref_logp", math.nan),
+        ("ref", "ref_logp", -math.inf),
+        ("ref", "ref_logp", 5.0),
+    ):
+        bad = dict(batch, **{field: _with(batch[field], *counted, value)})
+        pattern = rf"{name} must be a finite log-probability .* got 1 such tokens: {name}\[{counted[0]}, {counted[1]}\]"
+        with pytest.raises(ValueError, match=pattern):
+            run(fused_linear_grpo_loss_reference, bad, beta=0.1, loss_type="grpo")
+        with pytest.raises(ValueError, match=pattern):
+            run(fused_linear_grpo_loss, bad, backend=backend, **kw)
+        padded = dict(batch, **{field: _with(batch[field], *padding, value)})
+        loss = run(fused_linear_grpo_loss, padded, backend=backend, **kw)[0]
+        assert torch.isfinite(loss), f"{name} = {value} on padding"
+    at_beta_0 = dict(batch, ref=_with(batch["ref"], *counted, 5.0))  # not a log-prob, but unused by the loss
+    loss, _, metrics = run(fused_linear_grpo_loss, at_beta_0, backend=backend, beta=0.0, loss_type="grpo", config=SMALL)
+    assert torch.isfinite(loss) and metrics.mean_kl is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [0.35, 1.0, 1.8])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_temperature_and_bias(with_bias, temperature, backend, device, generator):
@@ -644,13 +674,40 @@ def _bad_calls(device):
             "NaN old_logp",
             call(old_logp=_with(-torch.ones(B, T, device=device), 2, 4, math.nan)),
             ValueError,
-            r"old_logp must be a log-probability \(<= 0.0001, not NaN\) .* got 1 such tokens: old_logp\[2, 4\] = nan",
+            r"old_logp must be a finite log-probability \(<= 0.0001, not NaN or -inf\) .* got 1 such tokens: "
+            r"old_logp\[2, 4\] = nan",
         ),
         (
             "positive old_logp",
             call(old_logp=_with(-torch.ones(B, T, device=device), 0, 3, 0.5)),
             ValueError,
-            r"old_logp must be a log-probability .* old_logp\[0, 3\] = 0.5",
+            r"old_logp must be a finite log-probability .* old_logp\[0, 3\] = 0.5",
+        ),
+        (  # issue 24 re-probe: -inf old_logp gave loss inf (negative advantage); ref_logp NaN / -inf / positive at
+            # beta > 0 gave NaN gradients, loss inf, or was accepted
+            "-inf old_logp",
+            call(old_logp=_with(-torch.ones(B, T, device=device), 1, 2, -math.inf)),
+            ValueError,
+            r"old_logp must be a finite log-probability .* got 1 such tokens: old_logp\[1, 2\] = -inf",
+        ),
+        (
+            "NaN ref_logp",
+            call(ref_logp=_with(-torch.ones(B, T, device=device), 0, 4, math.nan), beta=0.1),
+            ValueError,
+            r"ref_logp must be a finite log-probability \(<= 0.0001, not NaN or -inf\) at every token with "
+            r"mask != 0, got 1 such tokens: ref_logp\[0, 4\] = nan",
+        ),
+        (
+            "-inf ref_logp",
+            call(ref_logp=_with(-torch.ones(B, T, device=device), 2, 1, -math.inf), beta=0.1),
+            ValueError,
+            r"ref_logp\[2, 1\] = -inf",
+        ),
+        (
+            "positive ref_logp",
+            call(ref_logp=_with(-torch.ones(B, T, device=device), 1, 1, 5.0), beta=0.1),
+            ValueError,
+            r"got 1 such tokens: ref_logp\[1, 1\] = 5",
         ),
         (
             "ignore-index target under mask 1",

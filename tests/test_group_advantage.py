@@ -474,3 +474,43 @@ def test_advantages_never_require_grad(backend, device):
         out = _advantages(backend, rewards, 2, device, estimator=estimator)
         assert not out.advantages.requires_grad and not out.mean.requires_grad and not out.std.requires_grad
         assert out.advantages.grad_fn is None
+
+
+F64_MAX = torch.finfo(torch.float64).max
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("estimator,scale", ESTIMATOR_SCALES)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: the float32 mean / std overflow
+def test_float64_rewards_near_float64_max(estimator, scale, backend, device, generator):
+    """Issue 24 re-probe: the exact reference raised OverflowError on finite float64 rewards whose deviation from the
+    mean (1.8e308 for [1.7e308, -1e308, -1e308]) is beyond float64's range (its std overflowed while taking the sign
+    of the exact Fraction). Every estimator: the reference and the fused backends agree, finite where the advantage
+    is representable (normalised estimators), or all refuse alike (differences beyond float32)."""
+    cases = [[1.7e308, -1e308, -1e308], [F64_MAX, -F64_MAX, 0.0], [-F64_MAX, F64_MAX, F64_MAX]]
+    spread = (torch.rand(4, 3, generator=generator, dtype=torch.float64) * 2 - 1) * F64_MAX
+    rewards = torch.cat([torch.tensor(cases, dtype=torch.float64), spread]).reshape(-1)
+    correct = torch.tensor([1, 0, 0]).repeat(rewards.numel() // 3)
+    kw = dict(estimator=estimator, scale=scale, correct=correct)
+    if backend == "cuda":  # it reads float64 as float32: such rewards are refused, never silently inf
+        with pytest.raises(
+            ValueError, match=r"backend='cuda' computes in float32, and \d+ float64 rewards are outside"
+        ):
+            group_advantages(rewards.to(device), 3, backend=backend, **kw)
+        return
+    try:
+        ref = group_advantages_reference(rewards, 3, **kw)
+    except ValueError as exc:
+        assert ESTIMATORS[estimator].name in ("dr_grpo", "rloo", "grpo") and "beyond float32's range" in str(exc)
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            group_advantages(rewards.to(device), 3, backend=backend, **kw)
+        return
+    out = group_advantages(rewards.to(device), 3, backend=backend, **kw)
+    assert torch.isfinite(ref.advantages).all() and torch.isfinite(out.advantages).all(), backend
+    assert_close(out.advantages.cpu().double(), ref.advantages, rtol=1e-4, atol=1e-4, name=backend)
+    assert torch.equal(out.all_equal.cpu(), ref.all_equal)
+    # the issue's case, by hand: (r - mean) / std with std = 1.8e308 * sqrt(3) / 3 (grpo); the verdicts (psr ...)
+    by_hand = {"group": [2 / 3**0.5, -1 / 3**0.5, -1 / 3**0.5], "psr": [1, 0, 0], "w_reinforce": [0.1, -1, -1]}
+    expected = by_hand.get(scale if estimator == "grpo" else estimator)
+    if expected is not None:
+        assert_close(ref.advantages[:3], torch.tensor(expected, dtype=torch.float64), rtol=1e-6, name="reference")

@@ -59,7 +59,7 @@ def draw_batch(B, T, gen, device, *, dtype=torch.float32, mask_dtype=torch.bool,
     # a log-probability is <= 0 (the losses reject old_logp > OLD_LOGP_MAX at counted tokens): the clamp touches only
     # tokens of the rows whose drift raises old above a near-certain logp
     old = (logp - drift - 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
-    ref = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = (logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)  # likewise (beta > 0)
     entropy = torch.rand(B, T, generator=gen, dtype=torch.float64) * 3.0
     if poison_padding:
         garbage = torch.where(torch.rand(B, T, generator=gen) < 0.5, float("nan"), float("-inf")).double()
@@ -506,7 +506,9 @@ def test_kl_estimators_by_hand(backend, device):
     """k1 / k2 / k3 / low_var_kl values and gradients at chosen d = ref - logp (one active token per row), including
     d far beyond verl's clamps: our k3 is unclamped (as TRL's and Liger's), low_var_kl reproduces verl's clamps."""
     d = torch.tensor([1e-4, -0.3, 2.0, 15.0, -25.0], dtype=torch.float64)
-    logp = torch.full((5, 1), -1.0, dtype=torch.float64, device=device)
+    # logp -1, or -16 where d > 1: ref = logp + d stays a log-probability (<= 0, as checked when beta > 0), and
+    # every value is exact in float32 but -0.9999 and -1.3 (as with logp = -1 everywhere)
+    logp = torch.where(d > 1, -16.0, -1.0)[:, None].to(device)
     ref = logp + d[:, None].to(device)
     mask = torch.ones(5, 1, dtype=torch.bool, device=device)
     adv = torch.zeros(5, dtype=torch.float64, device=device)  # only the KL term remains
@@ -595,16 +597,21 @@ def test_nan_at_active_positions_propagates_like_the_reference(kl, importance_sa
     batch["old"] = batch["old"].clone()
     batch["old"][0, 0] = float("nan")
     for fn, extra in ((grpo_loss_reference, {}), (grpo_loss, {"backend": backend})):
-        with pytest.raises(ValueError, match=r"old_logp must be a log-probability .* old_logp\[0, 0\] = nan"):
+        with pytest.raises(ValueError, match=r"old_logp must be a finite log-probability .* old_logp\[0, 0\] = nan"):
             run(fn, batch, beta=0.1, kl=kl, importance_sampling=importance_sampling, loss_type="grpo", **extra)
-    for field, where in (("logp", (0, 0)), ("ref", (0, 0))):
+    # a NaN in logp (the model's output) propagates; so does one in ref_logp at beta = 0 (only mean_kl reads it)
+    for field, where, beta in (("logp", (0, 0), 0.1), ("ref", (0, 0), 0.0)):
         batch = draw_batch(B, T, generator, device)
         batch[field] = batch[field].clone()
         batch[field][where] = float("nan")
-        kw = dict(beta=0.1, kl=kl, importance_sampling=importance_sampling, loss_type="grpo")
-        exp_loss, exp_grad, _ = run(grpo_loss_reference, batch, **kw)
-        loss, grad, _ = run(grpo_loss, batch, backend=backend, **kw)
-        assert math.isnan(float(exp_loss)) and math.isnan(float(loss)), field
+        kw = dict(beta=beta, kl=kl, importance_sampling=importance_sampling, loss_type="grpo")
+        exp_loss, exp_grad, exp_metrics = run(grpo_loss_reference, batch, **kw)
+        loss, grad, metrics = run(grpo_loss, batch, backend=backend, **kw)
+        if field == "ref":
+            assert math.isnan(float(exp_metrics.mean_kl)) and math.isnan(float(metrics.mean_kl))
+            assert torch.isfinite(loss) and torch.isfinite(exp_loss)
+        else:
+            assert math.isnan(float(exp_loss)) and math.isnan(float(loss)), field
         assert_nan_parity(grad, exp_grad, f"{field} NaN grad")
         assert_close(grad, exp_grad, rtol=1e-5, atol=1e-8, name=f"{field} finite grads")
 
@@ -677,11 +684,32 @@ def _bad_inputs(B=3, T=5):
         (
             {"old_logp": _with(-torch.rand(B, T), 2, 4, float("nan"))},
             ValueError,
-            r"old_logp must be a log-probability \(<= 0.0001, not NaN\) at every token with mask != 0, got 1 such "
-            r"tokens: old_logp\[2, 4\] = nan",
+            r"old_logp must be a finite log-probability \(<= 0.0001, not NaN or -inf\) at every token with "
+            r"mask != 0, got 1 such tokens: old_logp\[2, 4\] = nan",
         ),
         ({"old_logp": _with(-torch.rand(B, T), 0, 3, 0.5)}, ValueError, r"got 1 such tokens: old_logp\[0, 3\] = 0.5"),
         ({"old_logp": _with(-torch.rand(B, T), 1, 1, 2e-4)}, ValueError, r"old_logp\[1, 1\] = 0.0002"),
+        # issue 24 re-probe: -inf old_logp (an underflowed sampler probability) gave loss inf under a negative
+        # advantage; ref_logp (used when beta > 0) gets the same checks: NaN gave NaN gradients, -inf loss inf
+        (
+            {"old_logp": _with(-torch.rand(B, T), 1, 3, -math.inf)},
+            ValueError,
+            r"1 such tokens: old_logp\[1, 3\] = -inf",
+        ),
+        ({"old_logp": _with(-torch.rand(B, T), 0, 1, math.inf)}, ValueError, r"old_logp\[0, 1\] = inf"),
+        (
+            {"ref_logp": _with(-torch.rand(B, T), 2, 0, math.nan), "beta": 0.1},
+            ValueError,
+            r"ref_logp must be a finite log-probability \(<= 0.0001, not NaN or -inf\) at every token with "
+            r"mask != 0, got 1 such tokens: ref_logp\[2, 0\] = nan",
+        ),
+        ({"ref_logp": _with(-torch.rand(B, T), 1, 4, -math.inf), "beta": 0.1}, ValueError, r"ref_logp\[1, 4\] = -inf"),
+        ({"ref_logp": _with(-torch.rand(B, T), 0, 0, 5.0), "beta": 0.04}, ValueError, r"ref_logp\[0, 0\] = 5"),
+        (
+            {"ref_logp": _with(_with(-torch.rand(B, T), 0, 0, 5.0), 2, 2, -math.inf), "beta": 0.04},
+            ValueError,
+            r"got 2 such tokens: ref_logp\[0, 0\] = 5, ref_logp\[2, 2\] = -inf",
+        ),
     ]
     return good, cases
 
@@ -695,17 +723,39 @@ def _with(x: torch.Tensor, row: int, position: int, value) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_old_logp_is_checked_only_where_the_mask_counts(backend, device):
-    """old_logp within OLD_LOGP_MAX of 0 (rounding of a near-certain token's log-prob) is accepted; on padding
-    (mask 0) it may hold anything, NaN and positive values included (issue 24)."""
+    """old_logp and ref_logp within OLD_LOGP_MAX of 0 (rounding of a near-certain token's log-prob) are accepted; on
+    padding (mask 0) they may hold anything, NaN, -inf and positive values included (issue 24)."""
     B, T = 3, 5
     logp = -torch.rand(B, T, device=device)
     mask = torch.ones(B, T, device=device)
     mask[2, 3:] = 0.0
-    old = _with(_with(_with(-torch.rand(B, T, device=device), 0, 0, 5e-5), 2, 3, float("nan")), 2, 4, 3.0)
-    adv = torch.randn(B, device=device)
-    loss, _ = grpo_loss(logp, old, None, adv, mask, backend=backend)
-    ref, _ = grpo_loss_reference(logp, old, None, adv, mask)
+    mask[1, 4] = 0.0
+    garbage = [(0, 0, 5e-5), (2, 3, float("nan")), (2, 4, 3.0), (1, 4, -math.inf)]
+    old, ref_logp = -torch.rand(B, T, device=device), -torch.rand(B, T, device=device)
+    for row, position, value in garbage:
+        old, ref_logp = _with(old, row, position, value), _with(ref_logp, row, position, value)
+    adv = -torch.rand(B, device=device) - 0.5  # negative: a -inf old_logp under mask 1 would give loss inf
+    loss, _ = grpo_loss(logp, old, ref_logp, adv, mask, beta=0.1, backend=backend)
+    ref, _ = grpo_loss_reference(logp, old, ref_logp, adv, mask, beta=0.1)
     assert torch.isfinite(loss) and torch.allclose(loss.double().cpu(), ref.cpu(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_old_and_ref_logp_are_refused_on_every_backend(backend, device, generator):
+    """Issue 24 re-probe: -inf old_logp under mask 1 gave loss inf (negative advantage); ref_logp NaN (beta > 0) gave
+    NaN gradients, -inf loss inf, +5 was accepted. Every backend and the reference refuse them, one fused check."""
+    batch = draw_batch(4, 8, generator, device)
+    batch["adv"] = -batch["adv"].abs() - 0.5
+    for field, name, value in (
+        ("old", "old_logp", -math.inf),
+        ("ref", "ref_logp", math.nan),
+        ("ref", "ref_logp", -math.inf),
+        ("ref", "ref_logp", 5.0),
+    ):
+        bad = dict(batch, **{field: _with(batch[field], 3, 0, value)})
+        for fn, extra in ((grpo_loss_reference, {}), (grpo_loss, {"backend": backend})):
+            with pytest.raises(ValueError, match=rf"{name} must be a finite log-probability .* {name}\[3, 0\]"):
+                run(fn, bad, beta=0.1, loss_type="grpo", **extra)
 
 
 @pytest.mark.parametrize("case", range(len(_bad_inputs()[1])))

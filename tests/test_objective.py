@@ -34,7 +34,7 @@ def _flat(loss_type: str, T: int) -> dict:
 def _batch(B: int, T: int, generator, dtype=torch.float64):
     logp = (-torch.rand(B, T, generator=generator, dtype=dtype) * 3).requires_grad_(True)
     old = (logp.detach() + 0.3 * torch.randn(B, T, generator=generator, dtype=dtype)).clamp(max=0.0)
-    ref = logp.detach() + 0.3 * torch.randn(B, T, generator=generator, dtype=dtype)
+    ref = (logp.detach() + 0.3 * torch.randn(B, T, generator=generator, dtype=dtype)).clamp(max=0.0)
     adv = torch.randn(B, generator=generator, dtype=dtype)
     lengths = torch.randint(1, T + 1, (B,), generator=generator)
     mask = torch.arange(T)[None, :] < lengths[:, None]

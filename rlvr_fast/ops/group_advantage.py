@@ -359,7 +359,8 @@ def _as_float(x: Fraction) -> float:
     try:
         return float(x)
     except OverflowError:
-        return math.copysign(math.inf, x)
+        # The Fraction's own sign: math.copysign(inf, x) would convert x to float first and overflow again.
+        return math.inf if x > 0 else -math.inf
 
 
 class _ExactStats(NamedTuple):

@@ -17,9 +17,11 @@ importance-sampling levels) and their sources: ``rlvr_fast.ops.loss_types``.
 Gradients flow into ``logp`` only: old_logp, ref_logp, advantages, mask and entropy are constants (as in TRL).
 
 NaN policy: values at masked-out positions (mask == 0) are never read into the result, so padding may hold anything
-(NaN, -inf, garbage). A NaN or inf at an active position of logp / old_logp / ref_logp, or in the advantage of a
-completion with active tokens, propagates to the loss and to the gradients it touches, exactly as in the reference:
-nothing is silently repaired. Checking values would cost a device sync per call, so they are not checked.
+(NaN, -inf, garbage). Input errors are refused by name and (row, position), in one fused check (one host sync per
+call): a negative / NaN / inf mask weight, a NaN / inf advantage, and, where the mask counts, an old_logp (and a
+ref_logp when beta > 0) that is NaN, -inf or above OLD_LOGP_MAX. A NaN or inf in logp itself (the model's output) at
+an active position, or in ref_logp at beta = 0 (only the mean_kl metric reads it), propagates to the loss / metric and
+to the gradients it touches, exactly as in the reference: nothing is silently repaired.
 
 Four pieces, as in every op: ``grpo_loss_reference`` (the specification: float64, autograd), the Triton kernels
 ``rlvr_fast.kernels.grpo_loss`` (one elementwise + reduction pass writing the loss, the metrics and d loss / d logp;
@@ -130,17 +132,23 @@ def _positions(bad: torch.Tensor, values: torch.Tensor, name: str, limit: int = 
 
 
 def _check_values(
-    where: str, mask: torch.Tensor, advantages: torch.Tensor, old_logp: torch.Tensor | None = None
+    where: str,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
 ) -> None:
     """Values no loss can be computed from, rejected by name and position:
 
     - a negative mask weight flips the sign of its tokens' gradient, a NaN / inf one poisons the loss;
     - a NaN / inf advantage poisons every parameter through the backward;
-    - at a token that counts (mask != 0), a NaN old_logp, or one above ``OLD_LOGP_MAX`` (a log-probability is <= 0:
-      a positive one is a probability or a logit passed by mistake), gives a wrong ratio exp(logp - old_logp).
+    - at a token that counts (mask != 0), an old_logp (and a ref_logp, passed when beta > 0 uses it) that is NaN,
+      -inf or above ``OLD_LOGP_MAX``: a log-probability is <= 0 (a positive one is a probability or a logit passed by
+      mistake), and a sampled token's is finite (-inf means the sampler's probability underflowed, or garbage), so
+      the ratio exp(logp - old_logp) or the KL to the reference would be silently wrong, inf or NaN.
       Positions with mask 0 are padding and may hold anything.
 
-    All four counts come from one fused reduction and one host sync; the positions are looked up only on failure."""
+    All counts come from one fused reduction and one host sync; the positions are looked up only on failure."""
     counts = []
     float_mask = mask.dtype != torch.bool
     if float_mask:
@@ -148,10 +156,13 @@ def _check_values(
     float_adv = advantages.is_floating_point()
     if float_adv:
         counts.append((~torch.isfinite(advantages)).sum())
-    bad_old = None
-    if old_logp is not None:
-        bad_old = (mask != 0) & (torch.isnan(old_logp) | (old_logp > OLD_LOGP_MAX))
-        counts.append(bad_old.sum())
+    # (name, values, bad positions) of each given log-prob tensor: not (finite and <= OLD_LOGP_MAX) where mask != 0
+    logps = [
+        (name, x, (mask != 0) & ~(torch.isfinite(x) & (x <= OLD_LOGP_MAX)))
+        for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp))
+        if x is not None
+    ]
+    counts += [bad.sum() for _, _, bad in logps]
     if not counts:
         return
     got = torch.stack([c.to(torch.int64) for c in counts]).tolist()
@@ -166,11 +177,12 @@ def _check_values(
     if float_adv and got.pop(0):
         bad = (~torch.isfinite(advantages)).nonzero()[:, 0].tolist()
         raise ValueError(f"{where}: advantages must be finite, got NaN/inf at rows {bad[:5]}")
-    if bad_old is not None and got.pop(0):
-        raise ValueError(
-            f"{where}: old_logp must be a log-probability (<= {OLD_LOGP_MAX}, not NaN) at every token with mask != 0, "
-            f"got {int(bad_old.sum())} such tokens: {_positions(bad_old, old_logp, 'old_logp')}"
-        )
+    for (name, x, bad), count in zip(logps, got, strict=True):
+        if count:
+            raise ValueError(
+                f"{where}: {name} must be a finite log-probability (<= {OLD_LOGP_MAX}, not NaN or -inf) at every "
+                f"token with mask != 0, got {count} such tokens: {_positions(bad, x, name)}"
+            )
 
 
 def check_loss_inputs(
@@ -209,7 +221,8 @@ def check_loss_inputs(
     for name, x in (*per_token.items(), ("advantages", advantages)):
         if x is not None and x.device != logp.device:
             raise ValueError(f"{where}: {name} is on {x.device} but logp is on {logp.device}")
-    _check_values(where, mask, advantages, old_logp)
+    # ref_logp is checked where the loss uses it (beta > 0); at beta = 0 it only feeds the mean_kl metric
+    _check_values(where, mask, advantages, old_logp, ref_logp if objective.beta != 0.0 else None)
     if objective.beta != 0.0 and ref_logp is None:
         raise ValueError(
             f"{where}: beta={objective.beta} > 0 needs ref_logp (the reference model's per-token log-probs, (B, T)), "

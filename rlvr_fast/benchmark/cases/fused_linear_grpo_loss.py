@@ -52,7 +52,7 @@ def _inputs(B, T, D, V, dtype, device):
     with torch.no_grad():
         logp = token_logprobs(hidden, weight, targets)
     old = (logp + 0.1 * torch.randn(B, T, generator=gen, device=device)).clamp(max=0.0)  # log-probs are <= 0
-    ref = logp + 0.1 * torch.randn(B, T, generator=gen, device=device)
+    ref = (logp + 0.1 * torch.randn(B, T, generator=gen, device=device)).clamp(max=0.0)
     return hidden, weight, targets, mask, advantages, old, ref
 
 

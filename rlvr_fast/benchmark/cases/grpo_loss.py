@@ -37,7 +37,7 @@ def naive_grpo_loss(logp, old_logp, ref_logp, advantages, mask, objective: Polic
 def _inputs(B: int, T: int, device: torch.device, gen: torch.Generator):
     logp = (-torch.rand(B, T, generator=gen) * 4).to(device)
     old = (logp + 0.2 * torch.randn(B, T, generator=gen).to(device)).clamp(max=0.0)  # log-probs are <= 0
-    ref = logp + 0.2 * torch.randn(B, T, generator=gen).to(device)
+    ref = (logp + 0.2 * torch.randn(B, T, generator=gen).to(device)).clamp(max=0.0)
     adv = torch.randn(B, generator=gen).to(device)
     lengths = torch.randint(T // 4, T + 1, (B,), generator=gen).to(device)
     mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
