@@ -1,4 +1,4 @@
-"""Data-parallel training steps on the CPU (issue 18): throughput of 1 process vs ``torchrun --nproc_per_node=2``, and
+"""Data-parallel training steps on the CPU: throughput of 1 process vs ``torchrun --nproc_per_node=2``, and
 the bytes FSDP2 all-gathers / reduce-scatters (or DDP all-reduces) per step, counted at the collectives, against the
 count on paper (docs/design.md, "Data parallelism").
 

@@ -1,4 +1,4 @@
-"""Peak memory (and time) of TRL GRPOTrainer's log-prob step, stock vs patched with rlvr_fast (issue 8).
+"""Peak memory (and time) of TRL GRPOTrainer's log-prob step, stock vs patched with rlvr_fast.
 
 Two steps of a GRPO iteration compute per-token log-probs, and both are measured on the same synthetic batch
 (B completions of C tokens after P prompt tokens, random token ids, random completion lengths in [C/2, C]):

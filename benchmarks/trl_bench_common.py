@@ -42,7 +42,7 @@ FEW_SHOT_SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class BenchShape:
-    """One batch shape of the train-step benchmark and the targets of issue 17 for it (ours / TRL's)."""
+    """One batch shape of the train-step benchmark and its targets (ours / TRL's: step time, peak RSS)."""
 
     prompts: int
     group: int

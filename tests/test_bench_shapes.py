@@ -1,4 +1,4 @@
-"""The shapes of benchmarks/bench_train_step_vs_trl.py: both sides must see the same prompt tokens (issue 17)."""
+"""The shapes of benchmarks/bench_train_step_vs_trl.py: both sides must see the same prompt tokens."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_a_difference_in_tokens_is_refused(common, tokenizer, monkeypatch):
         common.check_same_prompt_tokens(tokenizer, ["What is 1 + 1?"], None)
 
 
-def test_the_shapes_of_issue_17(common):
+def test_the_benchmark_shapes_and_their_targets(common):
     default, long_prompt = common.SHAPES["default"], common.SHAPES["long-prompt"]
     assert (default.prompts, default.group, default.completion_len) == (4, 8, 64)
     assert (long_prompt.prompts, long_prompt.group, long_prompt.completion_len) == (4, 8, 32)

@@ -128,7 +128,7 @@ def tiny_module():
 
 
 def test_pruning_never_counts_another_runs_later_checkpoints(tmp_path):
-    """Issue 16 item 1: an earlier run's step-3/4 in the folder made pruning delete the steps just written."""
+    """An earlier run's step-3/4 in the folder made pruning delete the steps just written."""
     model, optimizer = tiny_module()
     for step in (3, 4):
         save_checkpoint(str(tmp_path), step, model, optimizer, {})
@@ -159,7 +159,7 @@ def test_a_nan_tensor_is_never_written(tmp_path):
 
 @pytest.mark.parametrize("kind", ["other_model", "empty", "one_tensor"])
 def test_loading_is_strict(tmp_path, tokenizer, kind):
-    """Issue 16 item 2: eval --checkpoint silently evaluated the base model on such checkpoints."""
+    """eval --checkpoint used to silently evaluate the base model on such checkpoints."""
     model = tiny_causal_lm(tokenizer, token_bias=TOKEN_BIAS)
     state = {n: t.clone().contiguous() for n, t in model.state_dict().items()}
     if kind == "other_model":
@@ -202,7 +202,7 @@ def test_eval_cli_refuses_a_checkpoint_folder_without_weights(tmp_path, capsys, 
 
 
 def test_resume_refuses_a_changed_run_and_accepts_a_changed_cadence(finished_run, tmp_path):
-    """Issue 16 item 6: group size and learning rate changed silently on resume."""
+    """Group size and learning rate used to change silently on resume."""
     cfg = copy_run(finished_run, tmp_path)
     cfg.group_size, cfg.lr = 4, 1e-4
     with pytest.raises(ConfigFieldError, match=r"group_size: 8 -> 4.*lr: 0.01 -> 0.0001"):

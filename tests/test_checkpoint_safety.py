@@ -1,4 +1,4 @@
-"""Checkpoint safety (issue 24): a checkpoint's pickles never run code; a failed save is one clear error and loses
+"""Checkpoint safety: a checkpoint's pickles never run code; a failed save is one clear error and loses
 nothing; a torn metrics.jsonl does not break resume; a diverged policy stops with a named error, not a deep one.
 
 - A DCP ``.metadata`` whose pickle calls ``exec`` (the manifest rewritten to match) is refused by name by
@@ -409,7 +409,7 @@ def test_absurd_weights_stop_at_the_update_naming_the_parameter():
 
 
 def test_a_learning_rate_of_1e30_stops_before_a_diverged_checkpoint_is_written(tmp_path):
-    """Issue 24: ``--lr 1e30 --grad_clip none`` wrote a checkpoint of ~1e30 weights, then sampling crashed."""
+    """``--lr 1e30 --grad_clip none`` used to write a checkpoint of ~1e30 weights, then sampling crashed."""
     tokenizer = char_tokenizer()
     model = tiny_causal_lm(tokenizer, token_bias=TOKEN_BIAS)
     cfg = tiny_config(tmp_path, rewards={"correct": 1.0, "random": 0.5}, checkpoint_every=1, grad_clip=None)

@@ -1,4 +1,4 @@
-"""The entry points as a user starts them (issue 24): ``python -m rlvr_fast`` and ``torchrun -m rlvr_fast`` from the
+"""The entry points as a user starts them: ``python -m rlvr_fast`` and ``torchrun -m rlvr_fast`` from the
 clone's root, where the top-level ``kernels/`` would shadow the PyPI package ``kernels`` that transformers imports; and
 a refusal under torchrun, which is one line (not one traceback per rank) with the usage text left out."""
 
@@ -141,7 +141,7 @@ def test_a_world_refusal_is_said_by_rank_0_or_late_by_its_own_rank(rank, monkeyp
     ],
 )
 def test_a_flag_error_is_one_line_on_one_process(argv, prog, message, capsys, monkeypatch):
-    """Issue 24 re-probe: an error the argument parser catches printed argparse's usage block (47 lines for train:
+    """An error the argument parser catches used to print argparse's usage block (47 lines for train:
     every option) before its one error line. Now any command's parser error is that line alone, exit 2, naming the
     command and pointing at its --help."""
     for name in ("WORLD_SIZE", "RANK"):
@@ -157,7 +157,7 @@ def test_a_flag_error_is_one_line_on_one_process(argv, prog, message, capsys, mo
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_checkpoint_write_error_under_torchrun_is_said_by_rank_0(rank, monkeypatch, capsys, tmp_path):
-    """Issue 24 re-probe: a checkpoint a full disk refused (every rank raises it) printed the same error line once per
+    """A checkpoint a full disk refused (every rank raises it) used to print the same error line once per
     rank. Rank 0 says it at once; another rank keeps quiet for the grace period in which torchrun stops it after rank
     0's exit status 1, and only then says it, tagged with its rank. Both exit 1."""
     from rlvr_fast.trainer import capacity, loop, preflight

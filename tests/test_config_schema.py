@@ -214,7 +214,7 @@ def test_kl_ratio_weighted_reaches_the_objective_and_needs_beta():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Issue 24: values that passed the schema, then failed late, hung, or exited 1 with a traceback
+# Values that used to pass the schema, then fail late, hang, or exit 1 with a traceback
 # --------------------------------------------------------------------------------------------------------------------
 
 TINY_SHAPE = {  # a config.json the pre-load checks read (no weights: the loader is patched to fail)
@@ -263,7 +263,7 @@ def refused_before_load(argv, capsys, tmp_path, model_folder) -> str:
         (["--rewards", "correct=1,random=0.5", "--reward_params", "{random: {gamma: 2}}"], "reward_params['random']"),
     ],
 )
-def test_issue_24_values_are_refused_before_the_model_loads(argv, named, capsys, tmp_path, model_folder):
+def test_values_that_used_to_fail_late_are_refused_before_the_model_loads(argv, named, capsys, tmp_path, model_folder):
     line = refused_before_load(argv, capsys, tmp_path, model_folder)
     assert named in line, line
 

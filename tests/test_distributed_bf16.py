@@ -1,4 +1,4 @@
-"""bfloat16 training at world size 2 (issue 18: "mixed precision where the dtype asks for it"): one step under FSDP2
+"""bfloat16 training at world size 2 (mixed precision where the dtype asks for it): one step under FSDP2
 (bf16 parameters and computation, gradients reduce-scattered in float32) and under DDP equals the one-process bf16 step
 on the same global rollout, within what bf16 allows.
 

@@ -1,4 +1,4 @@
-"""Issue 16 item 4 and 11: answer checking bounded on any thread; group_advantages on huge finite rewards (reference,
+"""Answer checking bounded on any thread; group_advantages on huge finite rewards (reference,
 torch and Triton agree); grpo_loss rejects negative mask weights and NaN advantages; random_masks on a list."""
 
 import os
@@ -72,7 +72,7 @@ BASE = torch.tensor([0.0, 1.0, 1.0, 3.0, 2.0, 2.0, 5.0, -1.0, 4.0, 4.0, 4.0, 4.0
 @pytest.mark.parametrize("backend", ["reference", *backend_params("torch", "triton", "cuda")])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: masked 0/0 and fp32 stats overflow
 def test_group_advantages_are_scale_invariant(dtype, magnitude, scale, backend, device):
-    """Issue 16 item 11: fp32 rewards >= ~1e20 gave all zeros; fp64 +-1e200 gave NaN (torch) and 0 (Triton)."""
+    """fp32 rewards >= ~1e20 used to give all zeros; fp64 +-1e200 gave NaN (torch) and 0 (Triton)."""
     rewards = (BASE * magnitude).to(dtype)
     if backend == "cuda" and dtype == torch.float64:
         with pytest.raises(ValueError, match=r"backend='cuda' computes in float32, and 11 float64 rewards are outside"):

@@ -355,7 +355,7 @@ def test_all_masked_gives_zero_loss_and_gradients(loss_type, backend, device, ge
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_untargeted_tokens_that_count_are_refused(backend, device, generator):
-    """mask != 0 where the target is -100 (issue 24): such a token had logp = 0 by convention and entered the loss and
+    """mask != 0 where the target is -100: such a token had logp = 0 by convention and entered the loss and
     its normaliser as a token predicted with certainty. The reference and the op now refuse it, naming the
     (row, position) pairs; with mask 0 there the same targets are padding and pass."""
     batch = draw(4, 10, 8, 23, generator, device, nan_padding=False)
@@ -379,7 +379,7 @@ def test_untargeted_tokens_that_count_are_refused(backend, device, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_or_positive_old_and_ref_logp_are_refused_where_counted(backend, device, generator):
-    """Issue 24 re-probe: under mask != 0, old_logp = -inf gave loss inf (negative advantage), ref_logp NaN gave NaN
+    """Under mask != 0, old_logp = -inf used to give loss inf (negative advantage), ref_logp NaN gave NaN
     gradients, -inf loss inf, and +5 was accepted (beta > 0). The reference and the op refuse each by name and
     (row, position); the same values on padding pass, and so does ref_logp's at beta = 0 (only mean_kl reads it)."""
     batch = draw(4, 10, 8, 23, generator, device, nan_padding=False)
@@ -664,7 +664,7 @@ def _bad_calls(device):
             r"advantages must be \(B,\) = \(3,\)",
         ),
         ("hidden 2-D", call(hidden=torch.randn(B * T, D, device=device)), ValueError, r"hidden must be \(B, T, D\)"),
-        (  # issue 24: NaN mask weights, NaN / positive old_logp where the mask counts, ignore-index targets there
+        (  # refused: NaN mask weights, NaN / positive old_logp where the mask counts, ignore-index targets there
             "NaN mask weight",
             call(mask=_with(torch.ones(B, T, device=device), 1, 2, math.nan)),
             ValueError,
@@ -683,7 +683,7 @@ def _bad_calls(device):
             ValueError,
             r"old_logp must be a finite log-probability .* old_logp\[0, 3\] = 0.5",
         ),
-        (  # issue 24 re-probe: -inf old_logp gave loss inf (negative advantage); ref_logp NaN / -inf / positive at
+        (  # refused: -inf old_logp used to give loss inf (negative advantage); ref_logp NaN / -inf / positive at
             # beta > 0 gave NaN gradients, loss inf, or was accepted
             "-inf old_logp",
             call(old_logp=_with(-torch.ones(B, T, device=device), 1, 2, -math.inf)),

@@ -374,7 +374,7 @@ def test_estimator_table_is_documented():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Issue 24: rewards near float32's maximum; requires_grad
+# Rewards near float32's maximum; requires_grad
 # --------------------------------------------------------------------------------------------------------------------
 
 F32_MAX = torch.finfo(torch.float32).max
@@ -389,7 +389,7 @@ def _advantages(backend, rewards, group_size, device, **kw):
 
 @pytest.mark.parametrize("backend", NEAR_MAX_BACKENDS)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: the std output overflows to inf
-def test_issue_cases_near_float32_max(backend, device):
+def test_sums_and_stds_beyond_float32_max_give_finite_advantages(backend, device):
     """[3e38, -3e38] gave [0, -0] under grpo (the std 4.2e38 overflowed); [3.4e38, 3.3e38] gave NaN under grpo and
     -inf under dr_grpo (the sum 6.7e38 overflowed)."""
     got = _advantages(backend, torch.tensor([3e38, -3e38]), 2, device).advantages.cpu()
@@ -466,7 +466,7 @@ def test_random_rewards_near_float32_max(estimator, scale, group_size, backend, 
 
 @pytest.mark.parametrize("backend", NEAR_MAX_BACKENDS)
 def test_advantages_never_require_grad(backend, device):
-    """Issue 24: torch returned advantages with requires_grad=True (from rewards that require it), Triton False.
+    """torch used to return advantages with requires_grad=True (from rewards that require it), Triton False.
     Advantages are constants of the policy gradient: no backend records a graph through them."""
     rewards = torch.tensor([0.0, 1.0, 1.0, 3.0], device=device if backend != "reference" else "cpu")
     rewards.requires_grad_(True)
@@ -483,7 +483,7 @@ F64_MAX = torch.finfo(torch.float64).max
 @pytest.mark.parametrize("estimator,scale", ESTIMATOR_SCALES)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: the float32 mean / std overflow
 def test_float64_rewards_near_float64_max(estimator, scale, backend, device, generator):
-    """Issue 24 re-probe: the exact reference raised OverflowError on finite float64 rewards whose deviation from the
+    """The exact reference used to raise OverflowError on finite float64 rewards whose deviation from the
     mean (1.8e308 for [1.7e308, -1e308, -1e308]) is beyond float64's range (its std overflowed while taking the sign
     of the exact Fraction). Every estimator: the reference and the fused backends agree, finite where the advantage
     is representable (normalised estimators), or all refuse alike (differences beyond float32)."""
@@ -509,7 +509,7 @@ def test_float64_rewards_near_float64_max(estimator, scale, backend, device, gen
     assert torch.isfinite(ref.advantages).all() and torch.isfinite(out.advantages).all(), backend
     assert_close(out.advantages.cpu().double(), ref.advantages, rtol=1e-4, atol=1e-4, name=backend)
     assert torch.equal(out.all_equal.cpu(), ref.all_equal)
-    # the issue's case, by hand: (r - mean) / std with std = 1.8e308 * sqrt(3) / 3 (grpo); the verdicts (psr ...)
+    # the reported case, by hand: (r - mean) / std with std = 1.8e308 * sqrt(3) / 3 (grpo); the verdicts (psr ...)
     by_hand = {"group": [2 / 3**0.5, -1 / 3**0.5, -1 / 3**0.5], "psr": [1, 0, 0], "w_reinforce": [0.1, -1, -1]}
     expected = by_hand.get(scale if estimator == "grpo" else estimator)
     if expected is not None:

@@ -584,7 +584,7 @@ def test_k3_is_accurate_for_tiny_d_in_fp32(backend, device, generator):
 @pytest.mark.parametrize("kl", sorted(KL_ESTIMATORS))
 def test_nan_at_active_positions_propagates_like_the_reference(kl, importance_sampling, backend, device, generator):
     """Padding garbage never leaks (covered everywhere above); a NaN at an active token of logp / ref reaches the
-    loss and exactly the gradients the reference's autograd reaches. A NaN advantage is rejected by both (issue 16)."""
+    loss and exactly the gradients the reference's autograd reaches. A NaN advantage is rejected by both."""
     B, T = 4, 16
     batch = draw_batch(B, T, generator, device)
     batch["adv"] = batch["adv"].clone()
@@ -592,7 +592,7 @@ def test_nan_at_active_positions_propagates_like_the_reference(kl, importance_sa
     for fn, extra in ((grpo_loss_reference, {}), (grpo_loss, {"backend": backend})):
         with pytest.raises(ValueError, match=r"advantages must be finite, got NaN/inf at rows \[0\]"):
             run(fn, batch, beta=0.1, kl=kl, importance_sampling=importance_sampling, loss_type="grpo", **extra)
-    # a NaN old_logp at an active token is an input error (issue 24): rejected by both, naming the position
+    # a NaN old_logp at an active token is an input error: rejected by both, naming the position
     batch = draw_batch(B, T, generator, device)
     batch["old"] = batch["old"].clone()
     batch["old"][0, 0] = float("nan")
@@ -674,7 +674,7 @@ def _bad_inputs(B=3, T=5):
         ({"loss_type": "dr_grpo", "max_completion_length": 8.0}, TypeError, r"max_completion_length must be an int"),
         ({"max_completion_length": 8}, ValueError, r"max_completion_length=8 is used only by loss types \['dr_grpo'\]"),
         ({"backend": "cuda_graph"}, ValueError, r"backend must be one of"),
-        # issue 24: NaN mask weights; NaN or positive old_logp where the mask counts, named by position
+        # refused: NaN mask weights; NaN or positive old_logp where the mask counts, named by position
         (
             {"mask": _with(torch.ones(B, T), 1, 2, float("nan"))},
             ValueError,
@@ -689,7 +689,7 @@ def _bad_inputs(B=3, T=5):
         ),
         ({"old_logp": _with(-torch.rand(B, T), 0, 3, 0.5)}, ValueError, r"got 1 such tokens: old_logp\[0, 3\] = 0.5"),
         ({"old_logp": _with(-torch.rand(B, T), 1, 1, 2e-4)}, ValueError, r"old_logp\[1, 1\] = 0.0002"),
-        # issue 24 re-probe: -inf old_logp (an underflowed sampler probability) gave loss inf under a negative
+        # refused: -inf old_logp (an underflowed sampler probability) used to give loss inf under a negative
         # advantage; ref_logp (used when beta > 0) gets the same checks: NaN gave NaN gradients, -inf loss inf
         (
             {"old_logp": _with(-torch.rand(B, T), 1, 3, -math.inf)},
@@ -724,7 +724,7 @@ def _with(x: torch.Tensor, row: int, position: int, value) -> torch.Tensor:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_old_logp_is_checked_only_where_the_mask_counts(backend, device):
     """old_logp and ref_logp within OLD_LOGP_MAX of 0 (rounding of a near-certain token's log-prob) are accepted; on
-    padding (mask 0) they may hold anything, NaN, -inf and positive values included (issue 24)."""
+    padding (mask 0) they may hold anything, NaN, -inf and positive values included."""
     B, T = 3, 5
     logp = -torch.rand(B, T, device=device)
     mask = torch.ones(B, T, device=device)
@@ -742,7 +742,7 @@ def test_old_logp_is_checked_only_where_the_mask_counts(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_old_and_ref_logp_are_refused_on_every_backend(backend, device, generator):
-    """Issue 24 re-probe: -inf old_logp under mask 1 gave loss inf (negative advantage); ref_logp NaN (beta > 0) gave
+    """-inf old_logp under mask 1 used to give loss inf (negative advantage); ref_logp NaN (beta > 0) gave
     NaN gradients, -inf loss inf, +5 was accepted. Every backend and the reference refuse them, one fused check."""
     batch = draw_batch(4, 8, generator, device)
     batch["adv"] = -batch["adv"].abs() - 0.5

@@ -1,4 +1,4 @@
-"""Issue 24: the held-out set is held out, and every task file is checked whole before the model loads.
+"""The held-out set is held out, and every task file is checked whole before the model loads.
 
 Train and eval are refused when they share a prompt (whitespace normalised, the answer not part of the key) unless
 ``allow_eval_overlap``; the built-in task uses ``--eval_file`` as its held-out set; ``eval --checkpoint`` evaluates the
@@ -148,7 +148,7 @@ def fake_checkpoint(tmp_path, cfg: RLVRConfig) -> str:
 
 
 def test_eval_checkpoint_uses_the_saved_seed_and_says_so(tmp_path, tiny_model, capsys, monkeypatch, no_model_load):
-    """Issue 24: evaluating a --seed 1 run without repeating --seed 1 scored a split 22 of 40 of whose problems that run
+    """Evaluating a --seed 1 run without repeating --seed 1 used to score a split 22 of 40 of whose problems that run
     trained on."""
     import rlvr_fast.trainer.evaluate_cli as evaluate_cli
 
@@ -185,7 +185,7 @@ def test_eval_checkpoint_of_a_jsonl_run_uses_its_files(tmp_path):
 def test_an_overlong_prompt_is_refused_before_the_model_loads_by_file_and_line(
     tmp_path, tiny_model, capsys, no_model_load
 ):
-    """Issue 24: a prompt over max_prompt_length failed at the step that first drew it, naming neither file nor line."""
+    """A prompt over max_prompt_length used to fail at the step that first drew it, naming neither file nor line."""
     train = prompts("train", 12)
     train[8] = "x" * 40  # 40 characters: 40 tokens with the character tokenizer
     cfg = jsonl_config(tmp_path, train=write_jsonl(tmp_path / "train.jsonl", train))
@@ -244,7 +244,7 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
 
 
 def test_bad_data_is_one_line_and_exit_2_before_the_model_loads(tmp_path, tiny_model, capsys, no_model_load):
-    """Issue 24: each gave a traceback and exit 1, or (--task /dev/zero, --train_size 1000000000) never ended."""
+    """Each used to give a traceback and exit 1, or (--task /dev/zero, --train_size 1000000000) never ended."""
     for what, (flags, pattern) in bad_inputs(tmp_path).items():
         start = time.monotonic()
         code, _, err = cli(["train", "--model", tiny_model, "--output_dir", str(tmp_path / "out"), *flags], capsys)
@@ -253,7 +253,7 @@ def test_bad_data_is_one_line_and_exit_2_before_the_model_loads(tmp_path, tiny_m
         assert time.monotonic() - start < 30, what
 
 
-# ---- issue 24 re-probe: eval --checkpoint evaluates the checkpoint's model; templates are never formatted ---------
+# ---- eval --checkpoint evaluates the checkpoint's model; templates are never formatted ----------------------------
 
 
 def checkpoint_with_state(folder, state: dict) -> str:

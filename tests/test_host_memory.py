@@ -1,4 +1,4 @@
-"""The CPU host-memory setting of the trainer (rlvr_fast.trainer.memory, issue 17 item 4): applied on glibc, a clean
+"""The CPU host-memory setting of the trainer (rlvr_fast.trainer.memory): applied on glibc, a clean
 False elsewhere. Checked through glibc's own statistics (mallinfo2): blocks far above glibc's largest mmap threshold
 come from the heap, the heap keeps its freed top, and malloc_trim hands free pages inside it back."""
 

@@ -45,7 +45,7 @@ def fake_earlier_run(output_dir, steps=(3, 4)):
 
 
 def test_a_second_run_into_a_used_folder_is_refused_and_loses_nothing(tmp_path, local_model, no_model_load):
-    """Issue 16 item 1: the new run's pruning deleted its own checkpoints; latest pointed at a deleted folder."""
+    """The new run's pruning used to delete its own checkpoints; latest pointed at a deleted folder."""
     out = tmp_path / "run"
     out.mkdir()
     before = fake_earlier_run(out)
@@ -76,7 +76,7 @@ def test_overwrite_refuses_nothing_but_deletes_nothing_outside_a_run(tmp_path):
 
 
 def test_an_infinite_learning_rate_stops_at_the_step_before_writing(tmp_path, capsys):
-    """Issue 16 item 3: lr=inf wrote NaN into every tensor and the checkpoint latest points to."""
+    """lr=inf used to write NaN into every tensor and the checkpoint latest points to."""
     assert main_exit(["train", "--lr", "inf"], capsys)[0] == 2  # refused as a config value first
     cfg = tiny_config(tmp_path, rewards={"correct": 1.0, "random": 0.5}, checkpoint_every=1)
     trainer = Trainer(cfg, loaded=tiny_loaded())
@@ -128,7 +128,7 @@ def late_failure_cases(tmp_path, local_model):
 
 
 def test_late_failures_now_fail_before_the_model_loads(tmp_path, local_model, no_model_load, capsys):
-    """Issue 16 item 7: each of these failed only after the 20-50 s model load, with a traceback."""
+    """Each of these used to fail only after the 20-50 s model load, with a traceback."""
     for what, (argv, named) in late_failure_cases(tmp_path, local_model).items():
         code, err = main_exit(["train", *argv], capsys)
         assert code == 2 and named in err and "Traceback" not in err, (what, err)
@@ -146,7 +146,7 @@ def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path, no_model_l
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Issue 24 item 2: --overwrite deletes only what a run writes
+# --overwrite deletes only what a run writes
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -164,7 +164,7 @@ def overwrite(folder) -> list[str]:
 
 
 def test_overwrite_leaves_the_users_files_beside_a_run_and_names_them(tmp_path):
-    """The issue's repro: report.md beside src/, data/ and thesis.tex; --overwrite deleted all of them."""
+    """The reported case: report.md beside src/, data/ and thesis.tex; --overwrite deleted all of them."""
     out = tmp_path / "thesis"
     (out / "src").mkdir(parents=True)
     (out / "src" / "main.py").write_text("print('mine')\n")
@@ -247,7 +247,7 @@ def test_run_artifacts_name_everything_a_run_writes(tmp_path):
 
 
 def test_a_dangling_symlink_output_dir_is_refused_before_the_model_loads(tmp_path, local_model, no_model_load, capsys):
-    """Issue 24: it passed check_writable and failed late, at the first write."""
+    """It used to pass check_writable and fail late, at the first write."""
     from rlvr_fast.trainer.output_dir import check_writable
 
     dangling = tmp_path / "dangling"
@@ -261,7 +261,7 @@ def test_a_dangling_symlink_output_dir_is_refused_before_the_model_loads(tmp_pat
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Issue 24, the verifier's three: --overwrite deletes by content, with evidence of a run; messages once
+# --overwrite deletes by content, with evidence of a run; messages once
 # --------------------------------------------------------------------------------------------------------------------
 
 

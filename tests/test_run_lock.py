@@ -1,4 +1,4 @@
-"""Issue 24 item 3: one run per output folder. Two runs started together on one folder deleted each other's
+"""One run per output folder. Two runs started together on one folder deleted each other's
 checkpoints and wrote one metrics.jsonl; now the folder is locked (``run_lock``) for the life of a run, before
 anything in it is deleted, and a second run is refused before the model loads, naming the holder."""
 
@@ -51,7 +51,7 @@ def cli_args(tmp_path, local_model, out) -> list[str]:
 def test_a_second_run_is_refused_then_takes_over_when_the_first_is_killed(
     tmp_path, other_process, local_model, no_model_load, capsys
 ):
-    """The issue's repro, as two processes: B is refused (exit 2, before the model loads, naming A's PID and host)
+    """The reported case, as two processes: B is refused (exit 2, before the model loads, naming A's PID and host)
     and deletes nothing of A's; once A is killed -9 its lock is stale and taken over, with a message."""
     out, proc = other_process
     fake_earlier_run(out, steps=(1,))

@@ -1,4 +1,4 @@
-"""The trainer's update with the shared prefix (issue 17): ``policy_step``'s loss and every parameter's gradient, and
+"""The trainer's update with the shared prefix: ``policy_step``'s loss and every parameter's gradient, and
 the old-policy / reference log-prob passes (``sequence_logprobs``), equal the unshared path; and the micro-batches by
 token budget: the result does not depend on the budget, each micro-batch keeps to it, and the decoder positions
 reported are the ones the forward computes.

@@ -1,4 +1,4 @@
-"""SparseAdamW under FSDP2 (issue 18, item 3): 2 gloo processes against one process.
+"""SparseAdamW under FSDP2: 2 gloo processes against one process.
 
 What is proved, in one spawned world (tests/gloo_world.py) per test:
 - a few steps on a ``fully_shard``-ed tiny model (real FSDP2 gradients: reduce-scatter of the two half batches) equal

@@ -253,7 +253,7 @@ def test_jsonl_invalid_utf8_and_custom_fields(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# issue 24: templates, sizes and files that used to give a traceback, a hang or unbounded memory
+# Templates, sizes and files that used to give a traceback, a hang or unbounded memory
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -266,14 +266,14 @@ def test_jsonl_invalid_utf8_and_custom_fields(tmp_path):
         ("What is {expression", "expected '}'"),
         ("{expression!x}", r"\['\{expression!x\}'\] carry a conversion or format spec"),
         ("{expression:{width}}", "width"),
-        # the issue 24 re-probe: the spec was used to format a test string: MemoryError, not a refusal
+        # the spec used to be tried on a test string: MemoryError, not a refusal
         ("{expression:>99999999999}", r"\['\{expression:>99999999999\}'\] carry"),
         ("{expression!r}", r"\['\{expression!r\}'\] carry"),
         ("{expression:>6}", r"\['\{expression:>6\}'\] carry"),
     ],
 )
 def test_templates_with_other_fields_are_a_value_error(template, named):
-    """Issue 24: '{expression}{0}' raised IndexError and '{expression}{foo}' KeyError at the first render; a format
+    """'{expression}{0}' used to raise IndexError and '{expression}{foo}' KeyError at the first render; a format
     spec or conversion is refused from the parse alone, never tried."""
     with pytest.raises(ValueError, match=rf"only field is the bare '\{{expression\}}' .*, got .*{named}"):
         render_prompt("1 + 1", template)
@@ -293,7 +293,7 @@ def test_expression_space_size_is_exact_without_limits_and_refuses_at_once():
 
 
 def test_jsonl_refuses_what_is_not_a_regular_file(tmp_path):
-    """Issue 24: --task /dev/zero grew to 24 GB before the kernel killed it; a FIFO blocks the open."""
+    """--task /dev/zero used to grow without bound until the kernel killed it; a FIFO blocks the open."""
     fifo = tmp_path / "fifo.jsonl"
     os.mkfifo(fifo)
     for path, kind in [("/dev/zero", "a character device"), (fifo, "a FIFO"), (tmp_path, "a folder")]:

@@ -1,4 +1,4 @@
-"""The patched GRPOTrainer under accelerate's FSDP2, 2 gloo processes on the CPU (issue 18, item 7).
+"""The patched GRPOTrainer under accelerate's FSDP2, 2 gloo processes on the CPU.
 
 The same parity as tests/test_trl_integration.py, inside one 2-process world: on each rank TRL's stock GRPOTrainer and
 the patched one train from the same seed with FSDP2 (``fsdp_config={"fsdp_version": 2}``: accelerate's

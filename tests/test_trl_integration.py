@@ -698,7 +698,7 @@ def test_readme_example_trains(tmp_path, model_dir):
 
 
 def test_backend_and_implementation_are_checked_at_construction(tmp_path, model_dir, tokenizer, dataset):
-    """Issue 24: backend="junk" was accepted at construction, and an unavailable backend failed only at the first
+    """backend="junk" used to be accepted at construction, and an unavailable backend failed only at the first
     loss call, after generation. Both now fail while the trainer is built: a bad name before any model loads."""
     kwargs = dict(reward_funcs=reward_funcs(), train_dataset=dataset, processing_class=tokenizer)
     missing = str(tmp_path / "not-a-model")  # a refusal that comes first never gets to load it

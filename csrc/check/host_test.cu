@@ -165,7 +165,7 @@ rf::group_advantage::Pass1 host_group_statistics(const std::vector<float>& r) {
   return p;
 }
 
-// Issue 24 item 5: finite rewards near float32's maximum give finite, correct advantages (the sums, means, stds and
+// Finite rewards near float32's maximum give finite, correct advantages (the sums, means, stds and
 // deviations of the kernel are all taken in units of a power of two near the largest |reward|).
 void test_near_float_max() {
   using rf::group_advantage::advantage_of;

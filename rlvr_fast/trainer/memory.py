@@ -8,7 +8,7 @@ TRL's GRPOConfig turns it on by default too. Our default turns it on on a GPU on
 bound and RAM is plentiful (measured on SmolLM2-135M, 32 completions of 64 tokens, 2-core CPU: the update took 27 s
 with it, 20 s without, peak RSS 2.9 GB vs 4.1 GB at 4 micro-batches).
 
-Host memory (issue 17, item 4; benchmarks/results/cpu-host-memory-settings-2026-12-03.json: the main job's default
+Host memory (benchmarks/results/cpu-host-memory-settings-2026-12-03.json: the main job's default
 step, 2 steps per setting, one thread, each in a fresh process). A CPU step allocates and frees a few GB of tensors,
 some larger than 32 MiB (e.g. the (V, D) = 113 MB gradient of SmolLM2's tied embedding). How glibc's malloc serves
 them trades page faults (system CPU time, "sys") against freed memory that stays resident (peak RSS):
@@ -17,7 +17,7 @@ them trades page faults (system CPU time, "sys") against freed memory that stays
   mallopt accepts) with a trim threshold of twice that: blocks over 32 MiB still get a fresh mapping, which the kernel
   zeroes page by page, and the heap's top is trimmed and regrown: sys 7.0% of user, 0.8 million faults per step,
   peak RSS 3.28 GiB.
-- A fixed 128 KiB threshold (this module before issue 17) unmaps every freed tensor over 128 KiB at once: the lowest
+- A fixed 128 KiB threshold (this module's first setting) unmaps every freed tensor over 128 KiB at once: the lowest
   peak RSS (2.97 GiB) but 5-6 million faults per step, sys 40% of user. A fixed 32 MiB threshold, with or without a
   per-step ``malloc_trim``, behaves as the default (sys 6%, 3.27 GiB).
 - Transparent huge pages for glibc's blocks (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, settable at process start

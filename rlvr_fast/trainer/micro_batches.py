@@ -1,5 +1,5 @@
 """The micro-batches of a step's update: which rows of the update batch run through the decoder together, and how many
-decoder positions each computes (issue 17; docs/design.md, "The training step").
+decoder positions each computes (docs/design.md, "The training step").
 
 By token budget (``micro_batch_tokens``, the default): rows are gathered into groups, a group being the rows that share
 one prompt (the rows of one prompt's G completions that the update batch kept). Groups are sorted by length (longest

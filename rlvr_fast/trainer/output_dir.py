@@ -4,7 +4,7 @@ A folder is refused without ``--resume`` when it holds any entry with a name a r
 lock file aside), so a second run can never mix its checkpoints and metrics with an earlier one's (nor prune them
 away), nor write over a user's file of that name.
 
-``--overwrite`` deletes by content, never by name alone (issue 24):
+``--overwrite`` deletes by content, never by name alone:
 
 - only a folder that shows EVIDENCE of a run of ours is cleared: a ``metrics.jsonl`` of step records, an
   ``eval_*.json`` or ``update_sparsity.json`` with our keys, or a checkpoint of ours in ``checkpoints/``

@@ -1,6 +1,6 @@
 """The rollout with a shared prefix: each prompt is prefilled once, its KV cache copied to its G samples, and a decode
 loop samples with transformers' own temperature and top-p warpers (top-k off), dropping each row from the batch once it
-has emitted EOS (issue 17).
+has emitted EOS.
 
 ``model.generate(num_return_sequences=G)`` repeats every prompt G times before the prefill (G x P prefill tokens per
 group) and keeps finished rows in the batch until the last one stops. Here the prefill costs P tokens per group and a

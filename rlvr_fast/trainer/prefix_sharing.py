@@ -1,5 +1,5 @@
 """Shared-prefix forward: each prompt runs through the decoder once, and the G completions of its group attend to that
-one pass's keys and values (issue 17).
+one pass's keys and values.
 
 Today's update runs every completion together with its prompt: G x (P + C) decoder tokens per group, forward and
 backward, and again in the old-policy and reference log-prob passes. Here the prompts run once (batch = distinct

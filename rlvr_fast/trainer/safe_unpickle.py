@@ -3,7 +3,7 @@
 DCP stores two kinds of pickle: its index ``.metadata`` (read by ``FileSystemReader.read_metadata`` with a plain
 ``pickle.load``) and each non-tensor value of the state dict (the optimizer's hyper-parameters; read by
 ``DefaultLoadPlanner.load_bytes`` with ``torch.load(weights_only=False)``). A plain unpickler calls whatever a pickle
-names: a checkpoint folder from anywhere would run its author's code when verified, evaluated or resumed (issue 24).
+names: a checkpoint folder from anywhere would run its author's code when verified, evaluated or resumed.
 The digests of the manifest do not help: whoever replaces a file can rewrite the manifest too.
 
 So every DCP read of ours goes through ``SafeFileSystemReader`` and ``SafeLoadPlanner`` (``dcp_load``):

@@ -141,7 +141,7 @@ def check_field(spec: FieldSpec, value: Any) -> None:
     if kind is float and not math.isfinite(value):
         raise spec.fail(value, " (not finite)")
     if kind is str and not value and not spec.metadata.get("allow_empty"):
-        noun = "path" if spec.name.endswith(("_file", "_dir")) else "string"  # the wording of issue 24's re-probe
+        noun = "path" if spec.name.endswith(("_file", "_dir")) else "string"  # a *_file / *_dir field holds a path
         expected = f"a non-empty {noun}" + (" or None" if spec.optional else "")
         raise ConfigFieldError(spec.name, f"{spec.owner}.{spec.name} must be {expected}, got {value!r}")
     for key, (_, holds) in _BOUNDS.items():

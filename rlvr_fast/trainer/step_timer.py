@@ -1,4 +1,4 @@
-"""Where a training step's seconds go (issue 17): wall time per part of the step, for metrics.jsonl and the progress
+"""Where a training step's seconds go: wall time per part of the step, for metrics.jsonl and the progress
 bar.
 
 Parts (``STEP_PARTS``): generation (the rollout), scoring (rewards, advantages, difficulty filter, update batch),
