@@ -344,7 +344,7 @@ def test_fractional_mask_weights(importance_sampling, backend, device, generator
     """A float mask acts as per-token weights, including completions whose weights sum to less than one token (the
     max(sum m, 1) clamps of grpo's row mean and of GSPO's ratio then differ from the plain sum)."""
     B, T = 6, 20
-    batch = draw_batch(B, T, generator, device, mask_dtype=torch.float32)
+    batch = draw_batch(B, T, generator, device, mask_dtype=torch.float32, poison_padding=False)
     weights = torch.rand(B, T, generator=generator).to(device) * batch["mask"]
     weights[4] = 0.0  # row 4: unclipped, nonzero advantage (see draw_batch)
     weights[4, :2] = torch.tensor([0.3, 0.25])  # sum 0.55 < 1

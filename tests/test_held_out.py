@@ -169,8 +169,9 @@ def test_eval_checkpoint_uses_the_saved_seed_and_says_so(tmp_path, tiny_model, c
     assert "using seed=2 from the command line, not the checkpoint's 1" in out
 
 
-def test_eval_checkpoint_of_a_jsonl_run_uses_its_files(tmp_path):
-    trained = jsonl_config(tmp_path, train_size=10, eval_size=3, seed=4)
+def test_eval_checkpoint_of_a_jsonl_run_uses_its_files(tmp_path, tiny_model):
+    # a model that is installed wherever the suite runs (the README's test install has no default model)
+    trained = jsonl_config(tmp_path, train_size=10, eval_size=3, seed=4, model=tiny_model)
     checkpoint = fake_checkpoint(tmp_path, trained)
     lines = []
     cfg = checkpoint_eval_config(RLVRConfig(eval_size=2), checkpoint, frozenset({"eval_size"}), lines.append)

@@ -80,7 +80,7 @@ def loss_options(rollout, loss_type, beta, generator, off_policy):
     return dict(
         advantages=advantages,
         old_logp=near if off_policy else None,  # num_iterations > 1: ratios away from 1, some clipped
-        ref_logp=near + 0.2 * torch.randn(rows, lc, generator=generator) if beta > 0 else None,
+        ref_logp=(near + 0.2 * torch.randn(rows, lc, generator=generator)).clamp(max=0.0) if beta > 0 else None,
         beta=beta,
         loss_type=loss_type,
         eps_high=0.28,

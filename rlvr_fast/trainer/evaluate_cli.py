@@ -107,12 +107,15 @@ def _check_saved_template(template: str) -> None:
 
 
 def checkpoint_eval_config(
-    cfg: RLVRConfig, checkpoint: str, explicit: frozenset[str], log: Callable[[str], None] = print
+    cfg: RLVRConfig,
+    checkpoint: str,
+    explicit: frozenset[str],
+    log: Callable[[str], None] = print,
+    check_model_source: Callable[[str], None] = lambda model: None,
 ) -> RLVRConfig:
     """``cfg`` with the checkpoint's ``CHECKPOINT_FIELDS`` except those in ``explicit`` (the user's, kept); ``log``
-    says which values came from the checkpoint and which explicit ones differ from it."""
-    from rlvr_fast.trainer.preflight import check_model_source
-
+    says which values came from the checkpoint and which explicit ones differ from it. ``check_model_source``: how a
+    saved model is checked before it is adopted (preflight passes its own, so the error names the saved file)."""
     saved, path = saved_run_config(checkpoint)
     names = [n for n in CHECKPOINT_FIELDS if n in saved]
     if not names:

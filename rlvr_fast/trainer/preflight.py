@@ -190,7 +190,7 @@ def preflight_eval(
         check_eval_checkpoint(checkpoint)
         from rlvr_fast.trainer.evaluate_cli import checkpoint_eval_config
 
-        cfg = checkpoint_eval_config(cfg, checkpoint, explicit, log)  # its model, too, unless --model is given
+        cfg = checkpoint_eval_config(cfg, checkpoint, explicit, log, check_model_source)  # its model, unless --model
     check_model_source(cfg.model)
     check_machine(cfg, training=False)  # device, attention kernel, sequence length, evaluation memory
     check_data(cfg)
