@@ -273,7 +273,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _default_splits(n: int, v: int, device: torch.device, sm_count: int | None = None) -> int:
+def _default_splits(n: int, device: torch.device, sm_count: int | None = None) -> int:
     """Vocabulary splits so that about _PROGRAMS_PER_SM programs per SM run even for a few token blocks.
 
     ``sm_count`` overrides the device's SM count (the ahead-of-time check plans for GPUs it does not have).
@@ -361,7 +361,7 @@ def token_logprobs_fwd(
     n, d = hidden.shape
     v = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    per_split, n_splits = split_plan(v, splits or _default_splits(n, v, hidden.device))
+    per_split, n_splits = split_plan(v, splits or _default_splits(n, hidden.device))
     part = empty((4, n_splits, n), dtype=acc, device=hidden.device)
     _matmul_launch(
         _token_logprobs_fwd_kernel,

@@ -8,6 +8,7 @@ that is not available raises with the reason: nothing silently falls back.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from functools import cache
@@ -30,23 +31,28 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+CUDA_EXTENSION = "rlvr_fast._C"
+NOT_BUILT = f"the extension {CUDA_EXTENSION} is not built (it needs CUDA torch and nvcc at install time)"
+
+
 @cache
-def _cuda_extension():
+def _cuda_extension() -> tuple[object | None, str | None]:
+    """(the module, None) when ``rlvr_fast._C`` imports, else (None, why not).
+
+    "Not built" only when no such module exists; a build that exists but fails to import (an undefined symbol, a torch
+    it was not compiled against) keeps its error, so ``backend="cuda"`` says what is wrong instead of "not built".
+    """
+    if importlib.util.find_spec(CUDA_EXTENSION) is None:
+        return None, NOT_BUILT
     try:
-        from rlvr_fast import _C
-    except ImportError:
-        return None
-    return _C
+        return importlib.import_module(CUDA_EXTENSION), None
+    except ImportError as exc:
+        return None, f"the extension {CUDA_EXTENSION} is built but failed to import: {type(exc).__name__}: {exc}"
 
 
 def has_cuda_extension() -> bool:
     """True when the optional extension ``rlvr_fast._C`` was built and imports."""
-    return _cuda_extension() is not None
-
-
-def cuda_op_available(op_name: str) -> bool:
-    """True when the CUDA extension registers ``torch.ops.rlvr_fast.<op_name>``."""
-    return has_cuda_extension() and hasattr(torch.ops.rlvr_fast, op_name)
+    return _cuda_extension()[0] is not None
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -65,8 +71,9 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 def cuda_unavailable_reason(device: torch.device, cuda_op: str | None) -> str | None:
     if cuda_op is None:
         return "this op has no CUDA C++ kernel"
-    if not has_cuda_extension():
-        return "the extension rlvr_fast._C is not built (it needs CUDA torch and nvcc at install time)"
+    extension, why_not = _cuda_extension()
+    if extension is None:
+        return why_not
     if not hasattr(torch.ops.rlvr_fast, cuda_op):
         return f"rlvr_fast._C does not provide {cuda_op}"
     if device.type != "cuda":

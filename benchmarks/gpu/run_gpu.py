@@ -35,7 +35,7 @@ def sparse_adamw_bandwidth(report: dict) -> list[dict]:
     copy = report["ceilings"]["copy_gbps"]
     rows = []
     for r in report["results"]:
-        if r["op"] != "sparse_adamw":
+        if r["op"] != "sparse_adamw" or r.get("error"):  # a baseline that failed is a row of its own, without numbers
             continue
         p, seconds = r["params"], r["median_ms"] * 1e-3
         per_param = p["dense_adamw_bytes_per_param"] if r["impl"] == r["baseline"] else p["floor_bytes_per_param"]

@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of every Triton kernel the package launches, for sm_80 and sm_90, without a GPU.
 
-What it does (issue 19):
+What it does:
 
 1. **Enumerate** the launches: the launchers of ``rlvr_fast.kernels`` are called on fake CUDA tensors (torch's
    ``FakeTensorMode``: shapes, dtypes and strides, no memory, no device) inside ``record_launches()``, so each returns
@@ -339,7 +339,7 @@ def _logprobs(target: Target) -> Iterator[None]:
         hidden, weight = _cuda(n, d, dtype=dtype), _cuda(v, d, dtype=dtype)
         bias = _cuda(v, dtype=dtype) if c["bias"] else None
         targets = _cuda(n, dtype=torch.int64)
-        splits = k._default_splits(n, v, hidden.device, sm_count=target.sm_count)
+        splits = k._default_splits(n, hidden.device, sm_count=target.sm_count)
         _, entropy, lse = k.token_logprobs_fwd(
             hidden, weight, bias, targets, 1.0, with_entropy=c["entropy"], splits=splits
         )

@@ -369,7 +369,7 @@ class _Plan:
         return self.index.numel()
 
 
-def _make_plan(prob: _FusedInputs, B: int, T: int, acc: torch.dtype) -> _Plan:
+def _make_plan(prob: _FusedInputs, T: int, acc: torch.dtype) -> _Plan:
     chk = prob.chk
     w_full = chk.mask.to(acc)
     active = w_full != 0
@@ -779,7 +779,7 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
     V = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     dev = hidden.device
-    plan = _make_plan(prob, B, T, acc)
+    plan = _make_plan(prob, T, acc)
     denom = chk.denominator(plan.tokens)
     need_grad = any(needs)
     ops = _PATHS[path](weight, bias, prob.inv_t, acc, prob.return_entropy, config)

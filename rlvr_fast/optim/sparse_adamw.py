@@ -200,7 +200,7 @@ def _local_mask_positions(mask, p) -> torch.Tensor | bool | None:
     return positions.to(device=local.device, dtype=index_dtype)
 
 
-def _resolve_masks(masks, params: list[torch.Tensor], names: list[str] | None, labels: list[str]) -> list:
+def _resolve_masks(masks, params: list[torch.Tensor], names: list[str] | None) -> list:
     """Masks aligned with ``params``: from a sequence (one entry per parameter) or a dict name -> mask."""
     if masks is None:
         return [None] * len(params)
@@ -455,7 +455,7 @@ class SparseAdamW(torch.optim.Optimizer):
         super().__init__(params_or_groups, defaults)
         params = self._params()
         labels = self._labels()
-        resolved = _resolve_masks(masks, params, self._names(), labels)
+        resolved = _resolve_masks(masks, params, self._names())
         self._rebuild({p: {"indices": pos} for p, pos in self._positions(params, resolved, labels)}, params, labels)
         self._ready = True
         if state_layout == "compact" and any(is_dtensor(p) for p in params):
@@ -512,7 +512,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if not self._ready:  # called by torch's __init__; the masks of all groups are resolved there
             return
         labels = self._labels()[-len(group["params"]) :]
-        resolved = _resolve_masks(masks, group["params"], group.get("param_names"), labels)
+        resolved = _resolve_masks(masks, group["params"], group.get("param_names"))
         sources = {p: dict(self.state[p]) for b in self._buckets for p in (s.param for s in b.segments)}
         sources.update({p: {"indices": pos} for p, pos in self._positions(group["params"], resolved, labels)})
         self._rebuild(sources, self._params(), self._labels())

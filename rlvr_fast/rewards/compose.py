@@ -9,7 +9,8 @@ Failure policy of ``guard`` (reward functions never crash a run unless asked to)
 
 1. the user function is called on the whole batch; if it raises, or returns something that is not one finite number per
    completion, it is called again on each completion alone (list-valued context keywords of batch length are sliced
-   to that completion; other keywords pass unchanged) to find the offending samples;
+   to that completion; other keywords pass unchanged) to find the offending samples; when every sample passes alone,
+   the batch call's failure is logged once per guarded function on the ``rlvr_fast.rewards`` logger;
 2. each offending sample is recorded as a ``RewardError`` (index, an excerpt of the completion, the answer, the
    exception) in ``.errors`` and logged once per call on the ``rlvr_fast.rewards`` logger;
 3. its reward is then, by ``on_error``: ``"value"`` (default) -> ``error_value`` (default 0.0); ``"nan"`` -> NaN (so
@@ -129,6 +130,7 @@ class GuardedReward:
         self.on_error = on_error
         self.error_value = float(error_value)
         self.errors: list[RewardError] = []
+        self._batch_failure_logged = False
 
     def __call__(self, completions: Sequence[str], answers: Sequence[str], **ctx: Any) -> list[float]:
         _check_batch(completions, answers, self.name)
@@ -136,8 +138,8 @@ class GuardedReward:
         self.errors = []
         try:
             return _as_rewards(self.fn(completions, answers, **ctx), n)
-        except Exception:
-            pass
+        except Exception as exc:
+            batch_error = repr(exc)
         rewards: list[float] = []
         for i in range(n):
             try:
@@ -148,6 +150,17 @@ class GuardedReward:
                 if self.on_error == "raise":
                     raise RewardFunctionError(err) from exc
                 rewards.append(ON_ERROR_POLICIES[self.on_error](self.error_value))
+        if not self.errors and not self._batch_failure_logged:
+            # every sample passed alone: the batch call's failure (a bug in the batched path, a wrong return shape)
+            # would otherwise leave no trace while each call costs n + 1 calls of the function
+            self._batch_failure_logged = True
+            logger.warning(
+                "reward function %r failed on the whole batch of %d (%s) but succeeded on each sample alone; its "
+                "rewards come from per-sample calls (logged once per reward function)",
+                self.name,
+                n,
+                batch_error,
+            )
         if self.errors:
             logger.warning(
                 "reward function %r failed on %d of %d samples (policy %r); first: %s",

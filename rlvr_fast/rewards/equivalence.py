@@ -42,6 +42,7 @@ import math
 import re
 import signal
 import threading
+import warnings
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -416,8 +417,23 @@ def _alarm_timeout_usable() -> bool:
     )
 
 
+@functools.cache
+def _warn_no_math_verify() -> None:
+    """Once per process: without math-verify every answer outside the numeric grammar is graded incorrect, which
+    would otherwise look like a model that never gets ``\\sqrt{2}`` or ``x+1`` right."""
+    warnings.warn(
+        "math-verify is not installed: symbolic answer checks (answers outside the numeric grammar, e.g. "
+        "\\sqrt{2}, x+1, \\pi, tuples) count as incorrect; pip install 'rlvr_fast[rewards]' to grade them",
+        RuntimeWarning,
+        stacklevel=5,  # past this, _symbolic_equal, _equivalent and is_equivalent: the code that asked for the check
+    )
+
+
 def _symbolic_equal(pred: str, ref: str, timeout: int) -> bool:
-    if _math_verify() is None or not (_symbolic_safe(pred) and _symbolic_safe(ref)):
+    if not (_symbolic_safe(pred) and _symbolic_safe(ref)):
+        return False
+    if _math_verify() is None:
+        _warn_no_math_verify()
         return False
     if _alarm_timeout_usable():  # the fast path: in-process, bounded by math-verify's SIGALRM timeout
         return verify_pair(pred, ref, timeout if timeout > 0 else None)

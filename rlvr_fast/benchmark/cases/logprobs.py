@@ -1,7 +1,7 @@
 """Benchmark cases of the fused log-prob gather: ``token_logprobs`` (from hidden states) and ``logprobs_from_logits``.
 
-Baselines, as a user would otherwise write or import them (each imported lazily; one whose package is missing, or
-that cannot run here, is left out of the case):
+Baselines, as a user would otherwise write or import them (each imported lazily; one whose package is missing is left
+out of the case, one that is installed but cannot run here is reported with its error):
 - naive_torch: matmul, log_softmax, gather, entropy, in the inputs' dtype (materialises several (N, V) tensors);
 - trl_selective: TRL's ``selective_log_softmax`` + ``entropy_from_logits`` on materialised logits (Triton kernels on
   CUDA, row loops on the CPU);
@@ -97,20 +97,23 @@ def _ours_logp_only(hidden, weight, targets) -> Outputs:
     return (token_logprobs(hidden, weight, targets),)
 
 
-def _runs_here(impl: TokenImpl, device: torch.device, dtype: torch.dtype) -> bool:
-    """A tiny forward + backward, so a baseline that cannot run on this machine is left out instead of failing."""
+def _trial_error(impl: TokenImpl, device: torch.device, dtype: torch.dtype) -> str | None:
+    """A tiny forward + backward: None when it runs, else its error (the baseline is then reported as failed instead
+    of being timed)."""
     try:
         h = torch.randn(16, 64, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(256, 64, device=device, dtype=dtype, requires_grad=True)
         out = impl(h, w, torch.randint(0, 256, (16,), device=device))
         sum(o.float().sum() for o in out).backward()
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
-def token_impls(device: torch.device, dtype: torch.dtype) -> dict[str, TokenImpl]:
-    """Ours first, then every baseline that is installed and runs on ``device``."""
+def token_impls(device: torch.device, dtype: torch.dtype, failed: dict[str, str] | None = None) -> dict[str, TokenImpl]:
+    """Ours first, then every baseline that is installed and runs on ``device``; an installed baseline whose trial call
+    fails goes into ``failed`` (name -> error) instead."""
+    failed = {} if failed is None else failed
     impls: dict[str, TokenImpl] = {"rlvr_fast": _ours, "naive_torch": naive_token_logprobs}
     if _has("trl"):
         impls["trl_selective"] = _trl_selective
@@ -118,8 +121,13 @@ def token_impls(device: torch.device, dtype: torch.dtype) -> dict[str, TokenImpl
     if device.type == "cuda":
         impls["rlvr_fast_logp"] = _ours_logp_only  # the like-for-like opponent of cut-cross-entropy
         for name, module, fn in (("cce", "cut_cross_entropy", _cce), ("liger", "liger_kernel", _liger)):
-            if _has(module) and _runs_here(fn, device, dtype):
+            if not _has(module):
+                continue
+            error = _trial_error(fn, device, dtype)
+            if error is None:
                 impls[name] = fn
+            else:
+                failed[name] = error
     return impls
 
 
@@ -156,7 +164,8 @@ def token_logprobs_cases(device: torch.device) -> list[Case]:
         weight = (torch.randn(v, d, generator=gen, device=device) * (2.0 / math.sqrt(d))).to(dtype)
         targets = torch.randint(0, v, (n,), generator=gen, device=device)
         g_logp, g_ent = _weights(n, device)
-        impls = token_impls(device, dtype)
+        failed: dict[str, str] = {}
+        impls = token_impls(device, dtype, failed)
         elt = hidden.element_size()
         for mode in modes:
             if mode == "fwd":
@@ -185,6 +194,7 @@ def token_logprobs_cases(device: torch.device) -> list[Case]:
                         "logits_mb": n * v * elt / 2**20,
                     },
                     memory=True,
+                    failed=failed,
                 )
             )
     return cases

@@ -33,6 +33,9 @@ class Case:
     # Also measure each implementation's peak memory growth (one extra call each; rlvr_fast.benchmark.memory), for
     # ops whose point is memory (the fused log-prob gather). Off by default: the extra call costs time.
     memory: bool = False
+    # Baselines that are installed but could not run here (name -> the error of a trial call): reported as rows with
+    # their error, so a failing opponent shows up in the table instead of vanishing from it.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 CaseBuilder = Callable[[torch.device], list[Case]]
