@@ -8,6 +8,7 @@ sizes are one line and exit status 2, never a traceback or a hang."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -356,3 +357,16 @@ def test_a_file_shorter_than_its_size_is_used_whole_and_said_once(tmp_path, caps
 def test_an_empty_eval_file_reads_as_a_path():
     with pytest.raises(ConfigFieldError, match=r"^RLVRConfig.eval_file must be a non-empty path or None, got ''$"):
         RLVRConfig(eval_file="").validate()
+
+
+def test_a_template_given_with_a_jsonl_task_is_checked_and_said(tmp_path, capsys):
+    """With a JSONL task the template is not used: a bad one is still refused by name, a good one other than the
+    default is said once (it used to be accepted without a word, never applied)."""
+    cfg = jsonl_config(tmp_path)
+    with pytest.raises(ConfigFieldError, match="prompt_template"):
+        load_problems(dataclasses.replace(cfg, prompt_template="{expression:>99999999999}"))
+    custom = dataclasses.replace(cfg, prompt_template="Q: {expression} =")
+    load_problems(custom)
+    load_problems(custom)
+    err = capsys.readouterr().err
+    assert err.count("applies to the built-in task only") == 1, err

@@ -210,7 +210,7 @@ def test_overwrite_never_follows_a_symlink_out_of_the_folder(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     fake_earlier_run(out)
-    (out / "checkpoints" / "step-000009").symlink_to(outside / "precious")  # not ours: left
+    (out / "checkpoints" / "precious").symlink_to(outside / "precious")  # not ours, no name the run writes: left
     (out / "report.md").symlink_to(outside / "report.md")  # a run's name: the link goes, its target stays
     (out / "eval_before.json").symlink_to(outside / "ckpts")
     messages = overwrite(out)
@@ -218,8 +218,8 @@ def test_overwrite_never_follows_a_symlink_out_of_the_folder(tmp_path):
     assert (outside / "report.md").read_text() == "someone else's report"
     assert (outside / "precious" / "a.txt").read_text() == "a"
     assert not os.path.lexists(out / "report.md") and not os.path.lexists(out / "eval_before.json")
-    assert os.listdir(out / "checkpoints") == ["step-000009"]
-    assert any("checkpoints/step-000009" in m for m in messages), messages
+    assert os.listdir(out / "checkpoints") == ["precious"]
+    assert any("checkpoints/precious" in m for m in messages), messages
 
     linked = tmp_path / "linked"  # checkpoints/ itself a symlink: unlinked, the folder it points to untouched
     linked.mkdir()
@@ -388,3 +388,42 @@ def test_overwrite_messages_print_once_through_the_cli(tmp_path, local_model, no
     assert err.count("--overwrite: deleted") == 1 and err.count("--overwrite: left") == 1, err
     assert "checkpoints/my_notes.txt" in err and "src" in err
     assert (out / "checkpoints" / "my_notes.txt").read_text() == "mine"
+
+
+def test_only_checkpoint_names_as_written_are_checkpoints(tmp_path):
+    """A user's ``checkpoints/step-7`` (or ``step-+7``, or a link named like a step folder) is no checkpoint: resume
+    used to read it as step 7, try to set aside ``step-000007`` (which does not exist) and crash."""
+    from rlvr_fast.trainer.checkpoint import find_resumable, list_checkpoints
+
+    fake_earlier_run(tmp_path, steps=(3,))
+    root = tmp_path / "checkpoints"
+    for name in ("step-7", "step-+7", "step-7_0"):
+        (root / name).mkdir()
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (root / "step-000009").symlink_to(elsewhere, target_is_directory=True)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-000003"]
+    point = find_resumable(str(tmp_path))
+    assert point.path.endswith("step-000003") and not point.skipped
+
+
+def test_a_link_named_as_a_step_folder_blocks_the_overwrite(tmp_path):
+    """A symbolic link ``checkpoints/step-000002`` where the new run writes its step-2 checkpoint: it used to be left,
+    after which the run deleted the earlier run and then failed at its first save (rmtree refuses a link)."""
+    fake_earlier_run(tmp_path, steps=(3,))
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    (tmp_path / "checkpoints" / "step-000002").symlink_to(outside, target_is_directory=True)
+    before = tree(tmp_path)
+    message = refused(tmp_path)
+    assert "checkpoints/step-000002" in message and "symbolic link" in message
+    assert tree(tmp_path) == before and (outside / "keep.txt").read_text() == "mine"
+
+
+def test_a_run_killed_in_its_first_metrics_line_is_a_run(tmp_path):
+    """metrics.jsonl holding only the torn start of its first record (the run killed while writing it) is evidence of
+    a run: ``--overwrite`` clears the folder instead of refusing it for good."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "rew')
+    overwrite(tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -256,12 +256,12 @@ def _prune(root: str, step: int) -> None:
 
 
 def _step_of(name: str) -> int | None:
-    if not name.startswith("step-"):
+    """The step of a checkpoint folder's name exactly as ``save_checkpoint`` spells it (``step-000007``), else None:
+    a user's ``step-7`` or ``step-+7`` is no checkpoint of ours (``int`` alone would read both as 7)."""
+    if not name.startswith("step-") or not name[len("step-") :].isdigit():
         return None
-    try:
-        return int(name[len("step-") :])
-    except ValueError:
-        return None
+    step = int(name[len("step-") :])
+    return step if name == f"step-{step:06d}" else None
 
 
 def remove_partial_checkpoints(output_dir: str) -> list[str]:
@@ -436,7 +436,8 @@ def list_checkpoints(output_dir: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     steps = sorted((n for n in (_step_of(d) for d in os.listdir(root)) if n is not None), reverse=True)
-    return [os.path.join(root, f"step-{n:06d}") for n in steps]
+    folders = [os.path.join(root, f"step-{n:06d}") for n in steps]
+    return [f for f in folders if os.path.isdir(f) and not os.path.islink(f)]  # we write folders, never links
 
 
 def find_resumable(output_dir: str) -> ResumePoint:

@@ -37,6 +37,7 @@ class Problem:
 
 def load_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) problems, held out from each other (see the module docstring for what is refused)."""
+    _check_prompt_template(cfg)  # with any task: a JSONL task does not use it, and says so
     if cfg.task == "arithmetic":
         train, evaluation = _built_in_problems(cfg)
     else:
@@ -67,10 +68,6 @@ def load_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
 def _built_in_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
     """The built-in task's splits (disjoint by construction); with ``eval_file``, its generated train split and the
     file's problems as the held-out set."""
-    try:
-        check_template(cfg.prompt_template)
-    except ValueError as exc:
-        raise ConfigFieldError("prompt_template", f"RLVRConfig.prompt_template: {exc}") from None
     preset = get_preset(cfg.task_preset)
     generated = (
         {"train_size": cfg.train_size} if cfg.eval_file else {"train_size": cfg.train_size, "eval_size": cfg.eval_size}
@@ -121,6 +118,23 @@ def _file_problems(field: str, path: str, size: int) -> list[Problem]:
 
 
 _NOTICED: set[str] = set()  # the preflight loads the problems, then the run again: say each notice once
+
+
+def _check_prompt_template(cfg: RLVRConfig) -> None:
+    """The template is checked whatever the task; a JSONL task's prompts are used as written, so a template other than
+    the default given with one is said once (stderr), not silently dropped."""
+    try:
+        check_template(cfg.prompt_template)
+    except ValueError as exc:
+        raise ConfigFieldError("prompt_template", f"RLVRConfig.prompt_template: {exc}") from None
+    default = RLVRConfig.__dataclass_fields__["prompt_template"].default
+    message = (
+        f"data: RLVRConfig.prompt_template={cfg.prompt_template!r} applies to the built-in task only: the prompts of "
+        f"{cfg.task} are used as written"
+    )
+    if cfg.task != "arithmetic" and cfg.prompt_template != default and message not in _NOTICED:
+        _NOTICED.add(message)
+        print(message, file=sys.stderr)
 
 
 def _say_short_files(cfg: RLVRConfig, train: Sequence[Problem], evaluation: Sequence[Problem]) -> None:

@@ -69,8 +69,8 @@ def _metrics_log(path: str) -> bool:
     if lines:
         try:
             record = json.loads(lines[-1])
-        except ValueError:
-            return len(lines) > 1  # a cut-short last line, after whole records
+        except ValueError:  # a cut-short last line: after whole records, or the first record's start (step first)
+            return len(lines) > 1 or lines[-1].startswith('{"step": ')
         return isinstance(record, dict) and isinstance(record.get("step"), int)
     return True
 
@@ -148,6 +148,7 @@ RUN_ARTIFACTS = {
 CHECKPOINT_ENTRY = re.compile(r"step-\d+|step-\d+\.bad|\.step-\d+-.+|latest|\.tmp-.+")
 # The entries of checkpoints/ a new run writes over or deletes by name: `latest`, every `.step-*` (its first save
 # removes them), and step-N / step-N.bad as checkpoint.py spells step N (step-000007: prune, commit, set_aside).
+STEP_FOLDER = re.compile(r"step-(?:\d{6}|[1-9]\d{6,})(?:\.bad)?")  # checkpoint.py's f"step-{step:06d}", set aside
 RUN_TOUCHES = re.compile(r"latest|\.step-.*|step-(?:\d{6}|[1-9]\d{6,})(?:\.bad)?")
 # The files checkpoint code writes inside a checkpoint folder: checkpoint.FILES, manifest.json, dcp_layout's
 # rng-rank<r>.safetensors and .metadata, torch.distributed.checkpoint's shards and its metadata's temporary file.
@@ -303,8 +304,13 @@ def _survey_checkpoints(root: str, survey: Survey) -> None:
             survey.evidence |= verdict
             continue
         foreign += 1
-        if os.path.islink(path) or not RUN_TOUCHES.fullmatch(name):  # a link is never followed: rmtree refuses it
+        # a link is never followed (rmtree refuses it); one named as a step folder the new run writes would make that
+        # write fail, so it blocks like a foreign folder of that name (``latest`` and ``.step-*`` are replaced or new)
+        linked_step = os.path.islink(path) and STEP_FOLDER.fullmatch(name)
+        if (os.path.islink(path) and not linked_step) or not RUN_TOUCHES.fullmatch(name):
             survey.left.append(rel)
+        elif linked_step:
+            survey.blocking.append(f"{rel} (a symbolic link where the run writes its checkpoint folder)")
         else:
             survey.blocking.append(f"{rel} (not a checkpoint of ours: {_why_not_checkpoint(path)})")
     if not foreign:
