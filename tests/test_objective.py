@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 
 import pytest
 import torch
 
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss, fused_linear_grpo_loss_reference
-from rlvr_fast.ops.grpo_loss import grpo_loss, grpo_loss_reference
+from rlvr_fast.ops.grpo_loss import (
+    METRIC_NAMES,
+    TOKEN_MEAN_METRICS,
+    GrpoLossMetrics,
+    grpo_loss,
+    grpo_loss_reference,
+)
 from rlvr_fast.ops.loss_types import IS_LEVELS, LOSS_TYPES, StepShare
-from rlvr_fast.ops.objective import PolicyObjective
+from rlvr_fast.ops.objective import DEFAULT, FIELDS, PolicyObjective, objective_from_arguments
 from rlvr_fast.testing import assert_close
+from rlvr_fast.trainer import distributed, policy
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.policy import objective_from_config
+from rlvr_fast.trainer.schema import ConfigFieldError
 
 OPTIONAL_FIELDS = {"max_completion_length": 16, "num_items": 7.0}
 
@@ -142,9 +151,9 @@ def test_a_loss_type_refuses_a_field_it_does_not_read(loss_type, field):
     expected = re.escape(f"is used only by loss types {users}; loss_type={loss_type!r} does not read it")
     with pytest.raises(ValueError, match=rf"{field}=\S+ {expected}"):
         PolicyObjective(loss_type=loss_type, **{**required, field: OPTIONAL_FIELDS[field]})
-    # from_settings lets the loss type drop what it does not read (a trainer always knows its max length)
-    kept = PolicyObjective.from_settings(loss_type=loss_type, **{**required, field: OPTIONAL_FIELDS[field]})
-    assert getattr(kept, field) is None
+    # from_settings refuses it too: nothing is dropped silently
+    with pytest.raises(ValueError, match=rf"{field}=\S+ {expected}"):
+        PolicyObjective.from_settings(loss_type=loss_type, **{**required, field: OPTIONAL_FIELDS[field]})
 
 
 def test_a_loss_type_requires_what_it_needs():
@@ -180,7 +189,7 @@ def test_partial_normaliser_reproduces_the_step(loss_type, importance_sampling, 
     adv[[1, 4, 5]] = 0.0  # skipped
     mask[6] = False  # counts in grpo's / dr_grpo's row count, contributes no token
     flat = {"loss_type": loss_type, "beta": 0.0, "importance_sampling": importance_sampling, "eps_high": 0.28}
-    objective = PolicyObjective.from_settings(**flat, max_completion_length=T + 2)
+    objective = PolicyObjective.from_settings(**flat, generation_length=T + 2)
     full, _ = grpo_loss_reference(logp, old, ref, adv, mask, objective=objective)
     (full_grad,) = torch.autograd.grad(full, logp)
 
@@ -212,3 +221,60 @@ def test_equal_parts_weigh_each_call_alike():
             assert (part.num_items, part.scale) == (None, 0.25), name
     with pytest.raises(ValueError, match="n_parts must be >= 1, got 0"):
         StepShare.equal_parts(0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One set of defaults and rules: the ops' flat keywords, from_settings, RLVRConfig, the metric names
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "op", [grpo_loss, grpo_loss_reference, fused_linear_grpo_loss, fused_linear_grpo_loss_reference]
+)
+def test_op_flat_keywords_are_the_objective_fields_with_its_defaults(op):
+    params = inspect.signature(op).parameters
+    flat = {name: p for name, p in params.items() if name in FIELDS}
+    # grpo_loss receives log-probs that already include the temperature
+    expected = set(FIELDS) - ({"temperature"} if op in (grpo_loss, grpo_loss_reference) else set())
+    assert set(flat) == expected
+    for name, p in flat.items():
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY, name  # nobody can pass them positionally
+        default = next(f.default for f in dataclasses.fields(PolicyObjective) if f.name == name)
+        assert p.default == default and getattr(DEFAULT, name) == default, name
+
+
+def test_objective_from_arguments_refuses_a_name_that_is_no_field():
+    with pytest.raises(TypeError, match=r"grpo_loss: \['epsilon'\] are not objective fields"):
+        objective_from_arguments("grpo_loss", None, epsilon=0.2)
+
+
+def test_from_settings_takes_the_generation_length_for_the_loss_types_that_read_one():
+    for name, lt in LOSS_TYPES.items():
+        required = {"num_items": 3.0} if "num_items" in lt.requires else {}
+        objective = PolicyObjective.from_settings(loss_type=name, generation_length=24, **required)
+        assert objective.max_completion_length == (24 if lt.reads("max_completion_length") else None), name
+    with pytest.raises(TypeError, match="generation_length or max_completion_length, not both"):
+        PolicyObjective.from_settings(loss_type="dr_grpo", generation_length=4, max_completion_length=4)
+
+
+def test_config_objective_rules_are_the_objective_s_and_name_the_config_field():
+    # eps_low = 1: the lower clip bound is ratio 0, which exp(.) never reaches (no lower clip): valid in both
+    assert RLVRConfig(eps_low=1.0).validate().objective().eps_low == 1.0
+    for fields, name, message in (
+        ({"eps_low": 1.5}, "eps_low", "RLVRConfig.eps_low must be <= 1.0, got 1.5"),
+        ({"eps_high": -0.1}, "eps_high", "RLVRConfig.eps_high must be >= 0.0, got -0.1"),
+        ({"dual_clip": 1.0}, "dual_clip", "RLVRConfig.dual_clip must be > 1.0, got 1.0"),
+        ({"beta": -0.5}, "beta", "RLVRConfig.beta must be >= 0.0, got -0.5"),
+        ({"kl_ratio_weighted": True}, "kl_ratio_weighted", "RLVRConfig.kl_ratio_weighted=True weights the KL term"),
+    ):
+        with pytest.raises(ConfigFieldError, match=re.escape(message)) as info:
+            RLVRConfig(**fields).validate()
+        assert info.value.field == name
+
+
+def test_metric_names_come_from_the_metrics_type():
+    names = tuple(f.name for f in dataclasses.fields(GrpoLossMetrics) if f.name != "backend")
+    assert names == METRIC_NAMES
+    assert tuple(n for n in names if n not in ("tokens", "tokens_skipped")) == TOKEN_MEAN_METRICS
+    assert distributed.TOKEN_MEAN_METRICS is TOKEN_MEAN_METRICS
+    assert policy.TOKEN_MEAN_METRICS is TOKEN_MEAN_METRICS

@@ -190,7 +190,7 @@ def _value(settings: TRLLossSettings, field: str) -> Any:
 def check_settings(settings: TRLLossSettings) -> PolicyObjective:
     """The ``PolicyObjective`` that trains exactly TRL's objective under ``settings``; raises on anything else.
 
-    TRL always knows max_completion_length (it caps generation); the loss type keeps it only if it reads it (dr_grpo).
+    TRL always knows max_completion_length (it caps generation): it is dr_grpo's L, and no field of the others.
     """
     for rule in REFUSALS:
         if rule.applies(settings):
@@ -209,7 +209,7 @@ def check_settings(settings: TRLLossSettings) -> PolicyObjective:
         dual_clip=None if settings.delta is None else float(settings.delta),
         importance_sampling=settings.importance_sampling_level,
         temperature=float(settings.temperature),
-        max_completion_length=settings.max_completion_length,
+        generation_length=settings.max_completion_length,  # dr_grpo's L; the other loss types do not read it
         # TRL's default: with beta != 0 the per-token KL is multiplied by the differentiable, unclipped importance
         # ratio of importance_sampling_level (DeepSeek-V3.2); TRL ignores the flag at beta == 0, so do we
         kl_ratio_weighted=settings.beta != 0.0 and bool(settings.use_bias_correction_kl),

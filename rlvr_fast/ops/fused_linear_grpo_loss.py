@@ -81,7 +81,7 @@ from rlvr_fast.ops.grpo_loss import (
 )
 from rlvr_fast.ops.logprobs import TOKEN_PATHS, LogprobsConfig
 from rlvr_fast.ops.logprobs_reference import token_logprobs_reference
-from rlvr_fast.ops.objective import PolicyObjective, objective_from_arguments
+from rlvr_fast.ops.objective import DEFAULT, PolicyObjective, flat_arguments, objective_from_arguments
 
 OP = "fused_linear_grpo_loss"
 
@@ -137,17 +137,17 @@ def fused_linear_grpo_loss_reference(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    beta: float = 0.0,
-    kl: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling: str = "token",
-    max_completion_length: int | None = None,
-    num_items: float | torch.Tensor | None = None,
-    kl_ratio_weighted: bool = False,
+    temperature: float = DEFAULT.temperature,
+    beta: float = DEFAULT.beta,
+    kl: str = DEFAULT.kl,
+    eps_low: float = DEFAULT.eps_low,
+    eps_high: float | None = DEFAULT.eps_high,
+    dual_clip: float | None = DEFAULT.dual_clip,
+    loss_type: str = DEFAULT.loss_type,
+    importance_sampling: str = DEFAULT.importance_sampling,
+    max_completion_length: int | None = DEFAULT.max_completion_length,
+    num_items: float | torch.Tensor | None = DEFAULT.num_items,
+    kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
     return_entropy: bool = False,
     objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
@@ -157,28 +157,14 @@ def fused_linear_grpo_loss_reference(
         hidden: (B, T, D) last hidden states at the positions that predict ``targets``.
         weight: (V, D) LM head; bias: (V,) or None. logits = (hidden @ weight.T + bias) / temperature.
         targets: (B, T) sampled token ids (IGNORE_INDEX = -100 on padding: logp 0, no gradient).
-        mask, advantages, old_logp, ref_logp and the loss options: as ``grpo_loss``.
+        mask, advantages, old_logp, ref_logp and the loss options: as ``grpo_loss`` (defaults: ``PolicyObjective``'s).
         return_entropy: also compute the per-token entropy of the policy for the ``mean_entropy`` metric.
         objective: temperature and the loss options as one ``PolicyObjective`` (the flat ones then stay at defaults).
 
     Returns:
         (loss, metrics) as ``grpo_loss_reference``; the loss is float64 and differentiable in hidden, weight and bias.
     """
-    objective = objective_from_arguments(
-        OP,
-        objective,
-        temperature=temperature,
-        beta=beta,
-        kl=kl,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        loss_type=loss_type,
-        importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length,
-        num_items=num_items,
-        kl_ratio_weighted=kl_ratio_weighted,
-    )
+    objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
     _check_linear_inputs(hidden, weight, targets, mask, advantages, bias)
     logp, entropy = token_logprobs_reference(
         hidden,
@@ -934,17 +920,17 @@ def fused_linear_grpo_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    beta: float = 0.0,
-    kl: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling: str = "token",
-    max_completion_length: int | None = None,
-    num_items: float | torch.Tensor | None = None,
-    kl_ratio_weighted: bool = False,
+    temperature: float = DEFAULT.temperature,
+    beta: float = DEFAULT.beta,
+    kl: str = DEFAULT.kl,
+    eps_low: float = DEFAULT.eps_low,
+    eps_high: float | None = DEFAULT.eps_high,
+    dual_clip: float | None = DEFAULT.dual_clip,
+    loss_type: str = DEFAULT.loss_type,
+    importance_sampling: str = DEFAULT.importance_sampling,
+    max_completion_length: int | None = DEFAULT.max_completion_length,
+    num_items: float | torch.Tensor | None = DEFAULT.num_items,
+    kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
     return_entropy: bool = False,
     backend: str = "auto",
     config: FusedLinearGrpoConfig = DEFAULT_CONFIG,
@@ -967,7 +953,7 @@ def fused_linear_grpo_loss(
         temperature: > 0, the rollout's sampling temperature.
         beta, kl, eps_low, eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items,
         kl_ratio_weighted: the objective, exactly as in ``rlvr_fast.grpo_loss`` (docs/design.md §2; registries in
-            rlvr_fast.ops.loss_types).
+            rlvr_fast.ops.loss_types); checked by ``PolicyObjective``, whose defaults they take.
         return_entropy: also compute each token's policy entropy for ``metrics.mean_entropy`` (no gradient).
         backend: "auto" | "triton" | "cuda" | "torch" (rlvr_fast.backends); an unavailable one raises.
         config: chunking and the zero-advantage skip (``FusedLinearGrpoConfig``; the defaults fit most uses).
@@ -984,21 +970,7 @@ def fused_linear_grpo_loss(
     under GSPO, completions longer than ``config.chunk_tokens`` add a log-prob pass over their tokens (8NDV there).
     Host syncs: a few (the target range check, the token count, grad_output == 1 in backward).
     """
-    objective = objective_from_arguments(
-        OP,
-        objective,
-        temperature=temperature,
-        beta=beta,
-        kl=kl,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        loss_type=loss_type,
-        importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length,
-        num_items=num_items,
-        kl_ratio_weighted=kl_ratio_weighted,
-    )
+    objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
     hidden, weight, bias, problem = _check_fused_inputs(
         hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, objective, return_entropy, config
     )

@@ -32,7 +32,7 @@ gradient, vectorised), and the public ``grpo_loss``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -51,7 +51,7 @@ from rlvr_fast.ops.constants import (
     STAT_SKIPPED,
     STAT_TOKENS,
 )
-from rlvr_fast.ops.objective import PolicyObjective, objective_from_arguments
+from rlvr_fast.ops.objective import DEFAULT, PolicyObjective, flat_arguments, objective_from_arguments
 
 OP = "grpo_loss"
 
@@ -89,17 +89,14 @@ class GrpoLossMetrics:
 
     def as_dict(self) -> dict[str, float]:
         """Python floats for logging (one device sync)."""
-        names = (
-            "clip_low_frac",
-            "clip_high_frac",
-            "dual_clip_frac",
-            "mean_ratio",
-            "mean_kl",
-            "mean_entropy",
-            "tokens",
-            "tokens_skipped",
-        )
-        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+        return {n: float(getattr(self, n)) for n in METRIC_NAMES if getattr(self, n) is not None}
+
+
+# The metric names, from the type: every tensor field (``backend`` is a label), the counts, and the per-token means
+# (the ones a caller combining calls weights by each call's ``tokens``: the trainer's micro-batches and ranks).
+METRIC_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GrpoLossMetrics) if f.name != "backend")
+COUNT_METRICS: tuple[str, ...] = ("tokens", "tokens_skipped")
+TOKEN_MEAN_METRICS: tuple[str, ...] = tuple(n for n in METRIC_NAMES if n not in COUNT_METRICS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -274,16 +271,16 @@ def grpo_loss_reference(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = 0.0,
-    kl: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling: str = "token",
-    max_completion_length: int | None = None,
-    num_items: float | torch.Tensor | None = None,
-    kl_ratio_weighted: bool = False,
+    beta: float = DEFAULT.beta,
+    kl: str = DEFAULT.kl,
+    eps_low: float = DEFAULT.eps_low,
+    eps_high: float | None = DEFAULT.eps_high,
+    dual_clip: float | None = DEFAULT.dual_clip,
+    loss_type: str = DEFAULT.loss_type,
+    importance_sampling: str = DEFAULT.importance_sampling,
+    max_completion_length: int | None = DEFAULT.max_completion_length,
+    num_items: float | torch.Tensor | None = DEFAULT.num_items,
+    kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
     entropy: torch.Tensor | None = None,
     objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
@@ -292,20 +289,7 @@ def grpo_loss_reference(
     Same arguments and checks as ``grpo_loss`` (``objective=`` included); returns a float64 loss (differentiable in
     ``logp``) and the metrics.
     """
-    objective = objective_from_arguments(
-        OP,
-        objective,
-        beta=beta,
-        kl=kl,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        loss_type=loss_type,
-        importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length,
-        num_items=num_items,
-        kl_ratio_weighted=kl_ratio_weighted,
-    )
+    objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
     chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
     obj = chk.objective
     f64 = torch.float64
@@ -541,16 +525,16 @@ def grpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = 0.0,
-    kl: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling: str = "token",
-    max_completion_length: int | None = None,
-    num_items: float | torch.Tensor | None = None,
-    kl_ratio_weighted: bool = False,
+    beta: float = DEFAULT.beta,
+    kl: str = DEFAULT.kl,
+    eps_low: float = DEFAULT.eps_low,
+    eps_high: float | None = DEFAULT.eps_high,
+    dual_clip: float | None = DEFAULT.dual_clip,
+    loss_type: str = DEFAULT.loss_type,
+    importance_sampling: str = DEFAULT.importance_sampling,
+    max_completion_length: int | None = DEFAULT.max_completion_length,
+    num_items: float | torch.Tensor | None = DEFAULT.num_items,
+    kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
     entropy: torch.Tensor | None = None,
     objective: PolicyObjective | None = None,
     backend: str = "auto",
@@ -567,6 +551,8 @@ def grpo_loss(
         advantages: (B,) one scalar per completion (rlvr_fast.group_advantages).
         mask: (B, T) bool / integer / float; 1 on completion tokens that count, 0 on padding (float values act as
             per-token weights).
+        beta ... kl_ratio_weighted: the objective's fields, checked by ``PolicyObjective`` (rlvr_fast.ops.objective),
+            whose defaults they take (the signature shows them):
         beta: KL coefficient, >= 0 (0: no reference model needed).
         kl: KL estimator of d = ref - logp: "k1" (-d), "k2" (d^2 / 2), "k3" (exp(d) - d - 1, unclamped, as in TRL and
             Liger), or "low_var_kl" (verl's k3, clamped: d to [-20, 20], the estimate to [-10, 10]).
@@ -590,20 +576,7 @@ def grpo_loss(
         (loss, metrics): loss is a 0-d fp32 tensor (fp64 for fp64 logp), differentiable in logp; metrics is a
         ``GrpoLossMetrics`` of 0-d tensors.
     """
-    objective = objective_from_arguments(
-        OP,
-        objective,
-        beta=beta,
-        kl=kl,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        loss_type=loss_type,
-        importance_sampling=importance_sampling,
-        max_completion_length=max_completion_length,
-        num_items=num_items,
-        kl_ratio_weighted=kl_ratio_weighted,
-    )
+    objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
     chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
     chosen = select_backend(backend, logp.device, op=OP)
     path = chosen if logp.numel() else "torch"  # nothing to launch: the torch path returns zeros of the right shapes

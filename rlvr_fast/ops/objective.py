@@ -6,14 +6,20 @@ keyword arguments. It checks its fields when built (one place, errors naming the
 for dr_grpo, ``num_items`` for dapo; passing one to a loss type that does not read it is an error, never silently
 ignored) and how a call holding part of a step is normalised (``for_share``). Formulas: docs/design.md §2.
 
-The public ops keep their flat keyword arguments (the API users embed) and build the object from them
-(``objective_from_arguments``); they also take ``objective=PolicyObjective(...)``.
+The defaults live here only: the public ops keep their flat keyword arguments (the API users embed), whose defaults
+are read from ``DEFAULT`` (this dataclass's own defaults), and build the object from them in one place
+(``objective_from_arguments``, which refuses a name that is not a field); they also take
+``objective=PolicyObjective(...)``. A field error names its field (``error_field``), so a caller that holds the same
+settings under the same names (``RLVRConfig``) reports it as its own field instead of re-checking the rules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections import namedtuple
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +47,8 @@ class PolicyObjective:
     beta: KL coefficient, >= 0 (0: no reference model needed).
     kl: KL estimator of d = ref - logp: "k1" | "k2" | "k3" | "low_var_kl" (``KL_ESTIMATORS``).
     eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] of the ratio; eps_low in [0, 1], eps_high >= 0
-        (None: eps_low; DAPO's clip-higher uses 0.28).
+        (None: eps_low; DAPO's clip-higher uses 0.28). eps_low = 1 puts the lower bound at ratio 0, which a ratio
+        exp(.) never reaches: no lower clip, a valid objective, not an error.
     dual_clip: c > 1 caps the loss of negative-advantage tokens at -c A (dual-clip PPO, Ye et al. 2020), or None.
     importance_sampling: "token" (PPO ratio per token) or "sequence" (GSPO's length-normalised sequence ratio).
     temperature: > 0, the rollout's sampling temperature; ops that form logits divide them by it (``grpo_loss``
@@ -78,46 +85,58 @@ class PolicyObjective:
         ):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in registry:
-                raise ValueError(f"{WHERE}: unknown {name} {value!r}; valid {what}: {sorted(registry)}")
-        put("beta", finite_number(WHERE, "beta", self.beta, low=0.0))
-        put("eps_low", finite_number(WHERE, "eps_low", self.eps_low, low=0.0, high=1.0))
-        eps_high = self.eps_low if self.eps_high is None else finite_number(WHERE, "eps_high", self.eps_high, low=0.0)
-        put("eps_high", eps_high)
+                with _field(name):
+                    raise ValueError(f"{WHERE}: unknown {name} {value!r}; valid {what}: {sorted(registry)}")
+        with _field("beta"):
+            put("beta", finite_number(WHERE, "beta", self.beta, low=0.0))
+        with _field("eps_low"):
+            put("eps_low", finite_number(WHERE, "eps_low", self.eps_low, low=0.0, high=1.0))
+        with _field("eps_high"):
+            high = self.eps_low if self.eps_high is None else finite_number(WHERE, "eps_high", self.eps_high, low=0.0)
+            put("eps_high", high)
         if self.dual_clip is not None:
             # The dual bound -c A must sit above the clipped loss |A| (1 - eps_low) to cap anything (verl: c > 1).
-            put("dual_clip", finite_number(WHERE, "dual_clip", self.dual_clip, low=1.0, low_open=True))
+            with _field("dual_clip"):
+                put("dual_clip", finite_number(WHERE, "dual_clip", self.dual_clip, low=1.0, low_open=True))
         t = self.temperature
-        if not is_real_number(t) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"{WHERE}: temperature must be a positive number, got {t!r}")
-        put("temperature", float(t))
+        with _field("temperature"):
+            if not is_real_number(t) or not math.isfinite(t) or t <= 0:
+                raise ValueError(f"{WHERE}: temperature must be a positive number, got {t!r}")
+            put("temperature", float(t))
         self._check_loss_type_fields()
         if self.max_completion_length is not None:
             L = self.max_completion_length
-            if isinstance(L, bool) or not isinstance(L, int):
-                raise TypeError(f"{WHERE}: max_completion_length must be an int, got {L!r}")
-            if L < 1:
-                raise ValueError(f"{WHERE}: max_completion_length must be >= 1, got {L}")
+            with _field("max_completion_length"):
+                if isinstance(L, bool) or not isinstance(L, int):
+                    raise TypeError(f"{WHERE}: max_completion_length must be an int, got {L!r}")
+                if L < 1:
+                    raise ValueError(f"{WHERE}: max_completion_length must be >= 1, got {L}")
         if self.num_items is not None:
-            put("num_items", _positive_count(self.num_items))
-        if not isinstance(self.kl_ratio_weighted, bool):
-            raise TypeError(f"{WHERE}: kl_ratio_weighted must be a bool, got {self.kl_ratio_weighted!r}")
-        if self.kl_ratio_weighted and self.beta == 0.0:
-            # never silently ignored: with beta = 0 there is no KL term for the ratio to weight
-            raise ValueError(f"{WHERE}: kl_ratio_weighted=True weights the KL term, which needs beta > 0, got beta=0.0")
+            with _field("num_items"):
+                put("num_items", _positive_count(self.num_items))
+        with _field("kl_ratio_weighted"):
+            if not isinstance(self.kl_ratio_weighted, bool):
+                raise TypeError(f"{WHERE}: kl_ratio_weighted must be a bool, got {self.kl_ratio_weighted!r}")
+            if self.kl_ratio_weighted and self.beta == 0.0:
+                # never silently ignored: with beta = 0 there is no KL term for the ratio to weight
+                raise ValueError(
+                    f"{WHERE}: kl_ratio_weighted=True weights the KL term, which needs beta > 0, got beta=0.0"
+                )
 
     def _check_loss_type_fields(self) -> None:
         """The loss type alone says which optional fields it reads: one it does not read is refused, by name."""
         lt = self.aggregation
         for name in ("max_completion_length", "num_items"):
             value = getattr(self, name)
-            if value is not None and not lt.reads(name):
-                users = sorted(n for n, t in LOSS_TYPES.items() if t.reads(name))
-                raise ValueError(
-                    f"{WHERE}: {name}={value!r} is used only by loss types {users}; "
-                    f"loss_type={self.loss_type!r} does not read it"
-                )
-            if value is None and name in lt.requires:
-                raise ValueError(f"{WHERE}: loss_type={self.loss_type!r} needs {name}, got None")
+            with _field(name):
+                if value is not None and not lt.reads(name):
+                    users = sorted(n for n, t in LOSS_TYPES.items() if t.reads(name))
+                    raise ValueError(
+                        f"{WHERE}: {name}={value!r} is used only by loss types {users}; "
+                        f"loss_type={self.loss_type!r} does not read it"
+                    )
+                if value is None and name in lt.requires:
+                    raise ValueError(f"{WHERE}: loss_type={self.loss_type!r} needs {name}, got None")
 
     # ---- the registry rows it selects ---------------------------------------------------------------------------
 
@@ -158,19 +177,39 @@ class PolicyObjective:
     # ---- construction --------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_settings(cls, **settings: Any) -> PolicyObjective:
-        """Build from a caller's settings, which may include optional fields its loss type does not read (a trainer
-        always knows its max_completion_length, which also caps generation): the loss type keeps what it reads."""
-        lt = LOSS_TYPES.get(settings.get("loss_type", cls.loss_type))
-        if lt is not None:
-            for name in ("max_completion_length", "num_items"):
-                if name in settings and not lt.reads(name):
-                    settings[name] = None
-        return cls(**settings)
+    def from_settings(cls, *, generation_length: int | None = None, **fields: Any) -> PolicyObjective:
+        """Build from a run's settings: ``fields`` are objective fields, kept as given (one its loss type does not
+        read is refused by name, as by the constructor); ``generation_length`` is the run's cap on completion length,
+        which every trainer has: it becomes ``max_completion_length`` (dr_grpo's L) for the loss types that read
+        one, and is no part of the objective for the others (it still caps their generation)."""
+        if generation_length is not None:
+            if "max_completion_length" in fields:
+                raise TypeError(f"{WHERE}: pass generation_length or max_completion_length, not both")
+            lt = LOSS_TYPES.get(fields.get("loss_type", DEFAULT.loss_type))
+            if lt is not None and lt.reads("max_completion_length"):
+                fields["max_completion_length"] = generation_length
+        return cls(**fields)
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PolicyObjective))
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PolicyObjective)}
+# The one set of defaults, as attributes (``DEFAULT.beta``): the public ops' flat keyword defaults read it. These are
+# the dataclass's raw defaults (eps_high None = "eps_low"), not a built object's normalised values.
+DEFAULT = namedtuple("ObjectiveDefaults", FIELDS)(**{f.name: f.default for f in dataclasses.fields(PolicyObjective)})
+
+
+@contextlib.contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Tag a ValueError / TypeError raised inside with the field it is about (read by ``error_field``)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        exc.objective_field = name  # type: ignore[attr-defined]
+        raise
+
+
+def error_field(exc: BaseException) -> str | None:
+    """The objective field a ``PolicyObjective(...)`` error is about, or None for an error of another origin."""
+    return getattr(exc, "objective_field", None)
 
 
 def _positive_count(num_items) -> float:
@@ -187,15 +226,24 @@ def _positive_count(num_items) -> float:
     return float(num_items)
 
 
+def flat_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The objective fields among an op's arguments (its ``locals()`` on entry): an op names each flat keyword once,
+    in its signature, and hands them on together."""
+    return {name: arguments[name] for name in FIELDS if name in arguments}
+
+
 def objective_from_arguments(where: str, objective: PolicyObjective | None, **flat: Any) -> PolicyObjective:
     """The objective of an op call: ``objective`` when given (then every flat objective argument must be left at its
-    default), else one built from the flat keyword arguments."""
+    default), else one built from the flat keyword arguments. The one place the ops' flat keywords are checked."""
+    unknown = sorted(set(flat) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"{where}: {unknown} are not objective fields; valid: {list(FIELDS)}")
     if objective is None:
         return PolicyObjective(**flat)
     if not isinstance(objective, PolicyObjective):
         raise TypeError(f"{where}: objective must be a PolicyObjective or None, got {type(objective).__name__}")
     for name, value in flat.items():
-        default = _DEFAULTS[name]
+        default = getattr(DEFAULT, name)
         if value is not default and (isinstance(value, torch.Tensor) or value != default):
             raise TypeError(
                 f"{where}: pass the objective either as objective= or as flat keyword arguments, not both: got "

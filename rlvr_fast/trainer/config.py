@@ -142,10 +142,12 @@ class RLVRConfig:
         "aggregation: grpo, bnpo, dr_grpo or dapo (token mean over the step; Yu et al. 2025)",
         choices="rlvr_fast.ops.loss_types:LOSS_TYPES",
     )
-    eps_low: float = _f(0.2, "lower clip range of the importance ratio (PPO/GRPO)", ge=0, lt=1)
-    eps_high: float | None = _f(None, "upper clip range (default eps_low; DAPO's clip-higher uses 0.28)", ge=0)
-    dual_clip: float | None = _f(None, "dual-clip constant c for negative advantages (e.g. 3.0); None disables", gt=1)
-    beta: float = _f(0.0, "KL coefficient to the reference model (0: no reference model is loaded)", ge=0)
+    # The objective's fields (same names as rlvr_fast.ops.objective.PolicyObjective): their ranges and the rules that
+    # tie them are the objective's, checked by building it (``validate``); the help text only words them.
+    eps_low: float = _f(0.2, "lower clip range of the importance ratio (PPO/GRPO), in [0, 1] (1: no lower clip)")
+    eps_high: float | None = _f(None, "upper clip range, >= 0 (default eps_low; DAPO's clip-higher uses 0.28)")
+    dual_clip: float | None = _f(None, "dual-clip constant c > 1 for negative advantages (e.g. 3.0); None disables")
+    beta: float = _f(0.0, "KL coefficient to the reference model, >= 0 (0: no reference model is loaded)")
     kl: str = _f(
         "k3",
         "KL estimator: k1, k2 or k3 (GRPO's low-variance estimator)",
@@ -306,8 +308,7 @@ class RLVRConfig:
             fail(
                 "mask_source", "mask_source is required with optimizer='sparse_adamw' (random:<d>, grad:<d> or a file)"
             )
-        if self.kl_ratio_weighted and self.beta == 0:
-            fail("kl_ratio_weighted", "kl_ratio_weighted=True weights the KL term, which needs beta > 0, got beta=0.0")
+        self._check_objective(fail)
         if self.resume and self.overwrite:
             fail("overwrite", "overwrite and resume exclude each other: continue the run in output_dir, or delete it")
         if not self.rewards:
@@ -334,6 +335,27 @@ class RLVRConfig:
             except re.error as exc:
                 fail("format_classes", f"format_classes[{name!r}] is not a valid regex ({exc}): {pattern!r}")
         return self
+
+    def objective(self):
+        """The run's ``PolicyObjective``: the objective fields of this config under their own names, and
+        max_completion_length as the generation cap (dr_grpo's L; no part of the other loss types' objective)."""
+        from rlvr_fast.ops.objective import FIELDS, PolicyObjective
+
+        mine = set(self.field_names()) - {"max_completion_length"}
+        settings = {name: getattr(self, name) for name in FIELDS if name in mine}
+        return PolicyObjective.from_settings(generation_length=self.max_completion_length, **settings)
+
+    def _check_objective(self, fail) -> None:
+        """The objective's rules are checked by building it (one rule set); its error names our field."""
+        from rlvr_fast.ops.objective import WHERE, error_field
+
+        try:
+            self.objective()
+        except (ValueError, TypeError) as exc:
+            name = error_field(exc)
+            if name is None:
+                raise
+            fail(name, str(exc).removeprefix(f"{WHERE}: "))
 
     def run_defining(self) -> dict[str, Any]:
         """The fields that define the run (everything a resume must not change), as a dict."""

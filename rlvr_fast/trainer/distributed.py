@@ -60,6 +60,7 @@ from typing import NoReturn
 
 import torch
 
+from rlvr_fast.ops.grpo_loss import TOKEN_MEAN_METRICS  # policy_step's per-token means, weighted by rank tokens
 from rlvr_fast.trainer.config import RLVRConfig
 
 PARALLEL_MODES = {
@@ -70,8 +71,6 @@ PARALLEL_MODES = {
 SHARDED_OPTIMIZERS_MISSING = {
     "adamw8bit": "bitsandbytes' 8-bit state is not DTensor-aware",
 }
-# the per-token means policy_step reports (weighted by each rank's tokens when reduced over ranks)
-TOKEN_MEAN_METRICS = ("clip_low_frac", "clip_high_frac", "dual_clip_frac", "mean_ratio", "mean_kl", "mean_entropy")
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a rank that never joins a collective fails the others after this
 # whether this process joined the default process group itself (DataParallel.from_environment): its gloo threads
 # then live until the process ends (``exit_without_finalizing``)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
+from rlvr_fast.ops.grpo_loss import TOKEN_MEAN_METRICS
 from rlvr_fast.ops.logprobs import token_logprobs
 from rlvr_fast.ops.loss_types import StepShare
 from rlvr_fast.ops.objective import PolicyObjective
@@ -31,20 +32,8 @@ from rlvr_fast.trainer.update_batch import UpdateBatch
 
 
 def objective_from_config(cfg: RLVRConfig) -> PolicyObjective:
-    """The run's objective. The config always holds max_completion_length (it caps generation too); the loss type
-    keeps it only if its normaliser reads it (dr_grpo)."""
-    return PolicyObjective.from_settings(
-        loss_type=cfg.loss_type,
-        beta=cfg.beta,
-        kl=cfg.kl,
-        kl_ratio_weighted=cfg.kl_ratio_weighted,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        dual_clip=cfg.dual_clip,
-        importance_sampling=cfg.importance_sampling,
-        temperature=cfg.temperature,
-        max_completion_length=cfg.max_completion_length,
-    )
+    """The run's objective (``RLVRConfig.objective``)."""
+    return cfg.objective()
 
 
 def completion_hidden(model: torch.nn.Module, rollout: Rollout, shared_prefix: bool = False) -> torch.Tensor:
@@ -129,7 +118,7 @@ def policy_step(
         m = metrics.as_dict()
         n_tok = m.get("tokens", 0.0)
         tokens_seen += n_tok
-        for key in ("clip_low_frac", "clip_high_frac", "dual_clip_frac", "mean_ratio", "mean_kl", "mean_entropy"):
+        for key in TOKEN_MEAN_METRICS:
             if key in m:
                 sums[key] = sums.get(key, 0.0) + m[key] * n_tok
     out = {"loss": total_loss, "tokens_updated": tokens_seen}
