@@ -278,3 +278,17 @@ def test_metric_names_come_from_the_metrics_type():
     assert tuple(n for n in names if n not in ("tokens", "tokens_skipped")) == TOKEN_MEAN_METRICS
     assert distributed.TOKEN_MEAN_METRICS is TOKEN_MEAN_METRICS
     assert policy.TOKEN_MEAN_METRICS is TOKEN_MEAN_METRICS
+
+
+def test_an_op_validates_each_setting_once_and_never_confuses_equal_hashes():
+    """objective_from_arguments keeps the objective of each set of flat arguments (the ops are called with the same
+    few every micro-step): the same object comes back, and a value that hashes like a valid one (True like 1.0) is
+    still refused, as is a value refused a second time."""
+    from rlvr_fast.ops.objective import objective_from_arguments
+
+    first = objective_from_arguments("op", None, beta=1.0, loss_type="grpo")
+    assert objective_from_arguments("op", None, loss_type="grpo", beta=1.0) is first
+    for _ in range(2):
+        with pytest.raises(ValueError, match="beta must be a finite real number, got True"):
+            objective_from_arguments("op", None, beta=True, loss_type="grpo")
+    assert objective_from_arguments("op", None, beta=0.5, loss_type="grpo").beta == 0.5

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections import namedtuple
 from collections.abc import Iterator, Mapping
@@ -232,6 +233,13 @@ def flat_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {name: arguments[name] for name in FIELDS if name in arguments}
 
 
+@functools.lru_cache(maxsize=256)
+def _objective_of(key: tuple[tuple[str, type, Any], ...]) -> PolicyObjective:
+    """The (frozen) objective of flat arguments keyed with their types (``True`` is not ``1.0`` here, although the two
+    hash alike); refusals raise and are not cached."""
+    return PolicyObjective(**{name: value for name, _, value in key})
+
+
 def objective_from_arguments(where: str, objective: PolicyObjective | None, **flat: Any) -> PolicyObjective:
     """The objective of an op call: ``objective`` when given (then every flat objective argument must be left at its
     default), else one built from the flat keyword arguments. The one place the ops' flat keywords are checked."""
@@ -239,7 +247,10 @@ def objective_from_arguments(where: str, objective: PolicyObjective | None, **fl
     if unknown:
         raise TypeError(f"{where}: {unknown} are not objective fields; valid: {list(FIELDS)}")
     if objective is None:
-        return PolicyObjective(**flat)
+        try:  # an op is called with the same few settings every micro-step: validate each set once per process
+            return _objective_of(tuple((name, type(value), value) for name, value in sorted(flat.items())))
+        except TypeError:  # an unhashable value (a tensor num_items), or a refusal: built (and refused) afresh
+            return PolicyObjective(**flat)
     if not isinstance(objective, PolicyObjective):
         raise TypeError(f"{where}: objective must be a PolicyObjective or None, got {type(objective).__name__}")
     for name, value in flat.items():
