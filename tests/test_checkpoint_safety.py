@@ -25,6 +25,7 @@ import warnings
 
 import pytest
 import torch
+from test_checkpoint_faults import tiny_module
 from test_trainer import TOKEN_BIAS, tiny_config
 
 import rlvr_fast.trainer.checkpoint as checkpoint
@@ -217,14 +218,6 @@ def test_a_manifest_naming_a_file_outside_the_folder_is_refused(dcp_run, tmp_pat
 
 
 # ---- item 2: a failed save is one clear error and loses nothing -----------------------------------------------------
-
-
-def tiny_module():
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 def full_disk(*args, **kwargs):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_distributed import saved_tiny_model
 
 from rlvr_fast import cli
 from rlvr_fast.cli import main
@@ -25,16 +26,6 @@ def clone_root_env() -> dict:
 
 def run(argv: list[str], cwd, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=clone_root_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def saved_tiny_model(folder) -> str:
-    from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
-
-    tokenizer = char_tokenizer()
-    path = str(folder / "model")
-    tiny_causal_lm(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_the_clone_root_shadows_kernels_for_plain_python():
