@@ -36,8 +36,8 @@ Cache: a compile result is keyed by the SHA-256 of (``source_hash``: the kernel'
 signature, constexprs, specialisation attributes, compile options, target, Triton version). Results whose key is
 found in the committed JSON are reused instead of recompiled (``--no-cache`` recompiles everything). So CI on a fresh
 clone compiles only what changed since the JSON was committed -- new launch configurations, edited kernels -- and a
-cold run (``--no-cache``, or a new Triton version) compiles all of it (see README: it takes far longer than CI's
-5 minutes on 2 cores).
+cold run (``--no-cache``, or a new Triton version) compiles all of it (see docs/kernels.md: it takes far longer
+than CI's 5 minutes on 2 cores).
 
 Usage: python kernels/check/aot_compile.py [--no-cache] [--jobs 2] [--targets 80,90] [--out PATH] [--kernels RE]
 """

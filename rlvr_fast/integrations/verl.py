@@ -30,7 +30,7 @@ puts verl's functions back.
 verl runs its trainer and workers in Ray processes: the registration must happen in each of them. verl imports the
 modules named in ``VERL_USE_EXTERNAL_MODULES`` whenever ``verl`` is imported, so
 ``VERL_USE_EXTERNAL_MODULES=rlvr_fast.integrations.verl_plugin`` (which calls ``register()``; with
-``RLVR_FAST_VERL_FUSED_LOGPROBS=1`` also the fused log-probs) does it everywhere (README, "Inside verl").
+``RLVR_FAST_VERL_FUSED_LOGPROBS=1`` also the fused log-probs) does it everywhere (docs/integrations.md, "verl").
 
 Differences from verl's own functions, by design: a prompt with a single completion (or all-equal rewards) gets
 advantage exactly 0 from the centred estimators (verl's grpo / rloo pass a singleton's raw reward through); our policy
