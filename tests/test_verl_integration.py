@@ -347,8 +347,11 @@ def test_linear_cross_entropy_matches_verls_torch_implementation(temperature, sh
         logp, entropy = fn(h, w)
         ((logp.reshape(shape) * g_logp).sum() + (entropy.reshape(shape) * g_ent).sum()).backward()
         results.append((logp.reshape(shape), entropy.reshape(shape), h.grad, w.grad))
+    # Both sides compute in float32 from these float64 inputs (ours returns float32): they differ by float32 rounding of
+    # sums over tokens and the vocabulary, measured up to 4.9e-6 beyond rtol on the weight gradient over 1,200 draws
+    # (atol 1e-6 failed once in CI, at 1.1e-6 on the weight gradient).
     for ours, theirs in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(ours.to(theirs.dtype), theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.to(theirs.dtype), theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_logprobs_switch_on_and_off():
