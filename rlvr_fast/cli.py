@@ -86,11 +86,11 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rlvr_fast.trainer.capacity import check_world
-    from rlvr_fast.trainer.finite_guard import NonFiniteError
+    from rlvr_fast.trainer.checkpoint.strict_loading import CheckpointWriteError
+    from rlvr_fast.trainer.checks.capacity import check_world
+    from rlvr_fast.trainer.checks.preflight import preflight
     from rlvr_fast.trainer.loop import train
-    from rlvr_fast.trainer.preflight import preflight
-    from rlvr_fast.trainer.strict_loading import CheckpointWriteError
+    from rlvr_fast.trainer.update.finite_guard import NonFiniteError
 
     cfg = _config(args)
     # Everything checkable before the model loads: exit 2 in seconds, not after the load. Under torchrun rank 0 alone
@@ -124,9 +124,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rlvr_fast.trainer.checkpoint import CheckpointError
-    from rlvr_fast.trainer.evaluate_cli import explicit_fields, run_eval
-    from rlvr_fast.trainer.preflight import preflight_eval
+    from rlvr_fast.trainer.checkpoint.strict_loading import CheckpointError
+    from rlvr_fast.trainer.checks.preflight import preflight_eval
+    from rlvr_fast.trainer.evaluation.command import explicit_fields, run_eval
 
     cfg = _config(args)
     try:  # a checkpoint's run decides the held-out split unless the command line says otherwise (and it says which)
@@ -274,7 +274,7 @@ def _world_size() -> int:
 
 def _leave_process_group() -> None:
     if _world_size() > 1:
-        from rlvr_fast.trainer.distributed import leave_process_group
+        from rlvr_fast.trainer.parallel.collectives import leave_process_group
 
         leave_process_group()
 
@@ -287,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     """``rlvr-fast <command>``. Under torchrun (WORLD_SIZE > 1) a rank that raises records its traceback for the
     elastic agent (``torch.distributed.elastic``'s ``@record``), which stops the other ranks and reports the failed
     rank's number and error (docs/design.md, "Data parallelism"). A rank that joined the process group does not return:
-    it ends with its exit status without the interpreter's finalization (``distributed.exit_without_finalizing``)."""
+    it ends with its exit status without the interpreter's finalization
+    (``parallel.collectives.exit_without_finalizing``)."""
     if _world_size() > 1:
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        from rlvr_fast.trainer.distributed import exit_status, exit_without_finalizing, joined_process_group
+        from rlvr_fast.trainer.parallel.collectives import exit_status, exit_without_finalizing, joined_process_group
 
         try:
             code = record(_main)(argv)

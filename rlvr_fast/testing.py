@@ -225,7 +225,7 @@ def fp64_faithful_norms(model):
 def random_rollout(tokenizer, prompts: list[str], group_size: int, max_completion: int, generator: torch.Generator):
     """A ``Rollout`` of ``prompts`` (left-padded, each repeated ``group_size`` times) and random right-padded
     completions of random lengths in [1, max_completion] (row 0 the full width), for update tests without sampling."""
-    from rlvr_fast.trainer.generation import Rollout
+    from rlvr_fast.trainer.rollout.engines import Rollout
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     rows = len(prompts) * group_size

@@ -82,7 +82,8 @@ IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, GrpoLossMetrics]]] 
 }
 
 # The implementation every integration uses unless told otherwise: the one-op path (tested against its reference in
-# tests/test_fused_linear_grpo_loss.py, and against stock TRL in tests/test_trl_integration.py). Switching is this line.
+# tests/ops/test_fused_linear_grpo_loss.py, and against stock TRL in tests/integrations/test_trl_integration.py).
+# Switching is this line.
 DEFAULT_IMPLEMENTATION = "fused"
 
 

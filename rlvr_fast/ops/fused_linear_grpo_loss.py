@@ -137,17 +137,6 @@ def fused_linear_grpo_loss_reference(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    temperature: float = DEFAULT.temperature,
-    beta: float = DEFAULT.beta,
-    kl: str = DEFAULT.kl,
-    eps_low: float = DEFAULT.eps_low,
-    eps_high: float | None = DEFAULT.eps_high,
-    dual_clip: float | None = DEFAULT.dual_clip,
-    loss_type: str = DEFAULT.loss_type,
-    importance_sampling: str = DEFAULT.importance_sampling,
-    max_completion_length: int | None = DEFAULT.max_completion_length,
-    num_items: float | torch.Tensor | None = DEFAULT.num_items,
-    kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
     return_entropy: bool = False,
     objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
@@ -155,16 +144,18 @@ def fused_linear_grpo_loss_reference(
 
     Args:
         hidden: (B, T, D) last hidden states at the positions that predict ``targets``.
-        weight: (V, D) LM head; bias: (V,) or None. logits = (hidden @ weight.T + bias) / temperature.
+        weight: (V, D) LM head; bias: (V,) or None. logits = (hidden @ weight.T + bias) / objective.temperature.
         targets: (B, T) sampled token ids (IGNORE_INDEX = -100 on padding: logp 0, no gradient).
-        mask, advantages, old_logp, ref_logp and the loss options: as ``grpo_loss`` (defaults: ``PolicyObjective``'s).
+        mask, advantages, old_logp, ref_logp: as ``grpo_loss``.
         return_entropy: also compute the per-token entropy of the policy for the ``mean_entropy`` metric.
-        objective: temperature and the loss options as one ``PolicyObjective`` (the flat ones then stay at defaults).
+        objective: the temperature and the loss settings as one ``PolicyObjective`` (None: its defaults). Unlike
+            ``fused_linear_grpo_loss`` it takes no flat objective keywords (``temperature=``, ``beta=``, ...): the
+            specification has one way to be called, so passing one is a TypeError.
 
     Returns:
         (loss, metrics) as ``grpo_loss_reference``; the loss is float64 and differentiable in hidden, weight and bias.
     """
-    objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
+    objective = objective_from_arguments(OP, objective)
     _check_linear_inputs(hidden, weight, targets, mask, advantages, bias)
     logp, entropy = token_logprobs_reference(
         hidden,

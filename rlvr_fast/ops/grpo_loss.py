@@ -271,25 +271,17 @@ def grpo_loss_reference(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = DEFAULT.beta,
-    kl: str = DEFAULT.kl,
-    eps_low: float = DEFAULT.eps_low,
-    eps_high: float | None = DEFAULT.eps_high,
-    dual_clip: float | None = DEFAULT.dual_clip,
-    loss_type: str = DEFAULT.loss_type,
-    importance_sampling: str = DEFAULT.importance_sampling,
-    max_completion_length: int | None = DEFAULT.max_completion_length,
-    num_items: float | torch.Tensor | None = DEFAULT.num_items,
-    kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
     entropy: torch.Tensor | None = None,
     objective: PolicyObjective | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """docs/design.md §2 in float64 with autograd: differentiate the returned loss to get the reference gradient.
 
-    Same arguments and checks as ``grpo_loss`` (``objective=`` included); returns a float64 loss (differentiable in
-    ``logp``) and the metrics.
+    The tensors and ``entropy`` as ``grpo_loss`` (same checks); the loss settings as one ``objective``
+    (``PolicyObjective``; None: its defaults). Unlike ``grpo_loss`` it takes no flat objective keywords (``beta=``,
+    ``loss_type=``, ...): the specification has one way to be called, so passing one is a TypeError. Returns a
+    float64 loss (differentiable in ``logp``) and the metrics.
     """
-    objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
+    objective = objective_from_arguments(OP, objective)
     chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
     obj = chk.objective
     f64 = torch.float64

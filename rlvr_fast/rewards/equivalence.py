@@ -31,8 +31,8 @@ Model output never reaches ``eval``, ``exec``, ``sympify`` or ``parse_expr`` as 
 sanctioned LaTeX parser: latex2sympy2_extended hands each NUMBER token of its ANTLR lexer (digits and a decimal point,
 at most 30 digits after ``_symbolic_safe``) to ``sympy.Number``, which goes through ``sympify``, so sympy evaluates
 strings such as ``Integer (16 )``. ``_symbolic_safe`` admits no quote, underscore, colon or word, so nothing resembling
-Python reaches math-verify at all; ``tests/test_rewards.py`` traps ``eval`` / ``exec`` to check that only such numeric
-literals are evaluated. Strings longer than ``MAX_INPUT_CHARS`` are compared as stripped text only.
+Python reaches math-verify at all; ``tests/ops/test_rewards.py`` traps ``eval`` / ``exec`` to check that only such
+numeric literals are evaluated. Strings longer than ``MAX_INPUT_CHARS`` are compared as stripped text only.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from rlvr_fast.study.stats import (
     wilson,
 )
 from rlvr_fast.study.updates import MASK_FILES, UPDATE_FILE, changed_set_overlaps, containment
-from rlvr_fast.trainer.evaluation import eval_dict_from_json
+from rlvr_fast.trainer.evaluation.held_out import eval_dict_from_json
 
 __all__ = ["analyse", "verdict"]
 

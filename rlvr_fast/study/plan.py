@@ -23,7 +23,7 @@ from rlvr_fast.study.arms import ARMS, BASELINE_ARM, STUDY_OWNED_FIELDS, Arm, lo
 from rlvr_fast.study.presets import get_preset
 from rlvr_fast.study.updates import MASK_FILES
 from rlvr_fast.trainer.config import RLVRConfig
-from rlvr_fast.trainer.evaluation import evaluation_kwargs
+from rlvr_fast.trainer.evaluation.held_out import evaluation_kwargs
 
 __all__ = ["RunSpec", "StudyPlan", "config_hash", "eval_key", "plan_study"]
 
@@ -159,8 +159,8 @@ def plan_study(
         ValueError: naming the arm and the field for an unknown arm, an unknown field, a bad value, an unknown reward
             mode, unreadable data or a missing mask_from source.
     """
-    from rlvr_fast.trainer.data import load_problems
-    from rlvr_fast.trainer.scoring import Scorer
+    from rlvr_fast.trainer.rollout.data import load_problems
+    from rlvr_fast.trainer.step import Scorer
 
     chosen = get_preset(preset)
     registry = dict(ARMS)

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path, config_hash
 from rlvr_fast.study.state import StudyState, write_json_atomic
 from rlvr_fast.study.updates import record_update
-from rlvr_fast.trainer.checkpoint import latest_checkpoint
+from rlvr_fast.trainer.checkpoint.folder import latest_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
-from rlvr_fast.trainer.evaluation import eval_dict_from_json
+from rlvr_fast.trainer.evaluation.held_out import eval_dict_from_json
 from rlvr_fast.trainer.model import LoadedModel
 
 __all__ = ["KEEP_CHECKPOINTS", "StudyOutcome", "base_eval_path", "run_study"]

@@ -1,5 +1,11 @@
-"""The lean trainer: ``RLVRConfig`` and ``train`` (rollout -> rewards -> advantages -> filter -> update batch -> update
--> log; ``trainer/loop.py``)."""
+"""The lean trainer: ``RLVRConfig`` and ``train``.
+
+One step, top to bottom (``loop.Trainer.train_step``): the rollout (``rollout/``) -> rewards, advantages, difficulty
+filter and update batch (``step.py``) -> the update (``update/``) -> the metrics record (``reporting/``). Around it:
+the config (``config.py``, ``schema.py``), the model and its hidden-states forward (``model.py``), the checks before
+the model loads (``checks/``), run checkpoints and the output folder (``checkpoint/``), torchrun data parallelism
+(``parallel/``) and held-out evaluation (``evaluation/``).
+"""
 
 from rlvr_fast.trainer.config import RLVRConfig
 

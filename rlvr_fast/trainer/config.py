@@ -88,14 +88,14 @@ class RLVRConfig:
         "run each prompt through the decoder once for its group, in the rollout and in the update (its completions "
         "attend to that one pass; exact): auto (where the model supports it, else unshared, said once by model "
         "class), on (refuse a model that cannot) or off",
-        choices="rlvr_fast.trainer.prefix_sharing:PREFIX_SHARING_MODES",
+        choices="rlvr_fast.trainer.update.shared_prefix_forward:PREFIX_SHARING_MODES",
     )
     parallel: str = _f(
         "fsdp",
         "data parallelism under torchrun (WORLD_SIZE > 1; unused on one process): fsdp (FSDP2, each decoder layer and "
         "the root sharded) or ddp (whole model on every rank), prefix_sharing included; docs/design.md, data "
         "parallelism",
-        choices="rlvr_fast.trainer.distributed:PARALLEL_MODES",
+        choices="rlvr_fast.trainer.parallel.wrappers:PARALLEL_MODES",
     )
 
     # ---- rollout ---------------------------------------------------------------------------------------------------
@@ -163,7 +163,9 @@ class RLVRConfig:
         "importance ratio level: token, or sequence (GSPO, Zheng et al. 2025)",
         choices="rlvr_fast.ops.loss_types:IS_LEVELS",
     )
-    num_iterations: int = _f(1, "policy updates per rollout batch (>1 makes the ratio and clipping matter)", ge=1)
+    num_iterations: int = _f(
+        1, "optimizer steps on each step's rollout batch (>1 makes the ratio and clipping matter)", ge=1
+    )
 
     # ---- reward (docs/design.md §5) -----------------------------------------------------------------------
     rewards: dict = _f(
@@ -190,7 +192,7 @@ class RLVRConfig:
     optimizer: str = _f(
         "adamw",
         "adamw, sparse_adamw (Mukherjee et al. 2025, arXiv:2505.11711) or adamw8bit",
-        choices="rlvr_fast.trainer.optimizers:OPTIMIZERS",
+        choices="rlvr_fast.trainer.update.optimizers:OPTIMIZERS",
     )
     mask_source: str | None = _f(
         None, "sparse_adamw's mask: random:<density>, grad:<density> (|grad| over warm-up steps) or a mask file"
@@ -203,7 +205,9 @@ class RLVRConfig:
         le=MAX_LR,
     )
     lr_schedule: str = _f(
-        "constant", "constant, linear or cosine decay after warm-up", choices="rlvr_fast.trainer.schedule:SCHEDULES"
+        "constant",
+        "constant, linear or cosine decay after warm-up",
+        choices="rlvr_fast.trainer.update.schedule:SCHEDULES",
     )
     warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)", ge=0)
@@ -226,7 +230,12 @@ class RLVRConfig:
         "recompute each decoder layer in the backward instead of keeping its activations (~1/3 more update "
         "FLOPs); None: on on a GPU (memory bound), off on the CPU (compute bound)",
     )
-    steps: int = _f(12, "optimizer steps of training", ge=0, on_resume="may_change")
+    steps: int = _f(
+        12,
+        "training steps: each samples one rollout batch and takes num_iterations optimizer steps on it",
+        ge=0,
+        on_resume="may_change",
+    )
 
     # ---- evaluation (docs/design.md §7) -------------------------------------------------------------------
     eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)", ge=0, on_resume="may_change")

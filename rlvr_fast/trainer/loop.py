@@ -9,7 +9,7 @@ One step (``train_step``) reads top to bottom: rollout -> rewards -> advantages 
 -> update (``num_iterations`` optimizer steps) -> metrics record. Everything random is seeded per step from the run's
 seed, so ``--resume`` reproduces an uninterrupted run.
 
-Under torchrun (``trainer/distributed.py``) each rank generates its share of the step's groups, every rank scores the
+Under torchrun (``trainer/parallel/``) each rank generates its share of the step's groups, every rank scores the
 whole step, and the update's normalisers are the whole step's: one process or N, the same step (docs/design.md, "Data
 parallelism"). Only rank 0 writes files.
 """
@@ -27,37 +27,40 @@ import numpy as np
 import torch
 
 from rlvr_fast.eval import format_frequency
-from rlvr_fast.ops.group_advantage import GroupAdvantages
 from rlvr_fast.optim import GradSaliency
-from rlvr_fast.rewards import FilterResult
-from rlvr_fast.trainer.advantages import apply_difficulty_filter, compute_advantages
-from rlvr_fast.trainer.checkpoint import load_checkpoint, save_checkpoint
+from rlvr_fast.trainer.checkpoint.local import load_checkpoint, save_checkpoint
+from rlvr_fast.trainer.checkpoint.run_lock import release_run_lock
+from rlvr_fast.trainer.checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
+from rlvr_fast.trainer.checks.preflight import preflight
 from rlvr_fast.trainer.config import RLVRConfig
-from rlvr_fast.trainer.data import Problem, batch_indices, chat_prompt, check_prompt_lengths, load_problems
-from rlvr_fast.trainer.distributed import DataParallel
-from rlvr_fast.trainer.evaluation import EvalResult, eval_dict_from_json, evaluate, evaluation_kwargs
-from rlvr_fast.trainer.finite_guard import checked_update, rollout_of_step
-from rlvr_fast.trainer.generation import HFGeneration, Rollout
-from rlvr_fast.trainer.memory import (
+from rlvr_fast.trainer.evaluation.held_out import EvalResult, eval_dict_from_json, evaluate, evaluation_kwargs
+from rlvr_fast.trainer.model import LoadedModel, load_model
+from rlvr_fast.trainer.parallel.world import TrainingWorld
+from rlvr_fast.trainer.reporting.log import MemoryLog, MetricsLog, Progress, iteration_metrics, peak_memory_bytes
+from rlvr_fast.trainer.reporting.report import before_after_rows, table, write_report
+from rlvr_fast.trainer.reporting.step_timer import StepTimer
+from rlvr_fast.trainer.rollout.data import Problem, batch_indices, chat_prompt, check_prompt_lengths, load_problems
+from rlvr_fast.trainer.rollout.engines import HFGeneration, Rollout
+from rlvr_fast.trainer.rollout.seeds import derived_seed
+from rlvr_fast.trainer.step import (
+    PreparedStep,
+    Scorer,
+    UpdateBatch,
+    apply_difficulty_filter,
+    build_update_batch,
+    compute_advantages,
+)
+from rlvr_fast.trainer.update.finite_guard import checked_update, rollout_of_step
+from rlvr_fast.trainer.update.loss import plan_micro_batches_by_config, policy_step, sequence_logprobs
+from rlvr_fast.trainer.update.memory import (
     enable_activation_checkpointing,
     release_free_host_memory,
     return_freed_host_memory,
 )
-from rlvr_fast.trainer.micro_batches import MicroBatchPlan
-from rlvr_fast.trainer.model import LoadedModel, load_model
-from rlvr_fast.trainer.optimizers import build_optimizer, saliency_warmup, trainable_parameters
-from rlvr_fast.trainer.policy import micro_batch_plan, policy_step, sequence_logprobs
-from rlvr_fast.trainer.prefix_sharing import resolve_prefix_sharing
-from rlvr_fast.trainer.preflight import preflight
-from rlvr_fast.trainer.report import before_after_rows, table, write_report
-from rlvr_fast.trainer.run_lock import release_run_lock
-from rlvr_fast.trainer.run_log import MetricsLog, Progress, _jsonable, iteration_metrics, peak_memory_bytes
-from rlvr_fast.trainer.schedule import build_scheduler
-from rlvr_fast.trainer.scoring import Rewards, Scorer
-from rlvr_fast.trainer.seeds import derived_seed
-from rlvr_fast.trainer.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-from rlvr_fast.trainer.step_timer import StepTimer
-from rlvr_fast.trainer.update_batch import UpdateBatch, build_update_batch
+from rlvr_fast.trainer.update.micro_batches import MicroBatchPlan
+from rlvr_fast.trainer.update.optimizers import build_optimizer, saliency_warmup, trainable_parameters
+from rlvr_fast.trainer.update.schedule import build_scheduler
+from rlvr_fast.trainer.update.shared_prefix_forward import resolve_prefix_sharing
 
 
 @dataclass
@@ -83,12 +86,12 @@ class Trainer:
 
     def __init__(self, cfg: RLVRConfig, loaded: LoadedModel | None = None):
         self.cfg = cfg.validate()
-        self.dp = DataParallel.from_environment(cfg)  # one process, or this rank of a torchrun world
+        self.world = TrainingWorld.from_environment(cfg)  # one process, or this rank of a torchrun world
         seed_everything(cfg.seed)
         self.scorer = Scorer(cfg)  # checks reward modes before the model loads
         self.train_problems, self.eval_problems = load_problems(cfg)
         # output folder, resume checks: before loading; rank 0 prepares the folder and verifies the checkpoint
-        self.resume_point = self.dp.main_decides(lambda: preflight(cfg, check_model=loaded is None))
+        self.resume_point = self.world.main_decides(lambda: preflight(cfg, check_model=loaded is None))
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         if loaded is not None:  # preflight measured the prompts with the model's tokenizer only when it loads the model
@@ -100,7 +103,7 @@ class Trainer:
             return_freed_host_memory()
         # One setting for the update (here) and the rollout (HFGeneration): auto says once, by model class, when it
         # cannot apply; on refuses such a model now, before any step. Under torchrun too: the shared passes run inside
-        # the data-parallel wrapper's forward (distributed.HiddenStates)
+        # the data-parallel wrapper's forward (parallel.wrappers.HiddenStateForward)
         self.prefix_sharing = resolve_prefix_sharing(self.model, cfg.prefix_sharing)
         self.generator = HFGeneration(
             self.model, self.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing
@@ -110,8 +113,10 @@ class Trainer:
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
         device, dtype = self.loaded.device, self.loaded.dtype
-        self.policy = self.dp.wrap(self.model, dtype, device)  # DDP / FSDP2 under torchrun; as is on one process
-        self.ref = self.dp.wrap(self.ref_model, dtype, device, trainable=False) if self.ref_model is not None else None
+        self.policy = self.world.wrap(self.model, dtype, device)  # DDP / FSDP2 under torchrun; as is on one process
+        self.ref = (
+            self.world.wrap(self.ref_model, dtype, device, trainable=False) if self.ref_model is not None else None
+        )
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         if saliency_warmup(cfg) is None:  # otherwise warm_up_masks() builds them
@@ -147,7 +152,7 @@ class Trainer:
         for i in range(rollouts):
             step = -1 - i  # negative steps: seeds of their own, never a training step's
             problems = self.problems_at(i, seed=self.cfg.seed + 7919)
-            batch, plan = self.micro_batches(self.step_front(problems, step).batch)
+            batch, plan = self.plan_micro_batches(self.prepare_step(problems, step).batch)
             batch = self.with_fixed_logprobs(batch, plan)
             self.model.zero_grad(set_to_none=True)
             if len(batch.advantages):
@@ -162,30 +167,30 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Training step ``step``, top to bottom; returns its metrics record (one line of metrics.jsonl)."""
         timer = self.timer = StepTimer(self.loaded.device)  # the step's seconds by part (step_timer.STEP_PARTS)
-        front = self.step_front(self.problems_at(step), step)
+        front = self.prepare_step(self.problems_at(step), step)
         update = checked_update(step, self.update, front.batch, self.model)  # a NaN/inf stops the run here, step named
         release_free_host_memory()  # the step's freed host memory back to the OS, where little is live (memory.py)
         return self._step_record(step, front, update, timer.record())
 
-    def step_front(self, problems: list[Problem], step: int) -> StepFront:
+    def prepare_step(self, problems: list[Problem], step: int) -> PreparedStep:
         """Rollout -> rewards -> advantages -> filter -> update batch of the step's ``problems`` (all ranks' prompts).
 
         This rank samples its share of the groups; the texts are gathered and every rank scores the whole step, so
         the rewards, advantages (``scale="batch"`` over the whole batch), filter and metrics are the step's; the update
-        batch holds this rank's rows with the step's normalisers (``DataParallel.global_update_batch``)."""
+        batch holds this rank's rows with the step's normalisers (``TrainingWorld.global_update_batch``)."""
         with self.timer.part("generation"):
             rollout = self.rollout(problems, step)
         with self.timer.part("scoring"):
-            texts = self.dp.gather_list(rollout.texts)
+            texts = self.world.gather_list(rollout.texts)
             rewards = self.scorer(texts, problems, step)
             adv = compute_advantages(rewards, self.cfg)
             kept = apply_difficulty_filter(rewards, self.cfg)
-            rows, groups = self.dp.rows(len(texts)), self.dp.rows(len(problems))
+            rows, groups = self.world.rows(len(texts)), self.world.rows(len(problems))
             local_kept = replace(kept, keep=kept.keep[groups])
             batch = build_update_batch(rollout, adv.advantages[rows], local_kept, self.cfg)
-            batch, batch_stats = self.dp.global_update_batch(batch, rollout)
-            tokens, truncated = self.dp.sum([rollout.completion_mask.sum(), rollout.truncated.sum()])
-        return StepFront(rollout, texts, rewards, adv, kept, batch, batch_stats, tokens, truncated)
+            batch, batch_stats = self.world.global_update_batch(batch, rollout)
+            tokens, truncated = self.world.sum([rollout.completion_mask.sum(), rollout.truncated.sum()])
+        return PreparedStep(rollout, texts, rewards, adv, kept, batch, batch_stats, tokens, truncated)
 
     def problems_at(self, step: int, seed: int | None = None) -> list[Problem]:
         """The training problems of step ``step`` (a seeded permutation per epoch; ``seed`` defaults to the run's)."""
@@ -195,11 +200,11 @@ class Trainer:
 
     def rollout(self, problems: list[Problem], step: int) -> Rollout:
         """This rank's completions of the step: ``group_size`` per prompt of its share of ``problems`` (all of them on
-        one process), sampled with the step's seed (one per rank under torchrun: ``trainer/distributed.py``)."""
+        one process), sampled with the step's seed (one per rank under torchrun: ``trainer/parallel/world.py``)."""
         seed = derived_seed(self.cfg.seed, "rollout", step)
-        if self.dp.active:
-            seed = derived_seed(self.cfg.seed, "rollout", step, "rank", self.dp.rank)
-        prompts = [chat_prompt(self.tokenizer, p.prompt, self.cfg.system_prompt) for p in self.dp.local(problems)]
+        if self.world.active:
+            seed = derived_seed(self.cfg.seed, "rollout", step, "rank", self.world.rank)
+        prompts = [chat_prompt(self.tokenizer, p.prompt, self.cfg.system_prompt) for p in self.world.local(problems)]
         with self.policy.generation(), rollout_of_step(step):  # NaN/inf logits: DivergedSamplingError naming the step
             return self.generator.generate(
                 prompts,
@@ -210,11 +215,11 @@ class Trainer:
                 seed=seed,
             )
 
-    def micro_batches(self, batch: UpdateBatch) -> tuple[UpdateBatch, MicroBatchPlan]:
+    def plan_micro_batches(self, batch: UpdateBatch) -> tuple[UpdateBatch, MicroBatchPlan]:
         """The update's micro-batches of ``batch``; under torchrun as many on every rank (filler micro-batches on the
-        ranks with fewer: ``DataParallel.equal_micro_batches``), since each forward/backward holds collectives."""
-        plan = micro_batch_plan(self.model, batch, self.cfg, self.prefix_sharing)
-        return self.dp.equal_micro_batches(batch, plan)
+        ranks with fewer: ``TrainingWorld.equal_micro_batches``), since each forward/backward holds collectives."""
+        plan = plan_micro_batches_by_config(self.model, batch, self.cfg, self.prefix_sharing)
+        return self.world.equal_micro_batches(batch, plan)
 
     def with_fixed_logprobs(self, batch: UpdateBatch, plan: MicroBatchPlan) -> UpdateBatch:
         """``batch`` with the log-probs that stay fixed through the update: the old policy's (the model before its
@@ -240,7 +245,7 @@ class Trainer:
                 f"Trainer.update: mask_source={self.cfg.mask_source!r} needs warm_up_masks() before the first update "
                 "(train() calls it)"
             )
-        batch, plan = self.micro_batches(batch)
+        batch, plan = self.plan_micro_batches(batch)
         batch = self.with_fixed_logprobs(batch, plan)
         iterations = []
         for _ in range(self.cfg.num_iterations):
@@ -248,12 +253,12 @@ class Trainer:
             if len(batch.advantages):  # else nothing can contribute a gradient this step
                 iterations.append(self._optimizer_step(batch, plan))
         self._schedule_step(stepped=bool(iterations))
-        return {**iteration_metrics(iterations), **self.dp.reduce_plan_metrics(plan.metrics())}
+        return {**iteration_metrics(iterations), **self.world.reduce_plan_metrics(plan.metrics())}
 
     def _optimizer_step(self, batch: UpdateBatch, plan: MicroBatchPlan) -> dict:
         # FSDP: the whole LM-head weight for the fused ops, for this block only
         with self.timer.part("forward_backward"), self.policy.head_gathered():
-            out = self.dp.reduce_update_metrics(policy_step(self.model, batch, self.cfg, plan))
+            out = self.world.reduce_update_metrics(policy_step(self.model, batch, self.cfg, plan))
         with self.timer.part("optimizer"):
             params = [p for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip else float("inf"))
@@ -282,9 +287,9 @@ class Trainer:
                 self.tokenizer,
                 self.eval_problems,
                 **evaluation_kwargs(self.cfg),
-                rank=self.dp.rank,
-                world_size=self.dp.world_size,
-                gather=self.dp.gather_dict,
+                rank=self.world.rank,
+                world_size=self.world.world_size,
+                gather=self.world.gather_dict,
             )
 
     # ---- phase 3: the run --------------------------------------------------------------------------------------------
@@ -305,9 +310,9 @@ class Trainer:
         start, before = 0, (eval_dict_from_json(before_eval) if before_eval is not None else None)
         if cfg.resume:
             start, before = self._load_latest_checkpoint()
-        main = self.dp.is_main  # only rank 0 writes files and shows progress
+        main = self.world.is_main  # only rank 0 writes files and shows progress
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        log = MetricsLog(metrics_path, resume_step=start if cfg.resume else None) if main else _MemoryLog()
+        log = MetricsLog(metrics_path, resume_step=start if cfg.resume else None) if main else MemoryLog()
         if before is None:
             before = self.evaluate().to_dict()
         if not cfg.resume and main:
@@ -339,7 +344,7 @@ class Trainer:
     def _load_latest_checkpoint(self) -> tuple[int, dict]:
         """Restore model, optimizer, schedule and RNG from the checkpoint that preflight verified (the newest good one):
         (its step, the evaluation before). Under torchrun each rank restores its own shards and RNG state."""
-        if self.dp.active:
+        if self.world.active:
             state = load_sharded_checkpoint(self.resume_point.path, self.policy, self.optimizer)
         else:
             state = load_checkpoint(self.resume_point.path, self.model, self.optimizer)
@@ -349,15 +354,15 @@ class Trainer:
     def _save_checkpoint(self, step: int, before: dict) -> None:
         """The checkpoint after ``step`` steps: one process writes safetensors; under torchrun every rank writes its
         own shards through torch.distributed.checkpoint and rank 0 commits the folder once all have
-        (``trainer/sharded_checkpoint.py``). Either way it is complete and verified when this returns."""
+        (``trainer/checkpoint/sharded.py``). Either way it is complete and verified when this returns."""
         trainer_state = {"scheduler": self.scheduler.state_dict(), "before_eval": before, "config": self.cfg.to_dict()}
-        if self.dp.active:
-            trainer_state["parallel"] = self.dp.mode
+        if self.world.active:
+            trainer_state["parallel"] = self.world.mode
             save_sharded_checkpoint(self.cfg.output_dir, step, self.policy, self.optimizer, trainer_state)
         else:
             save_checkpoint(self.cfg.output_dir, step, self.model, self.optimizer, trainer_state)
 
-    def _step_record(self, step: int, front: StepFront, update: dict, times: dict[str, float]) -> dict:
+    def _step_record(self, step: int, front: PreparedStep, update: dict, times: dict[str, float]) -> dict:
         rewards, adv, kept, batch = front.rewards, front.adv, front.kept, front.batch_stats
         completion_tokens = front.completion_tokens
         record = {
@@ -381,43 +386,14 @@ class Trainer:
             **times,  # seconds, and time_<part>_s for each part of the step (step_timer), which sum to it
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
         }
-        if self.dp.active:
-            record["world_size"] = self.dp.world_size
-            record["parallel"] = self.dp.mode
+        if self.world.active:
+            record["world_size"] = self.world.world_size
+            record["parallel"] = self.world.mode
         if self.cfg.format_classes:  # format frequency of this step's rollouts, and each format's accuracy
             stats = format_frequency(front.texts, self.cfg.format_classes, correct=rewards.correct.tolist())
             record["formats"] = {name: asdict(s) for name, s in stats.items()}
         record.update(update)
         return record
-
-
-@dataclass
-class StepFront:
-    """Everything a step computes before its update (``Trainer.step_front``); rewards, advantages, filter, texts and
-    counts are the whole step's (all ranks'), ``rollout`` and ``batch`` this rank's."""
-
-    rollout: Rollout
-    texts: list[str]
-    rewards: Rewards
-    adv: GroupAdvantages
-    kept: FilterResult
-    batch: UpdateBatch
-    batch_stats: dict  # the step's completions_updated, skipped_rows, skipped_tokens
-    completion_tokens: float
-    truncated: float  # completions without EOS
-
-
-class _MemoryLog:
-    """metrics.jsonl's stand-in on ranks other than 0: the records kept in memory, nothing written."""
-
-    def __init__(self):
-        self.records: list[dict] = []
-
-    def write(self, record: dict) -> None:
-        self.records.append(json.loads(json.dumps(_jsonable(record))))
-
-    def read(self) -> list[dict]:
-        return list(self.records)
 
 
 def train(cfg: RLVRConfig) -> RunResult:

@@ -75,7 +75,7 @@ class ModelShape:
 
 # The default GGUF's header (llama.block_count, .attention.head_count_kv, .embedding_length / .attention.head_count,
 # .vocab_size, .context_length), read without parsing its 49152-entry tokenizer arrays (gguf's reader takes ~4 s);
-# tests/test_config_schema.py checks these against the file when it is installed.
+# tests/trainer/test_config_schema.py checks these against the file when it is installed.
 DEFAULT_MODEL_SHAPE = ModelShape(layers=30, kv_width=3 * (576 // 9), vocab=49152, max_positions=8192)
 
 
@@ -185,9 +185,9 @@ _HIDDEN_STATE_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def route_hidden_states(model: torch.nn.Module, run: Callable[..., torch.Tensor]) -> None:
     """Compute ``model``'s hidden states through ``run(compute, *inputs)`` from now on, where ``run`` calls
-    ``compute(model, *inputs)`` inside its own forward: the data-parallel wrapper (``trainer/distributed.py``,
-    ``HiddenStates``), whose forward DDP / FSDP must see. The route lasts as long as its owner keeps ``run`` (the
-    policy object of ``DataParallel.wrap``)."""
+    ``compute(model, *inputs)`` inside its own forward: the data-parallel wrapper (``trainer/parallel/wrappers.py``,
+    ``HiddenStateForward``), whose forward DDP / FSDP must see. The route lasts as long as its owner keeps ``run`` (the
+    policy object of ``TrainingWorld.wrap``)."""
     _HIDDEN_STATE_ROUTES[model] = weakref.ref(run)
 
 
