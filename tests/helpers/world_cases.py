@@ -12,9 +12,11 @@ from rlvr_fast.testing import tiny_causal_lm
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.loop import Trainer
 from rlvr_fast.trainer.model import LoadedModel
+from rlvr_fast.trainer.reporting.log import reproducible_fields
 from rlvr_fast.trainer.rollout.engines import Rollout
 
-TIMING_KEYS = {"seconds", "generation_seconds", "tokens_per_s", "peak_memory_bytes", "world_size", "parallel"}
+# besides the measured fields (reproducible_fields): what differs between a world of N processes and one
+TIMING_KEYS = {"generation_seconds", "world_size", "parallel"}
 # how the update was cut into micro-batches: the one-process reference runs unshared (its token budget packs other
 # micro-batches than the world's shared ones), and the world pads its ranks to the same count with filler micro-batches
 PLAN_KEYS = {"micro_batches", "decoder_tokens", "decoder_tokens_unshared", "padding_fraction"}
@@ -22,7 +24,7 @@ PLAN_KEYS = {"micro_batches", "decoder_tokens", "decoder_tokens_unshared", "padd
 
 def compared(record: dict) -> dict:
     """A step record without its timings (``time_*_s`` too), world and micro-batch plan."""
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS | PLAN_KEYS and not k.startswith("time_")}
+    return {k: v for k, v in reproducible_fields(record).items() if k not in TIMING_KEYS | PLAN_KEYS}
 
 
 def case_config(folder: str, parallel: str, loss_type: str, optimizer: str, extra: dict) -> RLVRConfig:

@@ -19,8 +19,8 @@ from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.loop import Trainer
 from rlvr_fast.trainer.model import LoadedModel
+from rlvr_fast.trainer.reporting.log import reproducible_fields
 
-TIMING_KEYS = {"seconds", "tokens_per_s", "peak_memory_bytes"}  # and the time_<part>_s breakdown
 FINDINGS = ("pass_at_k", "reward", "sample", "calibration", "update_sparsity", "formats", "difficulty")
 
 
@@ -83,7 +83,7 @@ def load_study(plan) -> dict:
 
 
 def strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("time_")} for r in records]
+    return [reproducible_fields(r) for r in records]
 
 
 def read_metrics(run_dir):

@@ -15,15 +15,13 @@ from rlvr_fast.testing import assert_close, char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.config import RLVRConfig, add_config_arguments, config_from_args
 from rlvr_fast.trainer.loop import Trainer
 from rlvr_fast.trainer.model import LoadedModel
-from rlvr_fast.trainer.reporting.log import step_breakdown
+from rlvr_fast.trainer.reporting.log import reproducible_fields, step_breakdown
 from rlvr_fast.trainer.reporting.step_timer import STEP_PARTS, StepTimer, part_key
 from rlvr_fast.trainer.rollout.data import Problem
 from rlvr_fast.trainer.rollout.engines import Rollout
 from rlvr_fast.trainer.step import Rewards, Scorer, apply_difficulty_filter, build_update_batch, compute_advantages
 from rlvr_fast.trainer.update.loss import policy_step
 from rlvr_fast.trainer.update.optimizers import build_optimizer
-
-TIMING_KEYS = {"seconds", "tokens_per_s", "peak_memory_bytes"}  # and the time_<part>_s breakdown
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +222,7 @@ def test_micro_batches_and_checkpointing_give_the_single_pass_gradient(tmp_path,
 
 
 def _strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("time_")} for r in records]
+    return [reproducible_fields(r) for r in records]
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):

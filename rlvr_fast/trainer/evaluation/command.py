@@ -23,6 +23,7 @@ from rlvr_fast.trainer.checkpoint.folder import load_model_weights
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.evaluation.held_out import evaluate, evaluation_kwargs
 from rlvr_fast.trainer.model import load_model
+from rlvr_fast.trainer.precision import precision_of_loaded
 from rlvr_fast.trainer.rollout.data import load_problems
 from rlvr_fast.trainer.rollout.engines import HFGeneration
 from rlvr_fast.trainer.schema import ConfigFieldError
@@ -147,7 +148,10 @@ def run_eval(cfg: RLVRConfig, checkpoint: str | None = None, loaded=None) -> str
     if checkpoint is not None:
         load_model_weights(checkpoint, loaded.model)  # strict: a checkpoint of another model is an error
     _, problems = load_problems(cfg)
-    generator = HFGeneration(loaded.model, loaded.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing)
+    precision = loaded.precision or precision_of_loaded(cfg.dtype, loaded.device, loaded.dtype)
+    generator = HFGeneration(
+        loaded.model, loaded.tokenizer, cfg.max_prompt_length, prefix_sharing=cfg.prefix_sharing, precision=precision
+    )
     result = evaluate(generator, loaded.tokenizer, problems, **evaluation_kwargs(cfg))
     lines = [f"{len(problems)} problems x n={result.n}: pass@k [95% CI]"]
     for k, s in result.pass_at_k.items():

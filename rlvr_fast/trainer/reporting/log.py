@@ -41,6 +41,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# Fields of a step record measured on the machine (wall time and its split, memory, each part's floor and fraction of
+# it): two runs of the same steps differ in them; every other field is the step's result and reproduces exactly
+MEASURED_FIELDS = frozenset({"seconds", "tokens_per_s", "peak_memory_bytes"})
+MEASURED_PREFIXES = ("time_", "floor_")
+
+
+def reproducible_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its measured fields (``MEASURED_FIELDS``, ``MEASURED_PREFIXES``): what a resumed or
+    replayed run must give again."""
+    return {k: v for k, v in record.items() if k not in MEASURED_FIELDS and not k.startswith(MEASURED_PREFIXES)}
+
+
 def iteration_metrics(iterations: list[dict[str, Any]]) -> dict[str, Any]:
     """The update's part of a step record from each optimizer step's metrics, in order: the last iteration's at the top
     level (the step that produced the new weights; the only one when num_iterations == 1) and, when there were several,

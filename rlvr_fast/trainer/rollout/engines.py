@@ -11,11 +11,13 @@ where the model allows it (``prefix_sharing``: auto | on | off, as for the updat
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from rlvr_fast.trainer.precision import Precision
 from rlvr_fast.trainer.rollout.shared_prefix_sampler import (
     diverged_rows,
     sample_shared_prefix,
@@ -79,8 +81,18 @@ class HFGeneration:
     """Sampling with temperature and top_p alone (top_k disabled) from a transformers causal LM: each prompt prefilled
     once for its n samples where ``prefix_sharing`` allows, else transformers' ``generate`` (module doc)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_prompt_length: int, prefix_sharing: str = "auto"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_prompt_length: int,
+        prefix_sharing: str = "auto",
+        precision: Precision | None = None,
+    ):
         self.model = model
+        # every generate call is ONE autocast region (under autocast_bf16): each weight is cast to bf16 once per call,
+        # not once per decode token; the sampler reads the logits in float32 (softmax / top-p on float32)
+        self.precision = precision
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
         self.shared_prefix = resolve_prefix_sharing(model, prefix_sharing)
@@ -108,20 +120,8 @@ class HFGeneration:
         input_ids = enc["input_ids"].to(device)
         attention_mask = enc["attention_mask"].to(device)
         torch.manual_seed(seed)  # per-call seed: a resumed run samples exactly what the uninterrupted one did
-        if self.shared_prefix:
-            completion = sample_shared_prefix(
-                self.model,
-                input_ids,
-                attention_mask,
-                n=n,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        else:
-            completion = self._generate(input_ids, attention_mask, n, max_new_tokens, temperature, top_p)
+        with self.precision.autocast() if self.precision is not None else contextlib.nullcontext():
+            completion = self._sample(input_ids, attention_mask, n, max_new_tokens, temperature, top_p)
         is_eos = completion == tok.eos_token_id
         has_eos = is_eos.any(dim=1)
         first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion.shape[1])
@@ -136,6 +136,23 @@ class HFGeneration:
             completion_mask=completion_mask,
             truncated=~has_eos,
             texts=texts,
+        )
+
+    def _sample(self, input_ids, attention_mask, n, max_new_tokens, temperature, top_p) -> torch.Tensor:
+        """(B*n, max_new_tokens) completions: the shared-prefix sampler where it applies, else ``generate``."""
+        if not self.shared_prefix:
+            return self._generate(input_ids, attention_mask, n, max_new_tokens, temperature, top_p)
+        tok = self.tokenizer
+        return sample_shared_prefix(
+            self.model,
+            input_ids,
+            attention_mask,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
 
     def _generate(self, input_ids, attention_mask, n, max_new_tokens, temperature, top_p) -> torch.Tensor:

@@ -15,6 +15,8 @@ passes alike; the loss and the gradients are those of the unshared path (tests/t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
@@ -24,11 +26,16 @@ from rlvr_fast.ops.loss_types import StepShare
 from rlvr_fast.ops.objective import PolicyObjective
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.model import last_hidden_states, lm_head_weight
+from rlvr_fast.trainer.precision import Precision, outside_autocast
 from rlvr_fast.trainer.rollout.engines import Rollout
 from rlvr_fast.trainer.step import UpdateBatch
 from rlvr_fast.trainer.update.memory import activation_checkpointed_forward
 from rlvr_fast.trainer.update.micro_batches import MicroBatchPlan, plan_micro_batches, plan_micro_batches_by_config
 from rlvr_fast.trainer.update.shared_prefix_forward import shared_completion_hidden
+
+
+def _autocast(precision: Precision | None):
+    return precision.autocast() if precision is not None else contextlib.nullcontext()
 
 
 def objective_from_config(cfg: RLVRConfig) -> PolicyObjective:
@@ -48,10 +55,22 @@ def completion_hidden(model: torch.nn.Module, rollout: Rollout, shared_prefix: b
 
 @torch.no_grad()
 def sequence_logprobs(
-    model: torch.nn.Module, rollout: Rollout, temperature: float, plan: MicroBatchPlan | None = None
+    model: torch.nn.Module,
+    rollout: Rollout,
+    temperature: float,
+    plan: MicroBatchPlan | None = None,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """(R, Lc) float32 log-probs of the completion tokens under ``model`` (old policy or reference), fused, one
-    micro-batch of ``plan`` at a time (None: one unshared pass); columns a micro-batch trims are 0."""
+    micro-batch of ``plan`` at a time (None: one unshared pass); columns a micro-batch trims are 0. ``precision``: the
+    run's (trainer/precision.py); under autocast the whole pass is one region (each weight cast once)."""
+    with _autocast(precision):
+        return _sequence_logprobs(model, rollout, temperature, plan)
+
+
+def _sequence_logprobs(
+    model: torch.nn.Module, rollout: Rollout, temperature: float, plan: MicroBatchPlan | None
+) -> torch.Tensor:
     if plan is None:
         plan = plan_micro_batches(rollout, shared_prefix=False, count=1)
     weight, bias = lm_head_weight(model)
@@ -65,10 +84,18 @@ def sequence_logprobs(
 
 
 def policy_step(
-    model: torch.nn.Module, batch: UpdateBatch, cfg: RLVRConfig, plan: MicroBatchPlan | None = None
+    model: torch.nn.Module,
+    batch: UpdateBatch,
+    cfg: RLVRConfig,
+    plan: MicroBatchPlan | None = None,
+    precision: Precision | None = None,
 ) -> dict:
     """Forward + backward of the loss over ``batch``, one micro-batch of ``plan`` at a time (None:
     ``plan_micro_batches_by_config``); returns metrics.
+
+    ``precision``: the run's (trainer/precision.py). Under autocast the micro-batch loop is ONE region, so each weight
+    is cast to bf16 once per optimizer step, not once per micro-batch (and once more per activation-checkpointed
+    recompute); each backward runs with autocast off (``outside_autocast``), in the dtypes its forward chose.
 
     The gradients accumulate in ``.grad``; the caller clips and steps the optimizer. ``batch.old_logp`` /
     ``batch.ref_logp`` must cover each micro-batch's columns (``sequence_logprobs`` with the same plan does).
@@ -77,6 +104,11 @@ def policy_step(
         plan = plan_micro_batches_by_config(model, batch, cfg)
     weight, bias = lm_head_weight(model)
     objective = objective_from_config(cfg)
+    with _autocast(precision):
+        return _policy_step(model, batch, cfg, plan, weight, bias, objective)
+
+
+def _policy_step(model, batch, cfg, plan, weight, bias, objective) -> dict:
     total_loss = 0.0
     sums: dict[str, float] = {}
     tokens_seen = 0.0
@@ -101,7 +133,8 @@ def policy_step(
         )
         if scale != 1.0:
             loss = loss * scale
-        loss.backward()
+        with outside_autocast(loss.device.type):
+            loss.backward()
         total_loss += float(loss.detach())
         m = metrics.as_dict()
         n_tok = m.get("tokens", 0.0)
