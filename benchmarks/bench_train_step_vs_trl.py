@@ -71,24 +71,17 @@ PRECISIONS = {
 
 
 def our_config(args, output_dir: str):
-    from rlvr_fast.trainer.config import RLVRConfig
-
-    shape = common.SHAPES[args.shape]
-    return RLVRConfig(
-        system_prompt=shape.system_prompt,
-        max_prompt_length=shape.max_prompt_length,
+    extra = {} if args.ours_grad_accumulation is None else {"grad_accumulation": args.ours_grad_accumulation}
+    return common.trainer_config(
+        common.SHAPES[args.shape],
+        output_dir,
+        steps=args.warmup + args.steps,
+        dtype=PRECISIONS[args.precision]["ours"],
+        seed=args.seed,
         prompts_per_step=args.prompts,
         group_size=args.group,
         max_completion_length=args.completion_len,
-        dtype=PRECISIONS[args.precision]["ours"],
-        device="cpu",
-        steps=args.warmup + args.steps,
-        rewards={"correct": 1.0},
-        progress=False,
-        checkpoint_every=0,
-        output_dir=output_dir,
-        seed=args.seed,
-        **({} if args.ours_grad_accumulation is None else {"grad_accumulation": args.ours_grad_accumulation}),
+        **extra,
     )
 
 

@@ -75,25 +75,11 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from rlvr_fast.trainer.config import RLVRConfig
     from rlvr_fast.trainer.loop import Trainer
 
     shape = common.SHAPES[args.shape]
     with tempfile.TemporaryDirectory() as out:
-        cfg = RLVRConfig(
-            system_prompt=shape.system_prompt,
-            max_prompt_length=shape.max_prompt_length,
-            prompts_per_step=shape.prompts,
-            group_size=shape.group,
-            max_completion_length=shape.completion_len,
-            dtype=args.dtype,
-            device="cpu",
-            steps=args.warmup + args.steps,
-            rewards={"correct": 1.0},
-            progress=False,
-            checkpoint_every=0,
-            output_dir=out,
-        )
+        cfg = common.trainer_config(shape, out, steps=args.warmup + args.steps, dtype=args.dtype)
         trainer = Trainer(cfg)
         for step in range(args.warmup):
             trainer.train_step(step)

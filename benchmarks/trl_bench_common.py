@@ -161,6 +161,29 @@ def current_peak_rss_bytes() -> int | None:
     return None
 
 
+def trainer_config(shape: BenchShape, output_dir: str, *, steps: int, dtype: str, seed: int = 0, **overrides):
+    """Our trainer's RLVRConfig for ``shape`` (``overrides``: prompts_per_step, group_size, ... replacing the shape's):
+    the correct reward alone, on the CPU, no progress bar, no checkpoint."""
+    from rlvr_fast.trainer.config import RLVRConfig
+
+    values = dict(
+        system_prompt=shape.system_prompt,
+        max_prompt_length=shape.max_prompt_length,
+        prompts_per_step=shape.prompts,
+        group_size=shape.group,
+        max_completion_length=shape.completion_len,
+        dtype=dtype,
+        device="cpu",
+        steps=steps,
+        rewards={"correct": 1.0},
+        progress=False,
+        checkpoint_every=0,
+        output_dir=output_dir,
+        seed=seed,
+    )
+    return RLVRConfig(**{**values, **overrides})
+
+
 def emit(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
