@@ -220,10 +220,11 @@ class RLVRConfig:
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)", ge=0)
     grad_clip: float | None = _f(1.0, "clip the global grad norm to this (None: no clipping)", gt=0)
     micro_batch_tokens: int = _f(
-        512,
+        1024,
         "decoder-token budget of one forward/backward micro-batch: the step's completions are packed into "
         "micro-batches of whole groups sorted by length, each computing at most this many decoder positions, padding "
-        "included (a group over it is split by rows; docs/design.md, the training step)",
+        "included (a group over it is split by rows; docs/design.md, the training step). 1024 keeps a group of 8 "
+        "completions of 64 tokens whole: each split re-runs the prompt and the per-micro-batch gradient work",
         ge=1,
     )
     grad_accumulation: int | None = _f(

@@ -981,7 +981,9 @@ def test_parity_with_liger_fused_linear_grpo(loss_type, importance_sampling, bet
         loss, m = grpo_loss(logp, old, ref if beta > 0 else None, batch["adv"], mask, backend=backend, **opts)
         results[backend] = (loss, torch.autograd.grad(loss, ps), m)
     for name, (loss, grads, m) in results.items():
-        assert_close(loss, liger_loss, rtol=2e-5, atol=1e-7, name=f"{name} loss vs Liger")
+        # atol: the loss is a mean of O(1) per-token terms that can cancel to ~1e-3; two float32 sums of them in
+        # different orders differ by ~sqrt(tokens) x 6e-8 (2.4e-7 seen at a loss of -3.7e-3 with atol 1e-7)
+        assert_close(loss, liger_loss, rtol=2e-5, atol=1e-6, name=f"{name} loss vs Liger")
         for g, lg, what in zip(grads, liger_grads, ("hidden", "weight", "bias")):
             assert_close(g, lg, rtol=2e-5, atol=1e-8, name=f"{name} d/d {what} vs Liger")
         assert_close(m.clip_low_frac + m.clip_high_frac, liger_clip, rtol=1e-5, atol=1e-7, name=f"{name} clip")
