@@ -133,6 +133,11 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def autocast_region(precision: Precision | None) -> contextlib.AbstractContextManager:
+    """``precision.autocast()``, or a no-op when there is no precision (a caller that never set one)."""
+    return precision.autocast() if precision is not None else contextlib.nullcontext()
+
+
 def outside_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off for a backward called inside an autocast region: torch runs a CPU backward on the calling thread
     with its autocast state, which would re-cast the backward's float32 work to bf16. A nested region: it does not

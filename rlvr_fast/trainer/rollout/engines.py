@@ -11,13 +11,12 @@ where the model allows it (``prefix_sharing``: auto | on | off, as for the updat
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from rlvr_fast.trainer.precision import Precision
+from rlvr_fast.trainer.precision import Precision, autocast_region
 from rlvr_fast.trainer.rollout.shared_prefix_sampler import (
     diverged_rows,
     sample_shared_prefix,
@@ -120,7 +119,7 @@ class HFGeneration:
         input_ids = enc["input_ids"].to(device)
         attention_mask = enc["attention_mask"].to(device)
         torch.manual_seed(seed)  # per-call seed: a resumed run samples exactly what the uninterrupted one did
-        with self.precision.autocast() if self.precision is not None else contextlib.nullcontext():
+        with autocast_region(self.precision):
             completion = self._sample(input_ids, attention_mask, n, max_new_tokens, temperature, top_p)
         is_eos = completion == tok.eos_token_id
         has_eos = is_eos.any(dim=1)

@@ -15,8 +15,6 @@ passes alike; the loss and the gradients are those of the unshared path (tests/t
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from rlvr_fast.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
@@ -26,16 +24,12 @@ from rlvr_fast.ops.loss_types import StepShare
 from rlvr_fast.ops.objective import PolicyObjective
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.model import last_hidden_states, lm_head_weight
-from rlvr_fast.trainer.precision import Precision, outside_autocast
+from rlvr_fast.trainer.precision import Precision, autocast_region, outside_autocast
 from rlvr_fast.trainer.rollout.engines import Rollout
 from rlvr_fast.trainer.step import UpdateBatch
 from rlvr_fast.trainer.update.memory import activation_checkpointed_forward
 from rlvr_fast.trainer.update.micro_batches import MicroBatchPlan, plan_micro_batches, plan_micro_batches_by_config
 from rlvr_fast.trainer.update.shared_prefix_forward import shared_completion_hidden
-
-
-def _autocast(precision: Precision | None):
-    return precision.autocast() if precision is not None else contextlib.nullcontext()
 
 
 def objective_from_config(cfg: RLVRConfig) -> PolicyObjective:
@@ -64,7 +58,7 @@ def sequence_logprobs(
     """(R, Lc) float32 log-probs of the completion tokens under ``model`` (old policy or reference), fused, one
     micro-batch of ``plan`` at a time (None: one unshared pass); columns a micro-batch trims are 0. ``precision``: the
     run's (trainer/precision.py); under autocast the whole pass is one region (each weight cast once)."""
-    with _autocast(precision):
+    with autocast_region(precision):
         return _sequence_logprobs(model, rollout, temperature, plan)
 
 
@@ -104,7 +98,7 @@ def policy_step(
         plan = plan_micro_batches_by_config(model, batch, cfg)
     weight, bias = lm_head_weight(model)
     objective = objective_from_config(cfg)
-    with _autocast(precision):
+    with autocast_region(precision):
         return _policy_step(model, batch, cfg, plan, weight, bias, objective)
 
 
