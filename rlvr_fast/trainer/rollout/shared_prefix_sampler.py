@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from rlvr_fast.trainer.rollout.kv_cache import preallocated_cache
 from rlvr_fast.trainer.update.finite_guard import DivergedSamplingError
 from rlvr_fast.trainer.update.shared_prefix_forward import cache_argument, positions_from_mask
 
@@ -99,15 +100,20 @@ def draw_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     0 (filtered by top-p) never. Raises DivergedSamplingError (a RuntimeError, as ``torch.multinomial``'s) on inf /
     NaN probabilities: the policy diverged (the trainer names the step: ``finite_guard.rollout_of_step``).
     """
-    probs = torch.softmax(scores.float(), dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # never sample from NaN
-        raise diverged_rows(probs)
+    scores = scores.float()
+    # softmax is finite exactly when the row's largest score is (a NaN or +inf anywhere, or every score at -inf, makes
+    # it not): one max per row instead of a pass over the (N, V) probabilities
+    if not bool(torch.isfinite(scores.amax(dim=-1)).all()):  # never sample from NaN
+        raise diverged_rows(torch.softmax(scores, dim=-1))
+    probs = torch.softmax(scores, dim=-1)
     cdf = probs.double().cumsum(dim=-1)
     target = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    # u * total can round up to total: take the last token of positive probability then.
-    last_positive = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
-    return torch.where(tokens >= probs.shape[1], last_positive, tokens)
+    vocab = probs.shape[1]
+    if bool((tokens >= vocab).any()):  # u * total rounded up to total: take the last token of positive probability
+        last_positive = vocab - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
+        tokens = torch.where(tokens >= vocab, last_positive, tokens)
+    return tokens
 
 
 @torch.no_grad()
@@ -130,8 +136,6 @@ def sample_shared_prefix(
         input_ids, attention_mask: (B, P) left-padded prompts, each prefilled once.
         n: samples per prompt; max_new_tokens: completion length cap; temperature, top_p: the sampler (module doc).
     """
-    from transformers import DynamicCache
-
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     warpers = sampling_warpers(temperature, top_p)
@@ -140,7 +144,8 @@ def sample_shared_prefix(
         raise ValueError(f"{type(model).__name__}.forward takes no KV cache argument")
     rows = input_ids.shape[0] * n
     device = input_ids.device
-    cache = DynamicCache(config=model.config)  # filled in place by the prefill, then by each decode step
+    # written in place by the prefill, then by each decode step (kv_cache.py: no per-step copy of the whole cache)
+    cache = preallocated_cache(model.config, capacity=input_ids.shape[1] + max_new_tokens)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
