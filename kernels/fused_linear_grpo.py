@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 from rlvr_fast.kernels.grpo_loss import (
+    C_ROLLOUT_SEQUENCE,
+    C_ROLLOUT_TOKEN,
     C_STAT_CLIP_HIGH,
     C_STAT_CLIP_LOW,
     C_STAT_DUAL_CLIP,
@@ -40,12 +42,13 @@ from rlvr_fast.kernels.grpo_loss import (
     C_STAT_SKIPPED,
     C_STAT_TOKENS,
     grpo_token_terms,
+    rollout_weight,
 )
 from rlvr_fast.kernels.launch_plan import KernelLaunch
 from rlvr_fast.kernels.logprobs import online_fold
 
 from rlvr_fast.ops.checks import accumulation_dtype
-from rlvr_fast.ops.constants import N_STATS
+from rlvr_fast.ops.constants import N_STATS, ROLLOUT_OFF, ROLLOUT_SEQUENCE, ROLLOUT_TOKEN
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Columns per loop step of the row kernels: wide enough that each program streams whole cache lines at full
@@ -163,6 +166,8 @@ def _token_terms_kernel(
     pg_scale_ptr,  # (B,) GSPO: W_b / max(W_b, 1) (read with SEQUENCE)
     kl_row_mean_ptr,  # (B,) GSPO: sum_t m KL_t / max(W_b, 1) of the completion (read with SEQUENCE and KL_WEIGHTED)
     ent_ptr,  # (n,) entropies (read with HAS_ENTROPY)
+    roll_ptr,  # (n,) the rollout engine's log-probs (read with ROLLOUT == token)
+    roll_row_ptr,  # (B,) sum_t m (old - rollout) of the completion (read with ROLLOUT == sequence)
     g_ptr,  # (n,) ACC out: m_t c_b d l_t / d logp_t
     partial_ptr,  # (programs, N_STATS) ACC out
     n,
@@ -170,6 +175,7 @@ def _token_terms_kernel(
     eps_low,
     eps_high,
     dual_clip,
+    rollout_cap,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     KL_IN_LOSS: tl.constexpr,
@@ -179,6 +185,7 @@ def _token_terms_kernel(
     ROW_NORM: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     KL_WEIGHTED: tl.constexpr,
+    ROLLOUT: tl.constexpr,
     SERIES: tl.constexpr,
     ACC: tl.constexpr,
     N_STATS_: tl.constexpr,
@@ -209,6 +216,18 @@ def _token_terms_kernel(
             old = logp  # on-policy: old = logp.detach(), log-ratio 0 (NaN stays NaN, as in the reference)
         log_ratio = logp - old
         pg_grad_scale = tl.full([BLOCK], 1.0, ACC)
+    # the rollout correction's truncated weight (old = old_logp, else logp: the detached current log-probs)
+    if ROLLOUT == C_ROLLOUT_TOKEN:
+        roll = tl.load(roll_ptr + i, mask=active, other=0.0).to(ACC)
+        if HAS_OLD:
+            behaviour = tl.load(old_ptr + i, mask=active, other=0.0).to(ACC)
+        else:
+            behaviour = logp
+        pg_weight = rollout_weight(behaviour - roll, rollout_cap)
+    elif ROLLOUT == C_ROLLOUT_SEQUENCE:
+        pg_weight = rollout_weight(tl.load(roll_row_ptr + row, mask=active, other=0.0).to(ACC), rollout_cap)
+    else:
+        pg_weight = tl.full([BLOCK], 1.0, ACC)
 
     loss, dlogp, ratio, kl, low, high, dual = grpo_token_terms(
         logp,
@@ -217,6 +236,7 @@ def _token_terms_kernel(
         adv,
         pg_grad_scale,
         kl_row_mean,
+        pg_weight,
         beta,
         eps_low,
         eps_high,
@@ -383,6 +403,10 @@ def token_terms(
     dual_clip: float | None,
     kl: int,
     kl_weighted: bool = False,
+    roll: torch.Tensor | None = None,
+    roll_row: torch.Tensor | None = None,
+    rollout: int = ROLLOUT_OFF,
+    rollout_cap: float = 1.0,
     empty=torch.empty,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, partials) for n >= 1 tokens given as flat (n,) arrays (``rows``: each token's completion, indexing the (B,)
@@ -391,6 +415,8 @@ def token_terms(
     ``row_coef`` (1 / max(W_b, 1)) switches on the per-sequence normalisation (grpo); ``seq_log_ratio`` and
     ``pg_scale`` switch on GSPO's sequence-level ratio; ``old`` None means on-policy. ``kl_weighted``: the KL term
     times the ratio (needs ``ref``; under GSPO also ``kl_row_mean``, (B,) sum_t m KL_t / max(W_b, 1)).
+    ``rollout`` (a ROLLOUT_* code): the rollout correction's truncated weight on the policy term, from ``roll`` (n,)
+    (token mode) or ``roll_row`` (B,), the completion's sum_t m (old - rollout) (sequence mode); cap ``rollout_cap``.
     """
     n = logp.shape[0]
     acc = accumulation_dtype(logp.dtype)
@@ -400,6 +426,8 @@ def token_terms(
     sequence = seq_log_ratio is not None
     if kl_weighted and (ref is None or (sequence and kl_row_mean is None)):
         raise ValueError("token_terms: kl_weighted=True needs ref (and kl_row_mean under GSPO)")
+    if (rollout == ROLLOUT_TOKEN and roll is None) or (rollout == ROLLOUT_SEQUENCE and roll_row is None):
+        raise ValueError(f"token_terms: rollout={rollout} needs roll (token) or roll_row (sequence)")
     KernelLaunch(
         _token_terms_kernel,
         grid,
@@ -415,6 +443,8 @@ def token_terms(
             pg_scale if sequence else logp,
             kl_row_mean if (sequence and kl_weighted) else logp,
             entropy if entropy is not None else logp,
+            roll if roll is not None else logp,
+            roll_row if roll_row is not None else logp,
             g,
             partials,
             n,
@@ -422,6 +452,7 @@ def token_terms(
             float(eps_low),
             float(eps_high),
             float(dual_clip) if dual_clip is not None else 0.0,
+            float(rollout_cap),
         ),
         dict(
             HAS_OLD=old is not None,
@@ -433,6 +464,7 @@ def token_terms(
             ROW_NORM=row_coef is not None,
             DUAL_CLIP=dual_clip is not None,
             KL_WEIGHTED=kl_weighted,
+            ROLLOUT=rollout,
             SERIES=acc != torch.float64,
             ACC=_acc_tl(logp.dtype),
             N_STATS_=N_STATS,

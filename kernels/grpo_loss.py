@@ -37,6 +37,9 @@ from rlvr_fast.ops.constants import (
     LOW_VAR_KL_D_CLAMP,
     LOW_VAR_KL_VALUE_CLAMP,
     N_STATS,
+    ROLLOUT_OFF,
+    ROLLOUT_SEQUENCE,
+    ROLLOUT_TOKEN,
     STAT_CLIP_HIGH,
     STAT_CLIP_LOW,
     STAT_DUAL_CLIP,
@@ -64,7 +67,10 @@ C_STAT_CLIP_HIGH = tl.constexpr(STAT_CLIP_HIGH)
 C_STAT_DUAL_CLIP = tl.constexpr(STAT_DUAL_CLIP)
 C_STAT_TOKENS = tl.constexpr(STAT_TOKENS)
 C_STAT_SKIPPED = tl.constexpr(STAT_SKIPPED)
-ROW_STATS = 3  # columns of the per-completion pre-pass: [sum_t m, sum_t m (logp - old), sum_t m KL_t]
+C_ROLLOUT_TOKEN = tl.constexpr(ROLLOUT_TOKEN)
+C_ROLLOUT_SEQUENCE = tl.constexpr(ROLLOUT_SEQUENCE)
+# columns of the per-completion pre-pass: [sum_t m, sum_t m (logp - old), sum_t m KL_t, sum_t m (old - rollout)]
+ROW_STATS = 4
 C_ROW_STATS = tl.constexpr(ROW_STATS)
 _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
@@ -178,6 +184,14 @@ def grpo_kl_term(logp, ref_logp, KL: tl.constexpr, SERIES: tl.constexpr):
 
 
 @triton.jit
+def rollout_weight(log_ratio, cap):
+    """Truncated importance weight min(exp(log_ratio), cap) of the rollout correction
+    (rlvr_fast.ops.rollout_correction); a NaN stays NaN (tl.minimum may drop it)."""
+    r = tl.exp(log_ratio)
+    return tl.where(r > cap, cap, r)
+
+
+@triton.jit
 def grpo_token_terms(
     logp,
     ref_logp,
@@ -185,6 +199,7 @@ def grpo_token_terms(
     adv,
     pg_grad_scale,
     kl_row_mean,
+    pg_weight,
     beta,
     eps_low,
     eps_high,
@@ -209,12 +224,14 @@ def grpo_token_terms(
     Token level: d(rho_t KL_t)/dlogp_t = rho_t (dKL_t + KL_t). Sequence level: all of completion b's weighted KL
     moves with s_b (d s_b / d logp_u = s_b m_u / max(W, 1)), so token u gets s_b (dKL_u + kl_row_mean) with
     kl_row_mean = sum_t m_t KL_t / max(W, 1) of its completion (read only with SEQUENCE and KL_WEIGHTED).
+    pg_weight: a constant factor of the policy term and its gradient, not of the KL (the rollout correction's
+    truncated importance weight, as TRL applies it; 1 without one).
 
     Returns (loss, dloss_dlogp, ratio, kl, clipped_low, clipped_high, dual_clipped).
     """
     pg, dpg, ratio, low, high, dual = grpo_policy_term(log_ratio, adv, eps_low, eps_high, dual_clip, DUAL_CLIP)
-    loss = pg
-    dlogp = dpg * pg_grad_scale
+    loss = pg * pg_weight
+    dlogp = dpg * pg_grad_scale * pg_weight
     if HAS_REF:
         kl, dkl = grpo_kl_term(logp, ref_logp, KL, SERIES)
         if KL_WEIGHTED:
@@ -243,7 +260,8 @@ def _grpo_row_stats_kernel(
     old_ptr,
     ref_ptr,
     mask_ptr,
-    partial_ptr,  # (B, n_chunks, ROW_STATS) out: [sum_t m, sum_t m (logp - old), sum_t m KL_t] of this chunk
+    roll_ptr,
+    partial_ptr,  # (B, n_chunks, ROW_STATS) out: the ROW_STATS sums of this chunk
     T,
     n_chunks,
     s_logp_b,
@@ -254,8 +272,11 @@ def _grpo_row_stats_kernel(
     s_ref_t,
     s_mask_b,
     s_mask_t,
+    s_roll_b,
+    s_roll_t,
     HAS_OLD: tl.constexpr,
     SEQUENCE: tl.constexpr,
+    ROLLOUT_SUM: tl.constexpr,
     KL_SUM: tl.constexpr,
     KL: tl.constexpr,
     SERIES: tl.constexpr,
@@ -285,6 +306,15 @@ def _grpo_row_stats_kernel(
     else:
         tl.store(out + 1, tl.sum(w * 0.0, axis=0))
         tl.store(out + 2, tl.sum(w * 0.0, axis=0))
+    if ROLLOUT_SUM:  # sequence_truncate: the completion's masked sum of old - rollout (TRL sums, GSPO averages)
+        roll = tl.load(roll_ptr + row * s_roll_b + t * s_roll_t, mask=active, other=0.0).to(ACC)
+        if HAS_OLD:
+            behaviour = tl.load(old_ptr + row * s_old_b + t * s_old_t, mask=active, other=0.0).to(ACC)
+        else:
+            behaviour = tl.load(logp_ptr + row * s_logp_b + t * s_logp_t, mask=active, other=0.0).to(ACC)
+        tl.store(out + 3, tl.sum(tl.where(active, w * (behaviour - roll), 0.0), axis=0))
+    else:
+        tl.store(out + 3, tl.sum(w * 0.0, axis=0))
 
 
 @triton.jit
@@ -295,7 +325,8 @@ def _grpo_loss_fwd_kernel(
     mask_ptr,
     adv_ptr,
     ent_ptr,
-    row_stats_ptr,  # (B, ROW_STATS) [sum_t m, sum_t m (logp - old), sum_t m KL_t], read when ROW_NORM or SEQUENCE
+    roll_ptr,  # (B, T) the rollout engine's log-probs (read with ROLLOUT == token)
+    row_stats_ptr,  # (B, ROW_STATS) the pre-pass sums, read when ROW_NORM, SEQUENCE or ROLLOUT == sequence
     dlogp_ptr,  # (B, T) contiguous fp32/fp64 out: m_t * c_b * d l_t / d logp_t
     partial_ptr,  # (programs, N_STATS) out
     T,
@@ -310,11 +341,14 @@ def _grpo_loss_fwd_kernel(
     s_mask_t,
     s_ent_b,
     s_ent_t,
+    s_roll_b,
+    s_roll_t,
     s_adv,
     beta,
     eps_low,
     eps_high,
     dual_clip,
+    rollout_cap,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     KL_IN_LOSS: tl.constexpr,
@@ -324,6 +358,7 @@ def _grpo_loss_fwd_kernel(
     ROW_NORM: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     KL_WEIGHTED: tl.constexpr,
+    ROLLOUT: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SERIES: tl.constexpr,
     ACC: tl.constexpr,
@@ -361,6 +396,19 @@ def _grpo_loss_fwd_kernel(
             old = logp
         log_ratio = logp - old
         pg_grad_scale = one
+    # the rollout correction's truncated weight (old = old_logp, else logp: the detached current log-probs)
+    if ROLLOUT == C_ROLLOUT_TOKEN:
+        roll = tl.load(roll_ptr + row * s_roll_b + t * s_roll_t, mask=active, other=0.0).to(ACC)
+        if HAS_OLD:
+            behaviour = tl.load(old_ptr + row * s_old_b + t * s_old_t, mask=active, other=0.0).to(ACC)
+        else:
+            behaviour = logp
+        pg_weight = rollout_weight(behaviour - roll, rollout_cap)
+    elif ROLLOUT == C_ROLLOUT_SEQUENCE:
+        row_log = tl.load(row_stats_ptr + row * C_ROW_STATS + 3).to(ACC)
+        pg_weight = tl.zeros([BLOCK_T], ACC) + rollout_weight(row_log, rollout_cap)
+    else:
+        pg_weight = one
 
     loss, dlogp, ratio, kl, low, high, dual = grpo_token_terms(
         logp,
@@ -369,6 +417,7 @@ def _grpo_loss_fwd_kernel(
         adv,
         pg_grad_scale,
         kl_row_mean,
+        pg_weight,
         beta,
         eps_low,
         eps_high,
@@ -454,14 +503,17 @@ def grpo_row_stats(
     layout: GrpoLayout,
     ref_logp: torch.Tensor | None = None,
     kl: int = KL_K3,
+    rollout_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, ROW_STATS) per completion: [sum_t m, sum_t m (logp - old), sum_t m KL_t]; the second column is 0 unless
-    ``sequence``, the third unless ``sequence`` and ``ref_logp`` is given (GSPO with a ratio-weighted KL)."""
+    """(B, ROW_STATS) per completion: [sum_t m, sum_t m (logp - old), sum_t m KL_t, sum_t m (old - rollout)]; the
+    second column is 0 unless ``sequence``, the third unless ``sequence`` and ``ref_logp`` is given (GSPO with a
+    ratio-weighted KL), the fourth unless ``rollout_logp`` is given (sequence_truncate; old = logp without old_logp)."""
     B, T = logp.shape
     acc = accumulation_dtype(logp.dtype)
     partial = torch.empty(B, layout.n_chunks, ROW_STATS, dtype=acc, device=logp.device)
     old = old_logp if old_logp is not None else logp
     ref = ref_logp if ref_logp is not None else logp
+    roll = rollout_logp if rollout_logp is not None else logp
     KernelLaunch(
         _grpo_row_stats_kernel,
         layout.grid,
@@ -470,6 +522,7 @@ def grpo_row_stats(
             old,
             ref,
             mask,
+            roll,
             partial,
             T,
             layout.n_chunks,
@@ -477,10 +530,12 @@ def grpo_row_stats(
             *old.stride(),
             *ref.stride(),
             *mask.stride(),
+            *roll.stride(),
         ),
         dict(
             HAS_OLD=old_logp is not None,
             SEQUENCE=sequence,
+            ROLLOUT_SUM=rollout_logp is not None,
             KL_SUM=sequence and ref_logp is not None,
             KL=kl,
             SERIES=logp.dtype != torch.float64,
@@ -515,6 +570,9 @@ def grpo_loss_fwd(
     row_norm: bool,
     write_grad: bool,
     kl_weighted: bool = False,
+    rollout_logp: torch.Tensor | None = None,
+    rollout: int = ROLLOUT_OFF,
+    rollout_cap: float = 1.0,
     dlogp_out: torch.Tensor | None = None,
     block_t: int | None = None,
 ) -> GrpoFwdOutputs:
@@ -523,17 +581,30 @@ def grpo_loss_fwd(
     logp / old / ref / mask / entropy: (B, T), any strides; advantages: (B,); B, T >= 1. ``dlogp_out`` may supply the
     gradient buffer ((B, T) contiguous, fp32, or fp64 for fp64 logp), e.g. a poisoned one in tests; ``block_t``
     overrides the tokens per program (see ``grpo_layout``). ``kl_weighted``: the KL term times the importance ratio
-    (needs ``ref_logp``; ``grpo_token_terms``).
+    (needs ``ref_logp``; ``grpo_token_terms``). ``rollout`` (a ROLLOUT_* code) with ``rollout_logp`` (B, T) and
+    ``rollout_cap``: the rollout correction's truncated weight on the policy term (``rollout_weight``).
     """
     if kl_weighted and ref_logp is None:
         raise ValueError("grpo_loss_fwd: kl_weighted=True needs ref_logp, got None")
+    if (rollout != ROLLOUT_OFF) != (rollout_logp is not None):
+        raise ValueError(f"grpo_loss_fwd: rollout={rollout} and rollout_logp must be given together")
     B, T = logp.shape
     layout = grpo_layout(B, T, interpreted=logp.device.type == "cpu", block_t=block_t)
     acc = accumulation_dtype(logp.dtype)
     row_stats = None
-    if row_norm or sequence:
+    rollout_sum = rollout == ROLLOUT_SEQUENCE
+    if row_norm or sequence or rollout_sum:
         kl_ref = ref_logp if (sequence and kl_weighted) else None
-        row_stats = grpo_row_stats(logp, old_logp, mask, sequence=sequence, layout=layout, ref_logp=kl_ref, kl=kl)
+        row_stats = grpo_row_stats(
+            logp,
+            old_logp,
+            mask,
+            sequence=sequence,
+            layout=layout,
+            ref_logp=kl_ref,
+            kl=kl,
+            rollout_logp=rollout_logp if rollout_sum else None,
+        )
     partials = torch.empty(layout.grid[0], N_STATS, dtype=acc, device=logp.device)
     dlogp = None
     if write_grad:
@@ -542,6 +613,7 @@ def grpo_loss_fwd(
     old = old_logp if old_logp is not None else logp
     ref = ref_logp if ref_logp is not None else logp
     ent = entropy if entropy is not None else logp
+    roll = rollout_logp if rollout_logp is not None else logp
     KernelLaunch(
         _grpo_loss_fwd_kernel,
         layout.grid,
@@ -552,6 +624,7 @@ def grpo_loss_fwd(
             mask,
             advantages,
             ent,
+            roll,
             row_stats if row_stats is not None else dummy,
             dlogp if dlogp is not None else dummy,
             partials,
@@ -562,11 +635,13 @@ def grpo_loss_fwd(
             *ref.stride(),
             *mask.stride(),
             *ent.stride(),
+            *roll.stride(),
             advantages.stride(0),
             float(beta),
             float(eps_low),
             float(eps_high),
             float(dual_clip) if dual_clip is not None else 0.0,
+            float(rollout_cap),
         ),
         dict(
             HAS_OLD=old_logp is not None,
@@ -578,6 +653,7 @@ def grpo_loss_fwd(
             ROW_NORM=row_norm,
             DUAL_CLIP=dual_clip is not None,
             KL_WEIGHTED=kl_weighted,
+            ROLLOUT=rollout,
             WRITE_GRAD=write_grad,
             SERIES=logp.dtype != torch.float64,
             ACC=_acc_dtype(logp.dtype),

@@ -30,6 +30,10 @@ KL_K1, KL_K2, KL_K3, KL_LOW_VAR = range(4)
 # Importance-sampling level codes (the ``code`` of rlvr_fast.ops.loss_types.IS_LEVELS rows).
 IS_TOKEN, IS_SEQUENCE = range(2)
 
+# Rollout-correction codes (rlvr_fast.ops.rollout_correction.ROLLOUT_CORRECTIONS ``code``; the kernels' ROLLOUT
+# constexpr): off, a truncated weight per token, one per completion.
+ROLLOUT_OFF, ROLLOUT_TOKEN, ROLLOUT_SEQUENCE = range(3)
+
 # verl's low_var_kl clamps (verl/trainer/ppo/core_algos.py kl_penalty): d = ref - logp to [-20, 20], then the estimate
 # to [-10, 10].
 LOW_VAR_KL_D_CLAMP = 20.0

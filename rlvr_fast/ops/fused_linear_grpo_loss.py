@@ -82,6 +82,7 @@ from rlvr_fast.ops.grpo_loss import (
 from rlvr_fast.ops.logprobs import TOKEN_PATHS, LogprobsConfig
 from rlvr_fast.ops.logprobs_reference import token_logprobs_reference
 from rlvr_fast.ops.objective import DEFAULT, PolicyObjective, flat_arguments, objective_from_arguments
+from rlvr_fast.ops.rollout_correction import RolloutCorrectionMetrics, correction_code, truncated_weight
 
 OP = "fused_linear_grpo_loss"
 
@@ -139,6 +140,7 @@ def fused_linear_grpo_loss_reference(
     bias: torch.Tensor | None = None,
     return_entropy: bool = False,
     objective: PolicyObjective | None = None,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """The specification of ``fused_linear_grpo_loss``: float64, autograd, materialised logits. Slow on purpose.
 
@@ -146,7 +148,7 @@ def fused_linear_grpo_loss_reference(
         hidden: (B, T, D) last hidden states at the positions that predict ``targets``.
         weight: (V, D) LM head; bias: (V,) or None. logits = (hidden @ weight.T + bias) / objective.temperature.
         targets: (B, T) sampled token ids (IGNORE_INDEX = -100 on padding: logp 0, no gradient).
-        mask, advantages, old_logp, ref_logp: as ``grpo_loss``.
+        mask, advantages, old_logp, ref_logp, rollout_logp: as ``grpo_loss``.
         return_entropy: also compute the per-token entropy of the policy for the ``mean_entropy`` metric.
         objective: the temperature and the loss settings as one ``PolicyObjective`` (None: its defaults). Unlike
             ``fused_linear_grpo_loss`` it takes no flat objective keywords (``temperature=``, ``beta=``, ...): the
@@ -174,6 +176,7 @@ def fused_linear_grpo_loss_reference(
         mask,
         entropy=entropy.detach() if return_entropy else None,
         objective=objective,
+        rollout_logp=rollout_logp,
     )
 
 
@@ -271,13 +274,24 @@ class _FusedInputs:
 
 
 def _check_fused_inputs(
-    hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, objective, return_entropy, config
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    old_logp,
+    ref_logp,
+    bias,
+    objective,
+    return_entropy,
+    config,
+    rollout_logp=None,
 ):
     _check_linear_inputs(hidden, weight, targets, mask, advantages, bias)
     B, T, _D = hidden.shape
     if weight.shape[0] == 0:
         raise ValueError(f"{OP}: weight must have V >= 1 rows, got shape {tuple(weight.shape)}")
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
         if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T)):
             raise ValueError(f"{OP}: {name} must be (B, T) = {(B, T)} like hidden, got {getattr(x, 'shape', x)}")
     named = {
@@ -288,6 +302,7 @@ def _check_fused_inputs(
         "advantages": advantages,
         "old_logp": old_logp,
         "ref_logp": ref_logp,
+        "rollout_logp": rollout_logp,
     }
     for name, x in named.items():
         if x is not None and x.device != hidden.device:
@@ -307,7 +322,7 @@ def _check_fused_inputs(
         raise TypeError(f"{OP}: config must be a FusedLinearGrpoConfig, got {type(config).__name__}")
     # grpo_loss's checks of the per-token tensors and options, against a placeholder of logp's shape (no memory)
     shape_only = torch.zeros((), dtype=accumulation_dtype(hidden.dtype), device=hidden.device).expand(B, T)
-    chk = check_loss_inputs(OP, shape_only, old_logp, ref_logp, advantages, mask, objective)
+    chk = check_loss_inputs(OP, shape_only, old_logp, ref_logp, advantages, mask, objective, rollout_logp=rollout_logp)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     problem = _FusedInputs(
@@ -340,6 +355,7 @@ class _Plan:
     skipped: torch.Tensor  # 0-d, mask weight of the skipped tokens
     counts: list[int]  # loss tokens per completion
     any_untargeted: bool  # some loss token has target IGNORE_INDEX
+    roll: torch.Tensor | None = None  # (n,) the rollout engine's log-probs (with a rollout correction)
 
     @property
     def n(self) -> int:
@@ -374,6 +390,7 @@ def _make_plan(prob: _FusedInputs, T: int, acc: torch.dtype) -> _Plan:
         w=gather(w_full),
         old=gather(chk.old_logp),
         ref=gather(chk.ref_logp),
+        roll=gather(chk.rollout_logp),
         row_weight=row_weight,
         tokens=row_weight.sum(),
         skipped=skipped,
@@ -431,11 +448,25 @@ def _chunks(plan: _Plan, rows: int, sequence: bool) -> tuple[list[Chunk], list[t
 
 
 def _terms_torch(
-    logp, old, ref, w, rows, adv, row_coef, seq_log_ratio, pg_scale, entropy, chk: CheckedLoss, kl_row_mean=None
+    logp,
+    old,
+    ref,
+    w,
+    rows,
+    adv,
+    row_coef,
+    seq_log_ratio,
+    pg_scale,
+    entropy,
+    chk: CheckedLoss,
+    kl_row_mean=None,
+    roll=None,
+    roll_row=None,
 ):
     """Per-token loss terms of n loss tokens (all with w != 0): (g = w c_b d l / d logp, (N_STATS,) sums). The torch
     twin of rlvr_fast.kernels.fused_linear_grpo._token_terms_kernel, on ``grpo_loss``'s policy term and KL registry.
-    ``kl_row_mean``: (B,) GSPO's sum_t m KL_t / max(W_b, 1) per completion, read with a ratio-weighted KL."""
+    ``kl_row_mean``: (B,) GSPO's sum_t m KL_t / max(W_b, 1) per completion, read with a ratio-weighted KL.
+    ``roll`` (n,) / ``roll_row`` (B,): the rollout correction's inputs, read in its token / sequence mode."""
     a = adv.index_select(0, rows)
     if seq_log_ratio is not None:  # GSPO: the completion's ratio, d log s_b / d logp_t = m_t / max(W_b, 1)
         log_ratio, scale = seq_log_ratio.index_select(0, rows), pg_scale.index_select(0, rows)
@@ -443,6 +474,10 @@ def _terms_torch(
         log_ratio, scale = logp - (logp if old is None else old), 1.0  # on-policy: 0 (NaN stays NaN)
     obj = chk.objective
     pg, dpg, ratio, low, high, dual = policy_term_torch(log_ratio, a, obj.eps_low, obj.eps_high, obj.dual_clip)
+    if obj.correction is not None:  # TIS: the policy term and its gradient times a constant truncated weight
+        is_log = roll_row.index_select(0, rows) if obj.correction.sequence else (logp if old is None else old) - roll
+        is_w = truncated_weight(is_log, obj.rollout_correction_cap)
+        pg, dpg = pg * is_w, dpg * is_w
     loss, dl = pg, dpg * scale
     kl_tok = None
     if ref is not None:
@@ -594,6 +629,8 @@ class _TritonChunks:
         entropy,
         chk: CheckedLoss,
         kl_row_mean=None,
+        roll=None,
+        roll_row=None,
     ):
         g, partials = self.k.token_terms(
             logp,
@@ -613,6 +650,10 @@ class _TritonChunks:
             dual_clip=chk.objective.dual_clip,
             kl=chk.objective.kl_estimator.code,
             kl_weighted=chk.objective.kl_ratio_weighted,
+            roll=roll,
+            roll_row=roll_row,
+            rollout=correction_code(chk.objective.rollout_correction),
+            rollout_cap=chk.objective.rollout_correction_cap,
             empty=self.config.empty,
         )
         return g, partials.sum(dim=0)
@@ -711,12 +752,13 @@ class _Outputs:
     dhidden: torch.Tensor | None  # (B, T, D) hidden's dtype, d loss / d hidden
     dweight: torch.Tensor | None
     dbias: torch.Tensor | None
+    correction: RolloutCorrectionMetrics | None = None  # the rollout correction's metrics
 
 
-def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff, wkl, rows):
+def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff, wkl, rows, is_diff=None):
     """GSPO completions longer than a chunk: their log-probs from ``token_logprobs``' forward (2 n D V FLOP), so that
     their ratios (and, for a ratio-weighted KL, their KL sums into ``wkl``) are known before their chunks form
-    gradients."""
+    gradients. The same for sequence_truncate without old_logp: logp - rollout into ``is_diff``."""
     pos = torch.cat([torch.arange(l0, l1, device=plan.index.device) for _, l0, l1 in ranges])
     targets = plan.targets.index_select(0, pos)
     index = plan.index.index_select(0, pos)
@@ -725,7 +767,7 @@ def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff
         targets, head_index = targets.index_select(0, has_target), index.index_select(0, has_target)
     else:
         head_index = index
-    logp = wdiff.new_zeros(pos.numel())
+    logp = plan.w.new_zeros(pos.numel())
     if targets.numel():
         with torch.no_grad():
             out, _, _ = TOKEN_PATHS[path].fwd(
@@ -740,7 +782,10 @@ def _sequence_prepass(prob, plan, ranges, hidden_flat, weight, bias, path, wdiff
         logp = logp.index_copy(0, has_target, out.to(logp.dtype)) if has_target is not None else out.to(logp.dtype)
     old = logp if plan.old is None else plan.old.index_select(0, pos)
     w = plan.w.index_select(0, pos)
-    wdiff.view(-1).index_copy_(0, index, w * (logp - old))
+    if wdiff is not None:
+        wdiff.view(-1).index_copy_(0, index, w * (logp - old))
+    if is_diff is not None:
+        is_diff.view(-1).index_copy_(0, index, old - plan.roll.index_select(0, pos))
     if wkl is not None:
         wkl.view(-1).index_copy_(0, index, w * _kl_value(prob.chk, plan.ref.index_select(0, pos), logp))
 
@@ -777,7 +822,23 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
     clamped = plan.row_weight.clamp(min=1.0)
     row_coef = 1.0 / clamped if chk.objective.aggregation.per_sequence else None
     seq_log_ratio = pg_scale = wdiff = wkl = kl_row_mean = None
-    chunks, prepass = _chunks(plan, rows, chk.objective.sequence_level)
+    correction = chk.objective.correction
+    is_diff = w_eval = roll_row = None
+    roll_in_chunks = False  # sequence_truncate without old_logp: the completion's sum needs all its log-probs
+    if correction is not None:
+        w_eval = torch.zeros(B * T, dtype=acc, device=dev).index_copy_(0, plan.index, plan.w).view(B, T)
+        is_diff = torch.zeros(B, T, dtype=acc, device=dev)  # old - rollout of the evaluated tokens (metrics)
+        if correction.sequence and chk.old_logp is not None:  # known from the inputs before any logit
+            w_full = chk.mask.to(acc)
+            diff = chk.old_logp.to(acc) - chk.rollout_logp.to(acc)
+            roll_row = torch.where(w_full != 0, w_full * diff, 0.0).sum(dim=1)
+        elif correction.sequence:
+            roll_row, roll_in_chunks = torch.zeros(B, dtype=acc, device=dev), True
+    chunks, prepass = _chunks(plan, rows, chk.objective.sequence_level or roll_in_chunks)
+    if prepass and not chk.objective.sequence_level:
+        _sequence_prepass(prob, plan, prepass, hidden_flat, weight, bias, path, None, None, rows, is_diff)
+        done = torch.tensor([b for b, _, _ in prepass], device=dev)
+        roll_row[done] = (w_eval[done] * is_diff[done]).sum(dim=1)
     if chk.objective.sequence_level:
         pg_scale = plan.row_weight / clamped
         seq_log_ratio = torch.zeros(B, dtype=acc, device=dev)
@@ -786,9 +847,23 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
             kl_row_mean = torch.zeros(B, dtype=acc, device=dev)
             wkl = torch.zeros(B, T, dtype=acc, device=dev)  # m KL of the loss tokens seen so far
         if prepass:
-            _sequence_prepass(prob, plan, prepass, hidden_flat, weight, bias, path, wdiff, wkl, rows)
+            _sequence_prepass(
+                prob,
+                plan,
+                prepass,
+                hidden_flat,
+                weight,
+                bias,
+                path,
+                wdiff,
+                wkl,
+                rows,
+                is_diff if roll_in_chunks else None,
+            )
             done = torch.tensor([b for b, _, _ in prepass], device=dev)
             seq_log_ratio[done] = wdiff[done].sum(dim=1) / clamped[done]
+            if roll_in_chunks:
+                roll_row[done] = (w_eval[done] * is_diff[done]).sum(dim=1)
             if wkl is not None:
                 kl_row_mean[done] = wkl[done].sum(dim=1) / clamped[done]
     grad_scale = prob.inv_t / denom  # d loss / d z = (d loss / d logp) (onehot - p) / T, with the loss's 1 / D
@@ -807,8 +882,14 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
         logp, entropy, state = ops.logits_stats(h, targets, sink.zbuf, sink.dz_slot(off, n))
         w, rws = plan.w[l0:l1], plan.rows[l0:l1]
         old = None if plan.old is None else plan.old[l0:l1]
-        if finalise is not None:  # GSPO: this chunk holds these completions whole, their ratios are known now
+        roll = None if plan.roll is None else plan.roll[l0:l1]
+        if is_diff is not None:
+            is_diff.view(-1).index_copy_(0, index, (logp if old is None else old) - roll)
+        if finalise is not None:  # this chunk holds these completions whole, their ratios are known now
             r0, r1 = finalise
+            if roll_in_chunks:  # sequence_truncate: the completion's sum of logp - rollout
+                roll_row[r0:r1] = (w_eval[r0:r1] * is_diff[r0:r1]).sum(dim=1)
+        if finalise is not None and wdiff is not None:  # GSPO
             wdiff.view(-1).index_copy_(0, index, w * (logp - (logp if old is None else old)))
             seq_log_ratio[r0:r1] = wdiff[r0:r1].sum(dim=1) / clamped[r0:r1]
             if wkl is not None:
@@ -827,6 +908,8 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
             entropy,
             chk,
             kl_row_mean=kl_row_mean,
+            roll=roll,
+            roll_row=roll_row,
         )
         if need_grad:
             g = g * grad_scale
@@ -842,24 +925,32 @@ def _fused_forward(hidden, weight, bias, prob: _FusedInputs, path: str, needs: t
     evaluated = stats[STAT_TOKENS].clone()
     stats[STAT_TOKENS] = plan.tokens
     stats[STAT_SKIPPED] = plan.skipped
-    return _Outputs(stats[STAT_LOSS] / denom, stats, evaluated, dh, dw, db)
+    correction_metrics = None
+    if correction is not None:  # over the evaluated tokens, and the completions not skipped
+        skip = chk.objective.beta == 0.0 and config.skip_zero_advantage
+        counted_rows = chk.advantages != 0 if skip else torch.ones(B, dtype=torch.bool, device=dev)
+        correction_metrics = chk.correction_metrics(is_diff, w_eval, counted_rows)
+    return _Outputs(stats[STAT_LOSS] / denom, stats, evaluated, dh, dw, db, correction_metrics)
 
 
 class FusedLinearGrpoLossFunction(torch.autograd.Function):
     """Loss and its gradients w.r.t. hidden, weight and bias in the forward pass; backward scales them by grad_output.
 
-    apply(hidden (B, T, D), weight (V, D), bias (V,) | None, problem: _FusedInputs, path "torch" | "triton")
-    -> loss (0-d), stats (N_STATS,), evaluated (0-d). Saves only the three gradients (in the inputs' dtypes).
+    apply(hidden (B, T, D), weight (V, D), bias (V,) | None, problem: _FusedInputs, path "torch" | "triton"[, side])
+    -> loss (0-d), stats (N_STATS,), evaluated (0-d). Saves only the three gradients (in the inputs' dtypes). ``side``
+    (a list, optional) receives the rollout correction's metrics (None without one): not a tensor output.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem, path):
+    def forward(ctx, hidden, weight, bias, problem, path, side=None):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         with torch.autocast(hidden.device.type, enabled=False):  # the paths pick their own precision
             out = _fused_forward(
                 hidden.detach(), weight.detach(), None if bias is None else bias.detach(), problem, path, needs
             )
         ctx.save_for_backward(out.dhidden, out.dweight, out.dbias)
+        if side is not None:
+            side.append(out.correction)
         ctx.mark_non_differentiable(out.stats, out.evaluated)
         return out.loss, out.stats, out.evaluated
 
@@ -870,8 +961,8 @@ class FusedLinearGrpoLossFunction(torch.autograd.Function):
         # grad_output is almost always exactly 1 (loss.backward()): then the stored gradients are returned as they are,
         # which costs one host sync but no pass over the (V, D) gradient and no second copy of it
         if bool(grad_loss == 1):
-            return (*grads, None, None)
-        return (*(None if g is None else (g * grad_loss).to(g.dtype) for g in grads), None, None)
+            return (*grads, None, None, None)
+        return (*(None if g is None else (g * grad_loss).to(g.dtype) for g in grads), None, None, None)
 
 
 def _fused_metrics(stats: torch.Tensor, evaluated: torch.Tensor, prob: _FusedInputs, backend: str) -> GrpoLossMetrics:
@@ -922,10 +1013,13 @@ def fused_linear_grpo_loss(
     max_completion_length: int | None = DEFAULT.max_completion_length,
     num_items: float | torch.Tensor | None = DEFAULT.num_items,
     kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
+    rollout_correction: str | None = DEFAULT.rollout_correction,
+    rollout_correction_cap: float = DEFAULT.rollout_correction_cap,
     return_entropy: bool = False,
     backend: str = "auto",
     config: FusedLinearGrpoConfig = DEFAULT_CONFIG,
     objective: PolicyObjective | None = None,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """GRPO-family policy loss of B completions straight from the policy's last hidden states, with its gradients
     w.r.t. hidden, weight and bias formed in the same pass over the vocabulary (6NDV FLOP; no (N, V) logits).
@@ -943,13 +1037,17 @@ def fused_linear_grpo_loss(
         ref_logp: (B, T) reference log-probs: needed when beta > 0, otherwise only the mean_kl metric reads it.
         temperature: > 0, the rollout's sampling temperature.
         beta, kl, eps_low, eps_high, dual_clip, loss_type, importance_sampling, max_completion_length, num_items,
-        kl_ratio_weighted: the objective, exactly as in ``rlvr_fast.grpo_loss`` (docs/design.md §2; registries in
-            rlvr_fast.ops.loss_types); checked by ``PolicyObjective``, whose defaults they take.
+        kl_ratio_weighted, rollout_correction, rollout_correction_cap: the objective, exactly as in
+            ``rlvr_fast.grpo_loss`` (docs/design.md §2; registries in rlvr_fast.ops.loss_types); checked by
+            ``PolicyObjective``, whose defaults they take.
         return_entropy: also compute each token's policy entropy for ``metrics.mean_entropy`` (no gradient).
         backend: "auto" | "triton" | "cuda" | "torch" (rlvr_fast.backends); an unavailable one raises.
         config: chunking and the zero-advantage skip (``FusedLinearGrpoConfig``; the defaults fit most uses).
         objective: temperature and beta ... num_items as one ``PolicyObjective`` (rlvr_fast.ops.objective); the flat
             arguments must then stay at their defaults.
+        rollout_logp: (B, T) the rollout engine's log-probs of the sampled tokens, required exactly with a
+            rollout_correction (as ``grpo_loss``). Without old_logp its weights use the log-probs formed here
+            (detached); sequence_truncate then needs whole completions, as GSPO (module doc).
 
     Returns:
         (loss, metrics): loss is a 0-d fp32 tensor (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and
@@ -963,8 +1061,22 @@ def fused_linear_grpo_loss(
     """
     objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
     hidden, weight, bias, problem = _check_fused_inputs(
-        hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, objective, return_entropy, config
+        hidden,
+        weight,
+        targets,
+        mask,
+        advantages,
+        old_logp,
+        ref_logp,
+        bias,
+        objective,
+        return_entropy,
+        config,
+        rollout_logp=rollout_logp,
     )
     chosen = select_backend(backend, hidden.device, op=OP)
-    loss, stats, evaluated = FusedLinearGrpoLossFunction.apply(hidden, weight, bias, problem, chosen)
-    return loss, _fused_metrics(stats, evaluated, problem, chosen)
+    side: list = []
+    loss, stats, evaluated = FusedLinearGrpoLossFunction.apply(hidden, weight, bias, problem, chosen, side)
+    metrics = _fused_metrics(stats, evaluated, problem, chosen)
+    metrics.rollout_correction = side[0] if side else None
+    return loss, metrics

@@ -52,6 +52,13 @@ from rlvr_fast.ops.constants import (
     STAT_TOKENS,
 )
 from rlvr_fast.ops.objective import DEFAULT, PolicyObjective, flat_arguments, objective_from_arguments
+from rlvr_fast.ops.rollout_correction import (
+    RolloutCorrectionMetrics,
+    correction_code,
+    correction_log_ratio,
+    rollout_metrics,
+    truncated_weight,
+)
 
 OP = "grpo_loss"
 
@@ -86,10 +93,17 @@ class GrpoLossMetrics:
     tokens: torch.Tensor
     tokens_skipped: torch.Tensor
     backend: str
+    # The rollout correction's metrics (``RolloutCorrectionMetrics``) when the objective has one, else None. Not a
+    # dataclass field on purpose: the fields are the per-token means and counts a caller combines by token weight
+    # (METRIC_NAMES), while these include a min and a max and are over completions in sequence mode.
+    rollout_correction = None
 
     def as_dict(self) -> dict[str, float]:
-        """Python floats for logging (one device sync)."""
-        return {n: float(getattr(self, n)) for n in METRIC_NAMES if getattr(self, n) is not None}
+        """Python floats for logging (one device sync), with the rollout correction's as ``rollout_is_*``."""
+        out = {n: float(getattr(self, n)) for n in METRIC_NAMES if getattr(self, n) is not None}
+        if self.rollout_correction is not None:
+            out.update(self.rollout_correction.as_dict())
+        return out
 
 
 # The metric names, from the type: every tensor field (``backend`` is a label), the counts, and the per-token means
@@ -116,6 +130,21 @@ class CheckedLoss:
     mask: torch.Tensor  # (B, T) bool / integer / floating
     entropy: torch.Tensor | None  # (B, T) floating
     objective: PolicyObjective
+    rollout_logp: torch.Tensor | None = None  # (B, T) floating, the rollout engine's; given iff a correction is on
+
+    def correction_diff(self, logp: torch.Tensor, masked) -> torch.Tensor:
+        """d = old - rollout_logp (B, T) (old: old_logp, else ``logp``, the detached current log-probs), with
+        ``masked`` (the caller's zero-padding cast) applied to each input."""
+        old = logp.detach() if self.old_logp is None else masked(self.old_logp.detach())
+        return old - masked(self.rollout_logp.detach())
+
+    def correction_metrics(self, diff: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None):
+        """The rollout correction's metrics from d (B, T) at the counted tokens w != 0 (None when off)."""
+        obj = self.objective
+        if obj.correction is None:
+            return None
+        rows = torch.ones(diff.shape[0], dtype=torch.bool, device=diff.device) if rows is None else rows
+        return rollout_metrics(obj.rollout_correction, obj.rollout_correction_cap, diff, w, rows)
 
     def denominator(self, token_count: torch.Tensor) -> torch.Tensor | float:
         """The loss type's D for this call (``PolicyObjective.denominator``)."""
@@ -134,6 +163,7 @@ def _check_values(
     advantages: torch.Tensor,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
 ) -> None:
     """Values no loss can be computed from, rejected by name and position:
 
@@ -156,7 +186,7 @@ def _check_values(
     # (name, values, bad positions) of each given log-prob tensor: not (finite and <= OLD_LOGP_MAX) where mask != 0
     logps = [
         (name, x, (mask != 0) & ~(torch.isfinite(x) & (x <= OLD_LOGP_MAX)))
-        for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp))
+        for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp))
         if x is not None
     ]
     counts += [bad.sum() for _, _, bad in logps]
@@ -191,14 +221,22 @@ def check_loss_inputs(
     mask,
     objective: PolicyObjective,
     entropy=None,
+    rollout_logp=None,
 ) -> CheckedLoss:
     """Shapes, dtypes and devices of the per-token tensors, and what the objective needs of them (a reference when
-    beta > 0, dr_grpo's max_completion_length >= T); the objective's own fields were checked when it was built."""
+    beta > 0, dr_grpo's max_completion_length >= T, the rollout engine's log-probs exactly when a rollout correction
+    is on); the objective's own fields were checked when it was built."""
     logp = real_tensor(where, "logp", logp, floating=True)
     if logp.dim() != 2:
         raise ValueError(f"{where}: logp must be 2-D (B, T) per-token log-probs, got shape {tuple(logp.shape)}")
     B, T = logp.shape
-    per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "entropy": entropy}
+    per_token = {
+        "old_logp": old_logp,
+        "ref_logp": ref_logp,
+        "mask": mask,
+        "entropy": entropy,
+        "rollout_logp": rollout_logp,
+    }
     for name, x in per_token.items():
         if x is None:
             if name == "mask":
@@ -218,8 +256,9 @@ def check_loss_inputs(
     for name, x in (*per_token.items(), ("advantages", advantages)):
         if x is not None and x.device != logp.device:
             raise ValueError(f"{where}: {name} is on {x.device} but logp is on {logp.device}")
+    _check_rollout_presence(where, objective, rollout_logp)
     # ref_logp is checked where the loss uses it (beta > 0); at beta = 0 it only feeds the mean_kl metric
-    _check_values(where, mask, advantages, old_logp, ref_logp if objective.beta != 0.0 else None)
+    _check_values(where, mask, advantages, old_logp, ref_logp if objective.beta != 0.0 else None, rollout_logp)
     if objective.beta != 0.0 and ref_logp is None:
         raise ValueError(
             f"{where}: beta={objective.beta} > 0 needs ref_logp (the reference model's per-token log-probs, (B, T)), "
@@ -239,7 +278,23 @@ def check_loss_inputs(
         mask=mask,
         entropy=entropy,
         objective=objective,
+        rollout_logp=rollout_logp,
     )
+
+
+def _check_rollout_presence(where: str, objective: PolicyObjective, rollout_logp) -> None:
+    """rollout_logp is read exactly when the objective has a rollout correction: never silently ignored."""
+    name = objective.rollout_correction
+    if name is not None and rollout_logp is None:
+        raise ValueError(
+            f"{where}: rollout_correction={name!r} needs rollout_logp (the rollout engine's log-probs of the sampled "
+            f"tokens, (B, T)), got None"
+        )
+    if name is None and rollout_logp is not None:
+        raise ValueError(
+            f"{where}: rollout_logp is read only with a rollout_correction (expected one of 'token_truncate', "
+            f"'sequence_truncate'), got rollout_correction=None"
+        )
 
 
 def _metrics(stats: torch.Tensor, chk: CheckedLoss, backend: str) -> GrpoLossMetrics:
@@ -259,6 +314,11 @@ def _metrics(stats: torch.Tensor, chk: CheckedLoss, backend: str) -> GrpoLossMet
     )
 
 
+def _with_correction(metrics: GrpoLossMetrics, correction: RolloutCorrectionMetrics | None) -> GrpoLossMetrics:
+    metrics.rollout_correction = correction
+    return metrics
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 1. The reference: the specification, float64, gradients by autograd
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,16 +333,17 @@ def grpo_loss_reference(
     *,
     entropy: torch.Tensor | None = None,
     objective: PolicyObjective | None = None,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """docs/design.md §2 in float64 with autograd: differentiate the returned loss to get the reference gradient.
 
     The tensors and ``entropy`` as ``grpo_loss`` (same checks); the loss settings as one ``objective``
     (``PolicyObjective``; None: its defaults). Unlike ``grpo_loss`` it takes no flat objective keywords (``beta=``,
     ``loss_type=``, ...): the specification has one way to be called, so passing one is a TypeError. Returns a
-    float64 loss (differentiable in ``logp``) and the metrics.
+    float64 loss (differentiable in ``logp``) and the metrics. ``rollout_logp``: as ``grpo_loss``.
     """
     objective = objective_from_arguments(OP, objective)
-    chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
+    chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy, rollout_logp)
     obj = chk.objective
     f64 = torch.float64
     w = chk.mask.to(f64)
@@ -310,6 +371,11 @@ def grpo_loss_reference(
         pg = torch.where(A < 0, capped, pg)
     else:
         dual = torch.zeros_like(pg, dtype=torch.bool)
+    correction = None
+    if obj.correction is not None:  # TIS: the policy term times a constant truncated ratio, before the KL (as TRL)
+        diff = chk.correction_diff(lp, masked)
+        pg = pg * truncated_weight(correction_log_ratio(diff, w, obj.correction.sequence), obj.rollout_correction_cap)
+        correction = chk.correction_metrics(diff, w)
     token_loss = pg.expand_as(lp)
     kl_tok = None
     if chk.ref_logp is not None:
@@ -346,7 +412,7 @@ def grpo_loss_reference(
                 skipped,
             ]
         )
-    return loss, _metrics(stats, chk, "reference")
+    return loss, _with_correction(_metrics(stats, chk, "reference"), correction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -404,6 +470,10 @@ def _grpo_loss_torch(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor, 
         log_ratio = lp - old
         pg_grad_scale = 1.0
     pg, dpg, ratio, low, high, dual = policy_term_torch(log_ratio, adv, obj.eps_low, obj.eps_high, obj.dual_clip)
+    if obj.correction is not None:  # TIS: the policy term and its gradient times a constant weight
+        diff = chk.correction_diff(lp, masked)
+        is_w = truncated_weight(correction_log_ratio(diff, w, obj.correction.sequence), obj.rollout_correction_cap)
+        pg, dpg = pg * is_w, dpg * is_w
     token_loss, dlogp = pg, dpg * pg_grad_scale
     kl_tok = None
     if chk.ref_logp is not None:
@@ -461,6 +531,9 @@ def _grpo_loss_triton(chk: CheckedLoss, write_grad: bool) -> tuple[torch.Tensor,
         chk.mask,
         chk.advantages.detach(),
         detached(chk.entropy),
+        rollout_logp=detached(chk.rollout_logp),
+        rollout=correction_code(obj.rollout_correction),
+        rollout_cap=obj.rollout_correction_cap,
         beta=obj.beta,
         eps_low=obj.eps_low,
         eps_high=obj.eps_high,
@@ -527,9 +600,12 @@ def grpo_loss(
     max_completion_length: int | None = DEFAULT.max_completion_length,
     num_items: float | torch.Tensor | None = DEFAULT.num_items,
     kl_ratio_weighted: bool = DEFAULT.kl_ratio_weighted,
+    rollout_correction: str | None = DEFAULT.rollout_correction,
+    rollout_correction_cap: float = DEFAULT.rollout_correction_cap,
     entropy: torch.Tensor | None = None,
     objective: PolicyObjective | None = None,
     backend: str = "auto",
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GrpoLossMetrics]:
     """GRPO-family policy loss of B completions from their per-token log-probs, in one fused pass.
 
@@ -559,18 +635,29 @@ def grpo_loss(
             is read once on the host (one device sync) to check that it is > 0.
         kl_ratio_weighted: multiply the KL term by the importance ratio (differentiable, unclipped; token rho_t or
             GSPO's s_b): TRL's use_bias_correction_kl. Requires beta > 0. ``mean_kl`` is then the mean of r * KL.
+        rollout_correction, rollout_correction_cap: truncated importance sampling of the rollout engine's samples:
+            None | "token_truncate" | "sequence_truncate" and its cap C (rlvr_fast.ops.rollout_correction); with one,
+            ``rollout_logp`` is required.
         entropy: (B, T) per-token entropies, for the mean_entropy metric only (no gradient).
         objective: the objective as one ``PolicyObjective`` (rlvr_fast.ops.objective) instead of beta ... num_items,
             which must then stay at their defaults. Its ``temperature`` is not read here (logp already includes it).
         backend: "auto" | "triton" | "cuda" | "torch" (see rlvr_fast.backends); an unavailable one raises.
+        rollout_logp: (B, T) the rollout engine's log-probs of the sampled tokens; required exactly when
+            ``rollout_correction`` is set, finite and <= OLD_LOGP_MAX where mask != 0. No gradient.
 
     Returns:
         (loss, metrics): loss is a 0-d fp32 tensor (fp64 for fp64 logp), differentiable in logp; metrics is a
-        ``GrpoLossMetrics`` of 0-d tensors.
+        ``GrpoLossMetrics`` of 0-d tensors (with ``rollout_correction`` metrics when a correction is on).
     """
     objective = objective_from_arguments(OP, objective, **flat_arguments(locals()))
-    chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy)
+    chk = check_loss_inputs(OP, logp, old_logp, ref_logp, advantages, mask, objective, entropy, rollout_logp)
     chosen = select_backend(backend, logp.device, op=OP)
     path = chosen if logp.numel() else "torch"  # nothing to launch: the torch path returns zeros of the right shapes
     loss, stats = GrpoLossFunction.apply(logp, chk, path)
-    return loss, _metrics(stats, chk, chosen)
+    correction = None
+    if objective.correction is not None:
+        acc = accumulation_dtype(logp.dtype)
+        w = chk.mask.to(acc)
+        diff = chk.correction_diff(logp.detach().to(acc), lambda x: torch.where(w != 0, x.to(acc), 0.0))
+        correction = chk.correction_metrics(torch.where(w != 0, diff, 0.0), w)
+    return loss, _with_correction(_metrics(stats, chk, chosen), correction)

@@ -36,6 +36,7 @@ from rlvr_fast.ops.loss_types import (
     LossType,
     StepShare,
 )
+from rlvr_fast.ops.rollout_correction import DEFAULT_CAP, ROLLOUT_CORRECTIONS, RolloutCorrection
 
 WHERE = "PolicyObjective"
 
@@ -61,6 +62,12 @@ class PolicyObjective:
     kl_ratio_weighted: the KL term is r * KL with r the (differentiable, unclipped) importance ratio of the loss's
         level (token rho_t or sequence s_b): TRL's ``use_bias_correction_kl`` (DeepSeek-V3.2's unbiased KL estimate
         under off-policy samples). Only meaningful with a KL in the loss, so it requires beta > 0.
+    rollout_correction: None | "token_truncate" | "sequence_truncate": truncated importance sampling of the rollout
+        engine's samples (``rlvr_fast.ops.rollout_correction``; TRL's vllm_importance_sampling_mode): each token's
+        policy term weighted by min(exp(old - rollout_logp), C), per token or per completion. The ops then need
+        ``rollout_logp``.
+    rollout_correction_cap: C > 0 (TRL's vllm_importance_sampling_clip_max, default 3.0); read only with a
+        rollout_correction.
     """
 
     loss_type: str = "dapo"
@@ -74,6 +81,8 @@ class PolicyObjective:
     max_completion_length: int | None = None
     num_items: float | None = None
     kl_ratio_weighted: bool = False
+    rollout_correction: str | None = None
+    rollout_correction_cap: float = DEFAULT_CAP
 
     def __post_init__(self):
         def put(name: str, value) -> None:  # frozen: normalised values are written once, here
@@ -123,6 +132,25 @@ class PolicyObjective:
                 raise ValueError(
                     f"{WHERE}: kl_ratio_weighted=True weights the KL term, which needs beta > 0, got beta=0.0"
                 )
+        with _field("rollout_correction"):
+            name = self.rollout_correction
+            if name is not None and (not isinstance(name, str) or name not in ROLLOUT_CORRECTIONS):
+                raise ValueError(
+                    f"{WHERE}: unknown rollout_correction {name!r}; "
+                    f"expected None or one of {sorted(ROLLOUT_CORRECTIONS)}"
+                )
+            if name == "token_truncate" and self.importance_sampling == "sequence":
+                # GSPO's one ratio per completion under per-token weights needs sum_t m_t w_t in the closed-form
+                # gradient, which the kernels do not form: refused rather than computed wrong
+                raise ValueError(
+                    f"{WHERE}: rollout_correction='token_truncate' is not supported with importance_sampling="
+                    f"'sequence' (GSPO); expected rollout_correction='sequence_truncate' or None"
+                )
+        with _field("rollout_correction_cap"):
+            put(
+                "rollout_correction_cap",
+                finite_number(WHERE, "rollout_correction_cap", self.rollout_correction_cap, low=0.0, low_open=True),
+            )
 
     def _check_loss_type_fields(self) -> None:
         """The loss type alone says which optional fields it reads: one it does not read is refused, by name."""
@@ -149,6 +177,11 @@ class PolicyObjective:
     @property
     def kl_estimator(self) -> KLEstimator:
         return KL_ESTIMATORS[self.kl]
+
+    @property
+    def correction(self) -> RolloutCorrection | None:
+        """The rollout correction's registry row, or None when off."""
+        return None if self.rollout_correction is None else ROLLOUT_CORRECTIONS[self.rollout_correction]
 
     @property
     def sequence_level(self) -> bool:
