@@ -77,6 +77,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from triton.backends.compiler import GPUTarget
 
+from rlvr_fast.ops.constants import ROLLOUT_OFF, ROLLOUT_SEQUENCE, ROLLOUT_TOKEN
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "triton-aot-sm80-sm90.json"
 SPILL_LIMIT_BYTES = 64  # per thread, stores + loads: see the module docstring
@@ -210,19 +212,34 @@ LOSS_BRANCHES = dict(
     row_norm=[True, False],
     dual_clip=[3.0, None],
     kl_weighted=[False, True],
+    rollout=[ROLLOUT_OFF, ROLLOUT_TOKEN, ROLLOUT_SEQUENCE],
 )
 LOSS_BASE = dict(
-    old=True, ref=True, beta=0.04, entropy=True, kl=2, sequence=False, row_norm=True, dual_clip=3.0, kl_weighted=False
+    old=True,
+    ref=True,
+    beta=0.04,
+    entropy=True,
+    kl=2,
+    sequence=False,
+    row_norm=True,
+    dual_clip=3.0,
+    kl_weighted=False,
+    rollout=ROLLOUT_OFF,
 )
 
 
 def _loss_cases(base: dict[str, Any], branches: dict[str, list]) -> Iterator[dict[str, Any]]:
-    """``covering``, plus the ratio-weighted KL at sequence level (the row pre-pass's KL sum, GSPO's KL mean)."""
+    """``covering``, plus the ratio-weighted KL at sequence level (the row pre-pass's KL sum, GSPO's KL mean), and the
+    per-completion rollout correction without old log-probs and under GSPO (the pre-pass's fourth column)."""
     yield from covering(base, branches)
     yield {**base, "kl_weighted": True, "sequence": True}
+    yield {**base, "rollout": ROLLOUT_SEQUENCE, "old": False}
+    yield {**base, "rollout": ROLLOUT_SEQUENCE, "sequence": True}
 
 
 def _valid_loss_case(c: dict) -> bool:
+    if c["rollout"] == ROLLOUT_TOKEN and c["sequence"]:
+        return False  # token_truncate under GSPO is refused (PolicyObjective)
     if c["kl_weighted"] and (c["beta"] == 0.0 or not c["ref"]):
         return False  # the ratio-weighted KL needs a KL term in the loss (the objective checks it)
     return c["ref"] or c["beta"] == 0.0  # a KL term in the loss needs reference log-probs (the op checks it)
@@ -262,6 +279,9 @@ def _grpo_loss(target: Target) -> Iterator[None]:
             row_norm=c["row_norm"],
             write_grad=c["write_grad"],
             kl_weighted=c["kl_weighted"],
+            rollout_logp=_cuda(B, T, dtype=c["dtype"]) if c["rollout"] != ROLLOUT_OFF else None,
+            rollout=c["rollout"],
+            rollout_cap=3.0,
         )
         yield
 
@@ -309,6 +329,10 @@ def _fused_linear_grpo(target: Target) -> Iterator[None]:
             dual_clip=c["dual_clip"],
             kl=c["kl"],
             kl_weighted=c["kl_weighted"],
+            roll=_cuda(n, dtype=acc) if c["rollout"] == ROLLOUT_TOKEN else None,
+            roll_row=_cuda(B, dtype=acc) if c["rollout"] == ROLLOUT_SEQUENCE else None,
+            rollout=c["rollout"],
+            rollout_cap=3.0,
         )
         yield
 
