@@ -32,6 +32,9 @@ def pad_update_batch(batch, rollout, rows: int):
             completion_mask=torch.cat([ro.completion_mask, filler.completion_mask]),
             truncated=torch.cat([ro.truncated, filler.truncated]),
             texts=ro.texts + filler.texts,
+            rollout_logprobs=None
+            if ro.rollout_logprobs is None
+            else torch.cat([ro.rollout_logprobs, filler.rollout_logprobs]),
         )
     else:
         merged = filler
@@ -67,4 +70,5 @@ def _widen(ro, prompt_width: int, completion_width: int):
         completion_mask=pad(ro.completion_mask, (0, dc)),
         truncated=ro.truncated,
         texts=ro.texts,
+        rollout_logprobs=None if ro.rollout_logprobs is None else pad(ro.rollout_logprobs, (0, dc)),
     )

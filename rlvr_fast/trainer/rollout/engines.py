@@ -33,6 +33,9 @@ class Rollout:
     completion_mask: torch.Tensor  # (B*G, Lc) 1 on sampled tokens up to and including EOS
     truncated: torch.Tensor  # (B*G,) bool: no EOS within max_new_tokens
     texts: list[str]  # (B*G,) decoded completions, special tokens removed
+    # (B*G, Lc) float32: the engine's log-probs of the sampled tokens, 0 past completion_mask (the off-policy
+    # correction's logp_rollout); None from an engine that reports none (the native sampler)
+    rollout_logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -51,6 +54,7 @@ class Rollout:
             self.completion_mask[rows],
             self.truncated[rows],
             [self.texts[i] for i in idx],
+            None if self.rollout_logprobs is None else self.rollout_logprobs[rows],
         )
 
 

@@ -19,7 +19,7 @@ explicitly). Seeds: prompt ``i`` of a call with seed ``s`` gets ``derived_seed(s
 sample that seed + ``j``. The same (prompts, seed) therefore gives the same samples on one engine; the tokens differ
 from ``HFGeneration``'s for the same seed (another sampler), the distribution is the same.
 
-Log-probs (``VLLMRollout.rollout_logprobs``): vLLM's ``processed_logprobs``, i.e. log_softmax of the logits after
+Log-probs (``Rollout.rollout_logprobs``): vLLM's ``processed_logprobs``, i.e. log_softmax of the logits after
 temperature (and top_p renormalisation when top_p < 1), which is the distribution the token was drawn from; with
 top_p = 1 it is the trainer's ``token_logprobs(..., temperature=T)`` of the same token, up to kernel and dtype rounding
 (tests/integrations/test_vllm_engine.py measures it).
@@ -32,7 +32,6 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -93,19 +92,6 @@ def unsupported_architecture(model: torch.nn.Module) -> str | None:
     supported = ModelRegistry.get_supported_archs()
     missing = [a for a in archs if a not in supported]
     return missing[0] if len(missing) == len(archs) else None
-
-
-@dataclass
-class VLLMRollout(Rollout):
-    """A ``Rollout`` plus the engine's log-probs of the sampled tokens. Interim: proposed as an optional field of
-    ``Rollout`` itself (other code rebuilds Rollouts field by field and would drop it), then this class goes."""
-
-    rollout_logprobs: torch.Tensor | None = None  # (B*G, Lc) float32: log p_engine(token); 0 past completion_mask
-
-    def select(self, rows: torch.Tensor) -> VLLMRollout:
-        base = super().select(rows)
-        picked = None if self.rollout_logprobs is None else self.rollout_logprobs[rows]
-        return VLLMRollout(**vars(base), rollout_logprobs=picked)
 
 
 @contextlib.contextmanager
@@ -263,7 +249,7 @@ class VLLMGeneration:
 
     def generate(
         self, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int
-    ) -> VLLMRollout:
+    ) -> Rollout:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -313,7 +299,7 @@ class VLLMGeneration:
         logprobs = torch.where(completion_mask.bool(), logprobs, 0.0)
         texts = tok.batch_decode(completion, skip_special_tokens=True)
         to = self.device
-        return VLLMRollout(
+        return Rollout(
             prompt_ids=input_ids.repeat_interleave(n, dim=0).to(to),
             prompt_mask=attention_mask.repeat_interleave(n, dim=0).to(to),
             completion_ids=completion.to(to),

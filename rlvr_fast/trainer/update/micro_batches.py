@@ -52,6 +52,9 @@ class MicroBatch:
             completion_mask=part.completion_mask[:, : self.completion_width],
             truncated=part.truncated,
             texts=part.texts,
+            rollout_logprobs=None
+            if part.rollout_logprobs is None
+            else part.rollout_logprobs[:, : self.completion_width],
         )
 
     def columns(self, per_token: torch.Tensor) -> torch.Tensor:
