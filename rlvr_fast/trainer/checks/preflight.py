@@ -171,9 +171,34 @@ def preflight(cfg: RLVRConfig, *, check_model: bool = True, log=None) -> ResumeP
         check_model_source(cfg.model)
     check_machine(cfg, check_model=check_model)  # device, world, attention, sequence length, rollout memory
     check_optimizer(cfg)
+    check_rollout_engine(cfg)
     check_data(cfg, measure_prompts=check_model)  # a caller that loaded the model measures with its tokenizer
     prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=log)  # locks it first
     return resume_point(cfg, log) if cfg.resume else None
+
+
+def check_rollout_engine(cfg: RLVRConfig) -> None:
+    """The rollout engine can run here and serve the settings that need it (``trainer/rollout/registry.py``): a
+    rollout correction needs an engine that reports log-probs; the vLLM engine runs on one process only (one engine
+    per rank under torchrun is not built yet), and its package must import at a supported version."""
+    from rlvr_fast.trainer.rollout.registry import ROLLOUT_ENGINES
+
+    engine = ROLLOUT_ENGINES[cfg.rollout_engine]
+    if cfg.rollout_correction is not None and not engine.logprobs:
+        raise ConfigFieldError(
+            "rollout_correction",
+            f"RLVRConfig.rollout_correction={cfg.rollout_correction!r} weights each token by the rollout engine's "
+            f"log-probs, which rollout_engine={cfg.rollout_engine!r} does not report; expected rollout_engine='vllm' "
+            f"or rollout_correction=None",
+        )
+    world = environment_world_size()
+    if cfg.rollout_engine == "vllm" and world > 1:
+        raise ConfigFieldError(
+            "rollout_engine",
+            f"RLVRConfig.rollout_engine='vllm' runs on one process only; got WORLD_SIZE={world} (torchrun): expected "
+            f"rollout_engine='native' under torchrun",
+        )
+    engine.check(cfg)
 
 
 def preflight_eval(

@@ -146,6 +146,7 @@ BREAKDOWN_LABELS = {
     "fixed_logprobs": "lp",
     "forward_backward": "fb",
     "optimizer": "opt",
+    "weight_sync": "sync",
     "other": "other",
 }
 

@@ -3,7 +3,8 @@ bar.
 
 Parts (``STEP_PARTS``): generation (the rollout), scoring (rewards, advantages, difficulty filter, update batch),
 fixed_logprobs (the old-policy and reference log-prob passes), forward_backward (the loss's forward and backward over
-every micro-batch, every iteration), optimizer (gradient clipping and the optimizer step); ``other`` is the rest of the
+every micro-batch, every iteration), optimizer (gradient clipping and the optimizer step), weight_sync (pushing the
+new weights into a rollout engine that holds its own copy: vLLM; 0 for the native engine); ``other`` is the rest of the
 step (micro-batch planning, the schedule step, the finiteness checks, bookkeeping), so that the parts sum to the step's
 ``seconds``. On a GPU each part ends with a synchronize, so queued kernels are charged to the part that launched them.
 """
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-STEP_PARTS = ("generation", "scoring", "fixed_logprobs", "forward_backward", "optimizer")
+STEP_PARTS = ("generation", "scoring", "fixed_logprobs", "forward_backward", "optimizer", "weight_sync")
 
 
 def part_key(part: str) -> str:

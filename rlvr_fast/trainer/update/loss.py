@@ -106,6 +106,7 @@ def _policy_step(model, batch, cfg, plan, weight, bias, objective) -> dict:
     total_loss = 0.0
     sums: dict[str, float] = {}
     tokens_seen = 0.0
+    correction = CorrectionSummary()
     for part in plan.parts:
         ro = part.rollout(batch.rollout)
         mask = part.columns(batch.loss_mask)
@@ -121,6 +122,8 @@ def _policy_step(model, batch, cfg, plan, weight, bias, objective) -> dict:
             batch.advantages[part.rows.to(batch.advantages.device)],
             old_logp=None if batch.old_logp is None else part.columns(batch.old_logp),
             ref_logp=None if batch.ref_logp is None else part.columns(batch.ref_logp),
+            # the engine's log-probs of the sampled tokens, read by the rollout correction only
+            rollout_logp=ro.rollout_logprobs if objective.rollout_correction is not None else None,
             bias=bias,
             return_entropy=True,
             objective=part_objective,
@@ -136,6 +139,39 @@ def _policy_step(model, batch, cfg, plan, weight, bias, objective) -> dict:
         for key in TOKEN_MEAN_METRICS:
             if key in m:
                 sums[key] = sums.get(key, 0.0) + m[key] * n_tok
+        correction.add(m)
     out = {"loss": total_loss, "tokens_updated": tokens_seen}
     out.update({k: v / tokens_seen for k, v in sums.items()} if tokens_seen else {})
+    out.update(correction.metrics())
     return out
+
+
+class CorrectionSummary:
+    """The rollout correction's metrics of one optimizer step from its micro-batches' ``rollout_is_*``: means weighted
+    by what each is over (``units``: tokens or completions; ``tokens``), minima and maxima as such."""
+
+    def __init__(self):
+        self.parts: list[dict[str, float]] = []
+
+    def add(self, m: dict[str, float]) -> None:
+        if "rollout_is_units" in m:
+            self.parts.append(m)
+
+    def metrics(self) -> dict[str, float]:
+        counted = [m for m in self.parts if m["rollout_is_units"] > 0]
+        if not counted:
+            return {}
+        units = sum(m["rollout_is_units"] for m in counted)
+        tokens = sum(m["rollout_is_tokens"] for m in counted)
+
+        def mean(key: str, weight: str, total: float) -> float:
+            return sum(m[key] * m[weight] for m in counted) / total if total else 0.0
+
+        return {
+            "rollout_is_ratio_mean": mean("rollout_is_ratio_mean", "rollout_is_units", units),
+            "rollout_is_ratio_min": min(m["rollout_is_ratio_min"] for m in counted),
+            "rollout_is_ratio_max": max(m["rollout_is_ratio_max"] for m in counted),
+            "rollout_is_clipped_frac": mean("rollout_is_clipped_frac", "rollout_is_units", units),
+            "rollout_is_logp_diff_mean": mean("rollout_is_logp_diff_mean", "rollout_is_tokens", tokens),
+            "rollout_is_logp_diff_max": max(m["rollout_is_logp_diff_max"] for m in counted),
+        }
