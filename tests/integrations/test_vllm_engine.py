@@ -300,3 +300,45 @@ def test_trainer_trains_on_the_vllm_engine_with_the_correction(tmp_path, tokeniz
             assert r["rollout_is_logp_diff_max"] <= FLOAT32_TOL
     r = trainer.generator.generate(["12+3=", "a"], n=4, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=3)
     assert _max_gap(r, model, temperature=1.0) <= FLOAT32_TOL  # synced after the last step
+
+
+def test_resume_on_the_vllm_engine_equals_the_uninterrupted_run(tmp_path, tokenizer):
+    """A run stopped after its step-2 checkpoint and resumed in a new Trainer (whose engine starts from other weights:
+    the resumed checkpoint must reach the engine) ends with the weights, step records and evaluation of the run that
+    was never interrupted."""
+    _vllm_or_skip()
+    from helpers.runs import tiny_config
+
+    from rlvr_fast.trainer.loop import Trainer
+    from rlvr_fast.trainer.model import LoadedModel
+    from rlvr_fast.trainer.reporting.log import reproducible_fields
+
+    def trainer(folder, seed, **overrides):
+        cfg = tiny_config(
+            tmp_path,
+            output_dir=str(tmp_path / folder),
+            dtype="float32",
+            rollout_engine="vllm",
+            vllm_enforce_eager=True,
+            vllm_kv_cache_gib=0.25,
+            steps=4,
+            checkpoint_every=2,
+            rewards={"correct": 1.0, "random": 0.5},
+            **overrides,
+        )
+        model = _tiny_llama(tokenizer, seed=seed)
+        return Trainer(cfg, loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
+
+    full = trainer("full", seed=3)
+    full_result = full.train()
+    interrupted = trainer("part", seed=3)
+    interrupted.cfg.steps = 2  # the same schedule (built for 4 steps); the process stops after step 2
+    interrupted.train()
+    resumed = trainer("part", seed=4, resume=True)  # another init: the checkpoint must win, in the engine too
+    resumed_result = resumed.train()
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert [reproducible_fields(r) for r in full_result.metrics] == [
+        reproducible_fields(r) for r in resumed_result.metrics
+    ]
+    assert full_result.after == resumed_result.after
