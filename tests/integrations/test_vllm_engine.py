@@ -307,7 +307,13 @@ def test_resume_on_the_vllm_engine_equals_the_uninterrupted_run(tmp_path, tokeni
     the resumed checkpoint must reach the engine) ends with the weights, step records and evaluation of the run that
     was never interrupted."""
     _vllm_or_skip()
+    import gc
+
     from helpers.runs import tiny_config
+
+    # vLLM keeps its parallel state in module globals, and an engine torn down by the garbage collector clears them
+    # under the engines still running: the earlier tests' engines go first, before this test starts three
+    gc.collect()
 
     from rlvr_fast.trainer.loop import Trainer
     from rlvr_fast.trainer.model import LoadedModel
