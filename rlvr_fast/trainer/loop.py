@@ -51,7 +51,7 @@ from rlvr_fast.trainer.reporting.report import before_after_rows, table, write_r
 from rlvr_fast.trainer.reporting.step_timer import StepTimer
 from rlvr_fast.trainer.rollout.data import Problem, batch_indices, chat_prompt, check_prompt_lengths, load_problems
 from rlvr_fast.trainer.rollout.engines import Rollout
-from rlvr_fast.trainer.rollout.registry import ROLLOUT_ENGINES
+from rlvr_fast.trainer.rollout.registry import ROLLOUT_ENGINES, resolve_rollout_engine
 from rlvr_fast.trainer.rollout.seeds import derived_seed
 from rlvr_fast.trainer.step import (
     PreparedStep,
@@ -119,8 +119,12 @@ class Trainer:
         # cannot apply; on refuses such a model now, before any step. Under torchrun too: the shared passes run inside
         # the data-parallel wrapper's forward (parallel.wrappers.HiddenStateForward)
         self.prefix_sharing = resolve_prefix_sharing(self.model, cfg.prefix_sharing)
-        # the rollout engine (rollout/registry.py; preflight checked it): native, or vLLM synced after every step
-        self.generator = ROLLOUT_ENGINES[cfg.rollout_engine].build(self)
+        # the rollout engine (rollout/registry.py; preflight checked it): native, or vLLM synced after every step;
+        # auto resolved again now that the model is known (an architecture vLLM lacks goes to the native sampler)
+        self.rollout_engine, why = resolve_rollout_engine(cfg, self.model)
+        if self.world.is_main and cfg.rollout_engine == "auto":
+            print(f"rollout engine: {self.rollout_engine} ({why})", file=sys.stderr)
+        self.generator = ROLLOUT_ENGINES[self.rollout_engine].build(self)
         self.timer = StepTimer(self.loaded.device)  # the current step's (train_step starts a new one)
         # Each part's floor (reporting/floor.py): the model's matmul size; the machine's ceilings at the first step
         self.model_work = ModelWork.of(self.model, self.compute_dtype)
@@ -189,6 +193,7 @@ class Trainer:
         """Training step ``step``, top to bottom; returns its metrics record (one line of metrics.jsonl)."""
         timer = self.timer = StepTimer(self.loaded.device)  # the step's seconds by part (step_timer.STEP_PARTS)
         front = self.prepare_step(self.problems_at(step), step)
+        self.rest_rollout_engine()
         update = checked_update(step, self.update, front.batch, self.model)  # a NaN/inf stops the run here, step named
         self.sync_rollout_engine()
         release_free_host_memory()  # the step's freed host memory back to the OS, where little is live (memory.py)
@@ -221,6 +226,21 @@ class Trainer:
         if sync is not None:
             with self.timer.part("weight_sync"):
                 sync(self.model)
+
+    def rest_rollout_engine(self) -> None:
+        """Let an engine that can free its memory during the update do so (vLLM's sleep mode; the next sync and rollout
+        wake it)."""
+        sleep = getattr(self.generator, "sleep", None)
+        if sleep is not None:
+            with self.timer.part("weight_sync"):  # the engine's memory moves: charged with the weight push
+                sleep()
+
+    def close(self) -> None:
+        """Shut down a rollout engine that holds resources of its own (vLLM: its process groups, memory, threads).
+        Under torchrun, after the run's last collective: vLLM's shutdown destroys the default process group too."""
+        close = getattr(self.generator, "close", None)
+        if close is not None:
+            close()
 
     def problems_at(self, step: int, seed: int | None = None) -> list[Problem]:
         """The training problems of step ``step`` (a seeded permutation per epoch; ``seed`` defaults to the run's)."""
@@ -372,6 +392,7 @@ class Trainer:
                 "steps": cfg.steps,
                 "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
                 **self.precision.record(),  # the resolved RLVRConfig.dtype: weights, compute dtype, why
+                "rollout_engine": self.rollout_engine,  # the resolved RLVRConfig.rollout_engine
             }
             write_report(cfg.output_dir, cfg.to_dict(), before, after, metrics, extra)
         return RunResult(cfg.output_dir, before, after, metrics, table(rows))
@@ -456,4 +477,8 @@ class Trainer:
 
 
 def train(cfg: RLVRConfig) -> RunResult:
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -178,25 +178,27 @@ def preflight(cfg: RLVRConfig, *, check_model: bool = True, log=None) -> ResumeP
 
 
 def check_rollout_engine(cfg: RLVRConfig) -> None:
-    """The rollout engine can run here and serve the settings that need it (``trainer/rollout/registry.py``): a
-    rollout correction needs an engine that reports log-probs; the vLLM engine runs on one process only (one engine
-    per rank under torchrun is not built yet), and its package must import at a supported version."""
-    from rlvr_fast.trainer.rollout.registry import ROLLOUT_ENGINES
+    """The rollout engine (``auto`` resolved, ``trainer/rollout/registry.py``) can run here and serve the settings that
+    need it: a rollout correction needs an engine that reports log-probs; vLLM's sleep mode needs CUDA; the vLLM
+    package must import at a supported version."""
+    from rlvr_fast.trainer.rollout.registry import ROLLOUT_ENGINES, resolve_rollout_engine, runs_on_cuda
 
-    engine = ROLLOUT_ENGINES[cfg.rollout_engine]
+    name, why = resolve_rollout_engine(cfg)
+    engine = ROLLOUT_ENGINES[name]
     if cfg.rollout_correction is not None and not engine.logprobs:
+        chosen = f"rollout_engine={cfg.rollout_engine!r}"
+        if name != cfg.rollout_engine:
+            chosen += f" (resolved to {name!r}: {why})"
         raise ConfigFieldError(
             "rollout_correction",
             f"RLVRConfig.rollout_correction={cfg.rollout_correction!r} weights each token by the rollout engine's "
-            f"log-probs, which rollout_engine={cfg.rollout_engine!r} does not report; expected rollout_engine='vllm' "
-            f"or rollout_correction=None",
+            f"log-probs, which {chosen} does not report; expected rollout_engine='vllm' or rollout_correction=None",
         )
-    world = environment_world_size()
-    if cfg.rollout_engine == "vllm" and world > 1:
+    if cfg.vllm_sleep_mode and name == "vllm" and not runs_on_cuda(cfg):
         raise ConfigFieldError(
-            "rollout_engine",
-            f"RLVRConfig.rollout_engine='vllm' runs on one process only; got WORLD_SIZE={world} (torchrun): expected "
-            f"rollout_engine='native' under torchrun",
+            "vllm_sleep_mode",
+            "RLVRConfig.vllm_sleep_mode=True frees and refills vLLM's CUDA memory pool, and this run has no CUDA "
+            f"device (device={cfg.device!r}); expected vllm_sleep_mode=False",
         )
     engine.check(cfg)
 

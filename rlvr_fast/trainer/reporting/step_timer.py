@@ -4,9 +4,10 @@ bar.
 Parts (``STEP_PARTS``): generation (the rollout), scoring (rewards, advantages, difficulty filter, update batch),
 fixed_logprobs (the old-policy and reference log-prob passes), forward_backward (the loss's forward and backward over
 every micro-batch, every iteration), optimizer (gradient clipping and the optimizer step), weight_sync (pushing the
-new weights into a rollout engine that holds its own copy: vLLM; 0 for the native engine); ``other`` is the rest of the
-step (micro-batch planning, the schedule step, the finiteness checks, bookkeeping), so that the parts sum to the step's
-``seconds``. On a GPU each part ends with a synchronize, so queued kernels are charged to the part that launched them.
+new weights into a rollout engine that holds its own copy, vLLM, and its sleep mode's release of its memory before the
+update; 0 for the native engine); ``other`` is the rest of the step (micro-batch planning, the schedule step, the
+finiteness checks, bookkeeping), so that the parts sum to the step's ``seconds``. On a GPU each part ends with a
+synchronize, so queued kernels are charged to the part that launched them.
 """
 
 from __future__ import annotations

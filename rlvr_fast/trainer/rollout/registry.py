@@ -6,7 +6,11 @@ how to build it from the trainer.
 - ``vllm``: ``VLLMGeneration`` (vllm_engine.py): vLLM colocated in the training process, started from the model's
   config with the trainer's weights pushed in memory, again after every step (``sync_weights``); reports the sampled
   tokens' log-probs, which ``rollout_correction`` needs. Its engine samples in bf16 when the run computes in bf16
-  (bf16 weights or bf16 autocast), else in float32.
+  (bf16 weights or bf16 autocast), else in float32. Under torchrun, one engine per rank.
+
+The setting also takes ``auto`` (``resolve_rollout_engine``): vLLM where it is the faster engine (a CUDA device, a
+supported vLLM installed, an architecture vLLM implements), else the native sampler, saying which and why. On a CPU
+``auto`` is native: vLLM's CPU build measured no faster than our sampler (benchmarks/results/rollout-engines-cpu.md).
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ def _build_vllm(trainer):
         seed=cfg.seed,
         kv_cache_gib=cfg.vllm_kv_cache_gib,
         enforce_eager=cfg.vllm_enforce_eager,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        sleep_mode=cfg.vllm_sleep_mode,
     )
 
 
@@ -75,3 +81,32 @@ ROLLOUT_ENGINES: dict[str, RolloutEngine] = {
     "native": RolloutEngine(_check_native, _build_native, logprobs=False),
     "vllm": RolloutEngine(_check_vllm, _build_vllm, logprobs=True),
 }
+
+ROLLOUT_ENGINE_SETTINGS = ("auto", *ROLLOUT_ENGINES)
+"""What ``RLVRConfig.rollout_engine`` accepts: an engine's name, or ``auto``."""
+
+
+def runs_on_cuda(cfg) -> bool:
+    """Whether the run's ``device`` setting puts it on CUDA here."""
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def resolve_rollout_engine(cfg, model: torch.nn.Module | None = None) -> tuple[str, str]:
+    """(engine name, why) for ``cfg.rollout_engine``: a named engine is itself; ``auto`` is ``vllm`` when the run is
+    on CUDA and vLLM imports at a supported version (and, given the loaded ``model``, implements its architecture),
+    else ``native``. Before the model loads (preflight) pass no model; the trainer resolves again with it."""
+    if cfg.rollout_engine != "auto":
+        return cfg.rollout_engine, "rollout_engine"
+    if not runs_on_cuda(cfg):
+        return "native", "auto: no CUDA device, and on a CPU vLLM's build is no faster than the native sampler"
+    from rlvr_fast.trainer.rollout.vllm_engine import require_vllm, unsupported_architecture
+
+    try:
+        vllm = require_vllm()
+    except ImportError as exc:
+        return "native", f"auto: vLLM is not usable here ({exc})"
+    if model is not None:
+        arch = unsupported_architecture(model)
+        if arch is not None:
+            return "native", f"auto: vLLM {vllm.__version__} does not implement the architecture {arch}"
+    return "vllm", f"auto: a CUDA device and vLLM {vllm.__version__}"
