@@ -28,7 +28,19 @@ from rlvr_fast.ops.objective import PolicyObjective
 
 
 def _composed(
-    hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, bias, objective, return_entropy, backend
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    *,
+    old_logp,
+    ref_logp,
+    bias,
+    objective,
+    return_entropy,
+    backend,
+    rollout_logp=None,
 ):
     out = token_logprobs(
         hidden,
@@ -50,6 +62,7 @@ def _composed(
         entropy=None if entropy is None else entropy.detach(),
         backend=backend,
         objective=objective,
+        rollout_logp=rollout_logp,
     )
 
 
@@ -98,6 +111,7 @@ def hidden_state_policy_loss(
     bias: torch.Tensor | None = None,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     return_entropy: bool = True,
     backend: str = "auto",
     implementation: str | None = None,
@@ -114,6 +128,8 @@ def hidden_state_policy_loss(
         objective: the objective (``rlvr_fast.ops.objective.PolicyObjective``); for one part of a split step (a
             gradient-accumulation window, a rank) use ``objective.for_share(...)``, which sets dapo's num_items.
         old_logp, ref_logp: (B, T) behaviour-policy and reference log-probs, or None (on-policy / no KL).
+        rollout_logp: (B, T) the rollout engine's log-probs of ``targets``, read by ``objective.rollout_correction``
+            (truncated importance sampling, ``rlvr_fast.ops.rollout_correction``); None without one.
         return_entropy: compute the per-token entropy for the mean_entropy metric (no gradient flows through it).
         backend: "auto" | "triton" | "cuda" | "torch", forwarded to the ops.
         implementation: a key of ``IMPLEMENTATIONS`` (None: ``DEFAULT_IMPLEMENTATION``).
@@ -144,6 +160,7 @@ def hidden_state_policy_loss(
         advantages,
         old_logp=old_logp,
         ref_logp=ref_logp,
+        rollout_logp=rollout_logp,
         bias=bias,
         objective=objective,
         return_entropy=return_entropy,

@@ -355,7 +355,14 @@ REFUSED = {
     "use_adaptive_entropy": [dict(use_adaptive_entropy=True)],
     "off_policy_mask_threshold": [dict(off_policy_mask_threshold=0.5)],
     "delta": [dict(delta=1.1, epsilon_high=0.28), dict(delta=0.9)],
-    "vllm_importance_sampling_correction": [dict(use_vllm=True)],
+    "vllm_importance_sampling_mode": [
+        dict(use_vllm=True, vllm_importance_sampling_mode="token_mask"),
+        dict(use_vllm=True, importance_sampling_level="sequence", vllm_importance_sampling_mode="token_truncate"),
+    ],
+    "vllm_importance_sampling_clip_min": [
+        dict(use_vllm=True, vllm_importance_sampling_mode=m, vllm_importance_sampling_clip_min=0.5)
+        for m in ("token_truncate", "sequence_truncate")
+    ],
 }
 
 
@@ -393,6 +400,10 @@ def test_supported_neighbours_are_accepted(tmp_path):
         dict(delta=1.3, epsilon_high=0.28),
         dict(beta=0.04, use_bias_correction_kl=False),
         dict(use_vllm=True, vllm_importance_sampling_correction=False),
+        dict(use_vllm=True),  # TRL's default correction with vLLM: sequence_mask, clip_max 3
+        dict(use_vllm=True, vllm_importance_sampling_mode="token_truncate"),
+        dict(use_vllm=True, vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.5),
+        dict(use_vllm=True, importance_sampling_level="sequence", vllm_importance_sampling_mode="sequence_truncate"),
         dict(top_entropy_quantile=1.0),
     ):
         spec = rf_trl.check_grpo_config(grpo_config(tmp_path, 0, **overrides))
@@ -634,3 +645,131 @@ def test_backend_and_implementation_are_checked_at_construction(tmp_path, model_
         with pytest.raises(error, match="backend"):
             patch_grpo_trainer(trainer, backend=bad)
         assert type(trainer) is GRPOTrainer  # a refused trainer stays the stock one
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# vLLM's importance-sampling correction (TRL's default with use_vllm=True)
+# --------------------------------------------------------------------------------------------------------------------
+
+# (TRL's vllm_importance_sampling_mode, importance_sampling_level, clip_min)
+VLLM_IS_CASES = [
+    ("token_truncate", "token", None),
+    ("sequence_truncate", "token", None),
+    ("sequence_mask", "token", None),
+    ("sequence_mask", "token", 0.7),
+    ("sequence_truncate", "sequence", None),
+    ("sequence_mask", "sequence", 0.7),
+]
+
+
+def trl_vllm_is_ratio(old, sampling, mask, mode: str, clip_max: float, clip_min: float | None) -> torch.Tensor:
+    """TRL 1.16's importance_sampling_ratio (trl/trainer/grpo_trainer.py, _generate_and_score_completions), restated:
+    exp of the masked log-difference (summed per completion for sequence modes), clamped (truncate modes) or zeroed
+    outside [clip_min, clip_max] (mask modes)."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = clip_min if clip_min is not None else -float("inf")
+    return ratio.masked_fill((ratio < low) | (ratio > clip_max), 0.0)
+
+
+def _vllm_is_inputs(trainer, mode: str, clip_max: float, clip_min: float | None, seed: int) -> dict:
+    """One micro-batch of TRL inputs: old log-probs (the model's own plus noise, some tokens near-certain, as real
+    ones are) and vLLM's sampling log-probs (old plus noise, <= 0), with TRL's ratio computed from them as its mode
+    does; the noise is wide enough that some ratios are truncated or masked and some are not."""
+    g = torch.Generator().manual_seed(seed)
+    b, p, t, vocab = 8, 5, 6, trainer.model.config.vocab_size
+    prompt_ids = torch.randint(3, vocab, (b, p), generator=g)
+    completion_ids = torch.randint(3, vocab, (b, t), generator=g)
+    lengths = torch.tensor([6, 1, 4, 6, 3, 5, 2, 6])
+    completion_mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    with torch.no_grad():
+        logits = trainer.model(input_ids=torch.cat([prompt_ids, completion_ids], 1)).logits[:, p - 1 : -1]
+        logp = torch.log_softmax(logits.float() / trainer.temperature, -1).gather(-1, completion_ids[..., None])[..., 0]
+    old = logp + 0.2 * torch.randn(b, t, generator=g)
+    old[:, 0] = -0.01  # a near-certain token in every completion: the rollout log-probs must stay <= 0 there too
+    sampling = (old + 0.5 * torch.randn(b, t, generator=g)).clamp(max=0.0)
+    ratio = trl_vllm_is_ratio(old, sampling, completion_mask, mode, clip_max, clip_min)
+    if mode.endswith("truncate"):
+        assert (ratio == clip_max).any() and (ratio < clip_max).any()
+    else:
+        assert (ratio == 0).any() and (ratio > 0).any()
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(b, generator=g),
+        "old_per_token_logps": old,
+        "importance_sampling_ratio": ratio,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+@pytest.mark.parametrize("mode,level,clip_min", VLLM_IS_CASES, ids=str)
+def test_vllm_importance_sampling_correction_matches_stock(
+    mode, level, clip_min, tmp_path, model_dir, tokenizer, dataset
+):
+    """With use_vllm and vllm_importance_sampling_correction (TRL's default with vLLM), TRL multiplies the policy term
+    by its precomputed ``importance_sampling_ratio``; the patched trainer turns that ratio into the fused loss's
+    rollout correction (``trainer.rollout_inputs_from_ratio``). Stock and patched ``_compute_loss`` on the same
+    micro-batch: the same loss and gradients, for every mode we accept, at token level and under GSPO. The same inputs
+    with the ratio all ones give another loss, so the comparison can fail."""
+    clip_max = 1.5
+    args = grpo_config(
+        tmp_path,
+        0,
+        loss_type="bnpo",
+        importance_sampling_level=level,
+        vllm_importance_sampling_clip_max=clip_max,
+        vllm_importance_sampling_clip_min=clip_min,
+    )
+    kwargs = dict(model=model_dir, reward_funcs=reward_funcs(), args=args, train_dataset=dataset)
+    stock = GRPOTrainer(**kwargs, processing_class=tokenizer)
+    ours = RLVRFastGRPOTrainer(**kwargs, processing_class=tokenizer, backend="torch")
+    for trainer in (stock, ours):  # what TRL sets with use_vllm=True (its construction would need vLLM installed)
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        trainer.vllm_importance_sampling_mode = mode
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+    inputs = _vllm_is_inputs(stock, mode, clip_max, clip_min, seed=len(mode) + len(level))
+
+    def loss_and_grads(trainer, compute, batch):
+        trainer.model.zero_grad(set_to_none=True)
+        loss = compute(trainer.model, batch)
+        loss.backward()
+        return loss.detach(), {n: q.grad.clone() for n, q in trainer.model.named_parameters() if q.grad is not None}
+
+    stock_loss, stock_grads = loss_and_grads(stock, lambda m, x: GRPOTrainer._compute_loss(stock, m, x), inputs)
+    our_loss, our_grads = loss_and_grads(ours, ours._compute_loss, inputs)
+    assert abs(float(our_loss) - float(stock_loss)) <= LOSS_ATOL + 1e-4 * abs(float(stock_loss)), (our_loss, stock_loss)
+    assert stock_grads.keys() == our_grads.keys() and stock_grads
+    for name, grad in stock_grads.items():
+        assert_close(our_grads[name], grad, rtol=GRAD_RTOL, name=f"grad {name}")
+    uncorrected = {**inputs, "importance_sampling_ratio": torch.ones_like(inputs["importance_sampling_ratio"])}
+    other_loss, _ = loss_and_grads(ours, ours._compute_loss, uncorrected)
+    assert abs(float(other_loss) - float(our_loss)) > 100 * LOSS_ATOL
+
+
+def test_rollout_inputs_from_ratio_reproduce_the_ratio():
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(3, 5, generator=g) * 4.0
+    old[:, 0] = -1e-3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    sampling = (old + torch.randn(3, 5, generator=g)).clamp(max=0.0)
+    ratio = trl_vllm_is_ratio(old, sampling, mask, "token_truncate", 2.0, None)
+    rollout, same_adv = rf_trl.rollout_inputs_from_ratio(old, ratio, mask, adv, "token_truncate")
+    assert_close(torch.exp(old - rollout).clamp(max=2.0), ratio, rtol=1e-5, name="token ratio")
+    assert torch.equal(same_adv, adv) and bool((rollout <= 1e-6).all())
+    per_sequence = torch.tensor([[0.5], [0.0], [1.7]])  # the second dropped by a mask mode
+    rollout, masked_adv = rf_trl.rollout_inputs_from_ratio(old, per_sequence, mask, adv, "sequence_truncate")
+    summed = ((old - rollout) * mask).sum(-1)
+    assert_close(torch.exp(summed[[0, 2]]), per_sequence[[0, 2], 0], rtol=1e-5, name="sequence ratio")
+    assert torch.equal(masked_adv, torch.tensor([1.0, 0.0, 0.5]))
+    assert torch.equal(rollout[mask == 0], old[mask == 0]) and bool((rollout <= 1e-6).all())
+    with pytest.raises(ValueError, match=r"\(B, 1\) for a sequence-level correction"):
+        rf_trl.rollout_inputs_from_ratio(old, ratio, mask, adv, "sequence_truncate")

@@ -5,8 +5,9 @@ replaces that method with ``hidden_state_policy_loss``, so each of those setting
 
 - translated into a ``PolicyObjective`` (loss_type grpo / bnpo / dr_grpo / dapo, beta, epsilon, epsilon_high,
   importance_sampling_level, temperature, max_completion_length, ``use_bias_correction_kl`` (TRL's default: the KL term
-  times the differentiable importance ratio, ``kl_ratio_weighted``), and ``delta`` as dual-clip PPO where the two
-  agree), or
+  times the differentiable importance ratio, ``kl_ratio_weighted``), ``delta`` as dual-clip PPO where the two
+  agree, and with ``use_vllm`` TRL's ``vllm_importance_sampling_correction`` (its precomputed ratio through the
+  loss's rollout correction: token_truncate, sequence_truncate and sequence_mask, TRL's default), or
 - refused with ``UnsupportedTRLSetting`` (a ValueError) that names the GRPOConfig field, its value, why and what to do.
 
 Nothing is dropped silently: a setting TRL would honour and we cannot is an error, never a different objective (TRL
@@ -26,6 +27,7 @@ from typing import Any
 
 from rlvr_fast.ops.loss_types import IS_LEVELS, LOSS_TYPES
 from rlvr_fast.ops.objective import PolicyObjective
+from rlvr_fast.ops.rollout_correction import DEFAULT_CAP
 
 
 class UnsupportedTRLSetting(ValueError):
@@ -55,6 +57,9 @@ class TRLLossSettings:
     use_bias_correction_kl: bool
     use_vllm: bool
     vllm_importance_sampling_correction: bool
+    vllm_importance_sampling_mode: str  # token_truncate | token_mask | sequence_truncate | sequence_mask
+    vllm_importance_sampling_clip_max: float | None
+    vllm_importance_sampling_clip_min: float | None
     router_aux_loss: bool  # the MoE load-balancing loss is added (known once the model is loaded)
 
     @classmethod
@@ -75,6 +80,9 @@ class TRLLossSettings:
             use_bias_correction_kl=args.use_bias_correction_kl,
             use_vllm=args.use_vllm,
             vllm_importance_sampling_correction=args.vllm_importance_sampling_correction,
+            vllm_importance_sampling_mode=args.vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_max=args.vllm_importance_sampling_clip_max,
+            vllm_importance_sampling_clip_min=args.vllm_importance_sampling_clip_min,
             router_aux_loss=False,
         )
 
@@ -97,6 +105,9 @@ class TRLLossSettings:
             use_bias_correction_kl=args.use_bias_correction_kl,
             use_vllm=trainer.use_vllm,
             vllm_importance_sampling_correction=trainer.vllm_importance_sampling_correction,
+            vllm_importance_sampling_mode=trainer.vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_max=trainer.vllm_importance_sampling_clip_max,
+            vllm_importance_sampling_clip_min=trainer.vllm_importance_sampling_clip_min,
             router_aux_loss=bool(trainer.aux_loss_enabled),
         )
 
@@ -167,11 +178,34 @@ REFUSALS: tuple[Refusal, ...] = (
         "set delta >= 1 + epsilon_high (INTELLECT-2 recommends delta > 1 + epsilon), or delta=None",
     ),
     Refusal(
-        "vllm_importance_sampling_correction",
-        lambda s: s.use_vllm and s.vllm_importance_sampling_correction,
-        "it multiplies the per-token loss by the vLLM-vs-trainer importance ratio, an input rlvr_fast's loss does not "
-        "take",
-        "set vllm_importance_sampling_correction=False, or use_vllm=False",
+        "vllm_importance_sampling_mode",
+        lambda s: _vllm_correction(s) and s.vllm_importance_sampling_mode == "token_mask",
+        "it zeroes single tokens' policy terms, and the fused loss's rollout correction can weight a token by any "
+        "ratio but 0",
+        "set vllm_importance_sampling_mode to 'token_truncate', 'sequence_truncate' or 'sequence_mask' (TRL's default)",
+    ),
+    Refusal(
+        "vllm_importance_sampling_mode",
+        lambda s: (
+            _vllm_correction(s)
+            and s.importance_sampling_level == "sequence"
+            and s.vllm_importance_sampling_mode == "token_truncate"
+        ),
+        "with importance_sampling_level='sequence' (GSPO) the fused loss weights each completion by one rollout "
+        "ratio, and a per-token vLLM ratio is not one",
+        "set vllm_importance_sampling_mode='sequence_truncate' or 'sequence_mask', or importance_sampling_level="
+        "'token'",
+    ),
+    Refusal(
+        "vllm_importance_sampling_clip_min",
+        lambda s: (
+            _vllm_correction(s)
+            and s.vllm_importance_sampling_mode.endswith("_truncate")
+            and s.vllm_importance_sampling_clip_min is not None
+        ),
+        "a truncate mode with a lower bound raises small ratios, which the fused loss's rollout correction (a ratio of "
+        "the trainer's log-probs to a rollout log-prob <= 0) cannot express",
+        "set vllm_importance_sampling_clip_min=None (TRL's default)",
     ),
     Refusal(
         "router_aux_loss_coef",
@@ -181,6 +215,17 @@ REFUSALS: tuple[Refusal, ...] = (
         "set router_aux_loss_coef=0.0, or use the stock GRPOTrainer",
     ),
 )
+
+
+def _vllm_correction(settings: TRLLossSettings) -> bool:
+    """Whether TRL multiplies the policy term by its vLLM importance-sampling ratio (it does only with vLLM)."""
+    return bool(settings.use_vllm and settings.vllm_importance_sampling_correction)
+
+
+# TRL's importance_sampling_ratio reaches the fused loss as rollout log-probs (``trainer.rollout_inputs_from_ratio``):
+# the loss's own truncation then only has to leave TRL's ratio alone. TRL's ratio is at most clip_max (truncate
+# modes) or 0 / within [clip_min, clip_max] (mask modes); without a clip_max it is unbounded, and this cap stands in.
+UNBOUNDED_RATIO_CAP = 1e30
 
 
 def _value(settings: TRLLossSettings, field: str) -> Any:
@@ -213,7 +258,26 @@ def check_settings(settings: TRLLossSettings) -> PolicyObjective:
         # TRL's default: with beta != 0 the per-token KL is multiplied by the differentiable, unclipped importance
         # ratio of importance_sampling_level (DeepSeek-V3.2); TRL ignores the flag at beta == 0, so do we
         kl_ratio_weighted=settings.beta != 0.0 and bool(settings.use_bias_correction_kl),
+        # TRL's vllm_importance_sampling_correction: the policy term times TRL's precomputed ratio (per token, or per
+        # completion for the sequence_* modes), fed to the loss as rollout log-probs (trainer.rollout_inputs_from_ratio)
+        rollout_correction=_rollout_correction(settings),
+        rollout_correction_cap=_ratio_cap(settings),
     )
+
+
+def _rollout_correction(settings: TRLLossSettings) -> str | None:
+    """token_truncate for TRL's token_truncate; sequence_truncate for its sequence modes (one weight per completion,
+    at either importance-sampling level; sequence_mask's dropped completions get advantage 0)."""
+    if not _vllm_correction(settings):
+        return None
+    return "token_truncate" if settings.vllm_importance_sampling_mode == "token_truncate" else "sequence_truncate"
+
+
+def _ratio_cap(settings: TRLLossSettings) -> float:
+    if not _vllm_correction(settings):
+        return DEFAULT_CAP  # unread without a correction
+    cap = settings.vllm_importance_sampling_clip_max
+    return UNBOUNDED_RATIO_CAP if cap is None else float(cap)
 
 
 def check_grpo_config(args: Any) -> PolicyObjective:

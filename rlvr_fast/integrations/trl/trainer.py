@@ -211,6 +211,41 @@ def install_hidden_state_head(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def rollout_inputs_from_ratio(
+    old_logp: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, correction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rollout_logp, advantages) that make the loss's rollout correction reproduce TRL's importance_sampling_ratio.
+
+    TRL computes the ratio itself (from vLLM's sampling log-probs s, truncated or masked by its mode) and multiplies
+    the policy term by it; the fused loss weights the policy term by ``min(exp(old - rollout), C)`` per token
+    (``token_truncate``) or ``min(exp(sum_t m_t (old_t - rollout_t)), C)`` per completion (``sequence_truncate``), C =
+    TRL's clip_max, which TRL's ratio never exceeds. The rollout log-probs chosen are log-probs (<= 0, as the loss
+    checks) whenever the ratio came from real ones:
+
+    - token_truncate, ratio (B, T) = min(exp(old - s), C): rollout = old - log(ratio) = max(s, old - log C) <= 0;
+    - sequence modes, ratio R (B, 1): each counted token carries a share of log R proportional to its old log-prob,
+      rollout_t = old_t * (1 - log R / S) with S = sum_t m_t old_t (<= 0 because log R >= S when R = exp(S - sum s)
+      or R = C >= 1); an all-zero S splits log R evenly. A completion TRL's sequence_mask dropped (R = 0) gets
+      advantage 0 instead, which zeroes its policy term as TRL's factor 0 does (its KL and normalisers stay).
+
+    Shapes: old_logp (B, T), ratio (B, T) or (B, 1), mask (B, T), advantages (B,); returns (B, T) float32, (B,).
+    """
+    old = old_logp.float()
+    if correction == "token_truncate":
+        return old - torch.log(ratio.float()), advantages
+    if ratio.shape[-1] != 1:
+        raise ValueError(
+            f"importance_sampling_ratio must be (B, 1) for a sequence-level correction, got {tuple(ratio.shape)}"
+        )
+    kept = ratio[:, 0] > 0
+    log_r = torch.log(torch.where(ratio > 0, ratio.float(), 1.0))  # (B, 1)
+    active = (mask != 0).float()
+    total = (old * active).sum(dim=-1, keepdim=True)
+    count = active.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    share = torch.where(total < 0, old * log_r / total.clamp(max=-1e-30), log_r / count)
+    return old - share * active, torch.where(kept, advantages, torch.zeros_like(advantages))
+
+
 def _refuse_sharded_head(trainer) -> None:
     """ZeRO-3 and FSDP1 shard the head in ways the fused head does not gather; FSDP2 is supported (module doc)."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -287,6 +322,15 @@ class _RLVRFastMixin:
         if mode == "train":
             step_tokens = step_tokens * accumulation / self.args.steps_per_generation
         objective, scale = objective.for_share(StepShare.equal_parts(accumulation, step_tokens))
+        rollout_logp = None
+        if objective.rollout_correction is not None:  # TRL's vllm_importance_sampling_correction
+            rollout_logp, advantages = rollout_inputs_from_ratio(
+                inputs["old_per_token_logps"],
+                inputs["importance_sampling_ratio"],
+                mask,
+                advantages,
+                objective.rollout_correction,
+            )
 
         def head_loss(hidden, weight, bias):  # called inside the model's forward: FSDP2 has the head unsharded there
             with _head_context(cast, hidden.device.type):
@@ -300,6 +344,7 @@ class _RLVRFastMixin:
                     bias=None if bias is None else (bias.float() if cast else bias),
                     old_logp=inputs.get("old_per_token_logps"),
                     ref_logp=inputs.get("ref_per_token_logps") if objective.beta != 0.0 else None,
+                    rollout_logp=rollout_logp,
                     return_entropy=True,
                     backend=self._rlvr_fast_backend,
                     implementation=self._rlvr_fast_implementation,
