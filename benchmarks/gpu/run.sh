@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (H100/H200 via the device tool), in well under 8 minutes:
+# The one prepared GPU run (H100/H200 via the device tool), in well under 8 minutes (vLLM, where present, adds 5):
 #   1. install the project without network (wheels of missing baselines travel in .whl/, see README),
 #   2. run the whole test suite on CUDA (the interpreter off; compiled Triton and the CUDA extension, built by the
 #      install where torch has CUDA and nvcc is found, with its own check csrc/check/compile_check.sh first),
 #   3. time every op against its baselines with triton.testing.do_bench, with the ceilings measured in the same run,
-#   4. write everything under OUT_DIR (JSON + logs) for benchmarks/results/.
+#   4. colocated vLLM against the native sampler and vLLM's sleep mode (benchmarks/gpu/vllm_gpu.py), where vLLM
+#      imports (the lent machines have none; the script then records the skip in a second),
+#   5. write everything under OUT_DIR (JSON + logs) for benchmarks/results/.
 # Usage: benchmarks/gpu/run.sh OUT_DIR      (RLVR_FAST_COMMIT=<sha> names the commit when .git did not travel)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu/run.sh OUT_DIR}
@@ -35,5 +37,8 @@ tail -n 25 "$out/tests.log"
 
 timeout 240 python3 benchmarks/gpu/run_gpu.py --out "$out" --tests-rc "$tests_rc"
 bench_rc=$?
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+timeout 300 python3 benchmarks/gpu/vllm_gpu.py --out "$out" --timeout 95 >"$out/vllm.log" 2>&1
+vllm_rc=$?
+tail -n 6 "$out/vllm.log"
+echo "tests rc=$tests_rc bench rc=$bench_rc vllm rc=$vllm_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || vllm_rc != 0 ))

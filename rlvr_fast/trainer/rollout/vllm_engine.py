@@ -221,6 +221,12 @@ class VLLMGeneration:
         memory = {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep_mode} if on_cuda else {}
         if kv_cache_gib and "VLLM_CPU_KVCACHE_SPACE" not in os.environ and not on_cuda:
             memory = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        if not on_cuda:
+            # vllm-cpu 0.32: a seeded request whose prefill is split across engine steps (chunked prefill, once a
+            # call's prompt tokens exceed max_num_batched_tokens: 16 prompts x 8 of the main job did) rolls its
+            # generator back with Generator.set_offset, which a CPU generator lacks ("CPU Generator does not use
+            # offset"); whole-prompt prefills never roll back
+            memory["enable_chunked_prefill"] = False
         self.sleep_mode = sleep_mode
         self._asleep = False  # sleep(): weights and KV cache freed
         self._weights_filled = True  # False from sleep() until the next sync_weights refills the weights
