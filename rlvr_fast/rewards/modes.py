@@ -10,6 +10,7 @@
 | majority_label     | c against the most frequent answer (of the group, or given)    | Shao et al. 2025                       |
 | brier              | c - (q - c)^2 from ``<confidence>q</confidence>``; no valid q: c - 1 | RLCR, Damani et al. 2025, arXiv:2507.16806 |
 | numeric_continuous | 1 - 0.5 min(d, 1) - 0.5 min(d / (abs(b) + 1e-6), 1), d = abs(a - b); unparseable: 0 | Wu et al. 2025 |
+| task_score         | the task's own scorer on the extracted answer (reasoning-gym: the dataset's ``score_answer``, in [0, 1]) | reasoning-gym |
 
 ``reward_fn(name, **params)`` returns a ``RewardFunction``: ``(completions: list[str], answers: list[str], **ctx) ->
 list[float]``. Parameters are keyword-only and checked against the mode's defaults (an unknown one is a TypeError).
@@ -23,7 +24,9 @@ Context keywords a mode reads (others are ignored, so one ctx dict can feed ever
 - ``group_size`` (int; also a parameter) or ``group_ids`` (list): groups for majority_label;
 - ``majority_answers`` (list[str | None]): precomputed majority labels, e.g. ``majority_vote`` over 64 samples of the
   pre-RL model as in Shao et al.; when present majority_label uses them instead of voting within the group;
-- ``incorrect_answers`` (list[str]): the wrong labels of incorrect_label (required there).
+- ``incorrect_answers`` (list[str]): the wrong labels of incorrect_label (required there);
+- ``entries`` (list): each completion's task entry with its own scorer, an object with ``score(answer: str | None) ->
+  float`` such as ``tasks.reasoning_gym.GymEntry`` (task_score; required there).
 
 Every mode is deterministic given its parameters and ``seed``; none raises on the content of a completion (empty,
 unbalanced braces, ``10^10000``, ``nan``, lone surrogates, megabyte strings): malformed output gets the mode's value for
@@ -297,6 +300,18 @@ def _numeric_continuous(completions, answers, ctx, params) -> list[float]:
     return out
 
 
+def _task_score(completions, answers, ctx, params) -> list[float]:
+    entries = _per_sample(ctx, "entries", len(completions), "task_score", required=True)
+    for i, e in enumerate(entries):
+        if not callable(getattr(e, "score", None)):
+            raise TypeError(
+                f"reward mode 'task_score': entries[{i}] must have a score(answer) method (a task entry with its own "
+                f"scorer, e.g. rlvr_fast.tasks.reasoning_gym.GymEntry), got {type(e).__name__}"
+            )
+    # The entry's scorer owns the comparison (partial credit, answer formats); it never raises on a completion.
+    return [float(e.score(extract_answer(c))) for c, e in zip(completions, entries)]
+
+
 for _mode in (
     RewardMode("correct", _correct, dict(_MATCH_DEFAULTS)),
     RewardMode("format", _format, {}, paper="Shao et al. 2025, arXiv:2506.10947"),
@@ -329,6 +344,7 @@ for _mode in (
         "brier", _brier, dict(_MATCH_DEFAULTS), no_answer_value=-1.0, paper="Damani et al. 2025, arXiv:2507.16806"
     ),
     RewardMode("numeric_continuous", _numeric_continuous, {}, paper="Wu et al. 2025, arXiv:2507.10532"),
+    RewardMode("task_score", _task_score, {}, ("entries",), paper="reasoning-gym (Stojanovski et al. 2025)"),
 ):
     register_mode(_mode)
 

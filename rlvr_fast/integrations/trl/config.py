@@ -28,6 +28,7 @@ from typing import Any
 from rlvr_fast.ops.loss_types import IS_LEVELS, LOSS_TYPES
 from rlvr_fast.ops.objective import PolicyObjective
 from rlvr_fast.ops.rollout_correction import DEFAULT_CAP
+from rlvr_fast.trainer.model import LOGIT_TRANSFORMS
 
 
 class UnsupportedTRLSetting(ValueError):
@@ -290,15 +291,6 @@ def check_grpo_config(args: Any) -> PolicyObjective:
 # (or the model's own forward) applies to the logits must be one we apply too.
 # --------------------------------------------------------------------------------------------------------------------
 
-# Config attributes that rescale or squash the logits before the softmax (TRL's add_fused_lm_head reads these).
-_LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
-
 
 def check_model(model: Any) -> None:
     """Refuse a model whose log-probs the hidden-state path would compute differently from TRL's head."""
@@ -309,7 +301,7 @@ def check_model(model: Any) -> None:
             f"rlvr_fast's TRL integration supports text-only causal LMs; {type(model).__name__} is multimodal "
             f"(its config has a separate text_config). Use the stock GRPOTrainer for vision-language models."
         )
-    for attr in _LOGIT_TRANSFORMS:
+    for attr in LOGIT_TRANSFORMS:  # the trainer's list (TRL's add_fused_lm_head reads these)
         value = getattr(text_config, attr, None)
         if value is not None and value != 1.0:
             raise UnsupportedTRLSetting(

@@ -29,7 +29,7 @@ from rlvr_fast.trainer.checkpoint.folder import (
 from rlvr_fast.trainer.checkpoint.output_dir import prepare_output_dir
 from rlvr_fast.trainer.checkpoint.strict_loading import CheckpointError
 from rlvr_fast.trainer.checks.capacity import check_machine
-from rlvr_fast.trainer.config import DEFAULT_MODEL, RLVRConfig
+from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.parallel.collectives import environment_world_size
 from rlvr_fast.trainer.reporting.log import check_metrics_log
 from rlvr_fast.trainer.schema import ConfigFieldError, field_specs
@@ -38,13 +38,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def check_model_source(model: str) -> None:
-    """The default GGUF is installed, or ``model`` is a local HF model folder, or it is a well-formed hub id."""
-    if model == DEFAULT_MODEL:
-        from rlvr_fast.trainer.model import default_model_location
+    """A shipped model (``shipped_models.SHIPPED_MODELS``) is installed and its GGUF at hand (assembled here on first
+    use, once), or ``model`` is a local HF model folder, or it is a well-formed hub id."""
+    from rlvr_fast.trainer.shipped_models import ShippedModelError, shipped_model
 
+    shipped = shipped_model(model)
+    if shipped is not None:
         try:
-            default_model_location()
-        except FileNotFoundError as exc:
+            shipped.location()
+        except (FileNotFoundError, ShippedModelError) as exc:
             raise ConfigFieldError("model", f"RLVRConfig.model: {exc}") from None
         return
     if os.path.isdir(model):
@@ -85,26 +87,25 @@ def check_optimizer(cfg: RLVRConfig) -> None:
 def tokenizer_for_checks(model: str):
     """``model``'s tokenizer alone (a few seconds, cached per process; the weights are not read), or None where it
     cannot be had cheaply: a local folder without tokenizer files (the model load then reports the folder)."""
-    from transformers import AutoTokenizer
-
-    from rlvr_fast.trainer.model import pretrained_source
+    from rlvr_fast.trainer.model import load_tokenizer
 
     if os.path.isdir(model) and not any(
         os.path.isfile(os.path.join(model, name)) for name in ("tokenizer.json", "tokenizer_config.json")
     ):
         return None
-    source, extra = pretrained_source(model)  # as load_model reads it
-    return AutoTokenizer.from_pretrained(source, **extra)
+    return load_tokenizer(model)  # as load_model reads it (a base model's prompt template included)
 
 
 def check_data(cfg: RLVRConfig, *, measure_prompts: bool = True) -> None:
     """Load the problems (cheap) and the reward modes; neither may be empty or unknown. With ``measure_prompts``
     (the model is not loaded yet), every prompt is also measured in tokens with the model's tokenizer alone
     (``data.check_prompt_lengths``: file and line of one over ``max_prompt_length``)."""
+    from rlvr_fast.tasks.reasoning_gym import check_reward_task
     from rlvr_fast.trainer.rollout.data import check_prompt_lengths, load_problems
     from rlvr_fast.trainer.step import Scorer
 
     Scorer(cfg)
+    check_reward_task(cfg.task, cfg.rewards)  # a mode grading with the task's own scorer needs a task that has one
     train, evaluation = load_problems(cfg)
     if not evaluation:
         source = cfg.eval_file or f"the built-in task's eval split (eval_size={cfg.eval_size})"

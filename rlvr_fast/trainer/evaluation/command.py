@@ -31,6 +31,7 @@ from rlvr_fast.trainer.schema import ConfigFieldError
 # The fields that decide which problems a run held out and how they are posed to the model.
 EVAL_SPLIT_FIELDS = (
     "task",
+    "task_params",
     "task_preset",
     "prompt_template",
     "train_size",

@@ -1,6 +1,7 @@
-"""Problems for training and evaluation: the built-in arithmetic task or JSONL files, rendered with the model's chat
-template, and the order in which training visits them (a seeded permutation per epoch, so a resumed run visits the same
-prompts as an uninterrupted one).
+"""Problems for training and evaluation: the built-in arithmetic task, a reasoning-gym generator
+(``task: reasoning_gym:<dataset>``, ``tasks.reasoning_gym``: what it refuses is listed there) or JSONL files, rendered
+with the model's chat template, and the order in which training visits them (a seeded permutation per epoch, so a
+resumed run visits the same prompts as an uninterrupted one).
 
 What ``load_problems`` refuses (a ``ConfigFieldError`` naming the field, so ``rlvr-fast`` exits 2 before the model
 loads): a task or eval file that does not load (``rlvr_fast.tasks.jsonl``: not a regular file, a line over 1 MiB, bad
@@ -16,8 +17,16 @@ import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from rlvr_fast.tasks import check_template, expression_space_size, get_preset, load_jsonl_numbered, make_splits
+from rlvr_fast.tasks import (
+    check_template,
+    expression_space_size,
+    get_preset,
+    load_jsonl_numbered,
+    make_splits,
+    reasoning_gym,
+)
 from rlvr_fast.tasks.splits import generate_problems
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.schema import ConfigFieldError
@@ -33,13 +42,27 @@ class Problem:
     answer: str
     extra: dict  # optional fields from the data (e.g. incorrect_label for the incorrect_label reward)
     where: str = ""  # "train.jsonl, line 7" or "built-in task 'tiny', train problem 3": what the data checks name
+    entry: Any = None  # a generated task's entry with its own scorer (tasks.reasoning_gym.GymEntry), else None
+
+
+def _is_generated(task: str) -> bool:
+    """The task draws its problems (and renders them with ``prompt_template``), as opposed to reading a file."""
+    return task == "arithmetic" or reasoning_gym.is_reasoning_gym_task(task)
 
 
 def load_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) problems, held out from each other (see the module docstring for what is refused)."""
     _check_prompt_template(cfg)  # with any task: a JSONL task does not use it, and says so
+    if cfg.task_params and not reasoning_gym.is_reasoning_gym_task(cfg.task):
+        raise ConfigFieldError(
+            "task_params",
+            f"RLVRConfig.task_params applies to {reasoning_gym.PREFIX}<dataset> tasks only: expected {{}} with "
+            f"task={cfg.task!r}, got {cfg.task_params!r:.200}",
+        )
     if cfg.task == "arithmetic":
         train, evaluation = _built_in_problems(cfg)
+    elif reasoning_gym.is_reasoning_gym_task(cfg.task):
+        train, evaluation = _reasoning_gym_problems(cfg)
     else:
         if cfg.eval_file is None:
             raise ConfigFieldError(
@@ -54,12 +77,12 @@ def load_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
                 "task", f"{cfg.task}: {len(train)} problems, fewer than prompts_per_step={cfg.prompts_per_step}"
             )
     if not cfg.allow_eval_overlap:
-        built_in = f"the built-in task {cfg.task_preset!r}"
+        built_in = f"the built-in task {cfg.task_preset!r}" if cfg.task == "arithmetic" else f"the task {cfg.task}"
         check_held_out(
             train,
             evaluation,
             field="eval_file" if cfg.eval_file else "task",
-            sources=(cfg.task if cfg.task != "arithmetic" else built_in, cfg.eval_file or built_in),
+            sources=(built_in if _is_generated(cfg.task) else cfg.task, cfg.eval_file or built_in),
         )
     _say_short_files(cfg, train, evaluation)  # last: a refused config stays one line
     return train, evaluation
@@ -102,6 +125,41 @@ def _built_in_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
     return _generated(splits["train"], f"{where}, train problem"), _generated(splits["eval"], f"{where}, eval problem")
 
 
+def _reasoning_gym_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Problem]]:
+    """A reasoning-gym task's splits (``tasks.reasoning_gym``: disjoint by construction, each problem with its entry
+    and scorer); with ``eval_file``, its train split and the file's problems as the held-out set."""
+    sizes = {"train_size": cfg.train_size}
+    if not cfg.eval_file:
+        sizes["eval_size"] = cfg.eval_size
+    for name, size in sizes.items():
+        if size > MAX_GENERATED_PROBLEMS:
+            raise ConfigFieldError(
+                name,
+                f"RLVRConfig.{name} with task {cfg.task}: expected at most {MAX_GENERATED_PROBLEMS} "
+                f"(MAX_GENERATED_PROBLEMS: each is drawn before the model loads), got {size}",
+            )
+    default = RLVRConfig.__dataclass_fields__["prompt_template"].default
+    train, evaluation = reasoning_gym.generate_splits(
+        cfg.task,
+        cfg.task_params,
+        cfg.train_size,
+        None if cfg.eval_file else cfg.eval_size,
+        seed=cfg.seed,
+        template=reasoning_gym.prompt_format(cfg.prompt_template, default),
+        key=overlap_key,
+    )
+
+    def problems(pairs, split: str) -> list[Problem]:
+        return [
+            Problem(prompt, str(e.entry["answer"]), {}, f"task {cfg.task}, {split} problem {i}", e)
+            for i, (prompt, e) in enumerate(pairs, start=1)
+        ]
+
+    if cfg.eval_file:
+        return problems(train, "train"), _file_problems("eval_file", cfg.eval_file, cfg.eval_size)
+    return problems(train, "train"), problems(evaluation, "eval")
+
+
 def _generated(records: list[dict], where: str) -> list[Problem]:
     return [_problem(r, f"{where} {i}") for i, r in enumerate(records, start=1)]
 
@@ -132,7 +190,7 @@ def _check_prompt_template(cfg: RLVRConfig) -> None:
         f"data: RLVRConfig.prompt_template={cfg.prompt_template!r} applies to the built-in task only: the prompts of "
         f"{cfg.task} are used as written"
     )
-    if cfg.task != "arithmetic" and cfg.prompt_template != default and message not in _NOTICED:
+    if not _is_generated(cfg.task) and cfg.prompt_template != default and message not in _NOTICED:
         _NOTICED.add(message)
         print(message, file=sys.stderr)
 
@@ -140,7 +198,7 @@ def _check_prompt_template(cfg: RLVRConfig) -> None:
 def _say_short_files(cfg: RLVRConfig, train: Sequence[Problem], evaluation: Sequence[Problem]) -> None:
     """One line on stderr (once per process) for each file with fewer problems than its size asks for: it is used
     whole, as "the first N lines" says, but a run of 8 problems asked for 10^9 should not pass unremarked."""
-    files = [("task", cfg.task, "train_size", cfg.train_size, train)] if cfg.task != "arithmetic" else []
+    files = [("task", cfg.task, "train_size", cfg.train_size, train)] if not _is_generated(cfg.task) else []
     files += [("eval_file", cfg.eval_file, "eval_size", cfg.eval_size, evaluation)] if cfg.eval_file else []
     for field, path, size_field, size, problems in files:
         message = (
