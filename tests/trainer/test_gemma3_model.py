@@ -285,11 +285,13 @@ def left_padded(tokenizer, prompts):
 PROMPTS = ["7-", "1+2=", "What is 2 + 3?"]
 
 
-def test_rollout_under_auto_is_transformers_generate(tokenizer):
-    """HFGeneration on a sliding-window model runs transformers' own generate (prefix sharing unsupported): the same
-    tokens for a seed."""
+def test_rollout_shares_the_prompt_under_auto_and_off_is_transformers_generate(tokenizer):
+    """HFGeneration on a sliding-window model: under auto the rollout shares the prompt (the sampler is exact on
+    sliding-window layers: test_shared_prefix_sampler_is_exact_on_sliding_window_layers) though the update cannot;
+    with prefix_sharing off it runs transformers' own generate: the same tokens for a seed."""
     model = tiny_gemma3(tokenizer, token_bias={"<eos>": 1.5, "5": 2.0})
-    engine = HFGeneration(model, tokenizer, max_prompt_length=32, prefix_sharing="auto")
+    assert HFGeneration(model, tokenizer, max_prompt_length=32, prefix_sharing="auto").shared_prefix
+    engine = HFGeneration(model, tokenizer, max_prompt_length=32, prefix_sharing="off")
     assert not engine.shared_prefix
     rollout = engine.generate(PROMPTS, n=3, max_new_tokens=10, temperature=0.8, top_p=0.95, seed=7)
     ids, mask = left_padded(tokenizer, PROMPTS)
@@ -362,7 +364,7 @@ def test_two_step_trainer_run_on_a_tiny_gemma3(tmp_path, tokenizer):
     model = tiny_gemma3(tokenizer, token_bias=TOKEN_BIAS)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = Trainer(tiny_config(tmp_path), loaded=LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32))
-    assert not trainer.prefix_sharing and not trainer.generator.shared_prefix  # sliding windows: unshared, under auto
+    assert not trainer.prefix_sharing and trainer.generator.shared_prefix  # auto: update unshared, rollout shared
     trainer.train()
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
 

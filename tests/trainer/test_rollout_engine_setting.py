@@ -123,7 +123,7 @@ def _with_fake_vllm(monkeypatch, **kwargs):
 
 
 def test_auto_is_native_on_a_cpu_and_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm())  # even with vLLM installed: its CPU build is no faster
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm())  # even with vLLM installed: its start-up is not free
     cfg = tiny_config(tmp_path, rollout_engine="auto", device="cpu")
     assert resolve_rollout_engine(cfg) == ("native", resolve_rollout_engine(cfg)[1])
     assert "no CUDA device" in resolve_rollout_engine(cfg)[1]

@@ -147,8 +147,9 @@ def test_step_breakdown_text():
 
 
 def test_prefix_sharing_setting(tmp_path, tokenizer, caplog):
-    """One setting for the update and the rollout: on / off / auto on a Llama; a model it cannot apply to is refused
-    by on, naming the reason, and runs unshared under auto, said once by class name."""
+    """One setting for the update and the rollout: on / off / auto on a Llama; a model the update cannot share (sliding
+    window layers) is refused by on, naming the reason, and its update runs unshared under auto, said once by class
+    name, while its rollout still shares the prompt (the sampler keeps transformers' sliding-window cache layers)."""
     import logging
 
     from rlvr_fast.trainer.update import shared_prefix_forward as prefix_sharing
@@ -168,7 +169,7 @@ def test_prefix_sharing_setting(tmp_path, tokenizer, caplog):
     prefix_sharing._reported.discard("Qwen2ForCausalLM")
     with caplog.at_level(logging.WARNING, logger=prefix_sharing.__name__):
         trainers = [sliding_trainer("auto"), sliding_trainer("auto")]
-    assert not any(t.prefix_sharing or t.generator.shared_prefix for t in trainers)
+    assert not any(t.prefix_sharing for t in trainers) and all(t.generator.shared_prefix for t in trainers)
     said = [r.getMessage() for r in caplog.records if "Qwen2ForCausalLM" in r.getMessage()]
     assert len(said) == 1 and "sliding_attention" in said[0]
 

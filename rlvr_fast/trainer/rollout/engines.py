@@ -98,7 +98,8 @@ class HFGeneration:
         self.precision = precision
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
-        self.shared_prefix = resolve_prefix_sharing(model, prefix_sharing)
+        # sliding-window layers share too (their cache layers stay transformers'): Gemma 3's rollout, ~15 of 18 layers
+        self.shared_prefix = resolve_prefix_sharing(model, prefix_sharing, sliding_window_ok=True)
         extra = unreproduced_generation_settings(model) if self.shared_prefix else []
         if extra and prefix_sharing == "on":
             raise ValueError(

@@ -10,7 +10,10 @@ how to build it from the trainer.
 
 The setting also takes ``auto`` (``resolve_rollout_engine``): vLLM where it is the faster engine (a CUDA device, a
 supported vLLM installed, an architecture vLLM implements), else the native sampler, saying which and why. On a CPU
-``auto`` is native: vLLM's CPU build measured no faster than our sampler (benchmarks/results/rollout-engines-cpu.md).
+``auto`` is native: vLLM's CPU build samples faster (1.6-2.5x our sampler's tokens/s in bf16, 4-16 prompts x 8 x 32-1024
+new tokens, benchmarks/results/rollout-engines-grid-cpu-2026-12-06.json) but its compiled engine takes ~60 s to start,
+lives in its own virtualenv (another transformers) and its tokens differ from the native sampler's for a seed: a user
+who wants it names it.
 """
 
 from __future__ import annotations
@@ -98,7 +101,10 @@ def resolve_rollout_engine(cfg, model: torch.nn.Module | None = None) -> tuple[s
     if cfg.rollout_engine != "auto":
         return cfg.rollout_engine, "rollout_engine"
     if not runs_on_cuda(cfg):
-        return "native", "auto: no CUDA device, and on a CPU vLLM's build is no faster than the native sampler"
+        return "native", (
+            "auto: no CUDA device; on a CPU the native sampler needs no engine start (vLLM's compiled CPU engine takes "
+            "~60 s); set rollout_engine='vllm' for vLLM's faster CPU rollout"
+        )
     from rlvr_fast.trainer.rollout.vllm_engine import require_vllm, unsupported_architecture
 
     try:

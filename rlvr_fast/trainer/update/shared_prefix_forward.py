@@ -65,9 +65,13 @@ def cache_argument(decoder: torch.nn.Module) -> str | None:
     return None
 
 
-def supports_prefix_sharing(model: torch.nn.Module) -> tuple[bool, str]:
+def supports_prefix_sharing(model: torch.nn.Module, *, sliding_window_ok: bool = False) -> tuple[bool, str]:
     """(True, "") when the shared-prefix forward gives exactly the unshared result for ``model``; else (False, why),
-    the reason naming the model class and what stands in the way."""
+    the reason naming the model class and what stands in the way.
+
+    ``sliding_window_ok``: sliding-window layers do not stand in the way (the rollout's shared-prefix sampler: its
+    cache keeps transformers' sliding-window layers, whose masks transformers builds; tested token for token against
+    ``generate`` on Gemma 3, tests/trainer/test_gemma3_model.py). The update's two-pass forward needs full attention."""
     name = type(model).__name__
     config = getattr(model, "config", None)
     if config is None:
@@ -89,7 +93,8 @@ def supports_prefix_sharing(model: torch.nn.Module) -> tuple[bool, str]:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    other = sorted({t for t in layer_types if t != "full_attention"})
+    allowed = {"full_attention", "sliding_attention"} if sliding_window_ok else {"full_attention"}
+    other = sorted({t for t in layer_types if t not in allowed})
     if other:
         return False, f"{name} has {', '.join(other)} layers; the shared prefix needs full attention in every layer"
     return True, ""
@@ -98,17 +103,18 @@ def supports_prefix_sharing(model: torch.nn.Module) -> tuple[bool, str]:
 _reported: set[str] = set()
 
 
-def resolve_prefix_sharing(model: torch.nn.Module, mode: str) -> bool:
+def resolve_prefix_sharing(model: torch.nn.Module, mode: str, *, sliding_window_ok: bool = False) -> bool:
     """Whether to share prompts for ``model`` under ``prefix_sharing`` = ``mode``.
 
     ``off``: never. ``on``: always; raise ValueError with the reason when the model cannot. ``auto``: when the model
-    can; otherwise run unshared and log the reason once per model class.
+    can; otherwise run unshared and log the reason once per model class. ``sliding_window_ok``: as
+    ``supports_prefix_sharing`` (the rollout passes True).
     """
     if mode not in PREFIX_SHARING_MODES:
         raise ValueError(f"prefix_sharing must be one of {PREFIX_SHARING_MODES}, got {mode!r}")
     if mode == "off":
         return False
-    ok, reason = supports_prefix_sharing(model)
+    ok, reason = supports_prefix_sharing(model, sliding_window_ok=sliding_window_ok)
     if ok:
         return True
     if mode == "on":
