@@ -137,7 +137,10 @@ def assert_matches(out, ref, name, *, rtol=RTOL, metrics=METRICS):
         a, e = getattr(m, key), getattr(ref_m, key)
         assert (a is None) == (e is None), f"{name} {key}: {a} vs {e}"
         if e is not None:
-            assert_close(a, e, rtol=rtol, atol=1e-6, name=f"{name} {key}")
+            # atol as the loss's: a mean of signed terms (k1's logp - ref, weighted by the ratio) may cancel to a few
+            # 1e-2 while each fp32 term carries ~1e-7 of rounding (measured: 1.2e-6 on a mean_kl of 0.076, seed
+            # 636223300)
+            assert_close(a, e, rtol=rtol, atol=4e-6, name=f"{name} {key}")
 
 
 def loss_kwargs(loss_type, T):

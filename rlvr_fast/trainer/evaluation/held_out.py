@@ -63,9 +63,9 @@ class EvalResult:
     formats: dict[str, dict]  # format class -> {count, frequency, accuracy}
     calibration: dict | None  # {brier, ece, auroc, answered} when confidences were stated
     samples: list[dict]  # a few completions for the report
-    # With calibration: every completion's verdict (0/1), stated confidence (None when missing) and answer key
-    # (``answer_key``), problem-major (problem i's n samples at [i * n, (i + 1) * n)), so callers can bootstrap the
-    # calibration metrics over problems and measure how often the n samples of a problem agree.
+    # With calibration: every completion's verdict (0/1), stated confidence (None when missing), answer key
+    # (``answer_key``) and text, problem-major (problem i's n samples at [i * n, (i + 1) * n)), so callers can
+    # bootstrap the calibration metrics over problems and measure how often the n samples of a problem agree.
     per_completion: dict | None = None
 
     def to_dict(self) -> dict:
@@ -136,6 +136,7 @@ def evaluate(
             "correct": [float(v) for v in verdicts],
             "confidence": conf,
             "answer": [answer_key(t) for t in texts_all],
+            "text": list(texts_all),  # the completions themselves: the study's shortcut signatures read them
         }
         answered = [i for i, q in enumerate(conf) if q is not None]
         q = np.asarray([conf[i] for i in answered], dtype=float)
