@@ -186,6 +186,7 @@ def _study(args: argparse.Namespace) -> int:
             task=args.task,
             overrides=dict(args.set or []),
             output_dir=args.output_dir,
+            cells=[c.strip() for c in args.cells.split(",") if c.strip()] if args.cells is not None else None,
         )
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from exc
@@ -232,6 +233,11 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default=None, help="training task for every arm: 'arithmetic' or a JSONL file")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (None: the preset's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (None: the preset's per-arm counts)")
+    p.add_argument(
+        "--cells",
+        default=None,
+        help="comma-separated cell names of a preset with cells (models-quick, models) to run (None: every cell)",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -9,7 +9,7 @@ differ.
 | reward      | correct, format, random (gamma 0.5), inverse, incorrect_label, brier | does the reward matter?   |
 | calibration | correct_conf (correct reward, brier's confidence-eliciting prompt)   | RLCR's RLVR baseline      |
 | sample      | psr, nsr, w_reinforce (lambda 0.1), positive_only, negative_only     | which samples teach?      |
-| difficulty  | filter_all_equal, solve_floor (min_solve_rate 0.25)                  | do hard groups hurt?      |
+| difficulty  | filter_all_equal, solve_floor (min_solve_rate 0.25), hard_only       | do hard groups hurt?      |
 | optimizer   | sparse_reuse (SparseAdamW on the entries the correct arm changed)    | is the subnetwork enough? |
 
 ``correct`` is the baseline of every group: GRPO on all samples (alias ``all``), no filter (``no_filter``), dense AdamW
@@ -165,6 +165,12 @@ for _arm in (
         "solve_floor",
         {**_CORRECT, "min_solve_rate": 0.25},
         "drop groups solved by fewer than 25% of their samples (lone lucky successes)",
+        "difficulty",
+    ),
+    Arm(
+        "hard_only",
+        {**_CORRECT, "max_solve_rate": 0.125},
+        "keep only groups solved by at most 1 in 8 samples: train on what the model almost never solves",
         "difficulty",
     ),
     # ---- optimizer arm (Mukherjee et al. 2025, arXiv:2505.11711)

@@ -7,8 +7,21 @@
 - ``default``: sized for one GPU: every built-in arm, two seeds each, 40 steps of 16 prompts x 8 completions, 200
   held-out problems x n=16 (pass@k curves to k=16).
 
+- ``models-quick``: the research question across models on a 2-core CPU: 2 models (SmolLM2-135M-Instruct, Gemma 3
+  270M base) x 2 clean procedural tasks (built-in ``tiny`` arithmetic, reasoning-gym ``basic_arithmetic``) x the
+  reward arms correct, random, inverse, incorrect_label, one seed each: 8 steps of 4 prompts x 8 completions, 32
+  held-out problems x n=4.
+- ``models``: the same question sized for one GPU: the two models x three tasks (adds reasoning-gym ``products``),
+  40 steps of 16 x 8, n=16 samples per held-out problem, two seeds per arm; the tasks have few distinct problems (121
+  tiny expressions, ~200 and 100 one-digit problems), so the cells hold out 56, 80 and 40 of them.
+
 A preset's ``arm_overrides`` adds overrides to single arms within that preset (e.g. a longer completion budget for the
 arms whose prompt asks for a stated confidence): the arm's identity stays the same, only its budget changes.
+
+A preset with ``cells`` runs its arms once in every cell, a (model, task[, task_params, overrides]) pair: each cell has
+its own base-model evaluation, runs and findings (``<study>/cells/<cell>/``), and the study's report leads with the
+comparison of the reward arms across cells (``rlvr_fast.study.cells``). A preset without cells is one cell, the base
+config itself, laid out as before (``<study>/arms/...``).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from typing import Any
 
 from rlvr_fast.eval import DEFAULT_FORMAT_CLASSES
 
-__all__ = ["PRESETS", "STUDY_FORMAT_CLASSES", "StudyPreset", "get_preset", "register_preset"]
+__all__ = ["PRESETS", "STUDY_FORMAT_CLASSES", "StudyCell", "StudyPreset", "get_preset", "register_preset"]
 
 # Format classes tracked on every step's rollouts and on every evaluation (finding 6). Each is a regex searched in the
 # completion; a completion may be in several classes.
@@ -34,9 +47,24 @@ STUDY_FORMAT_CLASSES: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class StudyCell:
+    """One cell of a multi-cell study: the base ``model`` and training ``task`` every arm of the cell starts from,
+    the task's generator parameters and any other RLVRConfig overrides of this cell (e.g. a longer completion budget
+    for a task whose answers need it). ``name`` (letters, digits, ``.``, ``_``, ``-``) names its folder and its runs'
+    keys (``<cell>/<arm>/seed<i>``); None derives it from the model and the task (``plan.cell_name``)."""
+
+    model: str
+    task: str
+    task_params: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class StudyPreset:
     """``base``: RLVRConfig overrides shared by every arm; ``arms``: arm names in run order (dependencies are moved
-    first by the planner); ``seeds``: seeds per arm; ``arm_seeds``: arms that run more seeds than that."""
+    first by the planner); ``seeds``: seeds per arm; ``arm_seeds``: arms that run more seeds than that; ``cells``:
+    the (model, task) cells the arms run in (empty: one cell, ``base`` itself)."""
 
     name: str
     doc: str
@@ -45,6 +73,7 @@ class StudyPreset:
     seeds: int = 1
     arm_seeds: Mapping[str, int] = field(default_factory=dict)
     arm_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cells: tuple[StudyCell, ...] = ()
 
 
 PRESETS: dict[str, StudyPreset] = {}
@@ -101,7 +130,9 @@ register_preset(
         {
             **_COMMON,
             "task": "arithmetic",
-            "task_preset": "tiny",
+            # 'easy' (1-2 additions / subtractions up to 20): 'tiny' has 121 distinct expressions, fewer than the
+            # 640 + 200 problems asked for here (refused by the problem loader)
+            "task_preset": "easy",
             "steps": 40,
             "prompts_per_step": 16,
             "group_size": 8,
@@ -126,10 +157,100 @@ register_preset(
             "negative_only",
             "filter_all_equal",
             "solve_floor",
+            "hard_only",
             "sparse_reuse",
         ),
         seeds=2,
         arm_overrides={"brier": {"max_completion_length": 48}, "correct_conf": {"max_completion_length": 48}},
+    )
+)
+
+
+# ---- the research question across models: which rewards help which model, on clean procedural tasks ----------------
+
+REWARD_ARMS = ("correct", "random", "inverse", "incorrect_label")
+# reasoning-gym generators the default model partly solves (docs/training.md, "Tasks from reasoning-gym")
+BASIC_ARITHMETIC_PARAMS = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+", "-"],
+    "allow_parentheses": False,
+}
+PRODUCTS_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+MODELS = ("smollm2-135m-instruct", "gemma3-270m")  # instruction-tuned vs base (docs/training.md, "Shipped models")
+
+
+def _cells(tasks: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> tuple[StudyCell, ...]:
+    """Every model x every (task, task_params, overrides), model-major (each model is loaded once)."""
+    return tuple(StudyCell(m, t, params, ov) for m in MODELS for t, params, ov in tasks)
+
+
+register_preset(
+    StudyPreset(
+        "models-quick",
+        "2-core CPU: SmolLM2-135M-Instruct and Gemma 3 270M base x {tiny arithmetic, reasoning-gym basic_arithmetic} "
+        "x {correct, random, inverse, incorrect_label}, one seed, 8 steps of 4 x 8, 32 held-out problems x n=4",
+        {
+            "format_classes": STUDY_FORMAT_CLASSES,
+            "task_preset": "tiny",
+            # sized from single runs on the 2-core CPU, idle: SmolLM2 ~4 s per step, Gemma ~6-7 s per step plus ~75 s
+            # per run for its evaluation and the update record of 268M weights: an estimated ~26 minutes for 16 runs
+            "steps": 8,
+            "prompts_per_step": 4,
+            "group_size": 8,
+            "max_completion_length": 16,
+            "train_size": 64,
+            "eval_size": 32,
+            "eval_samples": 4,
+            "checkpoint_every": 0,
+        },
+        REWARD_ARMS,
+        cells=_cells(
+            [
+                ("arithmetic", {}, {}),
+                ("reasoning_gym:basic_arithmetic", BASIC_ARITHMETIC_PARAMS, {"max_completion_length": 24}),
+            ]
+        ),
+    )
+)
+
+register_preset(
+    StudyPreset(
+        "models",
+        "one GPU: the two shipped models x {tiny arithmetic, basic_arithmetic, products} x the four reward arms, "
+        "two seeds, 40 steps of 16 x 8, held-out 56 / 80 / 40 problems x n=16",
+        {
+            "format_classes": STUDY_FORMAT_CLASSES,
+            "task_preset": "tiny",
+            "steps": 40,
+            "prompts_per_step": 16,
+            "group_size": 8,
+            "max_completion_length": 32,
+            "eval_samples": 16,
+            "checkpoint_every": 10,
+        },
+        REWARD_ARMS,
+        seeds=2,
+        cells=_cells(
+            [
+                # the tiny preset (121 expressions) and the one-digit generators (~200 for basic_arithmetic, 100 for
+                # products) have few distinct problems: the held-out and training splits share them out, and n=16
+                # samples per problem narrow each problem's estimate
+                ("arithmetic", {}, {"train_size": 64, "eval_size": 56}),
+                (
+                    "reasoning_gym:basic_arithmetic",
+                    BASIC_ARITHMETIC_PARAMS,
+                    {"max_completion_length": 64, "train_size": 100, "eval_size": 80},
+                ),
+                (
+                    "reasoning_gym:products",
+                    PRODUCTS_PARAMS,
+                    {"max_completion_length": 48, "train_size": 50, "eval_size": 40},
+                ),
+            ]
+        ),
     )
 )
 

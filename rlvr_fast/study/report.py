@@ -798,10 +798,9 @@ def _arms_section(plan: StudyPlan) -> list[str]:
     return lines
 
 
-def write_study_report(plan: StudyPlan, state: dict, analysis: dict, meta: dict | None = None) -> tuple[str, str]:
-    """Write report.md, the figures and study.json into the study folder; returns (report path, study.json path)."""
-    out = plan.output_dir
-    fnd = analysis["findings"]
+def report_meta(state: dict, meta: dict | None) -> dict:
+    """The report header's facts: ``meta`` given, plus the machine, the date, the last invocation's command and wall
+    time, and the runs' total seconds (from the study state)."""
     session = (state.get("sessions") or [{}])[-1]
     meta = dict(meta or {})
     meta.setdefault("machine", machine_description())
@@ -810,6 +809,14 @@ def write_study_report(plan: StudyPlan, state: dict, analysis: dict, meta: dict 
     if "started_epoch" in session:
         meta.setdefault("wall_seconds_this_invocation", time.time() - session["started_epoch"])
     meta["run_seconds_total"] = sum(r.get("seconds") or 0 for r in state["runs"].values())
+    return meta
+
+
+def write_study_report(plan: StudyPlan, state: dict, analysis: dict, meta: dict | None = None) -> tuple[str, str]:
+    """Write report.md, the figures and study.json into the study folder; returns (report path, study.json path)."""
+    out = plan.output_dir
+    fnd = analysis["findings"]
+    meta = report_meta(state, meta)
     meta["invocations"] = len(state.get("sessions") or [])
 
     _plot_pass_at_k(fnd["pass_at_k"], os.path.join(out, FIGURES["pass_at_k"]))
@@ -856,6 +863,9 @@ def write_study_report(plan: StudyPlan, state: dict, analysis: dict, meta: dict 
     lines += _sparsity_section(fnd["update_sparsity"]) + [""]
     lines += _formats_section(fnd["formats"]) + [""]
     lines += _difficulty_section(fnd["difficulty"]) + [""]
+    from rlvr_fast.study.shortcuts_report import shortcuts_section  # the hard-problem arms: damage and shortcuts
+
+    lines += shortcuts_section(plan, state)
     lines += _arms_section(plan) + ["", f"Every number above is in [`{STUDY_JSON}`]({STUDY_JSON})."]
     report = os.path.join(out, REPORT_FILE)
     tmp = report + ".tmp"

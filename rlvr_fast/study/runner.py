@@ -6,12 +6,19 @@ Per run:
 3. start from a fresh copy of the base model (loaded once per study, kept untouched), resuming through the trainer's
    own checkpoint (``cfg.resume``) when the run's folder holds one, so a killed study continues where it stopped;
 4. evaluate the base model once per evaluation setting (shared by every run with the same ``eval_key``: same problems,
-   same sampling seeds as the runs' after-evaluation), and hand it to the trainer as its "before";
+   same sampling seeds as the runs' after-evaluation; in a multi-cell study once per cell and setting, under the
+   cell's folder), and hand it to the trainer as its "before";
 5. train, then compare the final weights with the base weights (``updates.record_update``);
 6. record done, or the exception (type, message, traceback tail) as failed, and go on with the next run.
 
 A KeyboardInterrupt marks the run interrupted and stops the study (rerun to continue). The report is written at the
-end of every invocation from whatever has finished.
+end of every invocation from whatever has finished: for a multi-cell study one full single-cell report per cell
+(``<study>/cells/<cell>/report.md``) and the study's own report leading with the comparison across cells
+(``rlvr_fast.study.cells``).
+
+The incorrect_label reward reads a wrong label per training problem: the built-in task and JSONL files carry one;
+for a reasoning-gym task the run's training problems get one derived from their answer
+(``tasks.reasoning_gym.add_wrong_labels``) before training.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path, config_hash
 from rlvr_fast.study.state import StudyState, write_json_atomic
 from rlvr_fast.study.updates import record_update
+from rlvr_fast.tasks.reasoning_gym import add_wrong_labels, is_reasoning_gym_task
 from rlvr_fast.trainer.checkpoint.folder import latest_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.evaluation.held_out import eval_dict_from_json
@@ -104,7 +112,9 @@ def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log)
     cfg.resume = latest_checkpoint(spec.run_dir) is not None
     cfg.overwrite = not cfg.resume  # a failed attempt without a checkpoint is retried from scratch
     trainer = Trainer(cfg, loaded=models.fresh(cfg))
-    path = base_eval_path(plan.output_dir, spec.eval_key)
+    if "incorrect_label" in cfg.rewards and is_reasoning_gym_task(cfg.task):
+        add_wrong_labels(cfg.task, trainer.train_problems, seed=cfg.seed)
+    path = base_eval_path(plan.base_dir(spec), spec.eval_key)
     if os.path.exists(path):
         with open(path) as f:
             base = eval_dict_from_json(json.load(f))
@@ -172,9 +182,11 @@ def run_study(
             "preset": plan.preset,
             "base_overrides": plan.base_overrides,
             "primary": plan.primary,
+            **({"cells": {n: dataclasses.asdict(c) for n, c in plan.cells.items()}} if plan.cells else {}),
             "runs": [
                 {
                     "key": r.key,
+                    **({"cell": r.cell} if plan.cells else {}),
                     "arm": r.arm,
                     "seed": r.config["seed"],
                     "run_dir": r.run_dir,
@@ -248,6 +260,11 @@ def run_study(
     from rlvr_fast.study.analysis import analyse
     from rlvr_fast.study.report import write_study_report
 
-    findings = analyse(plan, state.data)
-    report, study_json = write_study_report(plan, state.data, findings)
+    if plan.cells:
+        from rlvr_fast.study.cells import write_cells_report
+
+        report, study_json = write_cells_report(plan, state.data)
+    else:
+        findings = analyse(plan, state.data)
+        report, study_json = write_study_report(plan, state.data, findings)
     return StudyOutcome(plan.output_dir, {r.key: state.status(r.key) for r in plan.runs}, report, study_json)

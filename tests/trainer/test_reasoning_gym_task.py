@@ -291,3 +291,19 @@ def test_task_score_runs_only_reviewed_scorers():
     assert entry.scorer is None
     with pytest.raises(ValueError, match="not reviewed"):
         entry.score("__import__('os').getcwd()")
+
+
+def test_train_derives_wrong_labels_for_incorrect_label(tmp_path):
+    """``rlvr-fast train`` with the incorrect_label reward on a reasoning-gym task: every training problem carries a
+    wrong label (its numeric answer plus a nonzero offset), deterministic for a seed; without that reward none."""
+    from rlvr_fast.trainer.rollout.data import load_problems
+
+    params = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    common = dict(task=TASK, task_params=params, train_size=6, eval_size=4, eval_file=None)
+    train, _ = load_problems(tiny_config(tmp_path, rewards={"incorrect_label": 1.0}, **common))
+    again, _ = load_problems(tiny_config(tmp_path, rewards={"incorrect_label": 1.0}, **common))
+    assert all(p.extra["incorrect_answer"] != p.answer for p in train)
+    assert all(abs(float(p.extra["incorrect_answer"]) - float(p.answer)) <= 10 for p in train)
+    assert [p.extra["incorrect_answer"] for p in train] == [p.extra["incorrect_answer"] for p in again]
+    plain, _ = load_problems(tiny_config(tmp_path, rewards={"correct": 1.0}, **common))
+    assert not any("incorrect_answer" in p.extra for p in plain)

@@ -155,9 +155,12 @@ def _reasoning_gym_problems(cfg: RLVRConfig) -> tuple[list[Problem], list[Proble
             for i, (prompt, e) in enumerate(pairs, start=1)
         ]
 
+    train_problems = problems(train, "train")
+    if "incorrect_label" in cfg.rewards:  # its wrong label, derived from the entry (refused for non-numeric answers)
+        reasoning_gym.add_wrong_labels(cfg.task, train_problems, seed=cfg.seed)
     if cfg.eval_file:
-        return problems(train, "train"), _file_problems("eval_file", cfg.eval_file, cfg.eval_size)
-    return problems(train, "train"), problems(evaluation, "eval")
+        return train_problems, _file_problems("eval_file", cfg.eval_file, cfg.eval_size)
+    return train_problems, problems(evaluation, "eval")
 
 
 def _generated(records: list[dict], where: str) -> list[Problem]:
