@@ -15,6 +15,11 @@
   40 steps of 16 x 8, n=16 samples per held-out problem, two seeds per arm; the tasks have few distinct problems (121
   tiny expressions, ~200 and 100 one-digit problems), so the cells hold out 56, 80 and 40 of them.
 
+- ``hard-quick``: the overly-hard-samples claim on a 2-core CPU: the correct arm vs ``hard_only`` (only groups
+  solved at most 1 in 8), two seeds each, 12 steps of 8 prompts x 8 completions; both are evaluated on the same
+  (easy) held-out split, where a drop is damage to a skill the base model had; the report's shortcut section compares
+  repeated answers, short and answer-only completions.
+
 A preset's ``arm_overrides`` adds overrides to single arms within that preset (e.g. a longer completion budget for the
 arms whose prompt asks for a stated confidence): the arm's identity stays the same, only its budget changes.
 
@@ -251,6 +256,36 @@ register_preset(
                 ),
             ]
         ),
+    )
+)
+
+
+register_preset(
+    StudyPreset(
+        "hard-quick",
+        "2-core CPU: the overly-hard-samples claim: correct vs hard_only (groups solved at most 1 in 8), two seeds "
+        "each, 12 steps of 8 x 8 on the tiny arithmetic task, 56 held-out problems x n=4 (the easy split every arm is "
+        "evaluated on)",
+        {
+            **_COMMON,
+            "eval_calibration": False,  # no calibration arm here
+            "task": "arithmetic",
+            "task_preset": "tiny",
+            # the hard arm keeps only the groups solved at most once in 8: 8 prompts per step so that a step keeps
+            # some (SmolLM2 solves ~30% of the tiny problems at temperature 1), 12 steps so that the kept groups add
+            # up to more than the quick preset's 5-step arm saw
+            "steps": 12,
+            "prompts_per_step": 8,
+            "group_size": 8,
+            "max_completion_length": 16,
+            # 121 distinct tiny expressions: 64 train + 56 held out
+            "train_size": 64,
+            "eval_size": 56,
+            "eval_samples": 4,
+            "checkpoint_every": 4,
+        },
+        ("correct", "hard_only"),
+        seeds=2,
     )
 )
 

@@ -97,7 +97,7 @@ def finished(tmp_path_factory, tok):
     root = str(tmp_path_factory.mktemp("study"))
     plan = tiny_plan(root, ["correct", "brier", "correct_conf"])
     calls: list = []
-    outcome = run_study(plan, model_loader=make_loader(tok, calls), log=lambda s: None)
+    outcome = run_study(plan, model_loader=make_loader(tok, calls), keep_checkpoints="final", log=lambda s: None)
     return plan, outcome, load_study(plan), calls
 
 
@@ -273,6 +273,8 @@ def test_interrupted_arm_resumes_to_the_uninterrupted_numbers(tmp_path, tok, mon
     outcome = run_study(plan, model_loader=make_loader(tok), log=lambda s: None)
     assert outcome.statuses == {"correct/seed0": "done", "nsr/seed0": "done"}
     assert trained == [(plan.run("nsr/seed0").run_dir, True)]  # correct not rerun; nsr continued from its checkpoint
+    # The default keeps no checkpoint of a finished run (a resumed one included): its results are written.
+    assert not os.path.exists(os.path.join(plan.run("nsr/seed0").run_dir, "checkpoints"))
 
     for key in ("correct/seed0", "nsr/seed0"):
         a, b = reference.run(key).run_dir, plan.run(key).run_dir
