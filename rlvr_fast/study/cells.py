@@ -38,6 +38,7 @@ from rlvr_fast.study.report import (
     _dci,
     _f,
     _sanitize,
+    provenance_lines,
     report_meta,
     write_study_report,
 )
@@ -354,20 +355,12 @@ def _cell_section(c: dict) -> list[str]:
 
 
 def _header(plan: StudyPlan, state: dict, meta: dict) -> list[str]:
-    m = meta["machine"]
-    device = m["gpu"] or f"CPU ({m['torch_threads']} torch threads)"
     statuses = [e.get("status", "pending") for e in (state["runs"].get(r.key, {}) for r in plan.runs)]
-    wall = meta.get("wall_seconds_this_invocation")
     done, failed, skipped = statuses.count("done"), statuses.count("failed"), statuses.count("skipped")
     return [
         "# rlvr_fast study across models: which rewards help which model?",
         "",
-        f"- Command: `{meta['command']}`",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}; torch {m['torch']} on "
-        f"{device}",
-        f"- Date: {meta['date']}; wall time of this invocation: "
-        + (f"{wall / 60:.1f} min" if wall is not None else "n/a")
-        + f"; training and evaluation time summed over runs: {meta['run_seconds_total'] / 60:.1f} min",
+        *provenance_lines(meta),
         f"- Preset `{plan.preset}`: {len(plan.cells)} cells x arms {', '.join(f'`{a}`' for a in plan.arms)}; runs: "
         f"{done} done, {failed} failed, {skipped} skipped, {len(statuses) - done - failed - skipped} not finished, "
         f"of {len(statuses)}. Every arm of a cell starts from the cell's base model; each cell has its own base "

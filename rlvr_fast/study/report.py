@@ -149,6 +149,23 @@ def _plt():
     return plt
 
 
+def provenance_lines(meta: dict, invocations: int | None = None) -> list[str]:
+    """The report header's command, machine and date lines (``report_meta``'s record), shared by the single-cell
+    report and the cross-model one; ``invocations``: how many ``rlvr-fast study`` calls the summed run time spans."""
+    m = meta["machine"]
+    device = m["gpu"] or f"CPU ({m['torch_threads']} torch threads)"
+    wall = meta.get("wall_seconds_this_invocation")
+    spans = f" over {invocations} invocation(s)" if invocations is not None else ""
+    return [
+        f"- Command: `{meta['command']}`",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}; torch {m['torch']} on "
+        f"{device}",
+        f"- Date: {meta['date']}; wall time of this invocation: "
+        + (f"{wall / 60:.1f} min" if wall is not None else "n/a")
+        + f"; training and evaluation time summed over runs: {meta['run_seconds_total'] / 60:.1f} min{spans}",
+    ]
+
+
 def _plot_pass_at_k(fnd: dict, path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -827,20 +844,11 @@ def write_study_report(plan: StudyPlan, state: dict, analysis: dict, meta: dict 
     _plot_difficulty(fnd["difficulty"], os.path.join(out, FIGURES["difficulty"]))
 
     primary = plan.run(plan.primary).config
-    m = meta["machine"]
-    device = m["gpu"] or f"CPU ({m['torch_threads']} torch threads)"
     statuses = [r["status"] for r in analysis["runs"]]
-    wall = meta.get("wall_seconds_this_invocation")
     lines = [
         "# rlvr_fast study: does reward engineering matter for this model?",
         "",
-        f"- Command: `{meta['command']}`",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}; torch {m['torch']} on "
-        f"{device}",
-        f"- Date: {meta['date']}; wall time of this invocation: "
-        + (f"{wall / 60:.1f} min" if wall is not None else "n/a")
-        + f"; training and evaluation time summed over runs: {meta['run_seconds_total'] / 60:.1f} min over "
-        f"{meta['invocations']} invocation(s)",
+        *provenance_lines(meta, invocations=meta["invocations"]),
         f"- Preset `{plan.preset}`: model `{primary['model']}`, task `{primary['task']}` "
         f"(`{primary['task_preset']}`), {primary['steps']} steps of {primary['prompts_per_step']} prompts x "
         f"{primary['group_size']} completions (at most {primary['max_completion_length']} new tokens), lr "
