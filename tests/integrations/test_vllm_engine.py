@@ -463,52 +463,28 @@ def test_torchrun_two_ranks_one_engine_each(tmp_path, tokenizer, parallel):
     updated, whole weights; the run ends with exit 0 (the engines shut down before the process group goes)."""
     _vllm_or_skip()
     import json
-    import subprocess
-    import sys
 
-    from helpers.runs import write_task
+    from helpers.torchrun import torchrun, train_args
 
     path = str(tmp_path / "model")
     _tiny_llama(tokenizer, seed=3).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    flags = dict(
-        model=path,
-        task=write_task(tmp_path / "train.jsonl", 8, "train"),
-        eval_file=write_task(tmp_path / "eval.jsonl", 4, "eval"),
-        train_size=8,
-        eval_size=4,
-        group_size=4,
-        prompts_per_step=2,
+    args = train_args(
+        tmp_path,
+        path,
+        str(tmp_path / "run"),
         max_prompt_length=32,
-        max_completion_length=6,
         steps=2,
-        eval_samples=2,
-        lr=1e-2,
-        device="cpu",
         dtype="float32",
         parallel=parallel,
-        rewards="correct=1.0,random=0.5",
         rollout_engine="vllm",
         vllm_enforce_eager="true",
         vllm_kv_cache_gib=0.25,
         rollout_correction="token_truncate",
-        progress="false",
-        output_dir=str(tmp_path / "run"),
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlvr_fast"]
-    done = subprocess.run(
-        [*command, "train", *[f"--{k}={v}" for k, v in flags.items()]],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-5000:]
-    assert "pass@1" in done.stdout
+    code, out, _ = torchrun(args, timeout=600)
+    assert code == 0, out[-5000:]
+    assert "pass@1" in out
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         steps = [r for r in map(json.loads, f) if "seconds" in r]
     assert [r["step"] for r in steps] == [0, 1]
