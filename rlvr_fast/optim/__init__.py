@@ -12,7 +12,7 @@ from rlvr_fast.optim.masks import (
     save_masks,
 )
 from rlvr_fast.optim.sparse_adamw import SparseAdamW, sparse_adamw_reference
-from rlvr_fast.optim.sparsity import update_rank_ratio, update_sparsity
+from rlvr_fast.optim.sparsity import update_effective_rank, update_rank_ratio, update_sparsity
 
 __all__ = [
     "GradSaliency",
@@ -24,6 +24,7 @@ __all__ = [
     "random_masks",
     "save_masks",
     "sparse_adamw_reference",
+    "update_effective_rank",
     "update_rank_ratio",
     "update_sparsity",
 ]

@@ -19,7 +19,7 @@ from rlvr_fast.optim.masks import (
     save_masks,
     unpack_bits,
 )
-from rlvr_fast.optim.sparsity import update_rank_ratio, update_sparsity
+from rlvr_fast.optim.sparsity import update_effective_rank, update_rank_ratio, update_sparsity
 
 # --------------------------------------------------------------------------------------------------------------------
 # update_sparsity
@@ -79,6 +79,25 @@ def test_update_rank_ratio(generator, device):
     assert update_rank_ratio(torch.zeros(5, 4)) == 0.0
     assert update_rank_ratio(torch.randn(6, 40, generator=generator)) == 1.0
     assert "rank_ratio/m" not in update_sparsity(a, b)  # off by default
+
+
+def test_update_effective_rank(generator, device):
+    """exp of the spectrum's entropy, against the formula written out: r equal singular values give r; a dominant
+    direction pulls it toward 1; the numerical rank of the same update is full."""
+    for r in (1, 3, 7):
+        u, _ = torch.linalg.qr(torch.randn(40, r, generator=generator, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(30, r, generator=generator, dtype=torch.float64))
+        assert update_effective_rank((2.5 * u @ v.T).to(device)) == pytest.approx(r, rel=1e-9)
+    d = torch.randn(17, 23, generator=generator).to(device)
+    s = torch.linalg.svdvals(d.cpu().double())
+    p = s / s.sum()
+    assert update_effective_rank(d) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
+    spike = d + 50 * torch.outer(torch.randn(17, generator=generator), torch.randn(23, generator=generator)).to(device)
+    assert update_effective_rank(spike) < 2.0 < update_effective_rank(d)
+    assert update_rank_ratio(spike) == 1.0
+    assert update_effective_rank(torch.zeros(4, 6, device=device)) == 0.0
+    with pytest.raises(ValueError, match=r"diff must be 2-D \(m, n\), got shape \(5,\)"):
+        update_effective_rank(torch.zeros(5))
 
 
 @pytest.mark.parametrize(
