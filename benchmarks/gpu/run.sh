@@ -40,5 +40,7 @@ bench_rc=$?
 timeout 300 python3 benchmarks/gpu/vllm_gpu.py --out "$out" --timeout 95 >"$out/vllm.log" 2>&1
 vllm_rc=$?
 tail -n 6 "$out/vllm.log"
+# one LoRA and one QLoRA step of the default model, peak GPU memory each (recorded, not gating)
+timeout 120 python3 benchmarks/gpu/lora_gpu.py --out "$out" >"$out/lora.log" 2>&1; tail -n 2 "$out/lora.log"
 echo "tests rc=$tests_rc bench rc=$bench_rc vllm rc=$vllm_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 || vllm_rc != 0 ))

@@ -41,6 +41,7 @@ from rlvr_fast.study.stats import (
     pass_at_k_deltas,
     wilson,
 )
+from rlvr_fast.study.update_modes import update_modes
 from rlvr_fast.study.updates import MASK_FILES, UPDATE_FILE, changed_set_overlaps, containment
 from rlvr_fast.trainer.evaluation.held_out import eval_dict_from_json
 
@@ -575,4 +576,6 @@ def analyse(plan: StudyPlan, state: dict) -> dict:
             "formats": _formats(runs, bases, labels, classes),
             "difficulty": _difficulty(runs, passk),
         },
+        # per run: trainable parameters, optimizer bytes, memory, step time, update ranks (study/update_modes.py)
+        "update_modes": update_modes(runs),
     }

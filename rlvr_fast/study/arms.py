@@ -11,6 +11,8 @@ differ.
 | sample      | psr, nsr, w_reinforce (lambda 0.1), positive_only, negative_only     | which samples teach?      |
 | difficulty  | filter_all_equal, solve_floor (min_solve_rate 0.25), hard_only       | do hard groups hurt?      |
 | optimizer   | sparse_reuse (SparseAdamW on the entries the correct arm changed)    | is the subnetwork enough? |
+|             | sparse_random10/30, sparse_grad10/30, lora_r66 (same state as 10%)   | which subset should train?|
+| trajectory  | traj_replay, traj_lessons, traj_both, traj_uniform, traj_random_lesson | which trajectories teach? |
 
 ``correct`` is the baseline of every group: GRPO on all samples (alias ``all``), no filter (``no_filter``), dense AdamW
 (``dense``). Users add arms with a YAML file mapping a name to its overrides (``{name: {lr: 1e-5}}``) or to
@@ -36,7 +38,7 @@ __all__ = [
     "resolve_arm_names",
 ]
 
-GROUPS = ("reward", "calibration", "sample", "difficulty", "optimizer", "user")
+GROUPS = ("reward", "calibration", "sample", "difficulty", "optimizer", "trajectory", "user")
 BASELINE_ARM = "correct"
 # Fields the study sets per run (the seed loop, the run folder, resumption): an arm may not override them.
 STUDY_OWNED_FIELDS = ("seed", "output_dir", "resume")
@@ -183,6 +185,54 @@ for _arm in (
     ),
 ):
     register_arm(_arm)
+
+# ---- trajectory-processing arms (rlvr_fast/trainer/trajectories): all-wrong groups as demonstrations or lessons
+for _mode, _doc in (
+    ("replay", "a stored success replaces one sample of an all-wrong group, LUFFY-shaped (arXiv:2504.14945)"),
+    ("lessons", "an all-wrong group re-sampled with a lesson from its failures (NuRL 2509.25666, HiLL 2604.00698)"),
+    ("both", "replay where the prompt has a stored success, else a lesson"),
+    ("uniform", "control: both's processing on as many groups drawn at random; the store keeps any completion"),
+    ("random_lesson", "control: the lesson of another problem of the step"),
+):
+    register_arm(Arm(f"traj_{_mode}", {**_CORRECT, "trajectory_processing": _mode}, _doc, "trajectory"))
+
+# ---- update-mode arms (preset update-modes-quick): which subset of the weights trains, at what optimizer cost
+for _kind, _density in (("random", 0.1), ("random", 0.3), ("grad", 0.1), ("grad", 0.3)):
+    register_arm(
+        Arm(
+            f"sparse_{_kind}{round(_density * 100)}",
+            {**_CORRECT, "optimizer": "sparse_adamw", "mask_source": f"{_kind}:{_density}"},
+            f"SparseAdamW on {'a random' if _kind == 'random' else 'the largest-|grad| (warm-up saliency)'} "
+            f"{round(_density * 100)}% of every weight's entries",
+            "optimizer",
+        )
+    )
+# LoRA at the rank whose AdamW state equals the 10% mask's, for SmolLM2-135M (30 layers, hidden 576, MLP 1536, 3 KV
+# heads of 64; 134,515,008 parameters in 272 tensors, tied head). SparseAdamW keeps 12 bytes per masked entry (two
+# float32 moments + an int32 index) and a 4-byte step per tensor: 12 x 13,451,501 + 4 x 272 = 161,419,964 bytes at 10%.
+# LoRA all-linear adds r x (in + out) parameters per Linear: r x 30 x (1152 + 768 + 768 + 1152 + 3 x 2112) =
+# r x 305,280, each with two float32 moments (8 bytes): 2,442,240 bytes per unit of rank, so r = 161.4M / 2.44M = 66.1
+# -> 66 (161,189,520 bytes with the 210 step counts, 0.14% under). tests/trainer/test_update_modes.py recomputes both.
+# alpha = 2r keeps the default config's scale alpha / r = 2. The learning rate is 10x the full run's: LoRA's best
+# learning rate sits about 10x above full fine-tuning's across model sizes (Schulman et al. 2025, "LoRA Without
+# Regret", Thinking Machines); at the full run's 2e-5 the adapter barely moves in a quick preset's few steps.
+LORA_MATCHED_RANK = 66
+LORA_LR = 2e-4  # 10x RLVRConfig's default lr (2e-5), which the other arms keep
+register_arm(
+    Arm(
+        f"lora_r{LORA_MATCHED_RANK}",
+        {
+            **_CORRECT,
+            "adapter": "lora",
+            "lora_rank": LORA_MATCHED_RANK,
+            "lora_alpha": 2 * LORA_MATCHED_RANK,
+            "lr": LORA_LR,
+        },
+        "LoRA on every Linear (HF PEFT) at the rank whose AdamW state matches the 10% SparseAdamW mask's, at 10x the "
+        "full run's learning rate",
+        "optimizer",
+    )
+)
 
 
 def resolve_arm_names(names: list[str], registry: Mapping[str, Arm] | None = None) -> list[str]:

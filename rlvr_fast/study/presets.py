@@ -79,6 +79,8 @@ class StudyPreset:
     arm_seeds: Mapping[str, int] = field(default_factory=dict)
     arm_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     cells: tuple[StudyCell, ...] = ()
+    # record the effective rank of every run's update per weight (an SVD each) and report the update-modes section
+    update_rank: bool = False
 
 
 PRESETS: dict[str, StudyPreset] = {}
@@ -187,6 +189,9 @@ PRODUCTS_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits"
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")  # instruction-tuned vs base (docs/training.md, "Shipped models")
 
 
+TRAJECTORY_ARMS = ("correct", "traj_replay", "traj_lessons", "traj_both", "traj_uniform", "traj_random_lesson")
+
+
 def _cells(tasks: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> tuple[StudyCell, ...]:
     """Every model x every (task, task_params, overrides), model-major (each model is loaded once)."""
     return tuple(StudyCell(m, t, params, ov) for m in MODELS for t, params, ov in tasks)
@@ -267,8 +272,7 @@ register_preset(
         "each, 12 steps of 8 x 8 on the tiny arithmetic task, 56 held-out problems x n=4 (the easy split every arm is "
         "evaluated on)",
         {
-            **_COMMON,
-            "eval_calibration": False,  # no calibration arm here
+            **_COMMON,  # eval_calibration on: the shortcut signatures read the held-out completions' answers
             "task": "arithmetic",
             "task_preset": "tiny",
             # the hard arm keeps only the groups solved at most once in 8: 8 prompts per step so that a step keeps
@@ -286,6 +290,84 @@ register_preset(
         },
         ("correct", "hard_only"),
         seeds=2,
+    )
+)
+
+
+register_preset(
+    StudyPreset(
+        "trajectories",
+        "one GPU: all-wrong groups as demonstrations or lessons (trainer/trajectories) against GRPO and two controls, "
+        "on the built-in task's medium split where many groups are all wrong, at equal generation budget (a lesson "
+        "samples G more completions per processed group, so the lesson arms train fewer steps)",
+        {
+            **_COMMON,
+            "task": "arithmetic",
+            "task_preset": "medium",
+            "steps": 40,
+            "rollout_budget": 40 * 16 * 8,  # what the off arm samples in its 40 steps
+            "prompts_per_step": 16,
+            "group_size": 8,
+            "max_completion_length": 64,
+            "max_prompt_length": 384,  # the lesson goes into the prompt
+            "train_size": 64,  # every prompt comes back every 4 steps: the store gets used
+            "eval_size": 200,
+            "eval_samples": 16,
+            "checkpoint_every": 10,
+        },
+        TRAJECTORY_ARMS,
+        seeds=2,
+    )
+)
+
+register_preset(
+    StudyPreset(
+        "trajectories-quick",
+        "2-core CPU: the trajectories preset's six arms on the built-in task's easy split (SmolLM2 leaves many groups "
+        "all wrong there), one seed, 12 steps of 8 x 8 at equal generation budget, 48 held-out problems x n=4",
+        {
+            **_COMMON,
+            "eval_calibration": False,
+            "task": "arithmetic",
+            "task_preset": "easy",
+            "steps": 12,
+            "rollout_budget": 12 * 8 * 8,
+            "prompts_per_step": 8,
+            "group_size": 8,
+            "max_completion_length": 16,
+            "max_prompt_length": 256,
+            "train_size": 32,  # every prompt comes back every 4 steps: the store gets used
+            "eval_size": 48,
+            "eval_samples": 4,
+            "checkpoint_every": 0,
+        },
+        TRAJECTORY_ARMS,
+    )
+)
+
+
+register_preset(
+    StudyPreset(
+        "update-modes-quick",
+        "2-core CPU: full AdamW vs SparseAdamW (random and gradient-saliency masks at 10% and 30%) vs LoRA at the rank "
+        "whose optimizer state equals the 10% mask's: trainable parameters, optimizer-state bytes, peak memory, step "
+        "time, update sparsity and the effective rank of each update; 8 steps of 4 x 8, 32 held-out problems x n=4",
+        {
+            **_COMMON,
+            "eval_calibration": False,  # no calibration arm here
+            "task": "arithmetic",
+            "task_preset": "tiny",
+            "steps": 8,
+            "prompts_per_step": 4,
+            "group_size": 8,
+            "max_completion_length": 16,
+            "train_size": 64,
+            "eval_size": 32,
+            "eval_samples": 4,
+            "checkpoint_every": 0,
+        },
+        ("correct", "sparse_random10", "sparse_random30", "sparse_grad10", "sparse_grad30", "lora_r66"),
+        update_rank=True,
     )
 )
 

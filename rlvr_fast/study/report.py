@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from rlvr_fast.study.plan import StudyPlan
-from rlvr_fast.study.state import write_json_atomic
+from rlvr_fast.study.state import json_safe, write_json_atomic
 
 __all__ = ["machine_description", "write_study_report"]
 
@@ -94,15 +94,7 @@ def _ks(ks: list[int]) -> str:
     return ", ".join(str(k) for k in ks) if ks else "none"
 
 
-def _sanitize(obj: Any) -> Any:
-    """JSON without NaN/inf (null instead) and with string keys."""
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {str(k): _sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_sanitize(v) for v in obj]
-    return obj
+_sanitize = json_safe  # JSON without NaN/inf (null instead) and with string keys
 
 
 def machine_description() -> dict:
@@ -871,9 +863,15 @@ def write_study_report(plan: StudyPlan, state: dict, analysis: dict, meta: dict 
     lines += _sparsity_section(fnd["update_sparsity"]) + [""]
     lines += _formats_section(fnd["formats"]) + [""]
     lines += _difficulty_section(fnd["difficulty"]) + [""]
+    from rlvr_fast.study.update_modes import update_modes_section  # optimizer bytes, memory, update rank per run
+
+    lines += update_modes_section(analysis.get("update_modes", {}))  # where the preset recorded update ranks
     from rlvr_fast.study.shortcuts_report import shortcuts_section  # the hard-problem arms: damage and shortcuts
 
     lines += shortcuts_section(plan, state)
+    from rlvr_fast.study.trajectories_report import trajectories_section  # trajectory processing: cost, comparisons
+
+    lines += trajectories_section(plan, state)
     lines += _arms_section(plan) + ["", f"Every number above is in [`{STUDY_JSON}`]({STUDY_JSON})."]
     report = os.path.join(out, REPORT_FILE)
     tmp = report + ".tmp"

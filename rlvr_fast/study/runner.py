@@ -36,14 +36,19 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path, config_hash
+from rlvr_fast.study.presets import PRESETS
 from rlvr_fast.study.state import StudyState, write_json_atomic
+from rlvr_fast.study.update_modes import record_resources, trained_weights
 from rlvr_fast.study.updates import record_update
 from rlvr_fast.tasks.reasoning_gym import add_wrong_labels, is_reasoning_gym_task
 from rlvr_fast.trainer.checkpoint.folder import latest_checkpoint
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.evaluation.held_out import eval_dict_from_json
 from rlvr_fast.trainer.model import LoadedModel
+from rlvr_fast.trainer.reporting.log import reset_peak_memory
 
 __all__ = ["KEEP_CHECKPOINTS", "StudyOutcome", "base_eval_path", "run_study"]
 
@@ -111,6 +116,8 @@ def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log)
     os.makedirs(spec.run_dir, exist_ok=True)
     cfg.resume = latest_checkpoint(spec.run_dir) is not None
     cfg.overwrite = not cfg.resume  # a failed attempt without a checkpoint is retried from scratch
+    # each run's peak memory its own (resources.json): CUDA's allocator peak, or on Linux the process's peak RSS
+    reset_peak_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     trainer = Trainer(cfg, loaded=models.fresh(cfg))
     if "incorrect_label" in cfg.rewards and is_reasoning_gym_task(cfg.task):
         add_wrong_labels(cfg.task, trainer.train_problems, seed=cfg.seed)
@@ -133,7 +140,11 @@ def _run_one(spec: RunSpec, plan: StudyPlan, models: BaseModels, keep: str, log)
     if cfg.resume:
         log(f"  resuming {spec.key} from {latest_checkpoint(spec.run_dir)}")
     result = trainer.train(before_eval=base)
-    update = record_update(models.parameters(), dict(trainer.model.named_parameters()), spec.run_dir)
+    preset = PRESETS.get(plan.preset)
+    rank = preset is not None and preset.update_rank  # an SVD per weight: only where the preset asks
+    # a LoRA run's weights merged (W + scale * B @ A) under the base names: every arm's update compared alike
+    update = record_update(models.parameters(), trained_weights(trainer), spec.run_dir, rank=rank)
+    record_resources(trainer, result.metrics, spec.run_dir)  # trainable params, optimizer bytes, memory, step time
     _prune_checkpoints(spec.run_dir, keep)
     del trainer
     gc.collect()

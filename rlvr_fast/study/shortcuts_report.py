@@ -26,7 +26,7 @@ from typing import Any
 from rlvr_fast.eval.shortcuts import paired_difference, per_problem_signatures, summarize
 from rlvr_fast.study.arms import BASELINE_ARM
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path
-from rlvr_fast.study.state import write_json_atomic
+from rlvr_fast.study.state import json_safe, write_json_atomic
 from rlvr_fast.study.stats import pass_at_k_deltas, wilson
 
 __all__ = ["SHORTCUTS_JSON", "hard_runs", "shortcut_findings", "shortcuts_section"]
@@ -251,7 +251,7 @@ def shortcuts_section(plan: StudyPlan, state: dict) -> list[str]:
     if not hard_runs(plan):
         return []
     findings = shortcut_findings(plan, state)
-    write_json_atomic(os.path.join(plan.output_dir, SHORTCUTS_JSON), _json_safe(findings))
+    write_json_atomic(os.path.join(plan.output_dir, SHORTCUTS_JSON), json_safe(findings))
     lines = [
         "## Hard problems: damage to skills the model had, and shortcut signatures",
         "",
@@ -265,13 +265,3 @@ def shortcuts_section(plan: StudyPlan, state: dict) -> list[str]:
     for e in findings.values():
         lines += _run_lines(e)
     return lines
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -9,16 +9,28 @@ run the error (type, message, the last lines of the traceback) or the reason.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
 from typing import Any
 
-__all__ = ["STATE_FILE", "STATUSES", "StudyState", "write_json_atomic"]
+__all__ = ["STATE_FILE", "STATUSES", "StudyState", "json_safe", "write_json_atomic"]
 
 STATE_FILE = "study_state.json"
 STATUSES = ("pending", "running", "done", "failed", "skipped", "interrupted")
 FORMAT = "rlvr_fast.study_state/1"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON takes it: NaN and inf become null, keys become strings (lists and dicts recursively)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_json_atomic(path: str, data: Any, indent: int | None = 1) -> None:

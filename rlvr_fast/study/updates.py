@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from rlvr_fast.optim import masks_from_diff, save_masks, update_sparsity
+from rlvr_fast.optim import masks_from_diff, save_masks, update_effective_rank, update_rank_ratio, update_sparsity
 from rlvr_fast.optim.masks import MASKS_FORMAT
 
 __all__ = [
@@ -55,16 +55,25 @@ def tensor_kind(name: str) -> str:
 
 
 @torch.no_grad()
-def record_update(base: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], run_dir: str) -> dict:
+def record_update(
+    base: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], run_dir: str, *, rank: bool = False
+) -> dict:
     """Compare ``trained`` with ``base`` (name -> tensor, e.g. ``dict(model.named_parameters())``), write the changed
     masks and ``update_sparsity.json`` into ``run_dir``, and return that JSON's content:
     {"atol", "overall": {dtype: unchanged fraction}, "tensors": {name: {"numel", "kind", "unchanged": {dtype: frac}}},
-    "masks": {dtype: file name}}."""
+    "masks": {dtype: file name}}. ``rank``: also store, per 2-D tensor, the "effective_rank" and "rank_ratio" of the
+    update ``trained - base`` (an SVD per weight: seconds for a large embedding, so only where a preset asks)."""
     base = {n: t.detach() for n, t in base.items()}
     trained = {n: t.detach() for n, t in trained.items()}
     out: dict = {"atol": ATOL, "overall": {}, "tensors": {}, "masks": {}}
     for name, t in base.items():
         out["tensors"][name] = {"numel": t.numel(), "kind": tensor_kind(name), "unchanged": {}}
+        if rank and t.dim() == 2 and name in trained:
+            # the difference in float64 (exact for float32 weights, and keeps a merged LoRA product clear of W's
+            # rounding), its SVD in float32
+            diff = (trained[name].double() - t.to(trained[name].device).double()).float()
+            out["tensors"][name]["effective_rank"] = update_effective_rank(diff)
+            out["tensors"][name]["rank_ratio"] = update_rank_ratio(diff)
     for label, dtype in COMPARE_DTYPES.items():
         fractions = update_sparsity(base, trained, atol=ATOL, dtype=dtype)
         masks = masks_from_diff(base, trained, atol=ATOL, dtype=dtype)

@@ -235,6 +235,31 @@ class RLVRConfig:
     )
     max_solve_rate: float | None = _f(None, "drop groups solved more often than this (too easy)", ge=0, le=1)
 
+    # ---- trajectory processing (rlvr_fast/trainer/trajectories) ----------------------------------------------------
+    trajectory_processing: str = _f(
+        "off",
+        "what to do with a group whose completions are all wrong: off; replay (one stored verified success of the "
+        "prompt replaces one sample, weighted off-policy as LUFFY, arXiv:2504.14945); lessons (the group re-sampled "
+        "with a lesson built from its failures added to the prompt; NuRL 2509.25666, HiLL 2604.00698); both; and the "
+        "controls uniform (both, groups chosen at random at the same rate, any trajectory stored) and random_lesson "
+        "(the lesson of another problem of the step)",
+        choices="rlvr_fast.trainer.trajectories.modes:TRAJECTORY_MODES",
+    )
+    replay_capacity: int = _f(2, "replay: stored successes kept per prompt (the newest)", ge=1)
+    replay_gamma: float = _f(
+        0.1, "replay: gamma of LUFFY's shaped importance weight f(r) = r / (r + gamma) (no clipping)", gt=0
+    )
+    replay_positive_only: bool = _f(True, "replay / lessons: zero the negative advantages of a rescued group")
+    lesson_builder: str | None = _f(
+        None, "lessons: 'module:function' building the lesson from (problem, texts, verdicts) instead of the template"
+    )
+    lesson_training: str = _f(
+        "without",
+        "lessons: train the re-sampled completions under the prompt without the lesson (importance-corrected by "
+        "pi(y|x) / pi(y|x+lesson), shaped as replay) or with it",
+        choices="rlvr_fast.trainer.trajectories.modes:LESSON_TRAINING",
+    )
+
     # ---- optimisation -----------------------------------------------------------------------------------------------
     optimizer: str = _f(
         "adamw",
@@ -243,6 +268,28 @@ class RLVRConfig:
     )
     mask_source: str | None = _f(
         None, "sparse_adamw's mask: random:<density>, grad:<density> (|grad| over warm-up steps) or a mask file"
+    )
+    # ---- parameter-efficient fine-tuning (rlvr_fast/trainer/adapters) --------------------------------------------
+    adapter: str = _f(
+        "none",
+        "none (train every weight), lora (HF PEFT LoRA, Hu et al. 2021, arXiv:2106.09685: the base frozen, low-rank "
+        "A/B trained) or qlora (LoRA on a base quantised to NF4 by bitsandbytes, Dettmers et al. 2023, "
+        "arXiv:2305.14314)",
+        choices="rlvr_fast.trainer.adapters.fields:ADAPTERS",
+    )
+    lora_rank: int = _f(16, "r: the rank of each LoRA update B @ A", ge=1)
+    lora_alpha: float = _f(32, "LoRA's scale numerator: the update is (lora_alpha / lora_rank) B @ A", gt=0)
+    lora_dropout: float = _f(
+        0.0,
+        "dropout on LoRA's input; only 0 is accepted: the policy runs in eval mode (the loss must see the function "
+        "that sampled), so any other value would be silently ignored",
+        ge=0,
+        lt=1,
+    )
+    lora_target_modules: str = _f(
+        "all-linear",
+        "the Linear layers LoRA adapts: 'all-linear' (every Linear of the decoder, not lm_head) or a comma list of "
+        "module names (e.g. q_proj,v_proj); lm_head is refused (the fused log-probs read its weight directly)",
     )
     lr: float = _f(
         2e-5,
@@ -282,6 +329,14 @@ class RLVRConfig:
         12,
         "training steps: each samples one rollout batch and takes num_iterations optimizer steps on it",
         ge=0,
+        on_resume="may_change",
+    )
+    rollout_budget: int | None = _f(
+        None,
+        "stop after the step at which this many completions have been sampled in all (the steps' rollouts plus "
+        "trajectory processing's lesson re-samples; evaluation and mask warm-up not counted): settings that sample "
+        "more per step train fewer steps, for comparisons at equal generation budget; None: steps alone decides",
+        ge=1,
         on_resume="may_change",
     )
 
@@ -366,6 +421,9 @@ class RLVRConfig:
                 "mask_source", "mask_source is required with optimizer='sparse_adamw' (random:<d>, grad:<d> or a file)"
             )
         self._check_objective(fail)
+        from rlvr_fast.trainer.adapters.fields import check_adapter_fields
+
+        check_adapter_fields(self, fail)  # rank, targets, optimizer: before anything loads
         if self.resume and self.overwrite:
             fail("overwrite", "overwrite and resume exclude each other: continue the run in output_dir, or delete it")
         if not self.rewards:

@@ -29,6 +29,8 @@ import torch
 
 from rlvr_fast.eval import format_frequency
 from rlvr_fast.optim import GradSaliency
+from rlvr_fast.trainer.adapters import apply_adapter
+from rlvr_fast.trainer.adapters.checkpoint import save_adapter_checkpoint
 from rlvr_fast.trainer.checkpoint.local import load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.checkpoint.run_lock import release_run_lock
 from rlvr_fast.trainer.checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
@@ -61,6 +63,7 @@ from rlvr_fast.trainer.step import (
     build_update_batch,
     compute_advantages,
 )
+from rlvr_fast.trainer.trajectories.processor import TrajectoryProcessor
 from rlvr_fast.trainer.update.finite_guard import checked_update, rollout_of_step
 from rlvr_fast.trainer.update.loss import plan_micro_batches_by_config, policy_step, sequence_logprobs
 from rlvr_fast.trainer.update.memory import (
@@ -100,10 +103,12 @@ class Trainer:
         self.world = TrainingWorld.from_environment(cfg)  # one process, or this rank of a torchrun world
         seed_everything(cfg.seed)
         self.scorer = Scorer(cfg)  # checks reward modes before the model loads
+        self.trajectories = TrajectoryProcessor(cfg, self.world)  # replay store, lessons (trainer/trajectories)
         self.train_problems, self.eval_problems = load_problems(cfg)
         # output folder, resume checks: before loading; rank 0 prepares the folder and verifies the checkpoint
         self.resume_point = self.world.main_decides(lambda: preflight(cfg, check_model=loaded is None))
         self.loaded = loaded or load_model(cfg)
+        self.adapter = apply_adapter(cfg, self.loaded.model)  # LoRA / QLoRA in place (trainer/adapters); None: full
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.precision = self.loaded.precision or precision_of_loaded(cfg.dtype, self.loaded.device, self.loaded.dtype)
         if self.world.is_main:  # the choice and why, once at start (trainer/precision.py)
@@ -130,13 +135,16 @@ class Trainer:
         self.model_work = ModelWork.of(self.model, self.compute_dtype)
         self.recomputes = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
         self.ref_model = None
-        if cfg.beta > 0:
+        if cfg.beta > 0 and self.adapter is None:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
         device, dtype = self.loaded.device, self.loaded.dtype
         self.policy = self.world.wrap(self.model, dtype, device)  # DDP / FSDP2 under torchrun; as is on one process
         self.ref = (
             self.world.wrap(self.ref_model, dtype, device, trainable=False) if self.ref_model is not None else None
         )
+        if cfg.beta > 0 and self.adapter is not None:  # the reference: the policy with its adapters off, no copy
+            self.ref_model, self.ref = self.model, self.adapter.reference(self.policy)
+        self.completions_sampled = 0  # over the run, toward rollout_budget (restored on resume)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         if saliency_warmup(cfg) is None:  # otherwise warm_up_masks() builds them
@@ -210,14 +218,18 @@ class Trainer:
         with self.timer.part("scoring"):
             texts = self.world.gather_list(rollout.texts)
             rewards = self.scorer(texts, problems, step)
-            adv = compute_advantages(rewards, self.cfg)
+            # trajectory processing (trainer/trajectories): all-wrong groups rebuilt; everything below sees them
+            rollout, texts, rewards = self.trajectories.rebuild(self, problems, rollout, texts, rewards, step)
+            adv = self.trajectories.shape_advantages(compute_advantages(rewards, self.cfg))
             kept = apply_difficulty_filter(rewards, self.cfg)
             rows, groups = self.world.rows(len(texts)), self.world.rows(len(problems))
             local_kept = replace(kept, keep=kept.keep[groups])
             batch = build_update_batch(rollout, adv.advantages[rows], local_kept, self.cfg)
+            batch = self.trajectories.weight_batch(self, batch, rollout)  # off-policy rows: LUFFY's shaped weight
             batch, batch_stats = self.world.global_update_batch(batch, rollout)
             tokens, truncated = self.world.sum([rollout.completion_mask.sum(), rollout.truncated.sum()])
-        return PreparedStep(rollout, texts, rewards, adv, kept, batch, batch_stats, tokens, truncated)
+        trajectories = self.trajectories.step_metrics()
+        return PreparedStep(rollout, texts, rewards, adv, kept, batch, batch_stats, tokens, truncated, trajectories)
 
     def sync_rollout_engine(self) -> None:
         """Push the updated weights into an engine that holds its own copy (vLLM; the native engine samples the model
@@ -372,14 +384,22 @@ class Trainer:
             print(f"before training: pass@1 {before['pass_at_k'][1]['mean']:.3f}")
 
         progress = Progress(cfg.steps, start, cfg.progress and main)
+        steps_done = start
         for step in range(start, cfg.steps):
             record = self.train_step(step)
+            self.completions_sampled += record["completions_sampled"]
+            record["completions_sampled_total"] = self.completions_sampled
             log.write(record)
             progress.update(record)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            steps_done = step + 1
+            spent = cfg.rollout_budget is not None and self.completions_sampled >= cfg.rollout_budget
+            last = step + 1 == cfg.steps or spent
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
                 log.write({"step": step, "eval": self.evaluate().to_dict()})
-            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
+            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last:
                 self._save_checkpoint(step + 1, before)
+            if spent:  # the generation budget is used up (RLVRConfig.rollout_budget)
+                break
         progress.close()
 
         after = self.evaluate().to_dict()
@@ -389,7 +409,8 @@ class Trainer:
             with open(os.path.join(cfg.output_dir, "eval_after.json"), "w") as f:
                 json.dump(after, f, indent=1)
             extra = {
-                "steps": cfg.steps,
+                "steps": steps_done,  # fewer than cfg.steps where rollout_budget ended the run
+                "completions_sampled": self.completions_sampled,
                 "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
                 **self.precision.record(),  # the resolved RLVRConfig.dtype: weights, compute dtype, why
                 "rollout_engine": self.rollout_engine,  # the resolved RLVRConfig.rollout_engine
@@ -405,16 +426,27 @@ class Trainer:
         else:
             state = load_checkpoint(self.resume_point.path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        self.trajectories.load_state_dict(state.get("trajectories"))  # the replay store as it was
+        self.completions_sampled = int(state.get("completions_sampled", 0))  # toward rollout_budget
         return state["step"], eval_dict_from_json(state["before_eval"])
 
     def _save_checkpoint(self, step: int, before: dict) -> None:
         """The checkpoint after ``step`` steps: one process writes safetensors; under torchrun every rank writes its
         own shards through torch.distributed.checkpoint and rank 0 commits the folder once all have
         (``trainer/checkpoint/sharded.py``). Either way it is complete and verified when this returns."""
-        trainer_state = {"scheduler": self.scheduler.state_dict(), "before_eval": before, "config": self.cfg.to_dict()}
+        trainer_state = {
+            "scheduler": self.scheduler.state_dict(),
+            "before_eval": before,
+            "config": self.cfg.to_dict(),
+            "completions_sampled": self.completions_sampled,
+        }
+        if self.trajectories.active:
+            trainer_state["trajectories"] = self.trajectories.state_dict()
         if self.world.active:
             trainer_state["parallel"] = self.world.mode
             save_sharded_checkpoint(self.cfg.output_dir, step, self.policy, self.optimizer, trainer_state)
+        elif self.adapter is not None:  # the adapter in PEFT's format, not the frozen base (adapters/checkpoint.py)
+            save_adapter_checkpoint(self.cfg.output_dir, step, self.adapter, self.optimizer, trainer_state)
         else:
             save_checkpoint(self.cfg.output_dir, step, self.model, self.optimizer, trainer_state)
 
@@ -461,6 +493,8 @@ class Trainer:
             "zero_advantage_tokens_skipped": batch["skipped_tokens"],
             "truncated_frac": front.truncated / len(front.texts),
             "completion_tokens": completion_tokens,
+            # every completion sampled this step, lesson re-samples included (what rollout_budget counts)
+            "completions_sampled": len(front.texts) + front.trajectories.get("traj_lesson_samples", 0),
             "tokens_per_s": completion_tokens / times["seconds"],
             **times,  # seconds, and time_<part>_s for each part of the step (step_timer), which sum to it
             "peak_memory_bytes": peak_memory_bytes(self.loaded.device),
@@ -472,6 +506,7 @@ class Trainer:
         if self.cfg.format_classes:  # format frequency of this step's rollouts, and each format's accuracy
             stats = format_frequency(front.texts, self.cfg.format_classes, correct=rewards.correct.tolist())
             record["formats"] = {name: asdict(s) for name, s in stats.items()}
+        record.update(front.trajectories)  # trajectory processing's metrics (none with trajectory_processing=off)
         record.update(update)
         return record
 

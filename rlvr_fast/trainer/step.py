@@ -20,7 +20,7 @@ the data-parallel gathers between them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -201,3 +201,4 @@ class PreparedStep:
     batch_stats: dict  # the step's completions_updated, skipped_rows, skipped_tokens
     completion_tokens: float
     truncated: float  # completions without EOS
+    trajectories: dict = field(default_factory=dict)  # trajectory processing's metrics (trainer/trajectories)

@@ -5,4 +5,5 @@ shares (``folder``), what a checkpoint holds (``state``), the one-process format
 
 Importing the package registers both formats (``folder.FORMATS``), whichever module is imported first."""
 
+from rlvr_fast.trainer.adapters import checkpoint as _adapter_checkpoint  # noqa: F401 (format "adapter")
 from rlvr_fast.trainer.checkpoint import dcp_layout, local  # noqa: F401 (each registers its format)

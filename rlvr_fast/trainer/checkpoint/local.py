@@ -89,7 +89,7 @@ def _safetensors_load_weights(path: str, model: torch.nn.Module) -> dict[str, to
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
     """Restore a one-process checkpoint's model, optimizer and RNG state in place; returns the trainer state (step,
     ...). A torchrun run's checkpoint resumes through ``sharded.load_sharded_checkpoint``."""
-    if checkpoint_format(path) != "safetensors":
+    if checkpoint_format(path) not in ("safetensors", "adapter"):  # the adapter format: adapters/checkpoint.py
         raise CheckpointError(
             f"checkpoint {path} holds a torchrun run's shards (torch.distributed.checkpoint): resume it under torchrun "
             f"with the world size that wrote it"

@@ -33,6 +33,7 @@ from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.parallel.collectives import environment_world_size
 from rlvr_fast.trainer.reporting.log import check_metrics_log
 from rlvr_fast.trainer.schema import ConfigFieldError, field_specs
+from rlvr_fast.trainer.trajectories.checks import check_trajectory_processing
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -81,6 +82,18 @@ def check_optimizer(cfg: RLVRConfig) -> None:
             parse_mask_source(cfg.mask_source or "")
         except ValueError as exc:
             raise ConfigFieldError("mask_source", str(exc)) from None
+
+
+def check_adapter(cfg: RLVRConfig, *, check_model: bool = True) -> None:
+    """The adapter's packages (``adapters.check_adapter_runtime``) and, for a local model folder, its target modules
+    against the config's architecture built on the meta device (other models: right after the load, before training)."""
+    from rlvr_fast.trainer.adapters import check_adapter_runtime, check_target_modules, meta_model, target_names
+
+    check_adapter_runtime(cfg, environment_world_size())
+    if cfg.adapter != "none" and check_model and target_names(cfg.lora_target_modules) is not None:
+        model = meta_model(cfg.model) if os.path.isdir(cfg.model) else None
+        if model is not None:
+            check_target_modules(cfg, model)
 
 
 @functools.lru_cache(maxsize=2)
@@ -172,6 +185,8 @@ def preflight(cfg: RLVRConfig, *, check_model: bool = True, log=None) -> ResumeP
         check_model_source(cfg.model)
     check_machine(cfg, check_model=check_model)  # device, world, attention, sequence length, rollout memory
     check_optimizer(cfg)
+    check_adapter(cfg, check_model=check_model)
+    check_trajectory_processing(cfg)  # trainer/trajectories: modes and their limits (vLLM refused by name first)
     check_rollout_engine(cfg)
     check_data(cfg, measure_prompts=check_model)  # a caller that loaded the model measures with its tokenizer
     prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=log)  # locks it first
@@ -227,7 +242,8 @@ def check_eval_checkpoint(checkpoint: str) -> None:
     """A checkpoint folder to evaluate: it holds weights (either format) and verifies deeply."""
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"--checkpoint {checkpoint}: not a folder")
-    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in ("model.safetensors", DCP_METADATA)):
+    weights = ("model.safetensors", DCP_METADATA, "adapter_model.safetensors")  # the adapter: adapters/checkpoint.py
+    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in weights):
         raise CheckpointError(
             f"--checkpoint {checkpoint}: no model.safetensors (one process) nor {DCP_METADATA} (a torchrun run's "
             f"torch.distributed.checkpoint) there"

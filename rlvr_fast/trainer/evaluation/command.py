@@ -43,7 +43,8 @@ EVAL_SPLIT_FIELDS = (
 )
 # The model the weights belong to (a mismatch with an explicit --model is refused before anything loads,
 # ``check_model_agrees``), and how the run posed problems to it and sampled and classified its answers.
-EVAL_RUN_FIELDS = ("model", "max_prompt_length", "max_completion_length", "top_p", "format_classes")
+# ``adapter``: an adapter checkpoint is evaluated on the base it trained on (QLoRA's NF4-quantised one).
+EVAL_RUN_FIELDS = ("model", "max_prompt_length", "max_completion_length", "top_p", "format_classes", "adapter")
 CHECKPOINT_FIELDS = ("model", *EVAL_SPLIT_FIELDS, *EVAL_RUN_FIELDS[1:])  # the order "eval: using ..." names them
 
 
@@ -147,6 +148,10 @@ def run_eval(cfg: RLVRConfig, checkpoint: str | None = None, loaded=None) -> str
     """Evaluate the configured model (``loaded``: an already loaded one), with ``checkpoint``'s weights when given."""
     loaded = loaded or load_model(cfg)
     if checkpoint is not None:
+        if cfg.adapter == "qlora":  # the adapter trained on the NF4 base: quantise the same layers the same way first
+            from rlvr_fast.trainer.adapters.quantize import quantize_base
+
+            quantize_base(loaded.model, next(loaded.model.parameters()).dtype)
         load_model_weights(checkpoint, loaded.model)  # strict: a checkpoint of another model is an error
     _, problems = load_problems(cfg)
     precision = loaded.precision or precision_of_loaded(cfg.dtype, loaded.device, loaded.dtype)

@@ -20,13 +20,49 @@ import torch
 
 from rlvr_fast.trainer.reporting.step_timer import part_key
 
+_PROC_STATUS, _PROC_CLEAR_REFS = "/proc/self/status", "/proc/self/clear_refs"
+
+
+def _linux_peak_rss() -> int | None:
+    """VmHWM of /proc/self/status in bytes (the peak RSS since start or since the last ``reset_peak_memory``)."""
+    try:
+        with open(_PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: allocated CUDA memory on a GPU; the process's peak RSS on the CPU."""
+    """Peak memory so far: allocated CUDA memory on a GPU; the process's peak RSS on the CPU (on Linux since the last
+    ``reset_peak_memory``, else since the process started)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    peak = _linux_peak_rss() if sys.platform.startswith("linux") else None
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak for ``peak_memory_bytes``: CUDA's allocator peak; on Linux the peak RSS, by writing "5" to
+    /proc/self/clear_refs (Linux >= 4.0: VmHWM becomes the current RSS). Several runs in one process (a study) then
+    each get their own peak. False where the peak cannot be reset (another OS, a locked-down /proc): the peak then
+    stays the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open(_PROC_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _jsonable(value: Any) -> Any:
