@@ -26,6 +26,7 @@ from typing import Any
 
 from rlvr_fast.study.arms import BASELINE_ARM
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path
+from rlvr_fast.study.shortcuts_report import _verdict, _with_ci  # the same interval formatting
 from rlvr_fast.study.state import json_safe, write_json_atomic
 from rlvr_fast.study.stats import pass_at_k_deltas
 
@@ -144,24 +145,6 @@ def trajectory_findings(plan: StudyPlan, state: dict) -> dict:
     return out
 
 
-def _ci(d: dict, key: str, signed: bool = False) -> str:
-    v = d.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    lo, hi = d.get("ci_low"), d.get("ci_high")
-    f = "+.3f" if signed else ".3f"
-    if lo is None or (isinstance(lo, float) and math.isnan(lo)):
-        return f"{v:{f}}"
-    return f"{v:{f}} [{lo:{f}}, {hi:{f}}]"
-
-
-def _verdict(d: dict, above: str, below: str) -> str:
-    lo, hi = d.get("ci_low"), d.get("ci_high")
-    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
-        return "no interval"
-    return above if lo > 0 else below if hi < 0 else "no detectable difference"
-
-
 def _num(x: Any, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{fmt}}"
 
@@ -202,7 +185,7 @@ def trajectories_section(plan: StudyPlan, state: dict) -> list[str]:
             f"{t['prompt_tokens_added']} | {t['all_wrong_groups']} | {t['groups_rescued']} "
             f"({_num(t['rescued_share'], '.0%')}) | {t['replayed_samples']} | {t['lesson_samples']} | "
             f"{_num(t['hint_reliance_mean'], '+.3f')} | {_num(t['is_weight_mean'])} | "
-            f"{_ci(p1['before'], 'mean')} -> {_ci(p1['after'], 'mean')} | {_ci(p1['delta'], 'delta', signed=True)} |"
+            f"{_with_ci(p1['before'], 'mean')} -> {_with_ci(p1['after'], 'mean')} | {_with_ci(p1['delta'], 'delta')} |"
         )
     lines.append("")
     if findings["comparisons"]:
@@ -215,8 +198,8 @@ def trajectories_section(plan: StudyPlan, state: dict) -> list[str]:
             k = max(c["delta"])
             d1, dk = c["delta"][1], c["delta"][k]
             lines.append(
-                f"| `{c['a']}` - `{c['b']}`: {c['question']} | {c['seed']} | {_ci(d1, 'delta', signed=True)} | "
-                f"k={k}: {_ci(dk, 'delta', signed=True)} | {_verdict(d1, f'{a} better', f'{b} better')} |"
+                f"| `{c['a']}` - `{c['b']}`: {c['question']} | {c['seed']} | {_with_ci(d1, 'delta')} | "
+                f"k={k}: {_with_ci(dk, 'delta')} | {_verdict(d1, f'{a} better', f'{b} better')} |"
             )
         lines.append("")
     else:
