@@ -30,7 +30,7 @@ import torch
 from rlvr_fast.eval import format_frequency
 from rlvr_fast.optim import GradSaliency
 from rlvr_fast.trainer.adapters import apply_adapter
-from rlvr_fast.trainer.adapters.checkpoint import save_adapter_checkpoint
+from rlvr_fast.trainer.adapters.checkpoint import save_adapter_checkpoint, write_peft_adapter
 from rlvr_fast.trainer.checkpoint.local import load_checkpoint, save_checkpoint
 from rlvr_fast.trainer.checkpoint.run_lock import release_run_lock
 from rlvr_fast.trainer.checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
@@ -444,7 +444,9 @@ class Trainer:
             trainer_state["trajectories"] = self.trajectories.state_dict()
         if self.world.active:
             trainer_state["parallel"] = self.world.mode
-            save_sharded_checkpoint(self.cfg.output_dir, step, self.policy, self.optimizer, trainer_state)
+            # a DDP adapter run also writes its (replicated) adapter in PEFT's format, for PeftModel.from_pretrained
+            extra = (lambda folder: write_peft_adapter(folder, self.adapter)) if self.adapter is not None else None
+            save_sharded_checkpoint(self.cfg.output_dir, step, self.policy, self.optimizer, trainer_state, extra)
         elif self.adapter is not None:  # the adapter in PEFT's format, not the frozen base (adapters/checkpoint.py)
             save_adapter_checkpoint(self.cfg.output_dir, step, self.adapter, self.optimizer, trainer_state)
         else:

@@ -3,6 +3,7 @@ prefix and the disabled-adapter reference model (beta > 0); FSDP2 with an adapte
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,6 +33,7 @@ def lora_steps_on_rank(rank, world_size, folder):
     start = {n: t.detach().clone() for n, t in trainer.model.state_dict().items() if "lora_" in n}
     for step in range(2):
         trainer.train_step(step)
+    trainer._save_checkpoint(2, {})  # the torchrun (DCP) checkpoint, with the adapter in PEFT's format too
     state = trainer.model.state_dict()
     return {
         "adapter": {n: t.detach().clone() for n, t in state.items() if "lora_" in n},
@@ -47,6 +49,18 @@ def test_ddp_lora_adapters_identical_on_both_ranks(tmp_path):
         assert torch.equal(tensor, rank1["adapter"][name]), name
     assert any(not torch.equal(t, rank0["start"][n]) for n, t in rank0["adapter"].items())  # it trained
     assert rank0["base_unchanged"] and rank1["base_unchanged"]
+    # the checkpoint loads with PEFT alone, onto a fresh base: the adapter it holds is the ranks' adapter
+    from peft import PeftModel
+
+    step = os.path.join(str(tmp_path), "run", "checkpoints", "step-000002")
+    with open(os.path.join(step, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["format"] == "dcp"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(manifest["files"])
+    loaded = PeftModel.from_pretrained(tiny_causal_lm(char_tokenizer(), token_bias={"5": 3.0, "<eos>": 1.5}), step)
+    state = loaded.base_model.model.state_dict()
+    for name, tensor in rank0["adapter"].items():
+        assert torch.equal(state[name], tensor), name
 
 
 def test_fsdp_with_an_adapter_is_refused_by_name_under_torchrun(tmp_path):

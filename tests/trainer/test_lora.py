@@ -138,7 +138,9 @@ def test_fused_update_equals_plain_pytorch_on_the_adapted_model(tmp_path, tokeni
     loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    assert_close(torch.tensor(out["loss"]), loss.detach(), rtol=1e-5, name="loss")
+    # the loss is a mean of signed terms that can cancel to ~1e-4: an absolute float32 rounding floor, not only a
+    # relative one (seed 78: 1.4e-8 off on a loss of 1.5e-4)
+    assert_close(torch.tensor(out["loss"]), loss.detach(), rtol=1e-5, atol=1e-6, name="loss")
     assert fused.keys() == plain.keys() and all(is_lora(n) for n in fused) and fused
     for n in fused:
         assert_close(fused[n], plain[n], rtol=1e-4, atol=1e-6, name=n)

@@ -61,15 +61,28 @@ def _remove_partial(tmp: str | None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def adapter_weights(adapter) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names (what ``adapter_model.safetensors`` holds), on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {n: t.detach().cpu().contiguous() for n, t in get_peft_model_state_dict(adapter.peft_model).items()}
+
+
+def write_peft_adapter(folder: str, adapter, weights: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Write the adapter into ``folder`` as PEFT does (``adapter_model.safetensors``, ``adapter_config.json``), so
+    ``PeftModel.from_pretrained(base, folder)`` loads it; returns the two file names."""
+    peft_model = adapter.peft_model
+    save_file(adapter_weights(adapter) if weights is None else weights, os.path.join(folder, WEIGHTS), {"format": "pt"})
+    peft_model.peft_config[peft_model.active_adapter].save_pretrained(folder)
+    return [WEIGHTS, CONFIG]
+
+
 def save_adapter_checkpoint(output_dir: str, step: int, adapter, optimizer, trainer_state: dict) -> str:
     """Write ``checkpoints/step-<step>`` of a one-process adapter run (verified), as ``local.save_checkpoint`` does for
     the whole model. Raises FloatingPointError (nothing written) for a non-finite tensor, CheckpointWriteError when the
     write fails."""
-    from peft import get_peft_model_state_dict
-
     root = os.path.join(output_dir, "checkpoints")
-    peft_model = adapter.peft_model
-    weights = {n: t.detach().cpu().contiguous() for n, t in get_peft_model_state_dict(peft_model).items()}
+    weights = adapter_weights(adapter)
     check_finite_tensors(weights, "adapter", step)
     optim_state = optimizer.state_dict()
     check_finite_tensors(_optimizer_tensors(optim_state["state"]), "optimizer", step)
@@ -79,8 +92,7 @@ def save_adapter_checkpoint(output_dir: str, step: int, adapter, optimizer, trai
         os.makedirs(root, exist_ok=True)
         remove_partial_checkpoints(output_dir)
         tmp = new_partial_folder(root, step)
-        save_file(weights, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})  # as PEFT writes it
-        peft_model.peft_config[peft_model.active_adapter].save_pretrained(tmp)
+        write_peft_adapter(tmp, adapter, weights)
         save_nested(os.path.join(tmp, "optimizer.safetensors"), optim_state)
         save_nested(os.path.join(tmp, "rng.safetensors"), json_rng_state(rng_state()))
         write_trainer_state(tmp, step, config_hash, trainer_state)

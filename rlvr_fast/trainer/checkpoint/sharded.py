@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,13 +103,22 @@ def _json_param_groups(optimizer) -> list[dict]:
     return json.loads(json.dumps(optimizer.state_dict()["param_groups"]))
 
 
-def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, trainer_state: dict) -> str:
+def save_sharded_checkpoint(
+    output_dir: str,
+    step: int,
+    policy,
+    optimizer,
+    trainer_state: dict,
+    extra_files: Callable[[str], list[str]] | None = None,
+) -> str:
     """Write ``checkpoints/step-<step>`` of a torchrun run (module doc) and move ``latest`` to it. Collective: every
     rank calls it; every rank returns the final path or raises the same error (FloatingPointError for a non-finite
     tensor, CheckpointWriteError for a failed write, naming the rank, the folder and the last good checkpoint).
 
     ``policy``: the rank's ``DDPPolicy`` / ``FSDPPolicy`` (``checkpoint_state``: this rank's state dicts).
-    ``trainer_state``: what rank 0 writes to trainer_state.json (schedule, evaluation before, config)."""
+    ``trainer_state``: what rank 0 writes to trainer_state.json (schedule, evaluation before, config).
+    ``extra_files``: rank 0 calls it with the folder before the manifest, to write more files (their names returned)
+    that the manifest then covers, e.g. a DDP run's adapter in PEFT's format (replicated: any rank holds all of it)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
@@ -153,7 +163,8 @@ def save_sharded_checkpoint(output_dir: str, step: int, policy, optimizer, train
             files = {name: record for _, mine in reports for name, record in mine.items()}
             config_hash = hash_of_run_config(trainer_state.get("config"))
             write_trainer_state(tmp, step, config_hash, {**trainer_state, **extra})
-            for name in (DCP_METADATA, "trainer_state.json"):
+            names = [DCP_METADATA, "trainer_state.json", *(extra_files(tmp) if extra_files is not None else [])]
+            for name in names:
                 files[name] = file_record(os.path.join(tmp, name))
             write_manifest(tmp, step, config_hash, files, fmt="dcp", world_size=world)
             final = commit_checkpoint(tmp, step, config_hash)
