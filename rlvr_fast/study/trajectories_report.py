@@ -116,6 +116,7 @@ def _one(plan: StudyPlan, spec: RunSpec) -> dict:
     entry["pass_at_k"] = {
         k: {"before": base["pass_at_k"][str(k)], "after": after["pass_at_k"][str(k)], "delta": d}
         for k, d in pass_at_k_deltas(base, after).items()
+        if str(k) in base["pass_at_k"] and str(k) in after["pass_at_k"]  # the k an evaluation reports (1, 2, 4, ...)
     }
     return entry
 
@@ -182,8 +183,13 @@ def trajectories_section(plan: StudyPlan, state: dict) -> list[str]:
         t, p1 = e["training"], e["pass_at_k"][1]
         lines.append(
             f"| `{e['run']}` | {t['steps']} | {t['completions_sampled']} ({t['extra_completions']:+d}) | "
-            f"{t['prompt_tokens_added']} | {t['all_wrong_groups']} | {t['groups_rescued']} "
-            f"({_num(t['rescued_share'], '.0%')}) | {t['replayed_samples']} | {t['lesson_samples']} | "
+            f"{t['prompt_tokens_added']} | "
+            + (  # the off arm logs no trajectory metrics: its all-wrong groups are not counted
+                f"{t['all_wrong_groups']} | {t['groups_rescued']} ({_num(t['rescued_share'], '.0%')}) | "
+                if e["mode"] != "off"
+                else "n/a | n/a | "
+            )
+            + f"{t['replayed_samples']} | {t['lesson_samples']} | "
             f"{_num(t['hint_reliance_mean'], '+.3f')} | {_num(t['is_weight_mean'])} | "
             f"{_with_ci(p1['before'], 'mean')} -> {_with_ci(p1['after'], 'mean')} | {_with_ci(p1['delta'], 'delta')} |"
         )
