@@ -65,8 +65,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--shape", choices=sorted(common.SHAPES), default="default")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3; --quick: 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1; --quick: 0)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--precision", choices=sorted(base.PRECISIONS), default="float32")
     parser.add_argument("--threads", type=int, default=0)
@@ -78,8 +78,9 @@ def main() -> int:
     args.prompts, args.group, args.completion_len = (
         (2, 4, 8) if args.quick else (shape.prompts, shape.group, shape.completion_len)
     )
-    if args.quick:
-        args.steps, args.warmup = 1, 0
+    quick_steps = (1, 0) if args.quick else (3, 1)  # a smoke run times one cold step unless told otherwise
+    args.steps = quick_steps[0] if args.steps is None else args.steps
+    args.warmup = quick_steps[1] if args.warmup is None else args.warmup
     args.seed, args.trl_gradient_checkpointing, args.ours_grad_accumulation = 0, "off", None
     if args.mode:
         child(args)
