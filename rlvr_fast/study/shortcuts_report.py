@@ -27,7 +27,7 @@ from rlvr_fast.eval.shortcuts import paired_difference, per_problem_signatures, 
 from rlvr_fast.study.arms import BASELINE_ARM
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path
 from rlvr_fast.study.state import json_safe, write_json_atomic
-from rlvr_fast.study.stats import pass_at_k_deltas, wilson
+from rlvr_fast.study.stats import before_after_pass_at_k, wilson
 
 __all__ = ["SHORTCUTS_JSON", "hard_runs", "shortcut_findings", "shortcuts_section"]
 
@@ -127,11 +127,7 @@ def _one(plan: StudyPlan, spec: RunSpec, role: str) -> dict:
         entry["missing"] = "no base evaluation" if base is None else "no evaluation after training"
         return entry
     entry["training"] = _training(spec)
-    entry["pass_at_k"] = {
-        k: {"before": base["pass_at_k"][str(k)], "after": after["pass_at_k"][str(k)], "delta": d}
-        for k, d in pass_at_k_deltas(base, after).items()
-        if str(k) in base["pass_at_k"] and str(k) in after["pass_at_k"]
-    }
+    entry["pass_at_k"] = before_after_pass_at_k(base, after)
     steps = _steps(spec)
     before_sig, after_sig = _signatures(base, steps), _signatures(after, steps)
     signatures: dict[str, dict] = {}

@@ -67,6 +67,16 @@ def pass_at_k_deltas(before: dict, after: dict) -> dict[int, dict]:
     return out
 
 
+def before_after_pass_at_k(before: dict, after: dict) -> dict[int, dict]:
+    """k -> {"before", "after", "delta"} for every k both evaluations report (their curves may stop at 1, 2, 4, ...):
+    each side's pass@k with its interval and the paired difference after - before (``pass_at_k_deltas``)."""
+    return {
+        k: {"before": before["pass_at_k"][str(k)], "after": after["pass_at_k"][str(k)], "delta": d}
+        for k, d in pass_at_k_deltas(before, after).items()
+        if str(k) in before["pass_at_k"] and str(k) in after["pass_at_k"]
+    }
+
+
 def wilson(count: int, total: int) -> tuple[float, float]:
     """Wilson score interval of a proportion count / total at ``CONFIDENCE`` ((nan, nan) when total is 0)."""
     if total <= 0:

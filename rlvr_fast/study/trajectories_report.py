@@ -28,7 +28,7 @@ from rlvr_fast.study.arms import BASELINE_ARM
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path
 from rlvr_fast.study.shortcuts_report import _verdict, _with_ci  # the same interval formatting
 from rlvr_fast.study.state import json_safe, write_json_atomic
-from rlvr_fast.study.stats import pass_at_k_deltas
+from rlvr_fast.study.stats import before_after_pass_at_k, pass_at_k_deltas
 
 __all__ = ["COMPARISONS", "TRAJECTORIES_JSON", "trajectories_section", "trajectory_findings", "trajectory_runs"]
 
@@ -113,11 +113,7 @@ def _one(plan: StudyPlan, spec: RunSpec) -> dict:
         entry["missing"] = "no base evaluation" if base is None else "no evaluation after training"
         return entry
     entry["training"] = _training(spec)
-    entry["pass_at_k"] = {
-        k: {"before": base["pass_at_k"][str(k)], "after": after["pass_at_k"][str(k)], "delta": d}
-        for k, d in pass_at_k_deltas(base, after).items()
-        if str(k) in base["pass_at_k"] and str(k) in after["pass_at_k"]  # the k an evaluation reports (1, 2, 4, ...)
-    }
+    entry["pass_at_k"] = before_after_pass_at_k(base, after)
     return entry
 
 

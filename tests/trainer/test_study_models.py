@@ -16,7 +16,7 @@ from rlvr_fast.study import plan_study, run_study
 from rlvr_fast.study.cells import LEAD_COMPARISONS, _lead_section, combine_seeds, compare
 from rlvr_fast.study.plan import EVAL_DATA_FIELDS, _digest, eval_key
 from rlvr_fast.study.predictions import PREDICTIONS, agreement, model_kind, predict, task_kind
-from rlvr_fast.study.presets import PRESETS, REWARD_ARMS, StudyCell, StudyPreset
+from rlvr_fast.study.presets import BASIC_ARITHMETIC_PARAMS, PRESETS, REWARD_ARMS, StudyCell, StudyPreset
 from rlvr_fast.tasks.reasoning_gym import WRONG_LABEL_OFFSETS, add_wrong_labels, wrong_label
 from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.config import RLVRConfig
@@ -25,14 +25,7 @@ from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.rollout.data import load_problems
 from rlvr_fast.trainer.schema import ConfigFieldError
 
-GYM_PARAMS = {
-    "min_terms": 2,
-    "max_terms": 2,
-    "min_digits": 1,
-    "max_digits": 1,
-    "operators": ["+", "-"],
-    "allow_parentheses": False,
-}
+GYM_PARAMS = BASIC_ARITHMETIC_PARAMS  # the models presets' basic_arithmetic generator
 
 
 @pytest.fixture(scope="module", autouse=True)
