@@ -92,7 +92,11 @@ def test_update_effective_rank(generator, device):
     s = torch.linalg.svdvals(d.cpu().double())
     p = s / s.sum()
     assert update_effective_rank(d) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
-    spike = d + 50 * torch.outer(torch.randn(17, generator=generator), torch.randn(23, generator=generator)).to(device)
+    # A rank-one term of 20x the nuclear norm of d: interlacing leaves sigma_2.. summing to <= nuc(d) and sigma_1 >=
+    # 19 nuc(d), so p_1 >= 19/20 and exp(H) <= 1.41 for any draw of d.
+    a, b = torch.randn(17, generator=generator), torch.randn(23, generator=generator)
+    direction = torch.outer(a / a.norm(), b / b.norm())
+    spike = d + (20 * float(s.sum()) * direction).to(device)
     assert update_effective_rank(spike) < 2.0 < update_effective_rank(d)
     assert update_rank_ratio(spike) == 1.0
     assert update_effective_rank(torch.zeros(4, 6, device=device)) == 0.0
