@@ -350,7 +350,7 @@ register_preset(
     StudyPreset(
         "update-modes-quick",
         "2-core CPU: full AdamW vs SparseAdamW (random and gradient-saliency masks at 10% and 30%) vs LoRA at the rank "
-        "whose optimizer state equals the 10% mask's: trainable parameters, optimizer-state bytes, peak memory, step "
+        "whose optimizer state equals the 10% mask's: trained entries, optimizer-state bytes, peak memory, step "
         "time, update sparsity and the effective rank of each update; 8 steps of 4 x 8, 32 held-out problems x n=4",
         {
             **_COMMON,

@@ -1,7 +1,9 @@
 """The cost and the shape of each arm's update: full AdamW vs SparseAdamW masks vs LoRA (preset ``update-modes-quick``).
 
-Per run, after training (``record_resources``, written as ``resources.json`` beside the run's metrics): the trainable
-parameters, the optimizer-state bytes measured from the optimizer's own state tensors at the end of training (torch
+Per run, after training (``record_resources``, written as ``resources.json`` beside the run's metrics): the trained
+entries (what the optimizer writes: every entry of a full run, the masked entries of a SparseAdamW run, the adapter's
+A/B matrices of a LoRA run; ``trainable_parameters`` counts the tensors with requires_grad, which a mask does not
+shrink), the optimizer-state bytes measured from the optimizer's own state tensors at the end of training (torch
 AdamW: two float32 moments per parameter and a step; SparseAdamW: two float32 moments and an int32 index per masked
 entry; LoRA: AdamW over the adapter's A/B matrices only), the peak memory and the mean step time from the run's
 ``metrics.jsonl``.
@@ -25,6 +27,8 @@ import os
 from collections.abc import Mapping
 
 import torch
+
+from rlvr_fast.optim import SparseAdamW
 
 __all__ = [
     "RESOURCES_FILE",
@@ -85,13 +89,17 @@ def record_resources(trainer, metrics: list[dict], run_dir: str) -> dict:
     cfg = trainer.cfg
     steps = [m for m in metrics if "seconds" in m and "reward_mean" in m]
     params = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    # a SparseAdamW run computes gradients for whole tensors but writes only its masked entries
+    trained = trainer.optimizer.num_masked() if isinstance(trainer.optimizer, SparseAdamW) else trainable
     peaks = [int(m["peak_memory_bytes"]) for m in steps if "peak_memory_bytes" in m]
     out = {
         "optimizer": cfg.optimizer,
         "mask_source": cfg.mask_source,
         "adapter": cfg.adapter,
         "lora_rank": cfg.lora_rank if cfg.adapter != "none" else None,
-        "trainable_parameters": sum(p.numel() for p in params),
+        "trainable_parameters": trainable,
+        "trained_entries": trained,
         "total_parameters": sum(p.numel() for p in trainer.model.parameters()),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "peak_memory_bytes": max(peaks, default=None),
@@ -139,8 +147,8 @@ def _ranks(update: Mapping) -> dict:
 
 def update_modes(runs) -> dict:
     """Per finished run (analysis ``_Run``s): its resources, unchanged fractions and ranks; {} when no run recorded
-    resources. {"runs": {key: {"arm", "seed", "trainable_parameters", "optimizer_state_bytes", "peak_memory_bytes",
-    "mean_step_seconds", "unchanged": {dtype: frac}, "rank": {...}}}}."""
+    resources. {"runs": {key: {"arm", "seed", "trained_entries", "trainable_parameters", "optimizer_state_bytes",
+    "peak_memory_bytes", "mean_step_seconds", "unchanged": {dtype: frac}, "rank": {...}}}}."""
     out: dict = {"runs": {}}
     for r in runs:
         path = os.path.join(r.spec.run_dir, RESOURCES_FILE)
@@ -174,6 +182,8 @@ def update_modes_section(fnd: Mapping) -> list[str]:
     lines = [
         "## Update modes: what each arm trains, what it costs, and the rank of its update",
         "",
+        "Trained entries are the weights the optimizer writes (all of them for full AdamW, the mask's for "
+        "SparseAdamW, the adapter's A/B matrices for LoRA). "
         "Optimizer-state bytes are measured from the optimizer's state tensors at the end of training; peak memory "
         "is the largest of the run's steps (on the CPU the process's peak RSS since the run started: it includes the "
         "base weights the study keeps for every run); unchanged = entries equal to the base in float32 / after "
@@ -181,14 +191,14 @@ def update_modes_section(fnd: Mapping) -> list[str]:
         "the mean over the 2-D weights of the effective rank (exp of the entropy of the normalised singular values) "
         "and of the numerical rank / min(m, n) of the applied update (for LoRA the merged scale * B @ A).",
         "",
-        "| run | trainable params | optimizer state (MB) | peak memory (MB) | mean step (s) | unchanged fp32 | "
+        "| run | trained entries | optimizer state (MB) | peak memory (MB) | mean step (s) | unchanged fp32 | "
         "unchanged bf16 | mean effective rank | mean rank ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in runs.items():
         overall = r["rank"].get("overall", {})
         lines.append(
-            f"| {key} | {r['trainable_parameters']:,} | {_mb(r['optimizer_state_bytes'])} | "
+            f"| {key} | {r['trained_entries']:,} | {_mb(r['optimizer_state_bytes'])} | "
             f"{_mb(r['peak_memory_bytes'])} | {_num(r['mean_step_seconds'])} | "
             f"{_num(r['unchanged'].get('float32'), '.3f')} | "
             f"{_num(r['unchanged'].get('bfloat16'), '.3f')} | {_num(overall.get('effective_rank'))} | "

@@ -8,12 +8,14 @@
 """
 
 import json
+import math
 import os
 
 import pytest
 import torch
 from helpers.runs import TOKEN_BIAS, write_task
 
+from rlvr_fast.optim import random_masks
 from rlvr_fast.study import plan_study, run_study
 from rlvr_fast.study.arms import ARMS, LORA_MATCHED_RANK
 from rlvr_fast.study.presets import get_preset
@@ -149,7 +151,7 @@ def test_report_numbers_are_the_runs_own(finished):
         ranks = {n: t["effective_rank"] for n, t in upd["tensors"].items() if "effective_rank" in t}
         assert ranks, "the preset asks for update ranks"
         assert row["rank"]["overall"]["effective_rank"] == pytest.approx(sum(ranks.values()) / len(ranks))
-        assert f"| {spec.key} | {res['trainable_parameters']:,} |" in report
+        assert f"| {spec.key} | {res['trained_entries']:,} |" in report
 
 
 def test_optimizer_bytes_follow_each_state_layout(finished):
@@ -168,8 +170,26 @@ def test_optimizer_bytes_follow_each_state_layout(finished):
         masked = (modes[f"{arm}/seed0"]["optimizer_state_bytes"] - 4 * tensors) / 12
         assert abs(masked / total - density) < 0.05
     lora = modes["lora_r2/seed0"]
-    assert lora["trainable_parameters"] < total / 5
+    assert lora["trainable_parameters"] == lora["trained_entries"] < total / 5
     assert lora["optimizer_state_bytes"] < modes["sparse_random10/seed0"]["optimizer_state_bytes"] * 3
+
+
+def test_trained_entries_count_the_mask_not_the_tensors(finished):
+    """A masked run writes exactly its mask's entries: round(d * n) of all n entries for a saliency mask, the entries
+    the seeded random draw kept for a random one (rebuilt here from the run's seed); requires_grad still covers all."""
+    plan, _, study, _ = finished
+    modes = study["update_modes"]["runs"]
+    named = dict(tiny_causal_lm(char_tokenizer(), token_bias=TOKEN_BIAS).named_parameters())
+    total = sum(p.numel() for p in named.values())
+    assert modes["correct/seed0"]["trained_entries"] == total
+    for density in (0.1, 0.3):
+        pct = round(density * 100)
+        grad, rand = modes[f"sparse_grad{pct}/seed0"], modes[f"sparse_random{pct}/seed0"]
+        assert grad["trained_entries"] == math.floor(density * total + 0.5)  # the trainer's scope="global"
+        seed = plan.run(f"sparse_random{pct}/seed0").config["seed"]
+        drawn = random_masks(named, density, seed=seed)
+        assert rand["trained_entries"] == sum(int(m.sum()) for m in drawn.values())
+        assert grad["trainable_parameters"] == rand["trainable_parameters"] == total
 
 
 def test_lora_update_is_low_rank_and_leaves_unadapted_weights(finished):
