@@ -145,6 +145,13 @@ def apply_adapter(cfg, model: torch.nn.Module, compute_dtype: torch.dtype | None
     if cfg.adapter == "none":
         return None
     check_adapter_runtime(cfg)
+    adapted = sum(hasattr(m, "lora_A") for m in model.modules())
+    if adapted:  # PEFT would silently re-create the adapter, discarding the one trained (another Trainer's, in place)
+        raise ValueError(
+            f"Trainer(loaded=...): adapter={cfg.adapter!r} adapts the model in place, and this model already holds "
+            f"{adapted} LoRA layers (an earlier Trainer or get_peft_model adapted it); expected a model without "
+            "adapters: load it again, or pass a copy.deepcopy of it taken before the first Trainer"
+        )
     check_target_modules(cfg, model)
     from peft import get_peft_model
 

@@ -8,6 +8,8 @@ from rlvr_fast.trainer.trajectories.modes import TRAJECTORY_MODES, off_policy_ro
 
 # loss types whose normaliser does not read the mask weights (weights.py): dapo's step token count, dr_grpo's B * L
 WEIGHTABLE_LOSS_TYPES = ("dapo", "dr_grpo")
+# estimators that give a verified success advantage 0 (nsr: c - 1): a rescue's successes would train nothing
+SUCCESS_BLIND_ESTIMATORS = ("nsr",)
 
 
 def check_trajectory_processing(cfg) -> None:
@@ -43,12 +45,22 @@ def check_trajectory_processing(cfg) -> None:
         refuse(
             "prompts_per_step", "takes the lesson of another problem of the step", "at least 2", cfg.prompts_per_step
         )
-    if mode.replay and cfg.sample_mode == "negative_only":
+    if cfg.sample_mode == "negative_only":  # replay and lessons alike: a rescue is a success, its advantage > 0
         refuse(
             "sample_mode",
-            "replays successes, whose positive advantages sample_mode='negative_only' would zero",
+            "rescues all-wrong groups with successes (replayed or sampled under a lesson), whose positive advantages "
+            "sample_mode='negative_only' would zero",
             "'all' or 'positive_only'",
             cfg.sample_mode,
+        )
+    if cfg.estimator in SUCCESS_BLIND_ESTIMATORS:
+        from rlvr_fast.ops.group_advantage import ESTIMATORS
+
+        refuse(
+            "estimator",
+            f"rescues all-wrong groups with successes, to which estimator={cfg.estimator!r} gives advantage 0",
+            f"one of {[e for e in ESTIMATORS if e not in SUCCESS_BLIND_ESTIMATORS]}",
+            cfg.estimator,
         )
     if not off_policy_rows(cfg):
         return

@@ -20,6 +20,7 @@ number in the lesson that the verifier's equivalence (``is_equivalent``) calls e
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable
 
@@ -105,6 +106,12 @@ def load_lesson_builder(spec: str) -> Callable[..., str]:
     fn = getattr(module, name, None)
     if not callable(fn):
         fail(f"module {module_name!r} has no callable {name!r}")
+    try:  # called as fn(prompt, texts, correct, truncated): a function that cannot take them fails here, not mid-run
+        inspect.signature(fn).bind("", [], [], [])
+    except TypeError as exc:
+        fail(f"{name} cannot be called as {name}(prompt, texts, correct, truncated): {exc}")
+    except ValueError:  # no signature to read (some builtins): checked by the first call
+        pass
     return fn
 
 

@@ -168,7 +168,16 @@ class TrajectoryProcessor:
         if self.mode.foreign_lesson:
             src = rng.choice([j for j in range(len(problems)) if j != g])
         span = slice(src * size, (src + 1) * size)
-        lesson = self.builder(problems[src].prompt, texts[span], correct[src].tolist(), truncated[span])
+        try:
+            lesson = self.builder(problems[src].prompt, texts[span], correct[src].tolist(), truncated[span])
+        except Exception as exc:  # the user's code failed: say which setting, on which problem, and why
+            if cfg.lesson_builder is None:
+                raise
+            raise ConfigFieldError(
+                "lesson_builder",
+                f"RLVRConfig.lesson_builder={cfg.lesson_builder!r} raised {type(exc).__name__}: {exc} (on the problem "
+                f"{problems[src].prompt[:80]!r}); expected a function (prompt, texts, correct, truncated) -> str",
+            ) from exc
         if not isinstance(lesson, str):
             raise ConfigFieldError(
                 "lesson_builder",
@@ -177,14 +186,22 @@ class TrajectoryProcessor:
             )
         golds = sorted({problems[g].answer, problems[src].answer})
         tok = trainer.tokenizer
+
+        def tokens(message: str) -> int:
+            return len(tok(chat_prompt(tok, message, cfg.system_prompt), add_special_tokens=False)["input_ids"])
+
+        bare = tokens(problems[g].prompt)  # the prompt without a lesson (preflight: it fits)
         for _ in range(12):  # trim the lesson until the prompt fits
             lesson, scrubs = scrub_gold(lesson, golds)  # last, whoever built or trimmed it
             message = f"{problems[g].prompt}\n\n{lesson}"
-            length = len(tok(chat_prompt(tok, message, cfg.system_prompt), add_special_tokens=False)["input_ids"])
+            length = tokens(message)
             if length <= cfg.max_prompt_length:
                 self.scrubs_total += scrubs
                 return lesson, message
-            lesson = lesson[: len(lesson) * 2 // 3]
+            # keep the share of the lesson that the room left fits (at most 2/3): a lesson many times too long
+            # reaches the budget in a few rounds instead of being dropped
+            room = max(cfg.max_prompt_length - bare, 0) / max(length - bare, 1)
+            lesson = lesson[: int(len(lesson) * min(room, 2 / 3))]
             if not lesson.strip():
                 return None
         return None
@@ -202,6 +219,8 @@ class TrajectoryProcessor:
         self.lessons = {problems[g].prompt: lesson for g, (lesson, _) in built.items()}
         mine = [g for g in built if local.start <= g < local.stop]
         m = {"_groups": sorted(built), "traj_lesson_samples": len(built) * size}
+        if not built:  # no lesson fits max_prompt_length: nothing to sample (every rank built the same: none)
+            return rollout, {**m, "traj_hint_reliance": 0.0, "traj_prompt_tokens_added": 0}
         tok = trainer.tokenizer
         prompts = [chat_prompt(tok, built[g][1], cfg.system_prompt) for g in mine]
         filler = rollout.select(torch.tensor([0]))
@@ -257,9 +276,9 @@ class TrajectoryProcessor:
         for g in range(local.start, local.stop):
             rows = _group_rows(g, local.start, size)
             if self.mode.outcome_blind:
-                chosen = sorted(
-                    random.Random(derived_seed(cfg.seed, "store", step, g)).sample(rows, cfg.replay_capacity)
-                )
+                # at most the group: a replay_capacity above group_size keeps several steps' draws per prompt
+                draws = min(cfg.replay_capacity, size)
+                chosen = sorted(random.Random(derived_seed(cfg.seed, "store", step, g)).sample(rows, draws))
             else:
                 chosen = [r for i, r in enumerate(rows) if bool(correct[g, i])][: cfg.replay_capacity]
             picks += [(g, r) for r in chosen]
