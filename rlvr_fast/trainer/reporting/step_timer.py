@@ -33,6 +33,8 @@ class StepTimer:
         self._sync = device is not None and device.type == "cuda"
         self._start = time.perf_counter()
         self._seconds = dict.fromkeys(STEP_PARTS, 0.0)
+        self._open: list[str] = []  # the parts being timed, innermost last
+        self._since = self._start  # when the innermost open part last started charging
 
     def _now(self) -> float:
         if self._sync:
@@ -41,15 +43,28 @@ class StepTimer:
 
     @contextmanager
     def part(self, name: str) -> Iterator[None]:
-        """Charge the block's wall time to part ``name`` (several blocks of one part add up)."""
+        """Charge the block's wall time to part ``name`` (several blocks of one part add up). Parts nest: a part
+        opened inside another (e.g. the generation of trajectory processing's lessons, inside scoring) is charged to
+        itself only, the outer part pausing meanwhile, so that every second is counted once."""
         if name not in self._seconds:
             raise ValueError(f"StepTimer.part: name must be one of {STEP_PARTS}, got {name!r}")
-        t0 = self._now()
+        self._switch(name)
         try:
             with torch.profiler.record_function(f"step:{name}"):  # the part's label in a profile (a no-op otherwise)
                 yield
         finally:
-            self._seconds[name] += self._now() - t0
+            self._switch(None)
+
+    def _switch(self, opening: str | None) -> None:
+        """Charge the innermost open part up to now, then open ``opening`` (None: close the innermost)."""
+        now = self._now()
+        if self._open:
+            self._seconds[self._open[-1]] += now - self._since
+        if opening is None:
+            self._open.pop()
+        else:
+            self._open.append(opening)
+        self._since = now
 
     def record(self) -> dict[str, float]:
         """``seconds`` (since construction) and ``time_<part>_s`` for each part and for ``other``; they sum to

@@ -229,7 +229,9 @@ class TrajectoryProcessor:
         seed = derived_seed(cfg.seed, "lessons", step, *(("rank", world.rank) if world.active else ()))
         from rlvr_fast.trainer.update.finite_guard import rollout_of_step
 
-        with trainer.policy.generation(), rollout_of_step(step):
+        # charged to the step's generation and fixed log-prob parts, not to the scoring they run inside
+        timer = trainer.timer
+        with timer.part("generation"), trainer.policy.generation(), rollout_of_step(step):
             sampled = trainer.generator.generate(
                 prompts,
                 n=size,
@@ -250,8 +252,9 @@ class TrajectoryProcessor:
             sampled.truncated,
             sampled.texts,
         )
-        with_lesson = _logprobs(trainer, sampled, filler)
-        without = _logprobs(trainer, bare, filler)
+        with timer.part("fixed_logprobs"):
+            with_lesson = _logprobs(trainer, sampled, filler)
+            without = _logprobs(trainer, bare, filler)
         mask = sampled.completion_mask.float()
         reliance_sum, tokens, added = world.sum(
             [
