@@ -4,7 +4,9 @@ Three stages, cheapest first:
 
 1. **Normalised text.** Both strings are normalised (``normalize_answer``: math delimiters, ``\\left``/``\\right``,
    ``\\dfrac``/``\\tfrac``, spacing commands, ``\\text{}`` wrappers, trailing units, thousands separators, ``%``,
-   degree signs, a ``\\boxed{}`` wrapper) and compared as strings. Equal non-empty strings are equivalent.
+   degree signs, a ``\\boxed{}`` wrapper) and compared as strings. Equal non-empty strings are equivalent. Whitespace
+   between two digits stays (one space, or one newline between rows): a list or grid is not the number its digits
+   spell (``1 6\\n0 0`` is not ``1600``), nor a product for the symbolic stage.
 2. **Exact rationals.** Both sides go through our own recursive-descent parser (``parse_number``): numbers (integer,
    decimal, scientific), ``+ - * / ^``, ``\\frac{a}{b}``, ``\\cdot``/``\\times``/``\\div``, brackets. Values are exact
    ``fractions.Fraction``; every intermediate result is capped at ``MAX_BITS`` bits, exponents are checked before they
@@ -123,7 +125,10 @@ _THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])")
 _FRAC_DIGITS = re.compile(r"\\frac(\d)(\d)")  # TeX's \frac12
 _VARIABLE_ASSIGNMENT = re.compile(r"^[A-Za-z]\s*=")  # "x = 5" -> "5"
 _INNER_SPACE = re.compile(r"(?<=[A-Za-z])\s+(?=[A-Za-z])")  # keeps "\pi r" from becoming "\pir"
-_OTHER_SPACE = re.compile(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])")
+_OTHER_SPACE = re.compile(r"(?<![A-Za-z\d])\s+|\s+(?![A-Za-z\d])|(?<=[A-Za-z])\s+(?=\d)|(?<=\d)\s+(?=[A-Za-z])")
+# Whitespace between two digits separates numbers ("1 6\n0 0", a grid; "4 6 7", a list): kept, one space or one newline,
+# so that "1600" is not the grid "1 6\n0 0" (at the cost of "1 000" no longer reading as 1000).
+_DIGIT_SPACE = re.compile(r"(?<=\d)\s+(?=\d)")
 
 
 def normalize_answer(text: str) -> str:
@@ -147,6 +152,7 @@ def normalize_answer(text: str) -> str:
         s = units.group(1).strip()
     s = _THOUSANDS.sub(lambda m: m.group().replace(",", ""), s)
     s = _INNER_SPACE.sub(" ", s)
+    s = _DIGIT_SPACE.sub(lambda m: "\n" if "\n" in m.group() else " ", s)
     s = _OTHER_SPACE.sub("", s)
     s = _FRAC_DIGITS.sub(r"\\frac{\1}{\2}", s)
     return s.rstrip(".,")
@@ -375,15 +381,22 @@ _SYMBOLIC_COMMANDS = frozenset(
 _SYMBOLIC_CHARS = re.compile(r"^[0-9A-Za-z\\{}()\[\]+\-*/^.,=<>| ]*$")
 _COMMAND = re.compile(r"\\([A-Za-z]+)")
 _EXPONENT = re.compile(r"\^(\{[^{}]*\}|[^{])")
+# Text that juxtaposition would misread as a product: numbers side by side ("1 6 0 0", a list or grid row: 0), a
+# letter before a digit or a zero before a letter ("4a0", "f3", "0b": hexadecimal, where 4*a*0 = 0 = 0*b and
+# 3*f = f*3). No math answer is written so.
+_NOT_A_PRODUCT = re.compile(r"\d\s+\d|[A-Za-z]\d|(?<![\d.])0+[A-Za-z]")
 
 
 def _symbolic_safe(s: str) -> bool:
-    """Bounded input for sympy: short, whitelisted characters and commands, no words, small exponents and digits."""
+    """Bounded input for sympy: short, whitelisted characters and commands, no words, small exponents and digits, and
+    nothing juxtaposition would misread as a product (``_NOT_A_PRODUCT``)."""
     if not s or len(s) > MAX_SYMBOLIC_CHARS or _SYMBOLIC_CHARS.match(s) is None:
         return False
     if any(name not in _SYMBOLIC_COMMANDS for name in _COMMAND.findall(s)):
         return False
     if re.search(r"[A-Za-z]{2,}", _COMMAND.sub(" ", s)):  # a word, not a product of variables
+        return False
+    if _NOT_A_PRODUCT.search(_COMMAND.sub("@", s)):  # "3\sqrt2": the command stands between 3 and 2
         return False
     if re.search(r"\d{31,}", s) or s.count("^") > 4:
         return False

@@ -7,7 +7,8 @@ Order of precedence, first hit wins:
    ``last_boxed_only_string``;
 2. the content of the last ``<answer>...</answer>`` block (the RLCR output format, Damani et al. 2025);
 3. the last "Answer:" / "Final answer:" / "The answer is:" line (the text after the colon, or the next line when the
-   colon ends its line);
+   colon ends its line); in 2 and 3 a phrase with words is reduced to its last number, unless it is a comma list of
+   single tokens (``100, Full, floats, taking``), an answer in itself;
 4. the last number in the text: integers, decimals, negatives, thousands separators (``1,234``), ``a/b`` and LaTeX
    ``\\frac{a}{b}`` / ``\\dfrac{a}{b}`` (it holds the text's last digit, so only the ``LAST_NUMBER_WINDOW``
    characters before that digit are scanned).
@@ -32,8 +33,9 @@ LAST_NUMBER_WINDOW = 4096  # characters before the last digit searched for the l
 _BOX_OPEN_OR_BRACE = re.compile(r"\\(?:boxed|fbox)\s*\{|[{}]")
 
 # Steps 3-4. The sign of a number is taken only when the minus is not a binary minus (not after a digit, letter,
-# closing bracket or another operand), so "10-3" ends with the number 3, not -3.
-_SIGN = r"(?:(?<![\w)\]}.])-\s?)?"
+# closing bracket or another operand), so "10-3" ends with the number 3, not -3. U+2212 (the typographic minus) is a
+# minus too: without it "the answer is −3" would read as 3.
+_SIGN = r"(?:(?<![\w)\]}.])[-\u2212]\s?)?"
 _LAST_NUMBER = re.compile(
     _SIGN
     + r"(?:\\[dt]?frac\{\s*-?\d+\s*\}\{\s*-?\d+\s*\}"  # \frac{3}{4}, \dfrac{-3}{4}
@@ -126,6 +128,13 @@ def _clean(s: str) -> str:
     return s
 
 
+def _is_token_list(s: str) -> bool:
+    """A comma list of single tokens ("100, Full, floats, taking", "2, 3, 5"): an answer in itself (a sorted word
+    list, a sequence), not prose around a number."""
+    parts = s.split(",")
+    return len(parts) > 1 and all(p.strip() and len(p.split()) == 1 for p in parts)
+
+
 def _answer_from_phrase(s: str) -> str | None:
     """An answer line or an <answer> block: keep it whole when it reads as math, else take its last number."""
     s = _clean(s)
@@ -133,7 +142,7 @@ def _answer_from_phrase(s: str) -> str | None:
         return None
     if "=" in s:  # "x = 5" -> "5"
         s = _clean(s.rsplit("=", 1)[1]) or s
-    if _WORD.search(s) is None:
+    if _WORD.search(s) is None or _is_token_list(s):
         return s
     last = _last_number(s)
     return last if last is not None else s

@@ -16,9 +16,9 @@ config default is used instead, with the question as its ``{expression}``.
 Refused with a ``ConfigFieldError`` before the model loads: reasoning-gym not installed (the pip command), an unknown
 dataset (the closest names), a dataset without a label in its entries (``answer`` None: ``rubiks_cube``,
 ``propositional_logic``, ...; the verifier compares with it), ``task_params`` the dataset's config does not have (its
-fields), sets the trainer owns (``seed``, ``size``) or rejects (its own validation), a generator that fails or has fewer
-distinct problems than asked for, and the ``task_score`` reward with a task that is not a reasoning-gym one
-(``check_reward_task``).
+fields), sets the trainer owns (``seed``, ``size``) or rejects (its own validation; an int field given a bool, a
+string or 2.5), a generator that fails or has fewer distinct problems than asked for, and the ``task_score`` reward
+with a task that is not a reasoning-gym one (``check_reward_task``).
 """
 
 from __future__ import annotations
@@ -150,6 +150,13 @@ def _int_fields(config_cls: type) -> set[str]:
     return out
 
 
+def _whole(value: Any) -> bool:
+    """An int, or a float with no fractional part (a CLI number); not a bool, a string or 2.5."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
 def _settable(config_cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls) if f.name not in OWNED_PARAMS]
 
@@ -186,6 +193,14 @@ def make_dataset(task: str, params: Mapping[str, Any], seed: int, size: int):
     a value the config refuses (its ``validate`` asserts, or a wrong type) is a ConfigFieldError naming the values."""
     dataset_cls, config_cls = _dataset_classes(task)
     values = check_params(task, params)
+    ints = _int_fields(config_cls)
+    not_whole = {k: v for k, v in values.items() if k in ints and v is not None and not _whole(v)}
+    if not_whole:  # True would pass as 1, and 2.5 fail inside the generator, far from the parameter
+        raise ConfigFieldError(
+            "task_params",
+            f"RLVRConfig.task_params for {task}: expected whole numbers for {config_cls.__name__}'s int field(s) "
+            f"{sorted(not_whole)}, got {not_whole!r:.200}",
+        )
     try:
         config = config_cls(**values, seed=seed, size=size)
         if callable(getattr(config, "validate", None)):
