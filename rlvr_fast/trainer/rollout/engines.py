@@ -1,8 +1,9 @@
 """Sampling G completions per prompt behind a small interface, so another engine (vLLM, SGLang) can plug in.
 
 A backend turns tokenised prompts into a ``Rollout``: left-padded prompts and right-padded completions with their
-masks. The completion mask covers the sampled tokens up to and including the first EOS; a completion that never
-emitted EOS within ``max_new_tokens`` is ``truncated``.
+masks. The completion mask covers the sampled tokens up to and including the first EOS (or, for a base template
+with stop strings, the token that completes the first of them: ``stop_strings.py``); a completion that never emitted
+EOS within ``max_new_tokens`` is ``truncated``.
 
 ``HFGeneration`` prefills each prompt once and shares its cache among the prompt's samples (``prefix_sampling``)
 where the model allows it (``prefix_sharing``: auto | on | off, as for the update); otherwise it calls transformers'
@@ -22,6 +23,7 @@ from rlvr_fast.trainer.rollout.shared_prefix_sampler import (
     sample_shared_prefix,
     unreproduced_generation_settings,
 )
+from rlvr_fast.trainer.rollout.stop_strings import cut_at_stop_strings, stop_strings_of
 from rlvr_fast.trainer.update.shared_prefix_forward import resolve_prefix_sharing
 
 
@@ -107,6 +109,7 @@ class HFGeneration:
                 f"the shared-prefix sampler does not apply; set prefix_sharing='auto' or 'off'"
             )
         self.shared_prefix = self.shared_prefix and not extra
+        self.stop_strings = stop_strings_of(tokenizer)  # a base template's next turn ends the answer (stop_strings.py)
 
     @torch.no_grad()
     def generate(
@@ -133,7 +136,7 @@ class HFGeneration:
         completion_mask = (positions[None, :] <= first_eos[:, None]).to(attention_mask.dtype)
         completion = torch.where(completion_mask.bool(), completion, tok.pad_token_id)
         texts = tok.batch_decode(completion, skip_special_tokens=True)
-        return Rollout(
+        rollout = Rollout(
             prompt_ids=input_ids.repeat_interleave(n, dim=0),
             prompt_mask=attention_mask.repeat_interleave(n, dim=0),
             completion_ids=completion,
@@ -141,6 +144,7 @@ class HFGeneration:
             truncated=~has_eos,
             texts=texts,
         )
+        return cut_at_stop_strings(rollout, tok, self.stop_strings)
 
     def _sample(self, input_ids, attention_mask, n, max_new_tokens, temperature, top_p) -> torch.Tensor:
         """(B*n, max_new_tokens) completions: the shared-prefix sampler where it applies, else ``generate``."""

@@ -6,7 +6,9 @@ how to build it from the trainer.
 - ``vllm``: ``VLLMGeneration`` (vllm_engine.py): vLLM colocated in the training process, started from the model's
   config with the trainer's weights pushed in memory, again after every step (``sync_weights``); reports the sampled
   tokens' log-probs, which ``rollout_correction`` needs. Its engine samples in bf16 when the run computes in bf16
-  (bf16 weights or bf16 autocast), else in float32. Under torchrun, one engine per rank.
+  (bf16 weights or bf16 autocast), else in float32. Under torchrun, one engine per rank. A LoRA policy is pushed
+  merged; refused before the model loads: a temperature or eval_temperature below 0.01, top_p < 1 with a
+  rollout_correction, adapter='qlora'.
 
 The setting also takes ``auto`` (``resolve_rollout_engine``): vLLM where it is the faster engine (a CUDA device, a
 supported vLLM installed, an architecture vLLM implements), else the native sampler, saying which and why. On a CPU
@@ -53,9 +55,36 @@ def _build_native(trainer):
 
 
 def _check_vllm(cfg) -> None:
-    from rlvr_fast.trainer.rollout.vllm_engine import require_vllm
+    """Settings the engine cannot honour, then the package (the settings first: they need no vLLM to be judged)."""
+    from rlvr_fast.trainer.rollout.vllm_engine import VLLM_MIN_TEMPERATURE, require_vllm
     from rlvr_fast.trainer.schema import ConfigFieldError
 
+    for field in ("temperature", "eval_temperature"):  # vLLM would sample at 0.01 instead (vllm_engine.py)
+        value = getattr(cfg, field)
+        if not value >= VLLM_MIN_TEMPERATURE:
+            raise ConfigFieldError(
+                field,
+                f"RLVRConfig.{field} with rollout_engine='vllm': vLLM samples any temperature below "
+                f"{VLLM_MIN_TEMPERATURE} at {VLLM_MIN_TEMPERATURE}; expected at least {VLLM_MIN_TEMPERATURE} (or "
+                f"rollout_engine='native'), got {value}",
+            )
+    if cfg.rollout_correction is not None and cfg.top_p < 1:
+        # vLLM's log-probs are of the nucleus renormalised, the trainer's of the whole vocabulary at the temperature:
+        # every ratio would carry the nucleus's mass (measured: -0.69 nats a token at top_p=0.5), a bias no policy
+        # change made (token_truncate: every token scaled down; sequence_truncate: the product over the completion)
+        raise ConfigFieldError(
+            "top_p",
+            f"RLVRConfig.top_p with rollout_engine='vllm' and rollout_correction={cfg.rollout_correction!r}: the "
+            "engine's log-probs are renormalised over the top-p nucleus and the trainer's are not, so the correction's "
+            f"ratio would shrink by the nucleus's probability mass at every token; expected top_p=1.0 (or "
+            f"rollout_correction=None), got {cfg.top_p}",
+        )
+    if cfg.adapter == "qlora":  # LoRA is pushed merged into its base weight; an NF4 base is packed, not a weight
+        raise ConfigFieldError(
+            "adapter",
+            "RLVRConfig.adapter='qlora' with rollout_engine='vllm': the engine takes plain weights, and QLoRA's base "
+            "layers are packed NF4; expected adapter='lora' or 'none' (or rollout_engine='native'), got 'qlora'",
+        )
     try:
         require_vllm()
     except ImportError as exc:

