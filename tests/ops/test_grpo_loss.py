@@ -369,7 +369,7 @@ def test_low_precision_inputs(dtype, backend, device, generator):
     loss, grad, _ = run(grpo_loss, batch, backend=backend, **kw)
     ref_loss, ref_grad, _ = run(grpo_loss_reference, batch, **kw)  # float64 from the same rounded values
     assert grad.dtype == dtype and loss.dtype == torch.float32
-    assert_close(loss, ref_loss, rtol=1e-5, name="loss")
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, name="loss")  # atol: losses near 0 cancel (seed 109: -1.5e-3)
     assert_close(grad, ref_grad, rtol=1e-2, name="grad")  # the gradient's own rounding to bf16 / fp16
 
 
@@ -470,7 +470,7 @@ def test_dapo_num_items_accumulates_to_the_global_token_mean(backend, device, ge
     for num_items in (n_items, torch.tensor(n_items, device=device), float(n_items)):
         assert_close(run(grpo_loss, a, num_items=num_items, **kw)[0], parts[0][0], rtol=1e-7, name="num_items types")
     token_mean = run(grpo_loss, whole, beta=0.04, loss_type="bnpo", backend=backend)
-    assert_close(parts[0][0] + parts[1][0], token_mean[0], rtol=1e-5, name="accumulated loss")
+    assert_close(parts[0][0] + parts[1][0], token_mean[0], rtol=1e-5, atol=1e-6, name="accumulated loss")  # as above
     assert_close(torch.cat([parts[0][1], parts[1][1]]), token_mean[1], rtol=1e-5, name="accumulated grad")
     default = [run(grpo_loss, mb, **kw)[0] for mb in (a, b)]
     assert abs(float(default[0] + default[1]) - float(token_mean[0])) > 1e-4  # the bias num_items removes

@@ -71,7 +71,9 @@ def assert_same_update(model, rollout, loss_kwargs, dtype):
     hidden_b, loss_b, grads_b = loss_and_grads(model, rollout, shared_completion_hidden, loss_kwargs, dtype)
     tol = TOLERANCE[dtype]
     assert_close(hidden_b, hidden_a, rtol=tol, name="hidden")
-    assert_close(loss_b, loss_a, rtol=tol, name="loss")
+    # the loss sums terms of size |A| that random advantages can cancel: its rounding is relative to them, not the sum
+    atol = tol * float(loss_kwargs["advantages"].abs().mean())
+    assert_close(loss_b, loss_a, rtol=tol, atol=atol, name="loss")
     assert grads_a.keys() == grads_b.keys()
     assert len(grads_a) == len(list(model.parameters()))  # every parameter gets a gradient
     for name in grads_a:

@@ -84,10 +84,10 @@ def update_config(**overrides) -> RLVRConfig:
     return RLVRConfig(**{**values, **overrides}).validate()
 
 
-def assert_same(a, b, tol, what):
+def assert_same(a, b, tol, what, loss_atol=0.0):
     loss_a, grads_a = a[:2]
     loss_b, grads_b = b[:2]
-    assert_close(loss_b, loss_a, rtol=tol, name=f"{what}: loss")
+    assert_close(loss_b, loss_a, rtol=tol, atol=loss_atol, name=f"{what}: loss")
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         assert_close(grads_b[name], grads_a[name], rtol=tol, name=f"{what}: {name}")
@@ -134,7 +134,10 @@ def test_shared_update_equals_unshared(tokenizer, generator, arch, dtype, checkp
         assert shared[2].shared_prefix and not unshared[2].shared_prefix
         assert len(shared[2].parts) > 1 and len(unshared[2].parts) > 1
         assert len(unshared[1]) == len(list(model.parameters()))  # every parameter has a gradient
-        assert_same(unshared, shared, TOLERANCE[dtype], str(settings))
+        # the loss sums terms of size |A| that random advantages can cancel (seed 20: 6e-4, 1.1e-8 apart in fp32): its
+        # rounding is relative to those terms, not to the sum
+        atol = TOLERANCE[dtype] * float(batch.advantages.abs().mean())
+        assert_same(unshared, shared, TOLERANCE[dtype], str(settings), loss_atol=atol)
 
 
 def test_fixed_logprobs_equal_unshared(tokenizer, generator):
