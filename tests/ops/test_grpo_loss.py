@@ -472,8 +472,14 @@ def test_dapo_num_items_accumulates_to_the_global_token_mean(backend, device, ge
     token_mean = run(grpo_loss, whole, beta=0.04, loss_type="bnpo", backend=backend)
     assert_close(parts[0][0] + parts[1][0], token_mean[0], rtol=1e-5, atol=1e-6, name="accumulated loss")  # as above
     assert_close(torch.cat([parts[0][1], parts[1][1]]), token_mean[1], rtol=1e-5, name="accumulated grad")
-    default = [run(grpo_loss, mb, **kw)[0] for mb in (a, b)]
-    assert abs(float(default[0] + default[1]) - float(token_mean[0])) > 1e-4  # the bias num_items removes
+    # the default divides each micro-batch by its own token count n_k, num_items by the step's: the bias num_items
+    # removes is the factor n_items / n_k (an identity for any draw; n_k < n_items, so an ignored num_items fails)
+    for mb, part in zip((a, b), parts):
+        n_k = int(mb["mask"].sum())
+        assert n_k < n_items
+        default = run(grpo_loss, mb, **kw)[0]
+        atol = 1e-6 * n_items  # sums of n_k and n_items terms: the mean's 1e-6 floor scaled to a sum
+        assert_close(default * n_k, part[0] * n_items, rtol=1e-5, atol=atol, name="per-micro-batch normaliser")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
