@@ -11,10 +11,11 @@ import types
 
 import pytest
 import torch
-from helpers.runs import tiny_config
+from helpers.runs import tiny_config, tiny_loaded
 
 from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.checks.preflight import check_rollout_engine
+from rlvr_fast.trainer.evaluation.command import run_eval
 from rlvr_fast.trainer.rollout.vllm_engine import VLLM_MIN_TEMPERATURE, _named_tensors
 from rlvr_fast.trainer.schema import ConfigFieldError
 
@@ -94,3 +95,13 @@ def test_a_correction_with_top_p_below_1_is_refused(tmp_path, monkeypatch, corre
     assert info.value.field == "top_p" and "RLVRConfig.top_p" in str(info.value)
     check_rollout_engine(tiny_config(tmp_path, rollout_engine="vllm", top_p=0.9))  # sampling with top_p: fine
     check_rollout_engine(tiny_config(tmp_path, rollout_engine="vllm", rollout_correction=correction))
+
+
+@pytest.mark.parametrize("engine", ["native", "vllm"])
+def test_rlvr_fast_eval_says_which_engine_samples(tmp_path, engine):
+    """``rlvr-fast eval`` samples with the native engine whatever ``rollout_engine`` says, and says so when the
+    setting names another engine (no silent swap)."""
+    text = run_eval(tiny_config(tmp_path, rollout_engine=engine), loaded=tiny_loaded())
+    said = "sampled with the native engine (rollout_engine='vllm' is for training)"
+    assert (text.splitlines()[0] == said) == (engine == "vllm")
+    assert "pass@1:" in text

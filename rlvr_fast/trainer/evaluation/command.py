@@ -160,6 +160,8 @@ def run_eval(cfg: RLVRConfig, checkpoint: str | None = None, loaded=None) -> str
     )
     result = evaluate(generator, loaded.tokenizer, problems, **evaluation_kwargs(cfg))
     lines = [f"{len(problems)} problems x n={result.n}: pass@k [95% CI]"]
+    if cfg.rollout_engine != "native":  # said, not silently swapped: this command has the native sampler only
+        lines.insert(0, f"sampled with the native engine (rollout_engine={cfg.rollout_engine!r} is for training)")
     for k, s in result.pass_at_k.items():
         lines.append(f"  pass@{k}: {s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
     if result.calibration:
