@@ -174,11 +174,12 @@ def _parse_set(text: str) -> tuple[str, object]:
 
 def _study(args: argparse.Namespace) -> int:
     from rlvr_fast.study import plan_study, run_study
+    from rlvr_fast.trainer.schema import ConfigFieldError
 
     try:
         plan = plan_study(
             args.preset,
-            arms=[a for a in args.arms.split(",") if a.strip()] if args.arms else None,
+            arms=[a for a in args.arms.split(",") if a.strip()] if args.arms is not None else None,
             arms_file=args.arms_file,
             steps=args.steps,
             seeds=args.seeds,
@@ -194,12 +195,15 @@ def _study(args: argparse.Namespace) -> int:
     print(f"study {args.output_dir}: preset {plan.preset}, {len(plan.runs)} runs: {runs}")
     if args.dry_run:
         return 0
-    outcome = run_study(
-        plan,
-        keep_checkpoints=args.keep_checkpoints,
-        retry_failed=not args.no_retry_failed,
-        command="rlvr-fast " + " ".join(sys.argv[1:]),
-    )
+    try:
+        outcome = run_study(
+            plan,
+            keep_checkpoints=args.keep_checkpoints,
+            retry_failed=not args.no_retry_failed,
+            command="rlvr-fast " + " ".join(sys.argv[1:]),
+        )
+    except ConfigFieldError as exc:  # the output folder refused (held, not a study's, a changed finished run)
+        raise ConfigError(str(exc)) from exc
     counts = {s: list(outcome.statuses.values()).count(s) for s in sorted(set(outcome.statuses.values()))}
     print(f"runs: {counts}; report: {outcome.report}; every number: {outcome.study_json}")
     return 0 if all(s == "done" for s in outcome.statuses.values()) else 1

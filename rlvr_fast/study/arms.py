@@ -256,7 +256,13 @@ def load_arms_file(path: str) -> dict[str, Arm]:
     import yaml
 
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:  # a ValueError, so the CLI reports it in one line like any bad option
+            raise ValueError(
+                f"--arms-file {path}: expected a YAML mapping arm name -> overrides, got invalid YAML: "
+                f"{' '.join(str(exc).split())}"
+            ) from None
     if not isinstance(data, dict):
         raise ValueError(f"--arms-file {path}: expected a mapping arm name -> overrides, got {type(data).__name__}")
     arms: dict[str, Arm] = {}

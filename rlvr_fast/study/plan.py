@@ -39,6 +39,7 @@ from rlvr_fast.trainer.evaluation.held_out import evaluation_kwargs
 
 __all__ = ["CellSpec", "RunSpec", "StudyPlan", "cell_name", "config_hash", "eval_key", "plan_study"]
 
+CELL_OWNED_FIELDS = ("model", "task", "task_params")  # set by a cell: no arm of a preset with cells overrides them
 MASK_DTYPE = "bfloat16"  # the changed set a sparse-reuse arm trains: Mukherjee et al.'s bf16 comparison
 # Fields that never change a run's numbers: a finished run stays valid when only these differ.
 NON_RESULT_FIELDS = ("output_dir", "resume", "progress", "checkpoint_every")
@@ -246,6 +247,14 @@ def _cell_runs(
         owned = sorted(set(arm.overrides) & set(STUDY_OWNED_FIELDS))
         if owned:
             raise ValueError(f"{where}: overrides {owned}, which the study sets itself")
+        # in a cell the model and task are the cell's: an arm changing them would train another cell's pair and
+        # report it under this cell's name
+        owned_by_cell = sorted(set(arm.overrides) & set(CELL_OWNED_FIELDS)) if cell is not None else []
+        if owned_by_cell:
+            raise ValueError(
+                f"{where}: overrides {owned_by_cell}, which every cell sets itself: expected none of "
+                f"{list(CELL_OWNED_FIELDS)} in an arm of a preset with cells (add a cell to the preset instead)"
+            )
         for i in range(counts[name]):
             key = f"{prefix}{name}/seed{i}"
             run_dir = os.path.join(root, "arms", name, f"seed{i}")
@@ -337,7 +346,9 @@ def plan_study(
     registry = dict(ARMS)
     if arms_file:
         registry.update(load_arms_file(arms_file))
-    names = resolve_arm_names(list(arms) if arms else list(chosen.arms), registry)
+    if arms is not None and not [a for a in arms if str(a).strip()]:  # an empty --arms is a mistake, not "all"
+        raise ValueError(f"--arms: expected one or more arm names (known: {sorted(registry)}), got {list(arms)!r}")
+    names = resolve_arm_names(list(arms) if arms is not None else list(chosen.arms), registry)
     for name in chosen.arm_overrides:
         _check_fields(chosen.arm_overrides[name], f"preset {preset!r}, arm_overrides[{name!r}]")
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):

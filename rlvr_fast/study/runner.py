@@ -1,6 +1,7 @@
 """Running a study: the planned runs one by one, each a normal trainer run in ``<study>/arms/<arm>/seed<i>/``.
 
-Per run:
+The study holds its folder for the whole invocation (``folder.claim_study_dir``: one live study per folder, never a
+folder of someone else's files). Per run:
 1. skip it when the state says done with the same config (a rerun of a finished study trains nothing);
 2. skip it, with the reason, when the run it takes its mask from did not finish;
 3. start from a fresh copy of the base model (loaded once per study, kept untouched), resuming through the trainer's
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlvr_fast.study.folder import claim_study_dir, release_study_dir
 from rlvr_fast.study.plan import RunSpec, StudyPlan, base_eval_path, config_hash
 from rlvr_fast.study.presets import PRESETS
 from rlvr_fast.study.state import StudyState, write_json_atomic
@@ -49,6 +51,7 @@ from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.evaluation.held_out import eval_dict_from_json
 from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.reporting.log import reset_peak_memory
+from rlvr_fast.trainer.schema import ConfigFieldError
 
 __all__ = ["KEEP_CHECKPOINTS", "StudyOutcome", "base_eval_path", "run_study"]
 
@@ -174,20 +177,35 @@ def run_study(
             state is 1.6 GB, and the models-quick preset's 16 runs kept 37 GB).
         retry_failed: rerun failed and skipped runs (default); False leaves them as recorded.
         command: the command line, for the report header.
+
+    Raises:
+        ConfigFieldError('output_dir'): the folder is held by a live study or run, is not a study's and holds
+            entries a study writes (``folder.claim_study_dir``), or holds a finished run whose config has changed.
     """
     if keep_checkpoints not in KEEP_CHECKPOINTS:
         raise ValueError(f"keep_checkpoints must be one of {KEEP_CHECKPOINTS}, got {keep_checkpoints!r}")
+    took = claim_study_dir(plan.output_dir)  # one live study per folder; never a folder of someone else's files
+    try:
+        return _run_claimed(plan, model_loader, keep_checkpoints, retry_failed, command, log)
+    finally:
+        release_study_dir(plan.output_dir, took)
+
+
+def _run_claimed(plan, model_loader, keep_checkpoints, retry_failed, command, log) -> StudyOutcome:
+    """``run_study`` in a folder this process holds."""
     from rlvr_fast.trainer.model import load_model
 
-    os.makedirs(plan.output_dir, exist_ok=True)
     state = StudyState(plan.output_dir)
+    if not os.path.exists(state.path):  # the folder is a study's before anything else is written into it
+        state.save()
     for spec in plan.runs:  # a finished run is reused only if it ran this very config
         entry = state.run(spec.key)
         if entry["status"] == "done" and entry.get("config_hash") != config_hash(spec.config):
-            raise ValueError(
+            raise ConfigFieldError(
+                "output_dir",
                 f"run {spec.key} in {plan.output_dir} finished with a different config (hash "
                 f"{entry.get('config_hash')} vs {config_hash(spec.config)} now); use another --output-dir or delete "
-                f"{spec.run_dir}"
+                f"{spec.run_dir}",
             )
     write_json_atomic(
         os.path.join(plan.output_dir, "plan.json"),

@@ -23,7 +23,11 @@ FORMAT = "rlvr_fast.study_state/1"
 
 
 def json_safe(obj: Any) -> Any:
-    """``obj`` as strict JSON takes it: NaN and inf become null, keys become strings (lists and dicts recursively)."""
+    """``obj`` as strict JSON takes it: NaN and inf become null, keys become strings (lists and dicts recursively);
+    a numpy scalar or array is taken as its Python value first (``json.dump(default=str)`` would write it as a string,
+    a NaN as "nan")."""
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # numpy scalars and arrays (np.float32 is no float)
+        obj = obj.tolist()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
