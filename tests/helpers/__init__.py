@@ -1,5 +1,5 @@
 """What several test modules share: task files, tiny run configs and models, checkpoint faults, the gloo world, the
-one-step data-parallel cases, the TRL parity harness and the vLLM engine tests' model.
+one-step data-parallel cases, the TRL parity harness, the tiny study plan and the vLLM engine tests' model.
 
 Imported as ``from helpers.<module> import ...``: the top-level ``tests/conftest.py`` has no ``__init__.py`` beside it,
 so pytest's default ("prepend") import mode puts ``tests/`` on ``sys.path`` before any test module loads, and processes

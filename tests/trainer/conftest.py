@@ -1,5 +1,5 @@
-"""Fixtures of the trainer tests that refuse or stop a run before its model loads (tests/trainer/test_output_dir.py,
-tests/trainer/test_run_lock.py)."""
+"""Fixtures of the trainer tests: refusing or stopping a run before its model loads (tests/trainer/test_output_dir.py,
+tests/trainer/test_run_lock.py), and one torch thread for a module of tiny-model study runs."""
 
 import pytest
 
@@ -21,3 +21,15 @@ def local_model(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread for a module of tiny-model runs (the study tests: ``pytestmark = usefixtures(...)``): tiny
+    matmuls run faster on one thread, and a busy machine cannot slow them by oversubscription."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from helpers.runs import TOKEN_BIAS, write_task
+from helpers.study_case import TINY_STUDY_BASE
 
 from rlvr_fast.eval.shortcuts import (
     arithmetic_tokens,
@@ -193,19 +194,7 @@ def hard_study(tmp_path_factory):
         task=write_task(os.path.join(root, "train.jsonl"), 12, "train"),
         steps=3,
         seeds=1,
-        overrides=dict(
-            eval_file=eval_file,
-            train_size=12,
-            eval_size=4,
-            group_size=8,
-            prompts_per_step=2,
-            max_completion_length=6,
-            eval_samples=3,
-            lr=1e-2,
-            grad_clip=None,
-            checkpoint_every=0,
-            progress=False,
-        ),
+        overrides={**TINY_STUDY_BASE, "eval_file": eval_file, "eval_size": 4, "max_prompt_length": 128},
         output_dir=os.path.join(root, "study"),
     )
     outcome = run_study(plan, model_loader=load, log=lambda s: None)

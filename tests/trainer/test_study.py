@@ -8,73 +8,28 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers.runs import TOKEN_BIAS, write_task
+from helpers.runs import TOKEN_BIAS
+from helpers.study_case import tiny_loader, tiny_study_plan
 
 from rlvr_fast.eval import pass_at_k, update_sparsity
 from rlvr_fast.optim import load_masks
-from rlvr_fast.study import plan_study, run_study
+from rlvr_fast.study import run_study
 from rlvr_fast.study.analysis import _crossings
 from rlvr_fast.study.stats import agreement_confidence, bootstrap_calibration, wilson
 from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.loop import Trainer
-from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.reporting.log import reproducible_fields
 
 FINDINGS = ("pass_at_k", "reward", "sample", "calibration", "update_sparsity", "formats", "difficulty")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-def make_loader(tok, calls=None):
-    def load(cfg):
-        if calls is not None:
-            calls.append(cfg.model)
-        return LoadedModel(tiny_causal_lm(tok, token_bias=TOKEN_BIAS), tok, torch.device("cpu"), torch.float32)
-
-    return load
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/trainer/conftest.py
 
 
 def tiny_plan(root, arms, *, steps=4, seeds=None, arms_file=None, **extra):
-    os.makedirs(root, exist_ok=True)
-    overrides = dict(
-        eval_file=write_task(os.path.join(root, "eval.jsonl"), 4, "eval"),
-        train_size=12,
-        eval_size=4,
-        group_size=8,
-        prompts_per_step=2,
-        max_prompt_length=32,
-        max_completion_length=6,
-        eval_samples=3,
-        lr=1e-2,
-        grad_clip=None,
-        checkpoint_every=2,
-        progress=False,
-        format_classes={"digits_only": r"^\d+$", "has_five": "5"},
-    )
-    overrides.update(extra)
-    return plan_study(
-        "quick",
-        arms=arms,
-        arms_file=arms_file,
-        task=write_task(os.path.join(root, "train.jsonl"), 12, "train"),
-        steps=steps,
-        seeds=seeds,
-        overrides=overrides,
-        output_dir=os.path.join(root, "study"),
-    )
+    extra = {"checkpoint_every": 2, "format_classes": {"digits_only": r"^\d+$", "has_five": "5"}, **extra}
+    return tiny_study_plan(root, arms, steps=steps, seeds=seeds, arms_file=arms_file, **extra)
 
 
 def load_study(plan) -> dict:
@@ -92,12 +47,12 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tok):
+def finished(tmp_path_factory):
     """A study of the correct arm (two seeds) and the calibration pair brier / correct_conf, run once."""
     root = str(tmp_path_factory.mktemp("study"))
     plan = tiny_plan(root, ["correct", "brier", "correct_conf"])
     calls: list = []
-    outcome = run_study(plan, model_loader=make_loader(tok, calls), keep_checkpoints="final", log=lambda s: None)
+    outcome = run_study(plan, model_loader=tiny_loader(calls), keep_checkpoints="final", log=lambda s: None)
     return plan, outcome, load_study(plan), calls
 
 
@@ -204,34 +159,34 @@ def test_numbers_match_the_runs_own_outputs(finished):
     assert pair["jaccard"] == pytest.approx(inter / union)
 
 
-def test_each_run_is_a_normal_trainer_run(finished, tok, tmp_path):
+def test_each_run_is_a_normal_trainer_run(finished, tmp_path):
     """The study's run equals `rlvr-fast train` with the same config: same before/after evaluations and metrics
     (the shared base evaluation is exactly the trainer's own before-evaluation)."""
     plan, _, _, _ = finished
     spec = plan.run("correct/seed1")
     cfg = RLVRConfig.from_dict({**spec.config, "output_dir": str(tmp_path / "alone")})
-    result = Trainer(cfg, loaded=make_loader(tok)(cfg)).train()
+    result = Trainer(cfg, loaded=tiny_loader()(cfg)).train()
     for name in ("eval_before.json", "eval_after.json"):
         with open(os.path.join(spec.run_dir, name)) as f, open(tmp_path / "alone" / name) as g:
             assert json.load(f) == json.load(g), name
     assert strip_timing(read_metrics(spec.run_dir)) == strip_timing(result.metrics)
 
 
-def test_rerun_of_a_finished_study_trains_nothing(finished, tok, monkeypatch):
+def test_rerun_of_a_finished_study_trains_nothing(finished, monkeypatch):
     plan, _, study, _ = finished
 
     def no_training(self, *a, **k):  # pragma: no cover - reaching it is the failure
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(Trainer, "train", no_training)
-    outcome = run_study(plan, model_loader=make_loader(tok), log=lambda s: None)
+    outcome = run_study(plan, model_loader=tiny_loader(), log=lambda s: None)
     assert set(outcome.statuses.values()) == {"done"}
     again = load_study(plan)
     assert again["findings"]["pass_at_k"] == study["findings"]["pass_at_k"]
     # A finished run whose config changed is refused, not silently reused.
     changed = tiny_plan(os.path.dirname(plan.output_dir), ["correct", "brier", "correct_conf"], lr=5e-3)
     with pytest.raises(ValueError, match=r"run correct/seed0 in .* finished with a different config"):
-        run_study(changed, model_loader=make_loader(tok), log=lambda s: None)
+        run_study(changed, model_loader=tiny_loader(), log=lambda s: None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,11 +194,11 @@ def test_rerun_of_a_finished_study_trains_nothing(finished, tok, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_interrupted_arm_resumes_to_the_uninterrupted_numbers(tmp_path, tok, monkeypatch):
+def test_interrupted_arm_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypatch):
     import rlvr_fast.trainer.loop as loop
 
     reference = tiny_plan(str(tmp_path / "a"), ["correct", "nsr"], seeds=1)
-    run_study(reference, model_loader=make_loader(tok), log=lambda s: None)
+    run_study(reference, model_loader=tiny_loader(), log=lambda s: None)
 
     plan = tiny_plan(str(tmp_path / "b"), ["correct", "nsr"], seeds=1)
     save = loop.save_checkpoint
@@ -256,7 +211,7 @@ def test_interrupted_arm_resumes_to_the_uninterrupted_numbers(tmp_path, tok, mon
 
     monkeypatch.setattr(loop, "save_checkpoint", dies_after_nsr_step_2)
     with pytest.raises(KeyboardInterrupt):
-        run_study(plan, model_loader=make_loader(tok), log=lambda s: None)
+        run_study(plan, model_loader=tiny_loader(), log=lambda s: None)
     with open(os.path.join(plan.output_dir, "study_state.json")) as f:
         state = json.load(f)["runs"]
     assert state["correct/seed0"]["status"] == "done" and state["nsr/seed0"]["status"] == "interrupted"
@@ -270,7 +225,7 @@ def test_interrupted_arm_resumes_to_the_uninterrupted_numbers(tmp_path, tok, mon
         return train(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train", recording)
-    outcome = run_study(plan, model_loader=make_loader(tok), log=lambda s: None)
+    outcome = run_study(plan, model_loader=tiny_loader(), log=lambda s: None)
     assert outcome.statuses == {"correct/seed0": "done", "nsr/seed0": "done"}
     assert trained == [(plan.run("nsr/seed0").run_dir, True)]  # correct not rerun; nsr continued from its checkpoint
     # The default keeps no checkpoint of a finished run (a resumed one included): its results are written.
@@ -287,7 +242,7 @@ def test_interrupted_arm_resumes_to_the_uninterrupted_numbers(tmp_path, tok, mon
     assert fa["update_sparsity"]["overlap"] == fb["update_sparsity"]["overlap"]
 
 
-def test_failing_arm_is_reported_and_the_others_kept(tmp_path, tok, monkeypatch):
+def test_failing_arm_is_reported_and_the_others_kept(tmp_path, monkeypatch):
     from rlvr_fast.trainer.update.finite_guard import NonFiniteError
 
     # An lr that diverges is refused when the study is planned (lr <= 1), so the arm's update fails by hand: the arm
@@ -306,7 +261,7 @@ def test_failing_arm_is_reported_and_the_others_kept(tmp_path, tok, monkeypatch)
         "reuse_diverged:\n  overrides: {optimizer: sparse_adamw}\n  mask_from: diverges\n  group: optimizer\n"
     )
     plan = tiny_plan(str(tmp_path), ["correct", "diverges", "reuse_diverged"], seeds=1, arms_file=str(arms))
-    outcome = run_study(plan, model_loader=make_loader(tok), log=lambda s: None)
+    outcome = run_study(plan, model_loader=tiny_loader(), log=lambda s: None)
     assert outcome.statuses == {"correct/seed0": "done", "diverges/seed0": "failed", "reuse_diverged/seed0": "skipped"}
     study = load_study(plan)
     runs = {r["run"]: r for r in study["runs"]}

@@ -8,57 +8,26 @@ import json
 import os
 
 import pytest
-import torch
-from helpers.runs import TOKEN_BIAS, main_exit, write_task
+from helpers.runs import main_exit
+from helpers.study_case import tiny_loader, tiny_study_plan
 
 from rlvr_fast.study import plan_study, run_study
 from rlvr_fast.study.folder import claim_study_dir, release_study_dir
 from rlvr_fast.study.state import STATE_FILE
-from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.checkpoint.run_lock import LOCK_FILE
-from rlvr_fast.trainer.model import LoadedModel
 from rlvr_fast.trainer.reporting.log import reproducible_fields
 from rlvr_fast.trainer.schema import ConfigFieldError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/trainer/conftest.py
 
 
-def loader(cfg):
-    tok = char_tokenizer()
-    return LoadedModel(tiny_causal_lm(tok, token_bias=TOKEN_BIAS), tok, torch.device("cpu"), torch.float32)
+loader = tiny_loader()
 
 
 def tiny_plan(root, arms=("correct",), output="study"):
     """One seed per arm of 2 steps on 12 train / 4 eval problems x n=2, into root/<output>."""
-    os.makedirs(root, exist_ok=True)
-    overrides = dict(
-        eval_file=write_task(os.path.join(root, "eval.jsonl"), 4, "eval"),
-        train_size=12,
-        eval_size=4,
-        group_size=4,
-        prompts_per_step=2,
-        max_prompt_length=32,
-        max_completion_length=4,
-        eval_samples=2,
-        lr=1e-2,
-        grad_clip=None,
-        checkpoint_every=1,
-        progress=False,
-    )
-    return plan_study(
-        "quick",
-        arms=list(arms),
-        task=write_task(os.path.join(root, "train.jsonl"), 12, "train"),
-        steps=2,
-        seeds=1,
-        overrides=overrides,
-        output_dir=os.path.join(root, output),
+    return tiny_study_plan(
+        root, arms, seeds=1, output=output, group_size=4, max_completion_length=4, eval_samples=2, checkpoint_every=1
     )
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.runs import TOKEN_BIAS, write_task
+from helpers.study_case import TINY_STUDY_BASE
 
 from rlvr_fast.study import plan_study, run_study
 from rlvr_fast.study.cells import LEAD_COMPARISONS, _lead_section, combine_seeds, compare
@@ -28,32 +29,18 @@ from rlvr_fast.trainer.schema import ConfigFieldError
 GYM_PARAMS = BASIC_ARITHMETIC_PARAMS  # the models presets' basic_arithmetic generator
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/trainer/conftest.py
 
 
 def tiny_base() -> dict:
     """The base config of a tiny study: runs of 2 steps on 12 train / 4 eval problems x n=3."""
-    return dict(
-        train_size=12,
-        eval_size=4,
-        group_size=8,
-        prompts_per_step=2,
-        max_prompt_length=96,
-        max_completion_length=6,
-        eval_samples=3,
-        steps=2,
-        lr=1e-2,
-        grad_clip=None,
-        checkpoint_every=0,
-        progress=False,
-        format_classes={"digits_only": r"^\d+$", "has_five": "5"},
-    )
+    return {
+        **TINY_STUDY_BASE,
+        "eval_size": 4,
+        "max_prompt_length": 96,
+        "steps": 2,
+        "format_classes": {"digits_only": r"^\d+$", "has_five": "5"},
+    }
 
 
 def tiny_cells_preset(root, monkeypatch, *, with_gym: bool = True) -> str:

@@ -11,59 +11,31 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers.runs import TOKEN_BIAS, write_task
+from helpers.runs import TOKEN_BIAS
+from helpers.study_case import tiny_loader, tiny_study_plan
 
-from rlvr_fast.study import plan_study, run_study
+from rlvr_fast.study import run_study
 from rlvr_fast.study.plan import base_eval_path
 from rlvr_fast.study.state import json_safe
-from rlvr_fast.testing import char_tokenizer, tiny_causal_lm
 from rlvr_fast.trainer.loop import Trainer
-from rlvr_fast.trainer.model import LoadedModel
 
 Z95 = 1.959963984540054
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_loader(bias):
-    def load(cfg):
-        tok = char_tokenizer()
-        return LoadedModel(tiny_causal_lm(tok, token_bias=bias), tok, torch.device("cpu"), torch.float32)
-
-    return load
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/trainer/conftest.py
 
 
 def tiny_plan(root, arms, *, samples=3):
-    os.makedirs(root, exist_ok=True)
-    overrides = dict(
-        eval_file=write_task(os.path.join(root, "eval.jsonl"), 6, "eval"),
-        train_size=12,
-        eval_size=6,
+    """One seed per arm of 2 steps: groups of 4, 4 new tokens, 6 held-out problems x n=``samples``."""
+    return tiny_study_plan(
+        root,
+        arms,
+        seeds=1,
+        eval_problems=6,
         group_size=4,
-        prompts_per_step=2,
-        max_prompt_length=32,
         max_completion_length=4,
         eval_samples=samples,
-        lr=1e-2,
-        grad_clip=None,
-        checkpoint_every=0,
-        progress=False,
         format_classes={"digits_only": r"^\d+$"},
-    )
-    return plan_study(
-        "quick",
-        arms=arms,
-        task=write_task(os.path.join(root, "train.jsonl"), 12, "train"),
-        steps=2,
-        seeds=1,
-        overrides=overrides,
-        output_dir=os.path.join(root, "study"),
     )
 
 
@@ -83,7 +55,7 @@ def read(path):
 
 
 def run(plan, bias=TOKEN_BIAS):
-    outcome = run_study(plan, model_loader=make_loader(bias), log=lambda s: None)
+    outcome = run_study(plan, model_loader=tiny_loader(token_bias=bias), log=lambda s: None)
     return outcome, strict_json(outcome.study_json), read(outcome.report)
 
 
