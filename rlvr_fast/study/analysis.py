@@ -27,6 +27,7 @@ Findings (the keys of ``analyse(...)["findings"]``), each with the numbers and t
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -64,7 +65,10 @@ SAMPLE_ARMS = ("psr", "nsr", "w_reinforce", "positive_only", "negative_only")
 
 
 def verdict(ci_low: float, ci_high: float) -> str:
-    """'improved' when the interval of a difference lies above 0, 'worsened' below, else 'no detectable change'."""
+    """'improved' when the interval of a difference lies above 0, 'worsened' below, 'no interval' when there is none
+    (one held-out problem: NaN bounds), else 'no detectable change'."""
+    if math.isnan(ci_low) or math.isnan(ci_high):
+        return "no interval"
     if ci_low > 0:
         return "improved"
     if ci_high < 0:

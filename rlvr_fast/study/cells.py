@@ -280,7 +280,9 @@ def _measured_sentence(comp: str, e: dict) -> str:
     if e["predicted"] == "?":
         return text + "; no sign predicted for this cell."
     text += f"; predicted {_SIGN_TEXT[e['predicted']]}: the data **{e['data']}**"
-    if e["data"] == "inconclusive":
+    if e["data"] == "inconclusive" and math.isnan(m["ci_low"]):
+        text += " (no interval: too few held-out problems to estimate one)"
+    elif e["data"] == "inconclusive":
         text += " (the interval includes 0" + (" or reaches past +-0.05" if e["predicted"] == "0" else "") + ")"
     return text + "."
 

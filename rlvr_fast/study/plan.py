@@ -36,6 +36,7 @@ from rlvr_fast.study.presets import StudyCell, get_preset
 from rlvr_fast.study.updates import MASK_FILES
 from rlvr_fast.trainer.config import RLVRConfig
 from rlvr_fast.trainer.evaluation.held_out import evaluation_kwargs
+from rlvr_fast.trainer.update.optimizers import parse_mask_source
 
 __all__ = ["CellSpec", "RunSpec", "StudyPlan", "cell_name", "config_hash", "eval_key", "plan_study"]
 
@@ -273,6 +274,8 @@ def _cell_runs(
                 values["mask_source"] = os.path.join(source_dir, MASK_FILES[MASK_DTYPE])
             try:
                 cfg = RLVRConfig.from_dict(values).validate()
+                if arm.mask_from is None and cfg.mask_source is not None:  # a missing file fails here, not at its run
+                    parse_mask_source(cfg.mask_source)
                 Scorer(cfg)  # reward modes and their parameters
                 train, _ = load_problems(cfg)  # the task and the held-out split
                 _check_wrong_labels(cfg, train)

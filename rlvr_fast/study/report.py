@@ -87,6 +87,7 @@ def _verdict_text(v: str) -> str:
         "improved": "improved (the interval lies above 0)",
         "worsened": "worsened (the interval lies below 0)",
         "no detectable change": "no detectable change (the interval includes 0)",
+        "no interval": "not decided (no interval: too few held-out problems to estimate one)",
     }[v]
 
 

@@ -71,6 +71,16 @@ def test_an_arm_may_not_change_a_cells_model_or_task(tmp_path, capsys):
     assert plan.run("other_model/seed0").config["model"] == "HuggingFaceTB/SmolLM2-360M-Instruct"
 
 
+def test_an_arm_with_a_missing_mask_file_is_refused_when_planned(tmp_path):
+    """A sparse arm's mask file is checked with the plan (an arm reusing another's mask, mask_from, is not: that file
+    is written by the study), not when the arm's turn comes after hours of other runs."""
+    arms = tmp_path / "arms.yaml"
+    arms.write_text(f"masked: {{optimizer: sparse_adamw, mask_source: {tmp_path / 'no-such-mask.safetensors'}}}\n")
+    with pytest.raises(ValueError, match=r"arm 'masked'.*no-such-mask\.safetensors.*neither random:<d>, grad:<d> nor"):
+        tiny_study_plan(str(tmp_path), ["correct", "masked"], arms_file=str(arms))
+    tiny_study_plan(str(tmp_path), ["correct", "sparse_reuse"])  # mask_from: its file does not exist yet
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The study folder
 # --------------------------------------------------------------------------------------------------------------------

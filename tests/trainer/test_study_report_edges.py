@@ -146,3 +146,17 @@ def test_json_safe_takes_numpy_numbers_as_numbers():
     assert json.dumps(json_safe(data), allow_nan=False) == (
         '{"ece": null, "count": 3, "curve": [0.5, null], "1": [true]}'
     )
+
+
+def test_a_difference_without_an_interval_is_not_called_inconclusive_about_0():
+    """One held-out problem gives no interval (NaN bounds): the report says so instead of "the interval includes 0"."""
+    from rlvr_fast.study.analysis import verdict
+    from rlvr_fast.study.cells import _measured_sentence
+    from rlvr_fast.study.report import _verdict_text
+
+    nan = float("nan")
+    assert verdict(nan, nan) == "no interval" and verdict(-0.1, 0.2) == "no detectable change"
+    assert "no interval" in _verdict_text(verdict(nan, nan))
+    measured = {"delta": 0.25, "ci_low": nan, "ci_high": nan, "seeds": 1, "problems": [1]}
+    text = _measured_sentence("correct - random", {"measured": measured, "predicted": "+", "data": "inconclusive"})
+    assert "no interval" in text and "includes 0" not in text
