@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import torch
 
 from rlvr_fast.optim import SparseAdamW
+from rlvr_fast.trainer.adapters.layers import lora_layers, merged_weight
 
 __all__ = [
     "RESOURCES_FILE",
@@ -53,14 +54,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def _lora_layers(model: torch.nn.Module, adapter_name: str):
-    """(module name, LoRA layer) for every layer PEFT injected with ``adapter_name``."""
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if hasattr(module, "base_layer") and isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a:
-            yield name, module
-
-
 def trained_weights(trainer) -> dict[str, torch.Tensor]:
     """The trained model's parameters under the base model's names: the parameters themselves for a full or masked
     run; for a LoRA run the frozen weights with each adapted one merged (``W + scale * B @ A`` in float64), the
@@ -69,15 +62,9 @@ def trained_weights(trainer) -> dict[str, torch.Tensor]:
     adapter = getattr(trainer, "adapter", None)
     if adapter is None:
         return {n: p.detach() for n, p in model.named_parameters()}
-    active = adapter.peft_model.active_adapter
     out = {n.replace(".base_layer.", "."): p.detach() for n, p in model.named_parameters() if ".lora_" not in n}
-    for name, layer in _lora_layers(model, active):
-        if getattr(layer, "fan_in_fan_out", False):
-            raise ValueError(f"trained_weights: {name} stores its weight transposed (fan_in_fan_out), not handled")
-        a = layer.lora_A[active].weight.detach().double()  # (r, in)
-        b = layer.lora_B[active].weight.detach().double()  # (out, r)
-        base = layer.base_layer.weight.detach()
-        out[f"{name}.weight"] = base.double() + layer.scaling[active] * (b @ a)
+    for name, layer in lora_layers(model):
+        out[f"{name}.weight"] = merged_weight(layer, dtype=torch.float64)
     return out
 
 

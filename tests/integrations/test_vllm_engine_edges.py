@@ -128,7 +128,7 @@ def test_refusals_before_sampling(engine):
 
 class _LoraLinear(torch.nn.Module):
     """HF PEFT's LoRA layer as the trainer's policy holds it (``adapter='lora'``, injected in place): the original
-    Linear as ``base_layer``, ``lora_A`` / ``lora_B`` per adapter name, ``get_delta_weight``; forward = base(x) +
+    Linear as ``base_layer``, ``lora_A`` / ``lora_B`` and ``scaling`` per adapter name; forward = base(x) +
     scale * B(A(x)). The same attribute names and parameter names as peft's (vLLM's virtualenv has no peft; the
     main environment's test checks these names against peft's merge_and_unload)."""
 
@@ -141,12 +141,10 @@ class _LoraLinear(torch.nn.Module):
             self.lora_A["default"].weight.copy_(0.2 * torch.randn(rank, base.in_features, generator=generator))
             self.lora_B["default"].weight.copy_(0.2 * torch.randn(base.out_features, rank, generator=generator))
         self.scale = scale
+        self.scaling = {"default": scale}
         self.active_adapters = ["default"]
         self.disable_adapters = False
         self.merged = False
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        return self.scale * self.lora_B[adapter].weight @ self.lora_A[adapter].weight
 
     def forward(self, x):
         return self.base_layer(x) + self.scale * self.lora_B["default"](self.lora_A["default"](x))

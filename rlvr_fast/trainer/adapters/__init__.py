@@ -28,6 +28,7 @@ from rlvr_fast.trainer.adapters.fields import (  # noqa: F401 (re-exported: the 
     check_adapter_fields,
     target_names,
 )
+from rlvr_fast.trainer.adapters.layers import lora_layers
 from rlvr_fast.trainer.schema import ConfigFieldError
 
 
@@ -145,7 +146,7 @@ def apply_adapter(cfg, model: torch.nn.Module, compute_dtype: torch.dtype | None
     if cfg.adapter == "none":
         return None
     check_adapter_runtime(cfg)
-    adapted = sum(hasattr(m, "lora_A") for m in model.modules())
+    adapted = sum(1 for _ in lora_layers(model))
     if adapted:  # PEFT would silently re-create the adapter, discarding the one trained (another Trainer's, in place)
         raise ValueError(
             f"Trainer(loaded=...): adapter={cfg.adapter!r} adapts the model in place, and this model already holds "

@@ -18,6 +18,7 @@ import weakref
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlvr_fast.trainer.adapters.layers import lora_layers
 from rlvr_fast.trainer.checkpoint.folder import (
     WRITE_ERRORS,
     CheckpointFormat,
@@ -123,7 +124,7 @@ def _load_adapter(path: str, model: torch.nn.Module) -> None:
     ref = _PEFT_OF.get(model)
     peft_model = ref() if ref is not None else None
     if peft_model is None:
-        if any(hasattr(m, "lora_A") for m in model.modules()):
+        if next(lora_layers(model), None) is not None:
             raise CheckpointError(f"checkpoint {path}: the model already holds LoRA layers of another adapter")
         PeftModel.from_pretrained(model, path, is_trainable=False)  # injects into ``model`` in place
         model.eval()

@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from rlvr_fast.trainer.adapters.layers import lora_layers, merged_weight
 from rlvr_fast.trainer.rollout.engines import Rollout
 from rlvr_fast.trainer.rollout.seeds import derived_seed
 from rlvr_fast.trainer.rollout.stop_strings import cut_at_stop_strings, stop_strings_of
@@ -141,11 +142,6 @@ def _trainer_threads_kept():
         torch.set_num_threads(threads)
 
 
-def _is_lora_layer(module: torch.nn.Module) -> bool:
-    """A layer HF PEFT's LoRA injected in place: the original layer as ``base_layer``, the adapters beside it."""
-    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")
-
-
 def _lora_owner(name: str, adapted: dict[str, torch.nn.Module]) -> tuple[str, str] | None:
     """(adapted layer's name, the rest of ``name``) when parameter ``name`` belongs to an adapted layer, else None."""
     parts = name.split(".")
@@ -156,18 +152,6 @@ def _lora_owner(name: str, adapted: dict[str, torch.nn.Module]) -> tuple[str, st
     return None
 
 
-def _merged_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (the base layer's) plus the delta of every active adapter, in float32 (the engine casts it): the
-    weight of the function the trainer's forward computes, base(x) + scale * B(A(x))."""
-    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
-        return weight  # adapters off, or already merged into the base weight
-    merged = weight.float()
-    for adapter in getattr(layer, "active_adapters", ()):
-        if adapter in layer.lora_A:
-            merged = merged + layer.get_delta_weight(adapter).float()
-    return merged
-
-
 def _named_tensors(model: torch.nn.Module):
     """(name, full tensor) per parameter, one at a time: a DTensor (FSDP2 shard) is gathered alone, so the whole model
     is never materialised twice; tied parameters appear once (vLLM ties them back itself).
@@ -175,7 +159,7 @@ def _named_tensors(model: torch.nn.Module):
     A LoRA-adapted layer (``adapter='lora'``: ``<layer>.base_layer`` and ``<layer>.lora_A/B``) goes in under the plain
     layer's names, the only ones vLLM's model has: ``<layer>.weight`` = W + scale * B @ A (merged here, one layer at a
     time; the model is not touched) and ``<layer>.bias``; the adapter matrices themselves are not pushed."""
-    adapted = {name: m for name, m in model.named_modules() if _is_lora_layer(m)}
+    adapted = dict(lora_layers(model))
     for name, param in model.named_parameters():
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):  # torch.distributed.tensor.DTensor
@@ -186,7 +170,7 @@ def _named_tensors(model: torch.nn.Module):
             continue
         layer_name, rest = owner
         if rest == "base_layer.weight":
-            yield f"{layer_name}.weight", _merged_weight(adapted[layer_name], tensor)
+            yield f"{layer_name}.weight", merged_weight(adapted[layer_name], tensor)  # float32: the engine casts it
         elif rest == "base_layer.bias":
             yield f"{layer_name}.bias", tensor
         # else: the adapter's own matrices (lora_A, lora_B, ...): already inside the merged weight
